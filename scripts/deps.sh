@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what mirror-mirror's tests, demo and benchmarks need when it is missing (Debian/Ubuntu):
+# the CNCF distribution registry, skopeo (an independent client), htpasswd, openssl.
+set -euo pipefail
+
+declare -A want=(
+  [docker-registry]=docker-registry
+  [skopeo]=skopeo
+  [htpasswd]=apache2-utils
+  [openssl]=openssl
+  [curl]=curl
+)
+missing=()
+for cmd in "${!want[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("${want[$cmd]}")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}" >&2
+  sudo=""
+  if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+for cmd in "${!want[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || { echo "error: $cmd is still missing after apt-get install ${want[$cmd]}" >&2; exit 1; }
+done

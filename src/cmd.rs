@@ -1,0 +1,87 @@
+//! The one-shot commands: glue between the command line and the library.
+
+use std::io::Write as _;
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+
+use crate::config::{CopyArgs, RegistryArgs};
+use crate::reference::ImageRef;
+use crate::registry::credentials::CredentialStore;
+use crate::registry::retry::RetryPolicy;
+use crate::registry::{Client, ClientConfig, CopyOptions, Progress};
+
+/// Builds the registry client from the shared flags and the stored credentials.
+pub fn client(args: &RegistryArgs) -> Result<Client> {
+    let credentials = CredentialStore::load().context("loading registry credentials")?;
+    let config = ClientConfig {
+        insecure_registries: args.insecure_registries.clone(),
+        retry: RetryPolicy {
+            max_attempts: args.retries,
+            ..RetryPolicy::default()
+        },
+        ..ClientConfig::default()
+    };
+    Ok(Client::new(config, credentials)?)
+}
+
+/// `mirror-mirror copy`: copies, prints the pull line (or the JSON result) on stdout.
+pub async fn copy(args: CopyArgs) -> Result<()> {
+    let source = ImageRef::parse_source(&args.source)
+        .with_context(|| format!("source {:?} is not a valid image reference", args.source))?;
+    let target = ImageRef::parse(&args.target)
+        .with_context(|| format!("target {:?} is not a valid image reference", args.target))?;
+    let client = client(&args.registry)?;
+    let options = CopyOptions {
+        jobs: args.jobs as usize,
+    };
+    let result = crate::registry::copy(
+        &client,
+        &source,
+        &target,
+        &options,
+        Arc::new(Progress::default()),
+    )
+    .await
+    .with_context(|| format!("copying {source} to {}", target))?;
+    tracing::info!(
+        source = %result.source,
+        digest = %result.source_digest,
+        target = %result.target,
+        "{} {} → {}: {} manifest(s), {} platform(s), blobs {} copied / {} mounted / {} already there, {} moved in {:.1}s",
+        if result.up_to_date { "up to date" } else { "copied" },
+        result.source,
+        result.target,
+        result.manifests.len(),
+        result.platforms.len(),
+        result.blobs_uploaded,
+        result.blobs_mounted,
+        result.blobs_skipped,
+        human_bytes(result.bytes_moved),
+        result.duration_ms as f64 / 1000.0,
+    );
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &result)?;
+        writeln!(out)?;
+    } else {
+        writeln!(out, "{}", result.pull)?;
+    }
+    Ok(())
+}
+
+/// `1.5 MiB`-style sizes for people.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}

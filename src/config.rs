@@ -1,0 +1,115 @@
+//! Command-line and environment configuration: every flag has an environment twin.
+
+use clap::{Args, Parser, Subcommand};
+
+/// Mirror container images between registries without changing a digest.
+#[derive(Debug, Parser)]
+#[command(name = "mirror-mirror", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `mirror_mirror=debug`.
+    #[arg(long, env = "MIRROR_LOG", default_value = "info", global = true)]
+    pub log: String,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Copy an image (a whole multi-platform index with every child) digest-exact, like `crane cp`.
+    Copy(CopyArgs),
+    /// Run the mirror service: REST API, durable SQLite queue, workers, and the digest ledger.
+    Serve(ServeArgs),
+}
+
+/// Settings shared by everything that talks to registries.
+#[derive(Debug, Clone, Args)]
+pub struct RegistryArgs {
+    /// Registry (host or host:port) to reach over plain HTTP; repeat or comma-separate.
+    /// Loopback registries (localhost, 127.0.0.0/8, [::1]) always use plain HTTP.
+    #[arg(
+        long = "insecure-registry",
+        env = "MIRROR_INSECURE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    pub insecure_registries: Vec<String>,
+
+    /// Attempts per request (and per blob) before a transient failure is reported.
+    #[arg(long, env = "MIRROR_RETRIES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub retries: u32,
+}
+
+/// `mirror-mirror copy SRC DST`.
+#[derive(Debug, Args)]
+pub struct CopyArgs {
+    /// Source image: `gcr.io/kaniko-project/executor:v1.8.1`, `nginx`, `repo@sha256:…`.
+    pub source: String,
+
+    /// Target: a full reference, or a repository (then the source's tag is used; a digest-only
+    /// source is written by digest with no tag).
+    pub target: String,
+
+    /// Blobs and manifests transferred at once.
+    #[arg(long, short = 'j', env = "MIRROR_COPY_JOBS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub jobs: u32,
+
+    /// Print the whole result as JSON on stdout instead of the pull line.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// `mirror-mirror serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "MIRROR_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+
+    /// SQLite database: a file path or a `sqlite:` URL; created if missing.
+    #[arg(long, env = "MIRROR_DATABASE", default_value = "./mirror-mirror.db")]
+    pub database: String,
+
+    /// Repository prefix mirrors are written under, such as `ghcr.io/acme/mirror`.
+    #[arg(long, env = "MIRROR_TARGET")]
+    pub target: Option<String>,
+
+    /// Bearer tokens allowed to request mirrors: comma-separated `token` or `name=token`.
+    #[arg(long, env = "MIRROR_API_TOKENS", hide_env_values = true)]
+    pub api_tokens: Option<String>,
+
+    /// Registries or registry/path prefixes that may be mirrored (`*.pkg.dev` wildcards allowed).
+    #[arg(long, env = "MIRROR_ALLOWED_SOURCES", default_value = crate::mapping::DEFAULT_ALLOWED_SOURCES)]
+    pub allowed_sources: String,
+
+    /// Copies running at once.
+    #[arg(long, env = "MIRROR_WORKERS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub workers: u32,
+
+    /// Attempts per job before it fails for good.
+    #[arg(long, env = "MIRROR_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_attempts: u32,
+
+    /// Require a token for the read endpoints too (`/images`, `/digests`, `/jobs`).
+    #[arg(long, env = "MIRROR_READ_REQUIRES_TOKEN", default_value_t = false)]
+    pub read_requires_token: bool,
+
+    /// Seconds running copies get to finish at shutdown before their jobs go back to the queue.
+    #[arg(long, env = "MIRROR_SHUTDOWN_GRACE", default_value_t = 30)]
+    pub shutdown_grace: u64,
+
+    /// Seconds a worker's lease on a job lasts; renewed every third of it.
+    #[arg(long, env = "MIRROR_LEASE", default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..=3600))]
+    pub lease: u64,
+
+    /// Blobs and manifests transferred at once within one copy.
+    #[arg(long, env = "MIRROR_COPY_JOBS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub jobs: u32,
+
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}

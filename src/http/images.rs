@@ -1,0 +1,109 @@
+//! `GET /images/{name}` and `GET /digests/{digest}`: the trusted digests in the ledger.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use serde_json::{Value, json};
+
+use super::{ApiError, AppState, rfc3339};
+use crate::digest::Digest;
+use crate::ledger::{self, Record};
+use crate::reference::ImageRef;
+
+fn entry(r: &Record) -> Value {
+    let manifests: Value = serde_json::from_str(&r.manifests).unwrap_or(Value::Null);
+    let platforms: Vec<Value> = manifests
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|m| m.get("platform").is_some_and(|p| !p.as_str().unwrap_or("").starts_with("unknown/")))
+                .map(|m| json!({ "platform": m["platform"], "digest": m["digest"] }))
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({
+        "tag": r.tag,
+        "digest": r.source_digest,
+        "source": match &r.tag { Some(t) => format!("{}:{t}", r.source_repo), None => format!("{}@{}", r.source_repo, r.source_digest) },
+        "mirror": r.mirror_repo,
+        "pull": {
+            "by_tag": r.tag.as_ref().map(|t| format!("{}:{t}@{}", r.mirror_repo, r.mirror_digest)),
+            "by_digest": format!("{}@{}", r.mirror_repo, r.mirror_digest),
+        },
+        "media_type": r.media_type,
+        "platforms": platforms,
+        "size_bytes": r.size_bytes,
+        "requested_by": serde_json::from_str::<Value>(&r.requested_by).unwrap_or(Value::Null),
+        "job_id": r.job_id,
+        "verified_at": rfc3339(r.verified_at),
+    })
+}
+
+/// `GET /images/{name}` (every tag) or `GET /images/{name}:{tag}` (one tag, with its history).
+/// `name` is a source repository (short Docker Hub names too) or a mirror repository.
+pub async fn show(State(state): State<AppState>, headers: HeaderMap, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    state.authenticate_read(&headers)?;
+    let reference = ImageRef::parse(&name)
+        .map_err(|e| ApiError::BadRequest(format!("{name:?} is not an image name: {e}")))?;
+    if reference.digest().is_some() {
+        return Err(ApiError::BadRequest("to look up a digest, use GET /digests/{digest}".into()));
+    }
+    let repo = reference.repo_name();
+    match reference.tag() {
+        Some(tag) => {
+            let records = ledger::by_repo_tag(&state.db, &repo, tag).await?;
+            let Some(current) = records.first() else {
+                return Err(ApiError::NotFound(format!("{repo}:{tag} has never been mirrored")));
+            };
+            let mut body = entry(current);
+            body["name"] = json!(repo);
+            body["history"] = records.iter().map(entry).collect();
+            Ok(Json(body))
+        }
+        None => {
+            let records = ledger::by_repo(&state.db, &repo).await?;
+            if records.is_empty() {
+                return Err(ApiError::NotFound(format!("{repo} has never been mirrored")));
+            }
+            // Newest first: the first record of each tag is what the tag is now.
+            let mut tags: BTreeMap<String, Value> = BTreeMap::new();
+            let mut digests = Vec::new();
+            for r in &records {
+                match &r.tag {
+                    Some(t) => {
+                        tags.entry(t.clone()).or_insert_with(|| entry(r));
+                    }
+                    None => digests.push(entry(r)),
+                }
+            }
+            Ok(Json(json!({
+                "name": repo,
+                "source": records[0].source_repo,
+                "mirror": records[0].mirror_repo,
+                "tags": tags.into_values().collect::<Vec<_>>(),
+                "digests": digests,
+            })))
+        }
+    }
+}
+
+/// `GET /digests/{digest}`: which sources and mirrors carry this digest, since when.
+pub async fn digest(State(state): State<AppState>, headers: HeaderMap, Path(digest): Path<String>) -> Result<Json<Value>, ApiError> {
+    state.authenticate_read(&headers)?;
+    let d = Digest::parse(&digest).map_err(|e| ApiError::BadRequest(format!("{digest:?} is not a digest: {e}")))?;
+    let records = ledger::by_digest(&state.db, &d.to_string()).await?;
+    if records.is_empty() {
+        return Err(ApiError::NotFound(format!("{d} is not in the ledger: it was never mirrored here")));
+    }
+    Ok(Json(json!({
+        "digest": d.to_string(),
+        "first_verified_at": rfc3339(records[0].verified_at),
+        "records": records.iter().map(|r| {
+            let mut e = entry(r);
+            e["as"] = json!(if r.source_digest == d.to_string() { "image" } else { "platform manifest" });
+            e
+        }).collect::<Vec<_>>(),
+    })))
+}

@@ -1,0 +1,94 @@
+//! `GET /jobs/{id}` and `GET /jobs`: the state and progress of mirror jobs.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, AppState, rfc3339};
+use crate::queue::{self, Job};
+
+/// A job as the API shows it.
+pub fn view(job: &Job) -> Value {
+    let target = match &job.target_tag {
+        Some(t) => format!("{}:{t}", job.target_repo),
+        None => job.target_repo.clone(),
+    };
+    let pull = (job.state == queue::state::SUCCEEDED)
+        .then(|| job.source_digest.as_ref().map(|d| format!("{}@{d}", job.target_repo)))
+        .flatten();
+    json!({
+        "id": job.id,
+        "state": job.state,
+        "source": job.source,
+        "source_digest": job.source_digest,
+        "target": target,
+        "mirror_digest": if job.state == queue::state::SUCCEEDED { job.source_digest.clone() } else { None },
+        "pull": pull,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "last_error": job.last_error,
+        "requested_by": serde_json::from_str::<Value>(&job.requested_by).unwrap_or(Value::Null),
+        "progress": {
+            "bytes_done": job.bytes_done,
+            "bytes_total": job.bytes_total,
+            "blobs_done": job.blobs_done,
+            "blobs_total": job.blobs_total,
+        },
+        "created_at": rfc3339(job.created_at),
+        "updated_at": rfc3339(job.updated_at),
+        "started_at": job.started_at.map(rfc3339),
+        "finished_at": job.finished_at.map(rfc3339),
+        "next_attempt_at": (job.state == queue::state::QUEUED).then(|| rfc3339(job.run_at)),
+    })
+}
+
+/// `GET /jobs/{id}`.
+pub async fn show(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    state.authenticate_read(&headers)?;
+    let id: i64 = id
+        .parse()
+        .map_err(|_| ApiError::BadRequest(format!("job id {id:?} is not a number")))?;
+    let job = queue::get(&state.db, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("there is no job {id}")))?;
+    Ok(Json(view(&job)))
+}
+
+/// Filters of `GET /jobs`.
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    state: Option<String>,
+    limit: Option<i64>,
+    /// Only jobs with ids below this (the `next` of the previous page).
+    before: Option<i64>,
+}
+
+/// `GET /jobs?state=…&limit=…&before=…`: newest first.
+pub async fn list(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    state.authenticate_read(&headers)?;
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    if let Some(s) = &q.state
+        && !queue::state::ALL.contains(&s.as_str())
+    {
+        return Err(ApiError::BadRequest(format!(
+            "state {s:?} is not one of {}",
+            queue::state::ALL.join(", ")
+        )));
+    }
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::BadRequest("limit must be between 1 and 500".into()));
+    }
+    let jobs = queue::list(&state.db, q.state.as_deref(), limit, q.before).await?;
+    let next = (jobs.len() as i64 == limit).then(|| jobs.last().map(|j| j.id)).flatten();
+    Ok(Json(json!({
+        "jobs": jobs.iter().map(view).collect::<Vec<_>>(),
+        "next": next,
+    })))
+}

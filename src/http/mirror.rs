@@ -1,0 +1,91 @@
+//! `POST /mirror`: validate, allow-list and map a request, then enqueue it durably.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, ApiJson, AppState};
+use crate::queue::{self, NewJob};
+use crate::reference::ImageRef;
+
+/// The request body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorRequest {
+    /// The source image: `gcr.io/kaniko-project/executor:v1.8.1`, `nginx`, `repo@sha256:…`.
+    pub image: String,
+    /// Optional target (repository or repository:tag), which must lie under `MIRROR_TARGET`.
+    pub target: Option<String>,
+}
+
+/// What to enqueue for `image` (and an optional `target`), or why not. Shared with the webhook.
+pub fn plan(state: &AppState, image: &str, target: Option<&str>, requested_by: Value) -> Result<NewJob, ApiError> {
+    let source = ImageRef::parse_source(image)
+        .map_err(|e| ApiError::BadRequest(format!("image {image:?} is not a valid reference: {e}")))?;
+    let config = &state.config;
+    if !config.allowed_sources.allows(&source) {
+        return Err(ApiError::Forbidden(format!(
+            "source {} is not in MIRROR_ALLOWED_SOURCES; ask the operator to add {} (or a prefix of it)",
+            source.repo_name(),
+            source.registry()
+        )));
+    }
+    // A digest-only source with no target tag is written by digest only.
+    let (target_repo, target_tag) = match target {
+        None => (
+            config.target.repo_for(&source).map_err(ApiError::BadRequest)?,
+            source.tag().map(str::to_string),
+        ),
+        Some(t) => {
+            let t_ref = ImageRef::parse(t)
+                .map_err(|e| ApiError::BadRequest(format!("target {t:?} is not a valid reference: {e}")))?;
+            if t_ref.digest().is_some() {
+                return Err(ApiError::BadRequest(format!(
+                    "target {t:?} names a digest; name a repository or repository:tag (the digest is the source's)"
+                )));
+            }
+            let repo = t_ref.repo_name();
+            if !config.target.contains(&repo) {
+                return Err(ApiError::Forbidden(format!(
+                    "target {repo} is not under MIRROR_TARGET {}",
+                    config.target.repo()
+                )));
+            }
+            let tag = t_ref.tag().map(str::to_string).or_else(|| source.tag().map(str::to_string));
+            (repo, tag)
+        }
+    };
+    Ok(NewJob {
+        source: source.to_string(),
+        target_repo,
+        target_tag,
+        requested_by: requested_by.to_string(),
+        max_attempts: config.max_attempts,
+    })
+}
+
+/// `POST /mirror` → `202 Accepted` with `Location: /jobs/{id}` and the job.
+pub async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<MirrorRequest>,
+) -> Result<Response, ApiError> {
+    let who = state.authenticate(&headers)?;
+    let new = plan(&state, &req.image, req.target.as_deref(), json!({ "kind": "token", "name": who }))?;
+    let (job, created) = queue::enqueue(&state.db, &new).await?;
+    if created {
+        state.wake.notify_one();
+        tracing::info!(job.id = job.id, "job {} queued: {} → {}", job.id, job.source, job.target_repo);
+    }
+    let mut body = super::jobs::view(&job);
+    body["deduplicated"] = json!(!created);
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, format!("/jobs/{}", job.id))],
+        Json(body),
+    )
+        .into_response())
+}

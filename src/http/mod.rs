@@ -1,0 +1,129 @@
+//! The HTTP API: router, shared state, the one JSON error envelope, and bearer-token checks.
+
+mod error;
+mod health;
+mod images;
+mod jobs;
+mod mirror;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::HeaderMap;
+use axum::routing::{get, post};
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq as _;
+use tower_http::trace::TraceLayer;
+
+pub use error::{ApiError, ApiJson};
+
+use crate::db::Db;
+use crate::mapping::{AllowList, TargetPrefix};
+
+/// Largest request body accepted (a mirror request is a few hundred bytes).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// A bearer token allowed to request mirrors, with the name the ledger records.
+#[derive(Clone)]
+pub struct ApiToken {
+    /// Who this token is (`ci`, `alice`); `token-N` when configured without a name.
+    pub name: String,
+    digest: [u8; 32],
+}
+
+impl ApiToken {
+    /// A token named `name`.
+    pub fn new(name: &str, secret: &str) -> ApiToken {
+        ApiToken {
+            name: name.to_string(),
+            digest: Sha256::digest(secret.as_bytes()).into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for ApiToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ApiToken({}, ***)", self.name)
+    }
+}
+
+/// What the service's handlers need.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub target: TargetPrefix,
+    pub tokens: Vec<ApiToken>,
+    pub allowed_sources: AllowList,
+    pub read_requires_token: bool,
+    pub max_attempts: i64,
+}
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Db,
+    pub config: Arc<ApiConfig>,
+    /// Rung after an enqueue to wake an idle worker.
+    pub wake: Arc<tokio::sync::Notify>,
+}
+
+impl AppState {
+    /// The name of the caller's token, or 401. Tokens are compared as SHA-256 digests in constant time.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<String, ApiError> {
+        let presented = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim)
+            .ok_or_else(|| ApiError::Unauthorized("send Authorization: Bearer <token> with a token from MIRROR_API_TOKENS".into()))?;
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let mut found = None;
+        for t in &self.config.tokens {
+            if bool::from(t.digest.ct_eq(&digest)) {
+                found = Some(t.name.clone());
+            }
+        }
+        found.ok_or_else(|| ApiError::Unauthorized("the bearer token is not one of MIRROR_API_TOKENS".into()))
+    }
+
+    /// For read endpoints: a token only when the service is configured to require one.
+    pub fn authenticate_read(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        if self.config.read_requires_token {
+            self.authenticate(headers)?;
+        }
+        Ok(())
+    }
+}
+
+/// The router with its layers.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/mirror", post(mirror::create))
+        .route("/jobs", get(jobs::list))
+        .route("/jobs/{id}", get(jobs::show))
+        .route("/images/{*name}", get(images::show))
+        .route("/digests/{digest}", get(images::digest))
+        .route("/healthz", get(health::health))
+        .fallback(|| async { ApiError::NotFound("no such endpoint; see the README's API section".into()) })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(Duration::from_secs(10)))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+                let route = req
+                    .extensions()
+                    .get::<axum::extract::MatchedPath>()
+                    .map(|p| p.as_str().to_string())
+                    .unwrap_or_else(|| "unmatched".into());
+                tracing::info_span!("http.request", method = %req.method(), route = %route)
+            }),
+        )
+        .with_state(state)
+}
+
+/// Renders unix milliseconds as RFC 3339.
+pub fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}

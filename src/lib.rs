@@ -1,0 +1,29 @@
+//! mirror-mirror: mirror container images between registries without changing a digest, and keep a
+//! ledger of the trusted digests.
+//!
+//! Data flows one way: `http` → `queue` → `worker` → `registry` → `ledger`.
+
+/// The one-shot commands (`copy`): glue between the command line and the library.
+pub mod cmd;
+/// Command-line and environment configuration.
+pub mod config;
+/// The SQLite database: opening, pragmas, migrations.
+pub mod db;
+/// Content digests (`sha256:…`): parsing, hashing, verification.
+pub mod digest;
+/// The HTTP API: `/mirror`, `/jobs`, `/images`, `/digests`.
+pub mod http;
+/// Audit records of verified copies and the queries behind lookups.
+pub mod ledger;
+/// Where a source lands under the target prefix, and which sources are allowed.
+pub mod mapping;
+/// The durable job queue: every SQL statement about jobs.
+pub mod queue;
+/// Image references: parsed and normalised at the edge.
+pub mod reference;
+/// The registry transport and the digest-preserving copy engine.
+pub mod registry;
+/// `serve`: the service's start-up and orderly shutdown.
+pub mod serve;
+/// The worker loop that runs copies under a lease.
+pub mod worker;

@@ -1,0 +1,29 @@
+//! The `mirror-mirror` binary: parse the command line, set up logging, run the subcommand.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use mirror_mirror::config::{Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let result = match cli.command {
+        Command::Copy(args) => mirror_mirror::cmd::copy(args).await,
+        Command::Serve(args) => mirror_mirror::serve::run(args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

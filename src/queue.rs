@@ -1,0 +1,304 @@
+//! Every SQL statement about jobs: enqueue (with dedupe), claim with a lease, heartbeat, finish,
+//! retry, release, rescue. Writes of a claimed job are guarded by its lease token.
+
+use std::time::Duration;
+
+use rand::Rng as _;
+use serde::Serialize;
+use sqlx::FromRow;
+
+use crate::db::{Db, now_ms};
+use crate::ledger::{self, NewRecord};
+
+/// A job as stored.
+#[derive(Debug, Clone, FromRow, Serialize)]
+pub struct Job {
+    pub id: i64,
+    pub source: String,
+    pub source_digest: Option<String>,
+    pub target_repo: String,
+    pub target_tag: Option<String>,
+    pub state: String,
+    pub attempts: i64,
+    pub max_attempts: i64,
+    pub run_at: i64,
+    #[serde(skip)]
+    pub lease_token: Option<String>,
+    pub lease_expires_at: Option<i64>,
+    pub last_error: Option<String>,
+    pub requested_by: String,
+    pub bytes_done: i64,
+    pub bytes_total: i64,
+    pub blobs_done: i64,
+    pub blobs_total: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+}
+
+/// Job states.
+pub mod state {
+    pub const QUEUED: &str = "queued";
+    pub const RUNNING: &str = "running";
+    pub const SUCCEEDED: &str = "succeeded";
+    pub const FAILED: &str = "failed";
+    /// Every state, for validating filters.
+    pub const ALL: [&str; 4] = [QUEUED, RUNNING, SUCCEEDED, FAILED];
+}
+
+/// A request to mirror, before it is a job.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub source: String,
+    pub target_repo: String,
+    pub target_tag: Option<String>,
+    pub requested_by: String,
+    pub max_attempts: i64,
+}
+
+/// A claimed job: the job and the lease that lets its worker write it.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub job: Job,
+    pub token: String,
+}
+
+/// Progress counters written with each heartbeat.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProgressRow {
+    pub bytes_done: i64,
+    pub bytes_total: i64,
+    pub blobs_done: i64,
+    pub blobs_total: i64,
+}
+
+/// Stores a job, or returns the queued or running job for the same source and target.
+/// The bool is true when a new job was created.
+pub async fn enqueue(db: &Db, new: &NewJob) -> sqlx::Result<(Job, bool)> {
+    let mut tx = db.write.begin_with("BEGIN IMMEDIATE").await?;
+    let existing: Option<Job> = sqlx::query_as(
+        "select * from job where source = ?1 and target_repo = ?2 and ifnull(target_tag, '') = ifnull(?3, '')
+         and state in ('queued', 'running')",
+    )
+    .bind(&new.source)
+    .bind(&new.target_repo)
+    .bind(&new.target_tag)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(job) = existing {
+        tx.commit().await?;
+        return Ok((job, false));
+    }
+    let now = now_ms();
+    let job: Job = sqlx::query_as(
+        "insert into job (source, target_repo, target_tag, state, max_attempts, run_at, requested_by, created_at, updated_at)
+         values (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?5, ?5) returning *",
+    )
+    .bind(&new.source)
+    .bind(&new.target_repo)
+    .bind(&new.target_tag)
+    .bind(new.max_attempts)
+    .bind(now)
+    .bind(&new.requested_by)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok((job, true))
+}
+
+fn lease_token() -> String {
+    hex::encode(rand::rng().random::<[u8; 16]>())
+}
+
+/// Claims the next due job for `lease`: one `UPDATE … RETURNING` that sets a fresh lease token.
+/// Jobs whose lease expired (their worker died) go back to the queue first.
+pub async fn claim(db: &Db, lease: Duration) -> sqlx::Result<Option<Lease>> {
+    let now = now_ms();
+    let token = lease_token();
+    let mut tx = db.write.begin_with("BEGIN IMMEDIATE").await?;
+    rescue(&mut tx, now).await?;
+    let job: Option<Job> = sqlx::query_as(
+        "update job set state = 'running', attempts = attempts + 1, lease_token = ?1, lease_expires_at = ?2,
+             started_at = ifnull(started_at, ?3), updated_at = ?3
+         where id = (select id from job where state = 'queued' and run_at <= ?3 order by run_at, id limit 1)
+         returning *",
+    )
+    .bind(&token)
+    .bind(now + lease.as_millis() as i64)
+    .bind(now)
+    .fetch_optional(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(job.map(|job| Lease { job, token }))
+}
+
+/// Puts running jobs whose lease expired back in the queue (or fails them when their attempts are
+/// spent): a process killed mid-copy resumes after a restart.
+async fn rescue(conn: &mut sqlx::SqliteConnection, now: i64) -> sqlx::Result<()> {
+    let failed = sqlx::query(
+        "update job set state = 'failed', lease_token = null, lease_expires_at = null, finished_at = ?1, updated_at = ?1,
+             last_error = ifnull(last_error || '; ', '') || 'the worker running it stopped and no attempts are left'
+         where state = 'running' and lease_expires_at < ?1 and attempts >= max_attempts",
+    )
+    .bind(now)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    let requeued = sqlx::query(
+        "update job set state = 'queued', lease_token = null, lease_expires_at = null, updated_at = ?1
+         where state = 'running' and lease_expires_at < ?1",
+    )
+    .bind(now)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if failed + requeued > 0 {
+        tracing::warn!(requeued, failed, "rescued jobs whose worker stopped renewing its lease");
+    }
+    Ok(())
+}
+
+/// Renews the lease and records progress. False when the lease is lost: stop writing.
+pub async fn heartbeat(db: &Db, lease: &Lease, duration: Duration, p: ProgressRow) -> sqlx::Result<bool> {
+    let now = now_ms();
+    let n = sqlx::query(
+        "update job set lease_expires_at = ?1, bytes_done = ?2, bytes_total = ?3, blobs_done = ?4, blobs_total = ?5, updated_at = ?6
+         where id = ?7 and lease_token = ?8 and state = 'running'",
+    )
+    .bind(now + duration.as_millis() as i64)
+    .bind(p.bytes_done)
+    .bind(p.bytes_total)
+    .bind(p.blobs_done)
+    .bind(p.blobs_total)
+    .bind(now)
+    .bind(lease.job.id)
+    .bind(&lease.token)
+    .execute(&db.write)
+    .await?
+    .rows_affected();
+    Ok(n == 1)
+}
+
+/// Stores the digest the source resolved to (first attempt only). False when the lease is lost.
+pub async fn set_source_digest(db: &Db, lease: &Lease, digest: &str) -> sqlx::Result<bool> {
+    let n = sqlx::query(
+        "update job set source_digest = ?1, updated_at = ?2 where id = ?3 and lease_token = ?4 and state = 'running'",
+    )
+    .bind(digest)
+    .bind(now_ms())
+    .bind(lease.job.id)
+    .bind(&lease.token)
+    .execute(&db.write)
+    .await?
+    .rows_affected();
+    Ok(n == 1)
+}
+
+/// Marks the job succeeded and appends its ledger record, in one transaction. False (and nothing
+/// written) when the lease is lost.
+pub async fn succeed(db: &Db, lease: &Lease, record: &NewRecord, p: ProgressRow) -> sqlx::Result<bool> {
+    let now = now_ms();
+    let mut tx = db.write.begin_with("BEGIN IMMEDIATE").await?;
+    let n = sqlx::query(
+        "update job set state = 'succeeded', lease_token = null, lease_expires_at = null, last_error = null,
+             bytes_done = ?1, bytes_total = ?2, blobs_done = ?3, blobs_total = ?4, finished_at = ?5, updated_at = ?5
+         where id = ?6 and lease_token = ?7 and state = 'running'",
+    )
+    .bind(p.bytes_done)
+    .bind(p.bytes_total)
+    .bind(p.blobs_done)
+    .bind(p.blobs_total)
+    .bind(now)
+    .bind(lease.job.id)
+    .bind(&lease.token)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if n != 1 {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    ledger::insert(&mut tx, record).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Puts the job back in the queue until `after` has passed, with the error that made it wait.
+pub async fn retry_later(db: &Db, lease: &Lease, error: &str, after: Duration) -> sqlx::Result<bool> {
+    let now = now_ms();
+    let n = sqlx::query(
+        "update job set state = 'queued', lease_token = null, lease_expires_at = null, last_error = ?1, run_at = ?2, updated_at = ?3
+         where id = ?4 and lease_token = ?5 and state = 'running'",
+    )
+    .bind(error)
+    .bind(now + after.as_millis() as i64)
+    .bind(now)
+    .bind(lease.job.id)
+    .bind(&lease.token)
+    .execute(&db.write)
+    .await?
+    .rows_affected();
+    Ok(n == 1)
+}
+
+/// Marks the job failed for good, with the reason.
+pub async fn fail(db: &Db, lease: &Lease, error: &str) -> sqlx::Result<bool> {
+    let now = now_ms();
+    let n = sqlx::query(
+        "update job set state = 'failed', lease_token = null, lease_expires_at = null, last_error = ?1, finished_at = ?2, updated_at = ?2
+         where id = ?3 and lease_token = ?4 and state = 'running'",
+    )
+    .bind(error)
+    .bind(now)
+    .bind(lease.job.id)
+    .bind(&lease.token)
+    .execute(&db.write)
+    .await?
+    .rows_affected();
+    Ok(n == 1)
+}
+
+/// Gives a job back to the queue at shutdown without spending an attempt.
+pub async fn release(db: &Db, lease: &Lease) -> sqlx::Result<bool> {
+    let now = now_ms();
+    let n = sqlx::query(
+        "update job set state = 'queued', lease_token = null, lease_expires_at = null, attempts = max(attempts - 1, 0),
+             run_at = ?1, updated_at = ?1
+         where id = ?2 and lease_token = ?3 and state = 'running'",
+    )
+    .bind(now)
+    .bind(lease.job.id)
+    .bind(&lease.token)
+    .execute(&db.write)
+    .await?
+    .rows_affected();
+    Ok(n == 1)
+}
+
+/// One job by id.
+pub async fn get(db: &Db, id: i64) -> sqlx::Result<Option<Job>> {
+    sqlx::query_as("select * from job where id = ?1")
+        .bind(id)
+        .fetch_optional(&db.read)
+        .await
+}
+
+/// Jobs newest first, optionally in one state, with ids below `before` (for paging).
+pub async fn list(db: &Db, state: Option<&str>, limit: i64, before: Option<i64>) -> sqlx::Result<Vec<Job>> {
+    sqlx::query_as(
+        "select * from job where (?1 is null or state = ?1) and (?2 is null or id < ?2) order by id desc limit ?3",
+    )
+    .bind(state)
+    .bind(before)
+    .bind(limit)
+    .fetch_all(&db.read)
+    .await
+}
+
+/// When the next queued job is due (unix ms), to sleep exactly until then.
+pub async fn next_due(db: &Db) -> sqlx::Result<Option<i64>> {
+    sqlx::query_scalar("select min(run_at) from job where state = 'queued'")
+        .fetch_one(&db.read)
+        .await
+}

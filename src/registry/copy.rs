@@ -1,0 +1,531 @@
+//! The digest-preserving copy engine: resolve the source once, walk index → manifests → blobs by
+//! digest, write blobs, then child manifests, then the top manifest, then the tag; read back to verify.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use futures_util::future::try_join_all;
+use serde::Serialize;
+use tokio::sync::{OnceCell, Semaphore};
+
+use super::client::{Client, MountOutcome, Repo};
+use super::error::{Error, Result};
+use super::manifest::{Descriptor, Kind, Manifest};
+use crate::digest::Digest;
+use crate::reference::ImageRef;
+
+/// Deepest index nesting followed (an index of indexes is depth 2).
+pub const MAX_DEPTH: usize = 4;
+
+/// How a copy runs.
+#[derive(Debug, Clone)]
+pub struct CopyOptions {
+    /// Blobs and manifests transferred at once.
+    pub jobs: usize,
+}
+
+impl Default for CopyOptions {
+    fn default() -> Self {
+        CopyOptions { jobs: 8 }
+    }
+}
+
+/// Live counters of a running copy, for progress reports.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Blob bytes the copy has to account for (known as manifests are read).
+    pub bytes_total: AtomicU64,
+    /// Blob bytes done: uploaded, mounted or found on the target.
+    pub bytes_done: AtomicU64,
+    /// Blobs the copy has to account for.
+    pub blobs_total: AtomicU64,
+    /// Blobs done.
+    pub blobs_done: AtomicU64,
+    /// Bytes streamed so far (grows during an upload).
+    pub bytes_streamed: Arc<AtomicU64>,
+}
+
+/// One manifest of the copied image.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ManifestEntry {
+    /// Its digest (the same on source and target).
+    pub digest: Digest,
+    /// Its media type.
+    pub media_type: String,
+    /// The platform an index gives it (`linux/arm64/v8`; `unknown/unknown` for attestations).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// What a copy did, and the proof: the digest on the target equals the source's.
+#[derive(Debug, Clone, Serialize)]
+pub struct CopyResult {
+    /// The source as asked for (canonical form).
+    pub source: String,
+    /// The digest the source resolved to.
+    pub source_digest: Digest,
+    /// The target reference written (with its tag, if any).
+    pub target: String,
+    /// The digest the target serves (verified equal to `source_digest`).
+    pub target_digest: Digest,
+    /// The line to pull the mirror by: `target-repo@sha256:…`.
+    pub pull: String,
+    /// Media type of the top manifest.
+    pub media_type: String,
+    /// Platforms of an index (attestations excluded).
+    pub platforms: Vec<String>,
+    /// Every manifest, top first.
+    pub manifests: Vec<ManifestEntry>,
+    /// Total size of the blobs the image names.
+    pub bytes_total: u64,
+    /// Blob bytes that crossed the wire.
+    pub bytes_moved: u64,
+    /// Blobs streamed from source to target.
+    pub blobs_uploaded: usize,
+    /// Blobs linked by a cross-repository mount.
+    pub blobs_mounted: usize,
+    /// Blobs the target already had.
+    pub blobs_skipped: usize,
+    /// Non-distributable layers (with `urls`) left where they are.
+    pub blobs_foreign: usize,
+    /// Manifests written to the target.
+    pub manifests_pushed: usize,
+    /// Manifests the target already had.
+    pub manifests_skipped: usize,
+    /// True when the target already served this digest under this reference: nothing was written.
+    pub up_to_date: bool,
+    /// Wall time of the copy.
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum BlobOutcome {
+    Uploaded,
+    Mounted,
+    Skipped,
+}
+
+/// Resolves `source` to the digest every later step uses: its digest if it names one, else a
+/// HEAD of the tag (HEAD does not count against Docker Hub's pull limit).
+pub async fn resolve(client: &Client, source: &ImageRef) -> Result<Digest> {
+    if let Some(d) = source.digest() {
+        return Ok(d.clone());
+    }
+    let repo = Repo::of(source);
+    let tag = source.tag().unwrap_or("latest");
+    match client.head_manifest(&repo, tag).await? {
+        Some(head) => match head.digest {
+            Some(d) => Ok(d),
+            // Some registries omit Docker-Content-Digest on HEAD: hash the body instead.
+            None => Ok(client.get_manifest(&repo, tag, None).await?.digest),
+        },
+        None => Err(Error::Status {
+            method: "HEAD".into(),
+            url: format!("{source}"),
+            status: 404,
+            code: Some("MANIFEST_UNKNOWN".into()),
+            message: format!("{source} does not exist on {}", repo.registry),
+            retry_after: None,
+        }),
+    }
+}
+
+/// Copies `source` to `target` keeping every digest, and verifies the target.
+///
+/// `target` without a tag takes the source's tag; a digest-only source is written by digest only.
+pub async fn copy(
+    client: &Client,
+    source: &ImageRef,
+    target: &ImageRef,
+    options: &CopyOptions,
+    progress: Arc<Progress>,
+) -> Result<CopyResult> {
+    let started = Instant::now();
+    let digest = resolve(client, source).await?;
+    if let Some(td) = target.digest()
+        && td != &digest
+    {
+        return Err(Error::Invalid(format!(
+            "the target names digest {td} but {source} is {digest}; name the target without a digest"
+        )));
+    }
+    let tag = match (target.tag(), target.digest()) {
+        (Some(t), _) => Some(t.to_string()),
+        (None, None) if source.digest().is_none() => source.tag().map(str::to_string),
+        _ => None,
+    };
+    let engine = Engine {
+        client,
+        src: Repo::of(source),
+        dst: Repo::of(target),
+        sem: Semaphore::new(options.jobs.max(1)),
+        blobs: Mutex::new(HashMap::new()),
+        entries: Mutex::new(Vec::new()),
+        pushed: Mutex::new(Vec::new()),
+        stats: Stats::default(),
+        progress,
+    };
+    let dst = engine.dst.clone();
+    let target_ref = tag.clone().unwrap_or_else(|| digest.to_string());
+    let target_name = match &tag {
+        Some(t) => format!("{dst}:{t}"),
+        None => format!("{dst}@{digest}"),
+    };
+
+    // Already there? One HEAD answers it; the read-back by digest proves it.
+    let up_to_date = matches!(
+        client.head_manifest(&dst, &target_ref).await?,
+        Some(h) if h.digest.as_ref() == Some(&digest)
+    );
+    let top = if up_to_date {
+        let m = client
+            .get_manifest(&dst, &digest.to_string(), Some(&digest))
+            .await?;
+        engine.note_manifest(&m, None);
+        for c in &m.manifests {
+            engine.note_child(c);
+        }
+        engine
+            .stats
+            .manifests_skipped
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(target = %target_name, digest = %digest, "already up to date");
+        m
+    } else {
+        let top = engine.copy_top(&digest).await?;
+        if let Some(t) = &tag {
+            client.put_manifest(&dst, t, &top).await?;
+            tracing::info!(target = %target_name, digest = %digest, "tagged");
+        }
+        engine.verify(&top, tag.as_deref()).await?;
+        top
+    };
+
+    let entries = engine.entries.lock().expect("entries poisoned").clone();
+    let mut platforms: Vec<String> = entries
+        .iter()
+        .filter_map(|e| e.platform.clone())
+        .filter(|p| !p.starts_with("unknown/"))
+        .collect();
+    platforms.dedup();
+    let s = &engine.stats;
+    Ok(CopyResult {
+        source: source.to_string(),
+        source_digest: digest.clone(),
+        target: target_name,
+        target_digest: digest.clone(),
+        pull: format!("{dst}@{digest}"),
+        media_type: top.media_type.clone(),
+        platforms,
+        manifests: entries,
+        bytes_total: s.bytes_total.load(Ordering::Relaxed),
+        bytes_moved: s.bytes_moved.load(Ordering::Relaxed),
+        blobs_uploaded: s.uploaded.load(Ordering::Relaxed),
+        blobs_mounted: s.mounted.load(Ordering::Relaxed),
+        blobs_skipped: s.skipped.load(Ordering::Relaxed),
+        blobs_foreign: s.foreign.load(Ordering::Relaxed),
+        manifests_pushed: engine.pushed.lock().expect("pushed poisoned").len(),
+        manifests_skipped: s.manifests_skipped.load(Ordering::Relaxed),
+        up_to_date,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+#[derive(Default)]
+struct Stats {
+    bytes_total: AtomicU64,
+    bytes_moved: AtomicU64,
+    uploaded: AtomicUsize,
+    mounted: AtomicUsize,
+    skipped: AtomicUsize,
+    foreign: AtomicUsize,
+    manifests_skipped: AtomicUsize,
+}
+
+type BlobCell = Arc<OnceCell<BlobOutcome>>;
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+struct Engine<'a> {
+    client: &'a Client,
+    src: Repo,
+    dst: Repo,
+    sem: Semaphore,
+    /// One transfer per blob digest, however many manifests name it.
+    blobs: Mutex<HashMap<Digest, BlobCell>>,
+    entries: Mutex<Vec<ManifestEntry>>,
+    /// Manifests written, for the read-back.
+    pushed: Mutex<Vec<Digest>>,
+    stats: Stats,
+    progress: Arc<Progress>,
+}
+
+impl Engine<'_> {
+    fn note_manifest(&self, m: &Manifest, platform: Option<String>) {
+        self.entries
+            .lock()
+            .expect("entries poisoned")
+            .push(ManifestEntry {
+                digest: m.digest.clone(),
+                media_type: m.media_type.clone(),
+                platform,
+                size: m.bytes.len() as u64,
+            });
+    }
+
+    fn note_child(&self, d: &Descriptor) {
+        self.entries
+            .lock()
+            .expect("entries poisoned")
+            .push(ManifestEntry {
+                digest: d.digest.clone(),
+                media_type: d.media_type.clone(),
+                platform: d.platform.as_ref().map(|p| p.to_string()),
+                size: d.size,
+            });
+    }
+
+    async fn copy_top(&self, digest: &Digest) -> Result<Manifest> {
+        let m = {
+            let _permit = self.sem.acquire().await.expect("semaphore closed");
+            self.client
+                .get_manifest(&self.src, &digest.to_string(), Some(digest))
+                .await?
+        };
+        self.note_manifest(&m, None);
+        if self
+            .client
+            .head_manifest(&self.dst, &digest.to_string())
+            .await?
+            .is_some()
+        {
+            self.stats.manifests_skipped.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.copy_manifest(&m, 0).await?;
+        }
+        Ok(m)
+    }
+
+    /// Copies what `m` names, then `m` itself by digest.
+    async fn copy_manifest(&self, m: &Manifest, depth: usize) -> Result<()> {
+        match m.kind {
+            Kind::Index => {
+                if depth >= MAX_DEPTH {
+                    return Err(Error::InvalidManifest {
+                        reference: format!("{}@{}", self.src, m.digest),
+                        reason: format!("indexes nested deeper than {MAX_DEPTH} levels"),
+                    });
+                }
+                try_join_all(m.manifests.iter().map(|c| self.copy_child(c, depth + 1))).await?;
+            }
+            Kind::Image => self.copy_blobs(m).await?,
+        }
+        self.push(m).await
+    }
+
+    fn copy_child<'s>(&'s self, d: &'s Descriptor, depth: usize) -> BoxFuture<'s, Result<()>> {
+        Box::pin(async move {
+            self.note_child(d);
+            let reference = d.digest.to_string();
+            let m = {
+                let _permit = self.sem.acquire().await.expect("semaphore closed");
+                if self
+                    .client
+                    .head_manifest(&self.dst, &reference)
+                    .await?
+                    .is_some()
+                {
+                    self.stats.manifests_skipped.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                self.client
+                    .get_manifest(&self.src, &reference, Some(&d.digest))
+                    .await?
+            };
+            self.copy_manifest(&m, depth).await
+        })
+    }
+
+    async fn copy_blobs(&self, m: &Manifest) -> Result<()> {
+        try_join_all(m.blobs.iter().map(|b| async move {
+            if !b.urls.is_empty() {
+                // Non-distributable: the registry serving it is elsewhere, and so it stays.
+                self.stats.foreign.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            self.blob(b).await
+        }))
+        .await?;
+        Ok(())
+    }
+
+    async fn blob(&self, d: &Descriptor) -> Result<()> {
+        let cell = {
+            let mut blobs = self.blobs.lock().expect("blob map poisoned");
+            if !blobs.contains_key(&d.digest) {
+                self.stats.bytes_total.fetch_add(d.size, Ordering::Relaxed);
+                self.progress
+                    .bytes_total
+                    .fetch_add(d.size, Ordering::Relaxed);
+                self.progress.blobs_total.fetch_add(1, Ordering::Relaxed);
+            }
+            blobs.entry(d.digest.clone()).or_default().clone()
+        };
+        cell.get_or_try_init(|| self.transfer(d)).await?;
+        Ok(())
+    }
+
+    async fn transfer(&self, d: &Descriptor) -> Result<BlobOutcome> {
+        let _permit = self.sem.acquire().await.expect("semaphore closed");
+        let outcome = self.transfer_unguarded(d).await?;
+        match outcome {
+            BlobOutcome::Uploaded => {
+                self.stats.uploaded.fetch_add(1, Ordering::Relaxed);
+                self.stats.bytes_moved.fetch_add(d.size, Ordering::Relaxed);
+            }
+            BlobOutcome::Mounted => {
+                self.stats.mounted.fetch_add(1, Ordering::Relaxed);
+            }
+            BlobOutcome::Skipped => {
+                self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.progress
+            .bytes_done
+            .fetch_add(d.size, Ordering::Relaxed);
+        self.progress.blobs_done.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            blob = %d.digest.short(),
+            size_bytes = d.size,
+            outcome = ?outcome,
+            "blob {} {}",
+            d.digest.short(),
+            match outcome {
+                BlobOutcome::Uploaded => "copied",
+                BlobOutcome::Mounted => "mounted",
+                BlobOutcome::Skipped => "already on the target",
+            }
+        );
+        Ok(outcome)
+    }
+
+    async fn transfer_unguarded(&self, d: &Descriptor) -> Result<BlobOutcome> {
+        if self.client.blob_size(&self.dst, &d.digest).await?.is_some() {
+            return Ok(BlobOutcome::Skipped);
+        }
+        let mut session = None;
+        if self.src.registry == self.dst.registry && self.src.name != self.dst.name {
+            match self
+                .client
+                .mount_blob(&self.dst, &self.src, &d.digest)
+                .await
+            {
+                Ok(MountOutcome::Mounted) => return Ok(BlobOutcome::Mounted),
+                Ok(MountOutcome::Upload(s)) => session = Some(s),
+                Err(e) => {
+                    tracing::debug!(blob = %d.digest.short(), "mount refused ({e}); uploading")
+                }
+            }
+        }
+        let session = Mutex::new(session);
+        self.client
+            .retry_policy()
+            .run(&format!("copy blob {}", d.digest.short()), |_| async {
+                let s = session.lock().expect("session poisoned").take();
+                let s = match s {
+                    Some(s) => s,
+                    None => self.client.start_upload(&self.dst).await?,
+                };
+                self.client
+                    .stream_blob(
+                        &self.src,
+                        &self.dst,
+                        s,
+                        &d.digest,
+                        d.size,
+                        Some(self.progress.bytes_streamed.clone()),
+                    )
+                    .await
+            })
+            .await?;
+        Ok(BlobOutcome::Uploaded)
+    }
+
+    /// Pushes `m` by digest. A registry that says a blob is unknown (deleted by garbage collection
+    /// since we checked) gets the blobs again, once.
+    async fn push(&self, m: &Manifest) -> Result<()> {
+        let reference = m.digest.to_string();
+        let first = {
+            let _permit = self.sem.acquire().await.expect("semaphore closed");
+            self.client.put_manifest(&self.dst, &reference, m).await
+        };
+        match first {
+            Ok(()) => {}
+            Err(e) if e.code() == Some("MANIFEST_BLOB_UNKNOWN") && m.kind == Kind::Image => {
+                if let Some(f) = m.blobs.iter().find(|b| !b.urls.is_empty()) {
+                    return Err(Error::Refused {
+                        reason: format!(
+                            "{} refused manifest {}: it names the non-distributable layer {} (served from {}), which is not copied; allow foreign layers on the target or mirror an image without them",
+                            self.dst.registry,
+                            m.digest,
+                            f.digest,
+                            f.urls.join(", ")
+                        ),
+                    });
+                }
+                tracing::warn!(manifest = %m.digest.short(), "target lost blobs since they were checked; copying them again");
+                for b in &m.blobs {
+                    self.transfer_unguarded(b).await?;
+                }
+                let _permit = self.sem.acquire().await.expect("semaphore closed");
+                self.client.put_manifest(&self.dst, &reference, m).await?;
+            }
+            Err(e) => return Err(e),
+        }
+        self.pushed
+            .lock()
+            .expect("pushed poisoned")
+            .push(m.digest.clone());
+        Ok(())
+    }
+
+    /// Reads every written manifest back by digest, and the tag, from the target.
+    async fn verify(&self, top: &Manifest, tag: Option<&str>) -> Result<()> {
+        let pushed = self.pushed.lock().expect("pushed poisoned").clone();
+        try_join_all(pushed.iter().map(|d| async move {
+            let _permit = self.sem.acquire().await.expect("semaphore closed");
+            self.client
+                .get_manifest(&self.dst, &d.to_string(), Some(d))
+                .await
+                .map_err(|e| Error::Verify {
+                    reason: format!("reading {d} back from {}: {e}", self.dst),
+                })
+        }))
+        .await?;
+        if let Some(tag) = tag {
+            let served = match self.client.head_manifest(&self.dst, tag).await? {
+                Some(h) if h.digest.is_some() => h.digest,
+                Some(_) => Some(self.client.get_manifest(&self.dst, tag, None).await?.digest),
+                None => None,
+            };
+            if served.as_ref() != Some(&top.digest) {
+                return Err(Error::Verify {
+                    reason: format!(
+                        "{}:{tag} resolves to {} instead of {}",
+                        self.dst,
+                        served
+                            .map(|d| d.to_string())
+                            .unwrap_or_else(|| "nothing".into()),
+                        top.digest
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}

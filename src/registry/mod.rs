@@ -1,0 +1,14 @@
+//! Registry HTTP API v2: our own transport (auth, retries, limits), manifests as exact bytes, and
+//! the digest-preserving copy engine built on them.
+
+pub mod auth;
+pub mod client;
+pub mod copy;
+pub mod credentials;
+pub mod error;
+pub mod manifest;
+pub mod retry;
+
+pub use client::{Client, ClientConfig, Repo};
+pub use copy::{CopyOptions, CopyResult, Progress, copy, resolve};
+pub use error::Error;

@@ -1,0 +1,121 @@
+//! Bounded retries with jittered exponential backoff that honour `Retry-After`.
+
+use std::future::Future;
+use std::time::{Duration, SystemTime};
+
+use rand::Rng;
+
+use super::error::Error;
+
+/// How often and how patiently to retry transient failures.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Total attempts, the first included (1 = no retry).
+    pub max_attempts: u32,
+    /// Backoff before the second attempt; doubles after each further failure.
+    pub base: Duration,
+    /// Ceiling of the exponential backoff.
+    pub max_backoff: Duration,
+    /// Ceiling of a registry's `Retry-After` (a hostile or confused registry must not park us for hours).
+    pub max_retry_after: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 5,
+            base: Duration::from_millis(250),
+            max_backoff: Duration::from_secs(15),
+            max_retry_after: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before attempt `attempt + 1` after `attempt` failed with `err`.
+    pub fn delay(&self, attempt: u32, err: &Error) -> Duration {
+        if let Some(after) = err.retry_after() {
+            return after.min(self.max_retry_after);
+        }
+        let exp = self
+            .base
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
+            .min(self.max_backoff);
+        // "Equal jitter": half fixed, half random, so retries of many clients spread out.
+        let half = exp / 2;
+        half + rand::rng().random_range(Duration::ZERO..=half)
+    }
+
+    /// Runs `op` until it succeeds, fails permanently, or the attempts run out.
+    /// `op` gets the attempt number, starting at 1.
+    pub async fn run<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, Error>
+    where
+        F: FnMut(u32) -> Fut,
+        Fut: Future<Output = Result<T, Error>>,
+    {
+        let mut attempt = 1;
+        loop {
+            match op(attempt).await {
+                Ok(v) => return Ok(v),
+                Err(err) if err.is_transient() && attempt < self.max_attempts => {
+                    let delay = self.delay(attempt, &err);
+                    tracing::warn!(
+                        attempt,
+                        max_attempts = self.max_attempts,
+                        delay_ms = delay.as_millis() as u64,
+                        "{what}: {err}; retrying"
+                    );
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+}
+
+/// Parses a `Retry-After` value: delta-seconds or an HTTP date.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(when.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        assert_eq!(parse_retry_after("3", now), Some(Duration::from_secs(3)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(7));
+        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(7)));
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(7));
+        assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let policy = RetryPolicy::default();
+        let err = Error::Invalid("x".into());
+        for attempt in 1..20 {
+            let d = policy.delay(attempt, &err);
+            assert!(d <= policy.max_backoff, "attempt {attempt}: {d:?}");
+        }
+        assert!(policy.delay(1, &err) <= policy.base);
+        let throttled = Error::Status {
+            method: "GET".into(),
+            url: "u".into(),
+            status: 429,
+            code: None,
+            message: String::new(),
+            retry_after: Some(Duration::from_secs(3600)),
+        };
+        assert_eq!(policy.delay(1, &throttled), policy.max_retry_after);
+    }
+}

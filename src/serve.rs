@@ -1,0 +1,131 @@
+//! `mirror-mirror serve`: validate the configuration, open the database, start the workers and the
+//! HTTP API, and shut down in order (stop claiming, give copies a grace period, release leases).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ServeArgs;
+use crate::db::Db;
+use crate::http::{self, ApiConfig, ApiToken, AppState};
+use crate::mapping::{AllowList, TargetPrefix};
+use crate::registry::CopyOptions;
+use crate::worker::{WorkerConfig, Workers};
+
+/// Parses `MIRROR_API_TOKENS`: comma-separated `token` or `name=token`.
+pub fn parse_tokens(s: &str) -> Result<Vec<ApiToken>> {
+    let mut out = Vec::new();
+    for (i, entry) in s.split(',').map(str::trim).filter(|e| !e.is_empty()).enumerate() {
+        let (name, secret) = match entry.split_once('=') {
+            Some((n, t)) => (n.trim().to_string(), t.trim()),
+            None => (format!("token-{}", i + 1), entry),
+        };
+        if name.is_empty() {
+            bail!("MIRROR_API_TOKENS entry {} has an empty name before '='", i + 1);
+        }
+        if secret.len() < 16 {
+            bail!(
+                "MIRROR_API_TOKENS entry {} ({name}) is shorter than 16 characters; use a long random token (openssl rand -hex 32)",
+                i + 1
+            );
+        }
+        out.push(ApiToken::new(&name, secret));
+    }
+    if out.is_empty() {
+        bail!("MIRROR_API_TOKENS has no tokens; set it to name=token,… (openssl rand -hex 32 makes one)");
+    }
+    Ok(out)
+}
+
+/// Runs the service until Ctrl-C or SIGTERM.
+pub async fn run(args: ServeArgs) -> Result<()> {
+    let target = args
+        .target
+        .as_deref()
+        .context("MIRROR_TARGET is not set: name the repository prefix mirrors go under, such as ghcr.io/acme/mirror")?;
+    let target = TargetPrefix::parse(target).map_err(|e| anyhow::anyhow!("MIRROR_TARGET: {e}"))?;
+    let tokens = parse_tokens(
+        args.api_tokens
+            .as_deref()
+            .context("MIRROR_API_TOKENS is not set: POST /mirror needs at least one bearer token (name=token,…)")?,
+    )?;
+    let allowed_sources =
+        AllowList::parse(&args.allowed_sources).map_err(|e| anyhow::anyhow!("MIRROR_ALLOWED_SOURCES: {e}"))?;
+    let db = Db::open(&args.database).await?;
+    let client = crate::cmd::client(&args.registry)?;
+    let workers = Workers::new(
+        db.clone(),
+        client,
+        WorkerConfig {
+            workers: args.workers as usize,
+            lease: Duration::from_secs(args.lease),
+            copy: CopyOptions { jobs: args.jobs as usize },
+            ..WorkerConfig::default()
+        },
+    );
+    let state = AppState {
+        db: db.clone(),
+        config: Arc::new(ApiConfig {
+            target: target.clone(),
+            tokens,
+            allowed_sources,
+            read_requires_token: args.read_requires_token,
+            max_attempts: args.max_attempts as i64,
+        }),
+        wake: workers.wake.clone(),
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("MIRROR_LISTEN: cannot listen on {}", args.listen))?;
+    let stop = CancellationToken::new();
+    let abort = CancellationToken::new();
+    let handles = workers.spawn(stop.clone(), abort.clone());
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        target = %target.repo(),
+        workers = args.workers,
+        database = %args.database,
+        "mirror-mirror serving on http://{}",
+        listener.local_addr()?
+    );
+    let shutdown = {
+        let stop = stop.clone();
+        async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down: no new jobs are claimed; running copies get {}s", args.shutdown_grace);
+            stop.cancel();
+        }
+    };
+    axum::serve(listener, http::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serving HTTP")?;
+    let all = futures_util::future::join_all(handles);
+    tokio::pin!(all);
+    if tokio::time::timeout(Duration::from_secs(args.shutdown_grace), &mut all).await.is_err() {
+        tracing::warn!("grace period over: returning running jobs to the queue");
+        abort.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), all).await;
+    }
+    db.write.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

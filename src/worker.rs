@@ -1,0 +1,256 @@
+//! The worker loop: claim a job, copy it under a renewed lease, record it in the ledger or schedule
+//! a retry. Nothing here knows about HTTP.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rand::Rng as _;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::db::{Db, now_ms};
+use crate::digest::Digest;
+use crate::ledger::NewRecord;
+use crate::queue::{self, Lease, ProgressRow};
+use crate::reference::ImageRef;
+use crate::registry::{self, Client, CopyOptions, Progress};
+
+/// How the workers run.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Copies running at once.
+    pub workers: usize,
+    /// Lease length; renewed every third of it while a copy runs.
+    pub lease: Duration,
+    /// How often idle workers look for due jobs (they are also woken on enqueue).
+    pub poll: Duration,
+    /// Concurrency inside one copy.
+    pub copy: CopyOptions,
+    /// First backoff after a transient failure; doubles per attempt, capped at `max_backoff`.
+    pub backoff: Duration,
+    /// Ceiling of the backoff between attempts.
+    pub max_backoff: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            workers: 2,
+            lease: Duration::from_secs(30),
+            poll: Duration::from_secs(2),
+            copy: CopyOptions::default(),
+            backoff: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(600),
+        }
+    }
+}
+
+/// What the workers share.
+#[derive(Clone)]
+pub struct Workers {
+    db: Db,
+    client: Client,
+    config: Arc<WorkerConfig>,
+    /// Rung on enqueue so an idle worker starts at once.
+    pub wake: Arc<Notify>,
+}
+
+impl Workers {
+    /// Workers over `db`, copying with `client`.
+    pub fn new(db: Db, client: Client, config: WorkerConfig) -> Workers {
+        Workers {
+            db,
+            client,
+            config: Arc::new(config),
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Starts the worker tasks. They stop claiming when `stop` is cancelled and finish the copy in
+    /// hand; when `abort` is cancelled they drop it and give the job back to the queue.
+    pub fn spawn(&self, stop: CancellationToken, abort: CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+        (0..self.config.workers.max(1))
+            .map(|n| {
+                let w = self.clone();
+                let (stop, abort) = (stop.clone(), abort.clone());
+                tokio::spawn(async move { w.run(n, stop, abort).await })
+            })
+            .collect()
+    }
+
+    async fn run(&self, n: usize, stop: CancellationToken, abort: CancellationToken) {
+        tracing::debug!(worker = n, "worker started");
+        while !stop.is_cancelled() {
+            match queue::claim(&self.db, self.config.lease).await {
+                Ok(Some(lease)) => {
+                    let span = tracing::info_span!("job", job.id = lease.job.id, image.src = %lease.job.source);
+                    self.run_job(lease, &abort).instrument(span).await;
+                }
+                Ok(None) => {
+                    let wait = match queue::next_due(&self.db).await {
+                        Ok(Some(due)) => Duration::from_millis((due - now_ms()).clamp(0, i64::MAX) as u64),
+                        _ => self.config.poll,
+                    }
+                    .min(self.config.poll);
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stop.cancelled() => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(worker = n, "claiming a job failed: {e}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.config.poll) => {}
+                        _ = stop.cancelled() => {}
+                    }
+                }
+            }
+        }
+        tracing::debug!(worker = n, "worker stopped");
+    }
+
+    async fn run_job(&self, lease: Lease, abort: &CancellationToken) {
+        let job = &lease.job;
+        tracing::info!(attempt = job.attempts, "job {} started: {} → {}", job.id, job.source, job.target_repo);
+        let progress = Arc::new(Progress::default());
+        let lost = CancellationToken::new();
+        let heartbeat = {
+            let (db, lease, progress, lost) = (self.db.clone(), lease.clone(), progress.clone(), lost.clone());
+            let every = self.config.lease / 3;
+            let duration = self.config.lease;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    match queue::heartbeat(&db, &lease, duration, progress_row(&progress)).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::warn!("job {}: lease lost; abandoning the copy and writing nothing", lease.job.id);
+                            lost.cancel();
+                            return;
+                        }
+                        Err(e) => tracing::warn!("job {}: heartbeat failed: {e}", lease.job.id),
+                    }
+                }
+            })
+        };
+        let outcome = tokio::select! {
+            r = self.copy(&lease, progress.clone()) => Some(r),
+            _ = lost.cancelled() => None,
+            _ = abort.cancelled() => {
+                heartbeat.abort();
+                match queue::release(&self.db, &lease).await {
+                    Ok(_) => tracing::info!("job {}: shutting down; returned to the queue", job.id),
+                    Err(e) => tracing::error!("job {}: could not release its lease at shutdown (it expires on its own): {e}", job.id),
+                }
+                return;
+            }
+        };
+        heartbeat.abort();
+        let Some(outcome) = outcome else { return };
+        let written = match outcome {
+            Ok(record) => {
+                let r = queue::succeed(&self.db, &lease, &record, progress_row(&progress)).await;
+                if let Ok(true) = r {
+                    tracing::info!(digest = %record.source_digest, "job {} succeeded: {}@{}", job.id, record.mirror_repo, record.source_digest);
+                }
+                r
+            }
+            Err(JobError::Transient(msg)) if job.attempts < job.max_attempts => {
+                let delay = self.backoff(job.attempts as u32);
+                tracing::warn!(delay_ms = delay.as_millis() as u64, "job {} attempt {} failed, will retry: {msg}", job.id, job.attempts);
+                queue::retry_later(&self.db, &lease, &msg, delay).await
+            }
+            Err(JobError::Transient(msg) | JobError::Permanent(msg)) => {
+                tracing::error!("job {} failed: {msg}", job.id);
+                queue::fail(&self.db, &lease, &msg).await
+            }
+        };
+        match written {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!("job {}: lease lost before the result was written; another worker owns it", job.id),
+            Err(e) => tracing::error!("job {}: writing the result failed: {e}", job.id),
+        }
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .config
+            .backoff
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
+            .min(self.config.max_backoff);
+        let half = exp / 2;
+        half + rand::rng().random_range(Duration::ZERO..=half)
+    }
+
+    /// One attempt: resolve (first time only), copy the pinned digest, build the ledger record.
+    async fn copy(&self, lease: &Lease, progress: Arc<Progress>) -> Result<NewRecord, JobError> {
+        let job = &lease.job;
+        let source = ImageRef::parse_source(&job.source)
+            .map_err(|e| JobError::Permanent(format!("stored source {:?} is invalid: {e}", job.source)))?;
+        let digest = match &job.source_digest {
+            Some(d) => Digest::parse(d).map_err(|e| JobError::Permanent(format!("stored digest {d:?} is invalid: {e}")))?,
+            None => {
+                let d = registry::resolve(&self.client, &source).await.map_err(JobError::from)?;
+                tracing::info!(digest = %d, "job {}: {} resolved to {d}", job.id, job.source);
+                match queue::set_source_digest(&self.db, lease, &d.to_string()).await {
+                    Ok(true) => {}
+                    Ok(false) => return Err(JobError::Permanent("lease lost".into())),
+                    Err(e) => return Err(JobError::Transient(format!("storing the resolved digest: {e}"))),
+                }
+                d
+            }
+        };
+        let pinned = source.clone().with_digest(Some(digest.clone()));
+        let target_text = match &job.target_tag {
+            Some(t) => format!("{}:{t}", job.target_repo),
+            None => job.target_repo.clone(),
+        };
+        let target = ImageRef::parse(&target_text)
+            .map_err(|e| JobError::Permanent(format!("stored target {target_text:?} is invalid: {e}")))?;
+        let result = registry::copy(&self.client, &pinned, &target, &self.config.copy, progress)
+            .await
+            .map_err(JobError::from)?;
+        Ok(NewRecord {
+            job_id: job.id,
+            source_repo: source.repo_name(),
+            source_ref: job.source.clone(),
+            tag: source.tag().map(str::to_string).filter(|_| job.target_tag.is_some()),
+            source_digest: result.source_digest.to_string(),
+            mirror_repo: job.target_repo.clone(),
+            mirror_digest: result.target_digest.to_string(),
+            media_type: result.media_type.clone(),
+            manifests: serde_json::to_string(&result.manifests).unwrap_or_else(|_| "[]".into()),
+            size_bytes: result.bytes_total as i64,
+            requested_by: job.requested_by.clone(),
+            verified_at: now_ms(),
+        })
+    }
+}
+
+fn progress_row(p: &Progress) -> ProgressRow {
+    ProgressRow {
+        bytes_done: p.bytes_done.load(Ordering::Relaxed) as i64,
+        bytes_total: p.bytes_total.load(Ordering::Relaxed) as i64,
+        blobs_done: p.blobs_done.load(Ordering::Relaxed) as i64,
+        blobs_total: p.blobs_total.load(Ordering::Relaxed) as i64,
+    }
+}
+
+/// Why an attempt failed, sorted for the retry decision.
+enum JobError {
+    Transient(String),
+    Permanent(String),
+}
+
+impl From<registry::Error> for JobError {
+    fn from(e: registry::Error) -> Self {
+        if e.is_transient() {
+            JobError::Transient(e.to_string())
+        } else {
+            JobError::Permanent(e.to_string())
+        }
+    }
+}

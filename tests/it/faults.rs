@@ -1,0 +1,239 @@
+//! Faults from an in-process misbehaving registry (429 with Retry-After, 503, a body cut halfway, a
+//! corrupted blob, a missing `Location`), with a real registry on the other side.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use mirror_mirror::reference::ImageRef;
+use mirror_mirror::registry::credentials::CredentialStore;
+use mirror_mirror::registry::retry::RetryPolicy;
+use mirror_mirror::registry::{Client, ClientConfig, CopyOptions, Error, Progress, copy};
+use sha2::{Digest as _, Sha256};
+
+use crate::support;
+
+/// What the misbehaving registry does to one request.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// Answer with this status (and `Retry-After`, if given) instead.
+    Status(u16, Option<&'static str>),
+    /// Send the first half of the body, then cut the connection.
+    Cut,
+    /// Serve the body with one byte flipped (same size).
+    Corrupt,
+}
+
+/// Which requests a fault applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Route {
+    Manifest,
+    Blob,
+    Upload,
+}
+
+#[derive(Default)]
+struct Inner {
+    manifests: HashMap<String, (String, Bytes)>,
+    blobs: HashMap<String, Bytes>,
+    faults: HashMap<Route, VecDeque<Fault>>,
+    /// Faults applied to every request of a route, after the queued ones.
+    always: HashMap<Route, Fault>,
+}
+
+/// An in-process registry that serves one image and misbehaves on cue.
+#[derive(Clone, Default)]
+pub struct Faulty {
+    inner: Arc<Mutex<Inner>>,
+    pub requests: Arc<Mutex<HashMap<Route, usize>>>,
+    pub served: Arc<AtomicUsize>,
+}
+
+impl Faulty {
+    /// Adds a blob; returns its digest.
+    pub fn blob(&self, bytes: &[u8]) -> String {
+        let d = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
+        self.inner
+            .lock()
+            .unwrap()
+            .blobs
+            .insert(d.clone(), Bytes::copy_from_slice(bytes));
+        d
+    }
+
+    /// Adds a manifest under its digest and `tag`; returns its digest.
+    pub fn manifest(&self, tag: &str, media_type: &str, bytes: &[u8]) -> String {
+        let d = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
+        let v = (media_type.to_string(), Bytes::copy_from_slice(bytes));
+        let mut inner = self.inner.lock().unwrap();
+        inner.manifests.insert(d.clone(), v.clone());
+        inner.manifests.insert(tag.to_string(), v);
+        d
+    }
+
+    /// Queues faults for the next requests of `route`.
+    pub fn then(&self, route: Route, faults: &[Fault]) {
+        self.inner
+            .lock()
+            .unwrap()
+            .faults
+            .entry(route)
+            .or_default()
+            .extend(faults.iter().cloned());
+    }
+
+    /// Applies `fault` to every request of `route`.
+    pub fn always(&self, route: Route, fault: Fault) {
+        self.inner.lock().unwrap().always.insert(route, fault);
+    }
+
+    pub fn count(&self, route: Route) -> usize {
+        *self.requests.lock().unwrap().get(&route).unwrap_or(&0)
+    }
+
+    fn next_fault(&self, route: Route) -> Option<Fault> {
+        *self.requests.lock().unwrap().entry(route).or_default() += 1;
+        let mut inner = self.inner.lock().unwrap();
+        let queued = inner.faults.get_mut(&route).and_then(|q| q.pop_front());
+        queued.or_else(|| inner.always.get(&route).cloned())
+    }
+
+    /// Starts serving on a free loopback port; returns `127.0.0.1:PORT`.
+    pub async fn start(&self) -> String {
+        let app = Router::new()
+            .route("/v2/", axum::routing::get(|| async { "{}" }))
+            .route("/v2/{*rest}", axum::routing::any(handle))
+            .with_state(self.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        addr.to_string()
+    }
+}
+
+fn status(code: u16, retry_after: Option<&str>) -> Response {
+    let mut r = (
+        StatusCode::from_u16(code).unwrap(),
+        r#"{"errors":[{"code":"UNAVAILABLE","message":"injected fault"}]}"#,
+    )
+        .into_response();
+    if let Some(v) = retry_after {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, v.parse().unwrap());
+    }
+    r
+}
+
+async fn handle(State(f): State<Faulty>, method: Method, Path(rest): Path<String>, _h: HeaderMap) -> Response {
+    let (route, key) = if let Some((_, r)) = rest.rsplit_once("/manifests/") {
+        (Route::Manifest, r.to_string())
+    } else if rest.ends_with("/blobs/uploads/") || rest.contains("/blobs/uploads/") {
+        (Route::Upload, String::new())
+    } else if let Some((_, d)) = rest.rsplit_once("/blobs/") {
+        (Route::Blob, d.to_string())
+    } else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let fault = f.next_fault(route);
+    if let Some(Fault::Status(code, ra)) = &fault {
+        return status(*code, *ra);
+    }
+    let (media_type, bytes) = {
+        let inner = f.inner.lock().unwrap();
+        match route {
+            Route::Upload => {
+                // A registry that forgets the Location of the upload session.
+                return StatusCode::ACCEPTED.into_response();
+            }
+            Route::Manifest => match inner.manifests.get(&key) {
+                Some((mt, b)) => (mt.clone(), b.clone()),
+                None => return (StatusCode::NOT_FOUND, r#"{"errors":[{"code":"MANIFEST_UNKNOWN"}]}"#).into_response(),
+            },
+            Route::Blob => match inner.blobs.get(&key) {
+                Some(b) => ("application/octet-stream".to_string(), b.clone()),
+                None => return (StatusCode::NOT_FOUND, r#"{"errors":[{"code":"BLOB_UNKNOWN"}]}"#).into_response(),
+            },
+        }
+    };
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, media_type.parse().unwrap());
+    headers.insert("docker-content-digest", digest.parse().unwrap());
+    headers.insert(header::CONTENT_LENGTH, bytes.len().into());
+    if method == Method::HEAD {
+        return (StatusCode::OK, headers, Body::empty()).into_response();
+    }
+    f.served.fetch_add(1, Ordering::Relaxed);
+    let body = match fault {
+        Some(Fault::Corrupt) => {
+            let mut v = bytes.to_vec();
+            let mid = v.len() / 2;
+            v[mid] ^= 0xff;
+            Body::from(v)
+        }
+        Some(Fault::Cut) => {
+            let half = bytes.slice(..bytes.len() / 2);
+            let stream = futures_util::stream::iter(vec![
+                Ok::<Bytes, std::io::Error>(half),
+                Err(std::io::Error::other("cut")),
+            ]);
+            Body::from_stream(stream)
+        }
+        _ => Body::from(bytes),
+    };
+    (StatusCode::OK, headers, body).into_response()
+}
+
+/// A small image on the faulty registry: one config, two layers (one of 1 MiB), a manifest tagged `v1`.
+fn seed(f: &Faulty) -> (String, Vec<String>) {
+    let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let big: Vec<u8> = (0..1024 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    let small = b"small layer".to_vec();
+    let c = f.blob(config);
+    let l1 = f.blob(&big);
+    let l2 = f.blob(&small);
+    let manifest = format!(
+        "{{\r\n  \"schemaVersion\": 2,\r\n  \"mediaType\": \"application/vnd.oci.image.manifest.v1+json\",\r\n  \"config\": {{\"mediaType\": \"application/vnd.oci.image.config.v1+json\", \"digest\": \"{c}\", \"size\": {}}},\r\n  \"layers\": [{{\"mediaType\": \"application/vnd.oci.image.layer.v1.tar\", \"digest\": \"{l1}\", \"size\": {}}}, {{\"mediaType\": \"application/vnd.oci.image.layer.v1.tar\", \"digest\": \"{l2}\", \"size\": {}}}]\r\n}}",
+        config.len(),
+        big.len(),
+        small.len()
+    );
+    let d = f.manifest("v1", "application/vnd.oci.image.manifest.v1+json", manifest.as_bytes());
+    (d, vec![c, l1, l2])
+}
+
+fn fast_client() -> Client {
+    Client::new(
+        ClientConfig {
+            retry: RetryPolicy {
+                max_attempts: 4,
+                base: Duration::from_millis(20),
+                max_backoff: Duration::from_millis(200),
+                max_retry_after: Duration::from_secs(5),
+            },
+            ..ClientConfig::default()
+        },
+        CredentialStore::empty(),
+    )
+    .unwrap()
+}
+
+async fn run_copy(src: &str, dst: &str) -> Result<mirror_mirror::registry::CopyResult, Error> {
+    let source = ImageRef::parse_source(src).unwrap();
+    let target = ImageRef::parse(dst).unwrap();
+    copy(
+        &fast_client(),
+        &source,
+        &target,
+        &CopyOptions::default(),
+        Arc::new(Progress::default()),
+    )
+    .await
+}
