@@ -4,7 +4,9 @@ use std::str::FromStr as _;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 
 /// The two pools: many readers, one writer (SQLite allows one writer at a time; queueing writers
 /// in the pool instead of in SQLite's busy handler keeps "database is locked" away from users).
@@ -31,7 +33,9 @@ impl Db {
             format!("sqlite://{location}")
         };
         let options = SqliteConnectOptions::from_str(&url)
-            .with_context(|| format!("MIRROR_DATABASE {location:?} is not a file path or sqlite: URL"))?
+            .with_context(|| {
+                format!("MIRROR_DATABASE {location:?} is not a file path or sqlite: URL")
+            })?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             // FULL: a 202 means the job is on disk, even across a power loss.

@@ -25,7 +25,9 @@ impl TargetPrefix {
             format!("{s:?} is not a registry/repository prefix such as ghcr.io/acme/mirror: {e}")
         })?;
         if probe.tag().is_some() || probe.digest().is_some() {
-            return Err(format!("{s:?} must be a repository prefix, without a tag or digest"));
+            return Err(format!(
+                "{s:?} must be a repository prefix, without a tag or digest"
+            ));
         }
         if !s.contains('/') && !s.contains('.') && !s.contains(':') && s != "localhost" {
             return Err(format!(
@@ -127,7 +129,9 @@ impl AllowList {
             host_ok
                 && (path.is_empty()
                     || repo == path
-                    || repo.strip_prefix(path.as_str()).is_some_and(|r| r.starts_with('/')))
+                    || repo
+                        .strip_prefix(path.as_str())
+                        .is_some_and(|r| r.starts_with('/')))
         })
     }
 }
@@ -144,7 +148,8 @@ mod tests {
     fn maps_one_to_one() {
         let p = TargetPrefix::parse("ghcr.io/acme/mirror").unwrap();
         assert_eq!(
-            p.repo_for(&src("gcr.io/kaniko-project/executor:v1.8.1")).unwrap(),
+            p.repo_for(&src("gcr.io/kaniko-project/executor:v1.8.1"))
+                .unwrap(),
             "ghcr.io/acme/mirror/gcr.io/kaniko-project/executor"
         );
         assert_eq!(

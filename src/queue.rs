@@ -154,13 +154,22 @@ async fn rescue(conn: &mut sqlx::SqliteConnection, now: i64) -> sqlx::Result<()>
     .await?
     .rows_affected();
     if failed + requeued > 0 {
-        tracing::warn!(requeued, failed, "rescued jobs whose worker stopped renewing its lease");
+        tracing::warn!(
+            requeued,
+            failed,
+            "rescued jobs whose worker stopped renewing its lease"
+        );
     }
     Ok(())
 }
 
 /// Renews the lease and records progress. False when the lease is lost: stop writing.
-pub async fn heartbeat(db: &Db, lease: &Lease, duration: Duration, p: ProgressRow) -> sqlx::Result<bool> {
+pub async fn heartbeat(
+    db: &Db,
+    lease: &Lease,
+    duration: Duration,
+    p: ProgressRow,
+) -> sqlx::Result<bool> {
     let now = now_ms();
     let n = sqlx::query(
         "update job set lease_expires_at = ?1, bytes_done = ?2, bytes_total = ?3, blobs_done = ?4, blobs_total = ?5, updated_at = ?6
@@ -197,7 +206,12 @@ pub async fn set_source_digest(db: &Db, lease: &Lease, digest: &str) -> sqlx::Re
 
 /// Marks the job succeeded and appends its ledger record, in one transaction. False (and nothing
 /// written) when the lease is lost.
-pub async fn succeed(db: &Db, lease: &Lease, record: &NewRecord, p: ProgressRow) -> sqlx::Result<bool> {
+pub async fn succeed(
+    db: &Db,
+    lease: &Lease,
+    record: &NewRecord,
+    p: ProgressRow,
+) -> sqlx::Result<bool> {
     let now = now_ms();
     let mut tx = db.write.begin_with("BEGIN IMMEDIATE").await?;
     let n = sqlx::query(
@@ -225,7 +239,12 @@ pub async fn succeed(db: &Db, lease: &Lease, record: &NewRecord, p: ProgressRow)
 }
 
 /// Puts the job back in the queue until `after` has passed, with the error that made it wait.
-pub async fn retry_later(db: &Db, lease: &Lease, error: &str, after: Duration) -> sqlx::Result<bool> {
+pub async fn retry_later(
+    db: &Db,
+    lease: &Lease,
+    error: &str,
+    after: Duration,
+) -> sqlx::Result<bool> {
     let now = now_ms();
     let n = sqlx::query(
         "update job set state = 'queued', lease_token = null, lease_expires_at = null, last_error = ?1, run_at = ?2, updated_at = ?3
@@ -285,7 +304,12 @@ pub async fn get(db: &Db, id: i64) -> sqlx::Result<Option<Job>> {
 }
 
 /// Jobs newest first, optionally in one state, with ids below `before` (for paging).
-pub async fn list(db: &Db, state: Option<&str>, limit: i64, before: Option<i64>) -> sqlx::Result<Vec<Job>> {
+pub async fn list(
+    db: &Db,
+    state: Option<&str>,
+    limit: i64,
+    before: Option<i64>,
+) -> sqlx::Result<Vec<Job>> {
     sqlx::query_as(
         "select * from job where (?1 is null or state = ?1) and (?2 is null or id < ?2) order by id desc limit ?3",
     )

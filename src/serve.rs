@@ -17,13 +17,21 @@ use crate::worker::{WorkerConfig, Workers};
 /// Parses `MIRROR_API_TOKENS`: comma-separated `token` or `name=token`.
 pub fn parse_tokens(s: &str) -> Result<Vec<ApiToken>> {
     let mut out = Vec::new();
-    for (i, entry) in s.split(',').map(str::trim).filter(|e| !e.is_empty()).enumerate() {
+    for (i, entry) in s
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .enumerate()
+    {
         let (name, secret) = match entry.split_once('=') {
             Some((n, t)) => (n.trim().to_string(), t.trim()),
             None => (format!("token-{}", i + 1), entry),
         };
         if name.is_empty() {
-            bail!("MIRROR_API_TOKENS entry {} has an empty name before '='", i + 1);
+            bail!(
+                "MIRROR_API_TOKENS entry {} has an empty name before '='",
+                i + 1
+            );
         }
         if secret.len() < 16 {
             bail!(
@@ -34,7 +42,9 @@ pub fn parse_tokens(s: &str) -> Result<Vec<ApiToken>> {
         out.push(ApiToken::new(&name, secret));
     }
     if out.is_empty() {
-        bail!("MIRROR_API_TOKENS has no tokens; set it to name=token,… (openssl rand -hex 32 makes one)");
+        bail!(
+            "MIRROR_API_TOKENS has no tokens; set it to name=token,… (openssl rand -hex 32 makes one)"
+        );
     }
     Ok(out)
 }
@@ -46,13 +56,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .as_deref()
         .context("MIRROR_TARGET is not set: name the repository prefix mirrors go under, such as ghcr.io/acme/mirror")?;
     let target = TargetPrefix::parse(target).map_err(|e| anyhow::anyhow!("MIRROR_TARGET: {e}"))?;
-    let tokens = parse_tokens(
-        args.api_tokens
-            .as_deref()
-            .context("MIRROR_API_TOKENS is not set: POST /mirror needs at least one bearer token (name=token,…)")?,
-    )?;
-    let allowed_sources =
-        AllowList::parse(&args.allowed_sources).map_err(|e| anyhow::anyhow!("MIRROR_ALLOWED_SOURCES: {e}"))?;
+    let tokens = parse_tokens(args.api_tokens.as_deref().context(
+        "MIRROR_API_TOKENS is not set: POST /mirror needs at least one bearer token (name=token,…)",
+    )?)?;
+    let allowed_sources = AllowList::parse(&args.allowed_sources)
+        .map_err(|e| anyhow::anyhow!("MIRROR_ALLOWED_SOURCES: {e}"))?;
     let db = Db::open(&args.database).await?;
     let client = crate::cmd::client(&args.registry)?;
     let workers = Workers::new(
@@ -61,7 +69,9 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         WorkerConfig {
             workers: args.workers as usize,
             lease: Duration::from_secs(args.lease),
-            copy: CopyOptions { jobs: args.jobs as usize },
+            copy: CopyOptions {
+                jobs: args.jobs as usize,
+            },
             ..WorkerConfig::default()
         },
     );
@@ -94,7 +104,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         let stop = stop.clone();
         async move {
             wait_for_signal().await;
-            tracing::info!("shutting down: no new jobs are claimed; running copies get {}s", args.shutdown_grace);
+            tracing::info!(
+                "shutting down: no new jobs are claimed; running copies get {}s",
+                args.shutdown_grace
+            );
             stop.cancel();
         }
     };
@@ -104,7 +117,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .context("serving HTTP")?;
     let all = futures_util::future::join_all(handles);
     tokio::pin!(all);
-    if tokio::time::timeout(Duration::from_secs(args.shutdown_grace), &mut all).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(args.shutdown_grace), &mut all)
+        .await
+        .is_err()
+    {
         tracing::warn!("grace period over: returning running jobs to the queue");
         abort.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(10), all).await;
@@ -118,7 +134,8 @@ async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing the SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

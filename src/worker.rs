@@ -70,7 +70,11 @@ impl Workers {
 
     /// Starts the worker tasks. They stop claiming when `stop` is cancelled and finish the copy in
     /// hand; when `abort` is cancelled they drop it and give the job back to the queue.
-    pub fn spawn(&self, stop: CancellationToken, abort: CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+    pub fn spawn(
+        &self,
+        stop: CancellationToken,
+        abort: CancellationToken,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
         (0..self.config.workers.max(1))
             .map(|n| {
                 let w = self.clone();
@@ -90,7 +94,9 @@ impl Workers {
                 }
                 Ok(None) => {
                     let wait = match queue::next_due(&self.db).await {
-                        Ok(Some(due)) => Duration::from_millis((due - now_ms()).clamp(0, i64::MAX) as u64),
+                        Ok(Some(due)) => {
+                            Duration::from_millis((due - now_ms()).clamp(0, i64::MAX) as u64)
+                        }
                         _ => self.config.poll,
                     }
                     .min(self.config.poll);
@@ -114,11 +120,22 @@ impl Workers {
 
     async fn run_job(&self, lease: Lease, abort: &CancellationToken) {
         let job = &lease.job;
-        tracing::info!(attempt = job.attempts, "job {} started: {} → {}", job.id, job.source, job.target_repo);
+        tracing::info!(
+            attempt = job.attempts,
+            "job {} started: {} → {}",
+            job.id,
+            job.source,
+            job.target_repo
+        );
         let progress = Arc::new(Progress::default());
         let lost = CancellationToken::new();
         let heartbeat = {
-            let (db, lease, progress, lost) = (self.db.clone(), lease.clone(), progress.clone(), lost.clone());
+            let (db, lease, progress, lost) = (
+                self.db.clone(),
+                lease.clone(),
+                progress.clone(),
+                lost.clone(),
+            );
             let every = self.config.lease / 3;
             let duration = self.config.lease;
             tokio::spawn(async move {
@@ -127,7 +144,10 @@ impl Workers {
                     match queue::heartbeat(&db, &lease, duration, progress_row(&progress)).await {
                         Ok(true) => {}
                         Ok(false) => {
-                            tracing::warn!("job {}: lease lost; abandoning the copy and writing nothing", lease.job.id);
+                            tracing::warn!(
+                                "job {}: lease lost; abandoning the copy and writing nothing",
+                                lease.job.id
+                            );
                             lost.cancel();
                             return;
                         }
@@ -160,7 +180,12 @@ impl Workers {
             }
             Err(JobError::Transient(msg)) if job.attempts < job.max_attempts => {
                 let delay = self.backoff(job.attempts as u32);
-                tracing::warn!(delay_ms = delay.as_millis() as u64, "job {} attempt {} failed, will retry: {msg}", job.id, job.attempts);
+                tracing::warn!(
+                    delay_ms = delay.as_millis() as u64,
+                    "job {} attempt {} failed, will retry: {msg}",
+                    job.id,
+                    job.attempts
+                );
                 queue::retry_later(&self.db, &lease, &msg, delay).await
             }
             Err(JobError::Transient(msg) | JobError::Permanent(msg)) => {
@@ -170,7 +195,10 @@ impl Workers {
         };
         match written {
             Ok(true) => {}
-            Ok(false) => tracing::warn!("job {}: lease lost before the result was written; another worker owns it", job.id),
+            Ok(false) => tracing::warn!(
+                "job {}: lease lost before the result was written; another worker owns it",
+                job.id
+            ),
             Err(e) => tracing::error!("job {}: writing the result failed: {e}", job.id),
         }
     }
@@ -188,17 +216,25 @@ impl Workers {
     /// One attempt: resolve (first time only), copy the pinned digest, build the ledger record.
     async fn copy(&self, lease: &Lease, progress: Arc<Progress>) -> Result<NewRecord, JobError> {
         let job = &lease.job;
-        let source = ImageRef::parse_source(&job.source)
-            .map_err(|e| JobError::Permanent(format!("stored source {:?} is invalid: {e}", job.source)))?;
+        let source = ImageRef::parse_source(&job.source).map_err(|e| {
+            JobError::Permanent(format!("stored source {:?} is invalid: {e}", job.source))
+        })?;
         let digest = match &job.source_digest {
-            Some(d) => Digest::parse(d).map_err(|e| JobError::Permanent(format!("stored digest {d:?} is invalid: {e}")))?,
+            Some(d) => Digest::parse(d)
+                .map_err(|e| JobError::Permanent(format!("stored digest {d:?} is invalid: {e}")))?,
             None => {
-                let d = registry::resolve(&self.client, &source).await.map_err(JobError::from)?;
+                let d = registry::resolve(&self.client, &source)
+                    .await
+                    .map_err(JobError::from)?;
                 tracing::info!(digest = %d, "job {}: {} resolved to {d}", job.id, job.source);
                 match queue::set_source_digest(&self.db, lease, &d.to_string()).await {
                     Ok(true) => {}
                     Ok(false) => return Err(JobError::Permanent("lease lost".into())),
-                    Err(e) => return Err(JobError::Transient(format!("storing the resolved digest: {e}"))),
+                    Err(e) => {
+                        return Err(JobError::Transient(format!(
+                            "storing the resolved digest: {e}"
+                        )));
+                    }
                 }
                 d
             }
@@ -208,8 +244,9 @@ impl Workers {
             Some(t) => format!("{}:{t}", job.target_repo),
             None => job.target_repo.clone(),
         };
-        let target = ImageRef::parse(&target_text)
-            .map_err(|e| JobError::Permanent(format!("stored target {target_text:?} is invalid: {e}")))?;
+        let target = ImageRef::parse(&target_text).map_err(|e| {
+            JobError::Permanent(format!("stored target {target_text:?} is invalid: {e}"))
+        })?;
         let result = registry::copy(&self.client, &pinned, &target, &self.config.copy, progress)
             .await
             .map_err(JobError::from)?;
@@ -217,7 +254,10 @@ impl Workers {
             job_id: job.id,
             source_repo: source.repo_name(),
             source_ref: job.source.clone(),
-            tag: source.tag().map(str::to_string).filter(|_| job.target_tag.is_some()),
+            tag: source
+                .tag()
+                .map(str::to_string)
+                .filter(|_| job.target_tag.is_some()),
             source_digest: result.source_digest.to_string(),
             mirror_repo: job.target_repo.clone(),
             mirror_digest: result.target_digest.to_string(),

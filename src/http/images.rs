@@ -18,7 +18,10 @@ fn entry(r: &Record) -> Value {
         .as_array()
         .map(|a| {
             a.iter()
-                .filter(|m| m.get("platform").is_some_and(|p| !p.as_str().unwrap_or("").starts_with("unknown/")))
+                .filter(|m| {
+                    m.get("platform")
+                        .is_some_and(|p| !p.as_str().unwrap_or("").starts_with("unknown/"))
+                })
                 .map(|m| json!({ "platform": m["platform"], "digest": m["digest"] }))
                 .collect()
         })
@@ -43,19 +46,27 @@ fn entry(r: &Record) -> Value {
 
 /// `GET /images/{name}` (every tag) or `GET /images/{name}:{tag}` (one tag, with its history).
 /// `name` is a source repository (short Docker Hub names too) or a mirror repository.
-pub async fn show(State(state): State<AppState>, headers: HeaderMap, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn show(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     state.authenticate_read(&headers)?;
     let reference = ImageRef::parse(&name)
         .map_err(|e| ApiError::BadRequest(format!("{name:?} is not an image name: {e}")))?;
     if reference.digest().is_some() {
-        return Err(ApiError::BadRequest("to look up a digest, use GET /digests/{digest}".into()));
+        return Err(ApiError::BadRequest(
+            "to look up a digest, use GET /digests/{digest}".into(),
+        ));
     }
     let repo = reference.repo_name();
     match reference.tag() {
         Some(tag) => {
             let records = ledger::by_repo_tag(&state.db, &repo, tag).await?;
             let Some(current) = records.first() else {
-                return Err(ApiError::NotFound(format!("{repo}:{tag} has never been mirrored")));
+                return Err(ApiError::NotFound(format!(
+                    "{repo}:{tag} has never been mirrored"
+                )));
             };
             let mut body = entry(current);
             body["name"] = json!(repo);
@@ -65,7 +76,9 @@ pub async fn show(State(state): State<AppState>, headers: HeaderMap, Path(name):
         None => {
             let records = ledger::by_repo(&state.db, &repo).await?;
             if records.is_empty() {
-                return Err(ApiError::NotFound(format!("{repo} has never been mirrored")));
+                return Err(ApiError::NotFound(format!(
+                    "{repo} has never been mirrored"
+                )));
             }
             // Newest first: the first record of each tag is what the tag is now.
             let mut tags: BTreeMap<String, Value> = BTreeMap::new();
@@ -90,12 +103,19 @@ pub async fn show(State(state): State<AppState>, headers: HeaderMap, Path(name):
 }
 
 /// `GET /digests/{digest}`: which sources and mirrors carry this digest, since when.
-pub async fn digest(State(state): State<AppState>, headers: HeaderMap, Path(digest): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn digest(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(digest): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     state.authenticate_read(&headers)?;
-    let d = Digest::parse(&digest).map_err(|e| ApiError::BadRequest(format!("{digest:?} is not a digest: {e}")))?;
+    let d = Digest::parse(&digest)
+        .map_err(|e| ApiError::BadRequest(format!("{digest:?} is not a digest: {e}")))?;
     let records = ledger::by_digest(&state.db, &d.to_string()).await?;
     if records.is_empty() {
-        return Err(ApiError::NotFound(format!("{d} is not in the ledger: it was never mirrored here")));
+        return Err(ApiError::NotFound(format!(
+            "{d} is not in the ledger: it was never mirrored here"
+        )));
     }
     Ok(Json(json!({
         "digest": d.to_string(),

@@ -16,7 +16,11 @@ pub fn view(job: &Job) -> Value {
         None => job.target_repo.clone(),
     };
     let pull = (job.state == queue::state::SUCCEEDED)
-        .then(|| job.source_digest.as_ref().map(|d| format!("{}@{d}", job.target_repo)))
+        .then(|| {
+            job.source_digest
+                .as_ref()
+                .map(|d| format!("{}@{d}", job.target_repo))
+        })
         .flatten();
     json!({
         "id": job.id,
@@ -45,7 +49,11 @@ pub fn view(job: &Job) -> Value {
 }
 
 /// `GET /jobs/{id}`.
-pub async fn show(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn show(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     state.authenticate_read(&headers)?;
     let id: i64 = id
         .parse()
@@ -83,10 +91,14 @@ pub async fn list(
     }
     let limit = q.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
-        return Err(ApiError::BadRequest("limit must be between 1 and 500".into()));
+        return Err(ApiError::BadRequest(
+            "limit must be between 1 and 500".into(),
+        ));
     }
     let jobs = queue::list(&state.db, q.state.as_deref(), limit, q.before).await?;
-    let next = (jobs.len() as i64 == limit).then(|| jobs.last().map(|j| j.id)).flatten();
+    let next = (jobs.len() as i64 == limit)
+        .then(|| jobs.last().map(|j| j.id))
+        .flatten();
     Ok(Json(json!({
         "jobs": jobs.iter().map(view).collect::<Vec<_>>(),
         "next": next,

@@ -22,9 +22,15 @@ pub struct MirrorRequest {
 }
 
 /// What to enqueue for `image` (and an optional `target`), or why not. Shared with the webhook.
-pub fn plan(state: &AppState, image: &str, target: Option<&str>, requested_by: Value) -> Result<NewJob, ApiError> {
-    let source = ImageRef::parse_source(image)
-        .map_err(|e| ApiError::BadRequest(format!("image {image:?} is not a valid reference: {e}")))?;
+pub fn plan(
+    state: &AppState,
+    image: &str,
+    target: Option<&str>,
+    requested_by: Value,
+) -> Result<NewJob, ApiError> {
+    let source = ImageRef::parse_source(image).map_err(|e| {
+        ApiError::BadRequest(format!("image {image:?} is not a valid reference: {e}"))
+    })?;
     let config = &state.config;
     if !config.allowed_sources.allows(&source) {
         return Err(ApiError::Forbidden(format!(
@@ -36,12 +42,16 @@ pub fn plan(state: &AppState, image: &str, target: Option<&str>, requested_by: V
     // A digest-only source with no target tag is written by digest only.
     let (target_repo, target_tag) = match target {
         None => (
-            config.target.repo_for(&source).map_err(ApiError::BadRequest)?,
+            config
+                .target
+                .repo_for(&source)
+                .map_err(ApiError::BadRequest)?,
             source.tag().map(str::to_string),
         ),
         Some(t) => {
-            let t_ref = ImageRef::parse(t)
-                .map_err(|e| ApiError::BadRequest(format!("target {t:?} is not a valid reference: {e}")))?;
+            let t_ref = ImageRef::parse(t).map_err(|e| {
+                ApiError::BadRequest(format!("target {t:?} is not a valid reference: {e}"))
+            })?;
             if t_ref.digest().is_some() {
                 return Err(ApiError::BadRequest(format!(
                     "target {t:?} names a digest; name a repository or repository:tag (the digest is the source's)"
@@ -54,7 +64,10 @@ pub fn plan(state: &AppState, image: &str, target: Option<&str>, requested_by: V
                     config.target.repo()
                 )));
             }
-            let tag = t_ref.tag().map(str::to_string).or_else(|| source.tag().map(str::to_string));
+            let tag = t_ref
+                .tag()
+                .map(str::to_string)
+                .or_else(|| source.tag().map(str::to_string));
             (repo, tag)
         }
     };
@@ -74,11 +87,22 @@ pub async fn create(
     ApiJson(req): ApiJson<MirrorRequest>,
 ) -> Result<Response, ApiError> {
     let who = state.authenticate(&headers)?;
-    let new = plan(&state, &req.image, req.target.as_deref(), json!({ "kind": "token", "name": who }))?;
+    let new = plan(
+        &state,
+        &req.image,
+        req.target.as_deref(),
+        json!({ "kind": "token", "name": who }),
+    )?;
     let (job, created) = queue::enqueue(&state.db, &new).await?;
     if created {
         state.wake.notify_one();
-        tracing::info!(job.id = job.id, "job {} queued: {} → {}", job.id, job.source, job.target_repo);
+        tracing::info!(
+            job.id = job.id,
+            "job {} queued: {} → {}",
+            job.id,
+            job.source,
+            job.target_repo
+        );
     }
     let mut body = super::jobs::view(&job);
     body["deduplicated"] = json!(!created);

@@ -74,9 +74,16 @@ impl AppState {
         let presented = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(str::trim)
-            .ok_or_else(|| ApiError::Unauthorized("send Authorization: Bearer <token> with a token from MIRROR_API_TOKENS".into()))?;
+            .ok_or_else(|| {
+                ApiError::Unauthorized(
+                    "send Authorization: Bearer <token> with a token from MIRROR_API_TOKENS".into(),
+                )
+            })?;
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         let mut found = None;
         for t in &self.config.tokens {
@@ -84,7 +91,9 @@ impl AppState {
                 found = Some(t.name.clone());
             }
         }
-        found.ok_or_else(|| ApiError::Unauthorized("the bearer token is not one of MIRROR_API_TOKENS".into()))
+        found.ok_or_else(|| {
+            ApiError::Unauthorized("the bearer token is not one of MIRROR_API_TOKENS".into())
+        })
     }
 
     /// For read endpoints: a token only when the service is configured to require one.
@@ -105,9 +114,13 @@ pub fn router(state: AppState) -> Router {
         .route("/images/{*name}", get(images::show))
         .route("/digests/{digest}", get(images::digest))
         .route("/healthz", get(health::health))
-        .fallback(|| async { ApiError::NotFound("no such endpoint; see the README's API section".into()) })
+        .fallback(|| async {
+            ApiError::NotFound("no such endpoint; see the README's API section".into())
+        })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(Duration::from_secs(10)))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            Duration::from_secs(10),
+        ))
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
                 let route = req

@@ -1,5 +1,3 @@
 //! The one integration test binary: real registries, a real SQLite file, skopeo as an independent check.
 
-mod faults;
 mod queue;
-mod support;

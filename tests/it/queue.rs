@@ -9,7 +9,9 @@ use mirror_mirror::queue::{self, NewJob, ProgressRow};
 
 async fn db() -> (tempfile::TempDir, Db) {
     let dir = tempfile::tempdir().unwrap();
-    let db = Db::open(dir.path().join("q.db").to_str().unwrap()).await.unwrap();
+    let db = Db::open(dir.path().join("q.db").to_str().unwrap())
+        .await
+        .unwrap();
     (dir, db)
 }
 
@@ -59,8 +61,15 @@ async fn fifty_identical_concurrent_requests_make_one_job() {
     assert_eq!(ids.len(), 1, "all 50 requests return the same job");
     assert_eq!(created, 1);
     // Once it finished, the same request makes a new job.
-    let lease = queue::claim(&db, Duration::from_secs(30)).await.unwrap().unwrap();
-    assert!(queue::succeed(&db, &lease, &record(lease.job.id), ProgressRow::default()).await.unwrap());
+    let lease = queue::claim(&db, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        queue::succeed(&db, &lease, &record(lease.job.id), ProgressRow::default())
+            .await
+            .unwrap()
+    );
     let (again, created) = queue::enqueue(&db, &job("a")).await.unwrap();
     assert!(created);
     assert_ne!(again.id, lease.job.id);
@@ -101,19 +110,45 @@ async fn a_stale_lease_writes_nothing() {
     let a = queue::claim(&db, Duration::ZERO).await.unwrap().unwrap();
     tokio::time::sleep(Duration::from_millis(5)).await;
     // Worker B finds the expired lease, takes the job over.
-    let b = queue::claim(&db, Duration::from_secs(30)).await.unwrap().unwrap();
+    let b = queue::claim(&db, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(a.job.id, b.job.id);
     assert_ne!(a.token, b.token);
     assert_eq!(b.job.attempts, 2);
     // A wakes up: every write it tries is refused.
-    assert!(!queue::heartbeat(&db, &a, Duration::from_secs(30), ProgressRow::default()).await.unwrap());
-    assert!(!queue::set_source_digest(&db, &a, "sha256:bb").await.unwrap());
-    assert!(!queue::succeed(&db, &a, &record(a.job.id), ProgressRow::default()).await.unwrap());
+    assert!(
+        !queue::heartbeat(&db, &a, Duration::from_secs(30), ProgressRow::default())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !queue::set_source_digest(&db, &a, "sha256:bb")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !queue::succeed(&db, &a, &record(a.job.id), ProgressRow::default())
+            .await
+            .unwrap()
+    );
     assert!(!queue::fail(&db, &a, "x").await.unwrap());
-    assert!(!queue::retry_later(&db, &a, "x", Duration::ZERO).await.unwrap());
-    assert!(ledger::by_repo(&db, "m/x").await.unwrap().is_empty(), "A wrote no ledger record");
+    assert!(
+        !queue::retry_later(&db, &a, "x", Duration::ZERO)
+            .await
+            .unwrap()
+    );
+    assert!(
+        ledger::by_repo(&db, "m/x").await.unwrap().is_empty(),
+        "A wrote no ledger record"
+    );
     // B's writes land.
-    assert!(queue::succeed(&db, &b, &record(b.job.id), ProgressRow::default()).await.unwrap());
+    assert!(
+        queue::succeed(&db, &b, &record(b.job.id), ProgressRow::default())
+            .await
+            .unwrap()
+    );
     let j = queue::get(&db, b.job.id).await.unwrap().unwrap();
     assert_eq!(j.state, "succeeded");
     assert_eq!(ledger::by_repo(&db, "m/x").await.unwrap().len(), 1);
@@ -123,11 +158,27 @@ async fn a_stale_lease_writes_nothing() {
 async fn retries_wait_for_their_time_and_attempts_run_out() {
     let (_dir, db) = db().await;
     queue::enqueue(&db, &job("r")).await.unwrap();
-    let l = queue::claim(&db, Duration::from_secs(30)).await.unwrap().unwrap();
-    assert!(queue::retry_later(&db, &l, "503", Duration::from_secs(3600)).await.unwrap());
-    assert!(queue::claim(&db, Duration::from_secs(30)).await.unwrap().is_none(), "not due yet");
+    let l = queue::claim(&db, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        queue::retry_later(&db, &l, "503", Duration::from_secs(3600))
+            .await
+            .unwrap()
+    );
+    assert!(
+        queue::claim(&db, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_none(),
+        "not due yet"
+    );
     let j = queue::get(&db, l.job.id).await.unwrap().unwrap();
-    assert_eq!((j.state.as_str(), j.last_error.as_deref()), ("queued", Some("503")));
+    assert_eq!(
+        (j.state.as_str(), j.last_error.as_deref()),
+        ("queued", Some("503"))
+    );
     // A lease that expires with no attempts left fails the job with a reason.
     queue::enqueue(&db, &job("dead")).await.unwrap();
     let mut last = None;
@@ -136,7 +187,12 @@ async fn retries_wait_for_their_time_and_attempts_run_out() {
         tokio::time::sleep(Duration::from_millis(3)).await;
         last = Some(l.job.id);
     }
-    assert!(queue::claim(&db, Duration::from_secs(1)).await.unwrap().is_none());
+    assert!(
+        queue::claim(&db, Duration::from_secs(1))
+            .await
+            .unwrap()
+            .is_none()
+    );
     let j = queue::get(&db, last.unwrap()).await.unwrap().unwrap();
     assert_eq!(j.state, "failed");
     assert!(j.last_error.unwrap().contains("no attempts are left"));
@@ -146,8 +202,14 @@ async fn retries_wait_for_their_time_and_attempts_run_out() {
 async fn release_at_shutdown_gives_the_attempt_back() {
     let (_dir, db) = db().await;
     queue::enqueue(&db, &job("rel")).await.unwrap();
-    let l = queue::claim(&db, Duration::from_secs(30)).await.unwrap().unwrap();
+    let l = queue::claim(&db, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(queue::release(&db, &l).await.unwrap());
-    let l2 = queue::claim(&db, Duration::from_secs(30)).await.unwrap().unwrap();
+    let l2 = queue::claim(&db, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(l2.job.attempts, 1);
 }
