@@ -20,7 +20,7 @@ YML
 docker-registry serve "$dir/config.yml" >"$dir/registry.log" 2>&1 &
 pid=$!
 for _ in $(seq 1 100); do
-  if curl -fsS -o /dev/null "http://127.0.0.1:$port/v2/"; then
+  if curl -fsS -o /dev/null "http://127.0.0.1:$port/v2/" 2>/dev/null; then
     echo "$pid $port"
     exit 0
   fi

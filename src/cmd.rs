@@ -45,13 +45,15 @@ pub async fn copy(args: CopyArgs) -> Result<()> {
     .await
     .with_context(|| format!("copying {source} to {}", target))?;
     tracing::info!(
-        source = %result.source,
-        digest = %result.source_digest,
-        target = %result.target,
-        "{} {} → {}: {} manifest(s), {} platform(s), blobs {} copied / {} mounted / {} already there, {} moved in {:.1}s",
-        if result.up_to_date { "up to date" } else { "copied" },
+        "{} {} → {} ({}): {} manifest(s), {} platform(s), blobs {} copied / {} mounted / {} already there, {} moved in {:.1}s",
+        if result.up_to_date {
+            "up to date"
+        } else {
+            "copied"
+        },
         result.source,
         result.target,
+        result.source_digest,
         result.manifests.len(),
         result.platforms.len(),
         result.blobs_uploaded,

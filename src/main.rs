@@ -1,5 +1,6 @@
 //! The `mirror-mirror` binary: parse the command line, set up logging, run the subcommand.
 
+use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use clap::Parser as _;
@@ -14,6 +15,7 @@ async fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result = match cli.command {
         Command::Copy(args) => mirror_mirror::cmd::copy(args).await,

@@ -2,12 +2,12 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiJson, AppState};
+use super::{ApiError, ApiJson, AppState, Caller};
 use crate::queue::{self, NewJob};
 use crate::reference::ImageRef;
 
@@ -83,10 +83,9 @@ pub fn plan(
 /// `POST /mirror` → `202 Accepted` with `Location: /jobs/{id}` and the job.
 pub async fn create(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Caller(who): Caller,
     ApiJson(req): ApiJson<MirrorRequest>,
 ) -> Result<Response, ApiError> {
-    let who = state.authenticate(&headers)?;
     let new = plan(
         &state,
         &req.image,
