@@ -21,7 +21,7 @@ pub enum Command {
     /// Copy an image (a whole multi-platform index with every child) digest-exact, like `crane cp`.
     Copy(CopyArgs),
     /// Run the mirror service: REST API, durable SQLite queue, workers, and the digest ledger.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
 }
 
 /// Settings shared by everything that talks to registries.
@@ -109,6 +109,27 @@ pub struct ServeArgs {
     /// Blobs and manifests transferred at once within one copy.
     #[arg(long, env = "MIRROR_COPY_JOBS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub jobs: u32,
+
+    /// GitHub webhook secrets (comma-separated, so one can be rotated without downtime).
+    /// Unset: `POST /webhooks/github` answers 503.
+    #[arg(long, env = "MIRROR_GITHUB_WEBHOOK_SECRETS", hide_env_values = true)]
+    pub github_webhook_secrets: Option<String>,
+
+    /// `repository_dispatch` event types that request mirrors (comma-separated).
+    #[arg(long, env = "MIRROR_GITHUB_EVENT_TYPES", default_value = "mirror")]
+    pub github_event_types: String,
+
+    /// Repositories allowed to trigger mirrors: `owner/repo` or `owner/*`, comma-separated. Unset: any.
+    #[arg(long, env = "MIRROR_GITHUB_REPOSITORIES")]
+    pub github_repositories: Option<String>,
+
+    /// URL to POST a signed JSON notice to when a job succeeds or fails.
+    #[arg(long, env = "MIRROR_NOTIFY_URL")]
+    pub notify_url: Option<String>,
+
+    /// Secret for the notices' `X-Mirror-Signature-256` (HMAC-SHA256 of the body).
+    #[arg(long, env = "MIRROR_NOTIFY_SECRET", hide_env_values = true)]
+    pub notify_secret: Option<String>,
 
     #[command(flatten)]
     pub registry: RegistryArgs,

@@ -19,7 +19,7 @@ async fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Copy(args) => mirror_mirror::cmd::copy(args).await,
-        Command::Serve(args) => mirror_mirror::serve::run(args).await,
+        Command::Serve(args) => mirror_mirror::serve::run(*args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -77,6 +77,16 @@ pub struct ProgressRow {
 /// The bool is true when a new job was created.
 pub async fn enqueue(db: &Db, new: &NewJob) -> sqlx::Result<(Job, bool)> {
     let mut tx = db.write.begin_with("BEGIN IMMEDIATE").await?;
+    let out = enqueue_in(&mut tx, new).await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// [`enqueue`] inside the caller's (immediate) transaction, to store other rows with the jobs.
+pub async fn enqueue_in(
+    tx: &mut sqlx::SqliteConnection,
+    new: &NewJob,
+) -> sqlx::Result<(Job, bool)> {
     let existing: Option<Job> = sqlx::query_as(
         "select * from job where source = ?1 and target_repo = ?2 and ifnull(target_tag, '') = ifnull(?3, '')
          and state in ('queued', 'running')",
@@ -87,7 +97,6 @@ pub async fn enqueue(db: &Db, new: &NewJob) -> sqlx::Result<(Job, bool)> {
     .fetch_optional(&mut *tx)
     .await?;
     if let Some(job) = existing {
-        tx.commit().await?;
         return Ok((job, false));
     }
     let now = now_ms();
@@ -103,7 +112,6 @@ pub async fn enqueue(db: &Db, new: &NewJob) -> sqlx::Result<(Job, bool)> {
     .bind(&new.requested_by)
     .fetch_one(&mut *tx)
     .await?;
-    tx.commit().await?;
     Ok((job, true))
 }
 
@@ -325,4 +333,32 @@ pub async fn next_due(db: &Db) -> sqlx::Result<Option<i64>> {
     sqlx::query_scalar("select min(run_at) from job where state = 'queued'")
         .fetch_one(&db.read)
         .await
+}
+
+/// The answer given to a GitHub delivery, if it was handled before.
+pub async fn find_delivery(
+    tx: &mut sqlx::SqliteConnection,
+    delivery_id: &str,
+) -> sqlx::Result<Option<(i64, String)>> {
+    sqlx::query_as("select status, response from github_delivery where delivery_id = ?1")
+        .bind(delivery_id)
+        .fetch_optional(&mut *tx)
+        .await
+}
+
+/// Remembers the answer to a GitHub delivery, in the transaction that enqueued its jobs.
+pub async fn store_delivery(
+    tx: &mut sqlx::SqliteConnection,
+    delivery_id: &str,
+    status: i64,
+    response: &str,
+) -> sqlx::Result<()> {
+    sqlx::query("insert into github_delivery (delivery_id, status, response, created_at) values (?1, ?2, ?3, ?4)")
+        .bind(delivery_id)
+        .bind(status)
+        .bind(response)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
 }

@@ -9,8 +9,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ServeArgs;
 use crate::db::Db;
-use crate::http::{self, ApiConfig, ApiToken, AppState};
+use crate::http::{self, ApiConfig, ApiToken, AppState, GithubConfig};
 use crate::mapping::{AllowList, TargetPrefix};
+use crate::notify::Notifier;
 use crate::registry::CopyOptions;
 use crate::worker::{WorkerConfig, Workers};
 
@@ -61,6 +62,44 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     )?)?;
     let allowed_sources = AllowList::parse(&args.allowed_sources)
         .map_err(|e| anyhow::anyhow!("MIRROR_ALLOWED_SOURCES: {e}"))?;
+    let split = |s: &str| -> Vec<String> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let github = GithubConfig {
+        secrets: args
+            .github_webhook_secrets
+            .as_deref()
+            .map(split)
+            .unwrap_or_default(),
+        event_types: split(&args.github_event_types),
+        repositories: args.github_repositories.as_deref().map(split),
+    };
+    if github.event_types.is_empty() {
+        bail!("MIRROR_GITHUB_EVENT_TYPES is empty; name at least one event type (default: mirror)");
+    }
+    if let Some(r) = &github.repositories
+        && let Some(bad) = r.iter().find(|p| p.split('/').count() != 2)
+    {
+        bail!("MIRROR_GITHUB_REPOSITORIES entry {bad:?} is not owner/repo or owner/*");
+    }
+    if github.secrets.is_empty() {
+        tracing::warn!(
+            "MIRROR_GITHUB_WEBHOOK_SECRETS is not set: POST /webhooks/github answers 503"
+        );
+    }
+    let notifier = match (&args.notify_url, &args.notify_secret) {
+        (Some(url), secret) => Some(
+            Notifier::new(url, secret.as_deref().unwrap_or("")).map_err(|e| anyhow::anyhow!(e))?,
+        ),
+        (None, Some(_)) => {
+            bail!("MIRROR_NOTIFY_SECRET is set but MIRROR_NOTIFY_URL is not; set both or neither")
+        }
+        (None, None) => None,
+    };
     let db = Db::open(&args.database).await?;
     let client = crate::cmd::client(&args.registry)?;
     let workers = Workers::new(
@@ -74,7 +113,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             },
             ..WorkerConfig::default()
         },
-    );
+    )
+    .with_notifier(notifier);
     let state = AppState {
         db: db.clone(),
         config: Arc::new(ApiConfig {
@@ -83,6 +123,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             allowed_sources,
             read_requires_token: args.read_requires_token,
             max_attempts: args.max_attempts as i64,
+            github,
         }),
         wake: workers.wake.clone(),
     };

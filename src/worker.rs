@@ -13,6 +13,7 @@ use tracing::Instrument as _;
 use crate::db::{Db, now_ms};
 use crate::digest::Digest;
 use crate::ledger::NewRecord;
+use crate::notify::Notifier;
 use crate::queue::{self, Lease, ProgressRow};
 use crate::reference::ImageRef;
 use crate::registry::{self, Client, CopyOptions, Progress};
@@ -55,6 +56,7 @@ pub struct Workers {
     config: Arc<WorkerConfig>,
     /// Rung on enqueue so an idle worker starts at once.
     pub wake: Arc<Notify>,
+    notifier: Option<Notifier>,
 }
 
 impl Workers {
@@ -65,7 +67,14 @@ impl Workers {
             client,
             config: Arc::new(config),
             wake: Arc::new(Notify::new()),
+            notifier: None,
         }
+    }
+
+    /// Sends a completion notice through `notifier` after each job ends.
+    pub fn with_notifier(mut self, notifier: Option<Notifier>) -> Workers {
+        self.notifier = notifier;
+        self
     }
 
     /// Starts the worker tasks. They stop claiming when `stop` is cancelled and finish the copy in
@@ -170,13 +179,25 @@ impl Workers {
         };
         heartbeat.abort();
         let Some(outcome) = outcome else { return };
-        let written = match outcome {
+        let (written, notice) = match outcome {
             Ok(record) => {
                 let r = queue::succeed(&self.db, &lease, &record, progress_row(&progress)).await;
                 if let Ok(true) = r {
                     tracing::info!(digest = %record.source_digest, "job {} succeeded: {}@{}", job.id, record.mirror_repo, record.source_digest);
                 }
-                r
+                let pull_tag = job
+                    .target_tag
+                    .as_ref()
+                    .map(|t| format!("{}:{t}@{}", record.mirror_repo, record.mirror_digest));
+                let notice = serde_json::json!({
+                    "job_id": job.id,
+                    "state": queue::state::SUCCEEDED,
+                    "source": job.source,
+                    "source_digest": record.source_digest,
+                    "pull": { "by_tag": pull_tag, "by_digest": format!("{}@{}", record.mirror_repo, record.mirror_digest) },
+                    "error": null,
+                });
+                (r, Some(notice))
             }
             Err(JobError::Transient(msg)) if job.attempts < job.max_attempts => {
                 let delay = self.backoff(job.attempts as u32);
@@ -186,15 +207,30 @@ impl Workers {
                     job.id,
                     job.attempts
                 );
-                queue::retry_later(&self.db, &lease, &msg, delay).await
+                (
+                    queue::retry_later(&self.db, &lease, &msg, delay).await,
+                    None,
+                )
             }
             Err(JobError::Transient(msg) | JobError::Permanent(msg)) => {
                 tracing::error!("job {} failed: {msg}", job.id);
-                queue::fail(&self.db, &lease, &msg).await
+                let notice = serde_json::json!({
+                    "job_id": job.id,
+                    "state": queue::state::FAILED,
+                    "source": job.source,
+                    "source_digest": job.source_digest,
+                    "pull": null,
+                    "error": msg,
+                });
+                (queue::fail(&self.db, &lease, &msg).await, Some(notice))
             }
         };
         match written {
-            Ok(true) => {}
+            Ok(true) => {
+                if let (Some(n), Some(notice)) = (&self.notifier, notice) {
+                    n.send(notice);
+                }
+            }
             Ok(false) => tracing::warn!(
                 "job {}: lease lost before the result was written; another worker owns it",
                 job.id

@@ -5,6 +5,7 @@ mod health;
 mod images;
 mod jobs;
 mod mirror;
+mod webhook;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +50,30 @@ impl std::fmt::Debug for ApiToken {
     }
 }
 
+/// GitHub webhook settings.
+#[derive(Clone, Default)]
+pub struct GithubConfig {
+    /// Webhook secrets; several so one can be rotated without downtime. Empty: the endpoint is off.
+    pub secrets: Vec<String>,
+    /// `repository_dispatch` event types that request mirrors.
+    pub event_types: Vec<String>,
+    /// `owner/repo` or `owner/*` allowed to trigger mirrors; `None`: any.
+    pub repositories: Option<Vec<String>>,
+}
+
+impl std::fmt::Debug for GithubConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GithubConfig")
+            .field(
+                "secrets",
+                &format!("{} secret(s), redacted", self.secrets.len()),
+            )
+            .field("event_types", &self.event_types)
+            .field("repositories", &self.repositories)
+            .finish()
+    }
+}
+
 /// What the service's handlers need.
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
@@ -57,6 +82,7 @@ pub struct ApiConfig {
     pub allowed_sources: AllowList,
     pub read_requires_token: bool,
     pub max_attempts: i64,
+    pub github: GithubConfig,
 }
 
 /// Shared state of the handlers.
@@ -128,6 +154,10 @@ pub fn router(state: AppState) -> Router {
         .route("/images/{*name}", get(images::show))
         .route("/digests/{digest}", get(images::digest))
         .route("/healthz", get(health::health))
+        .route(
+            "/webhooks/github",
+            post(webhook::github).layer(DefaultBodyLimit::max(webhook::MAX_WEBHOOK_BYTES)),
+        )
         .fallback(|| async {
             ApiError::NotFound("no such endpoint; see the README's API section".into())
         })
