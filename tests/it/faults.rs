@@ -131,7 +131,12 @@ fn status(code: u16, retry_after: Option<&str>) -> Response {
     r
 }
 
-async fn handle(State(f): State<Faulty>, method: Method, Path(rest): Path<String>, _h: HeaderMap) -> Response {
+async fn handle(
+    State(f): State<Faulty>,
+    method: Method,
+    Path(rest): Path<String>,
+    _h: HeaderMap,
+) -> Response {
     let (route, key) = if let Some((_, r)) = rest.rsplit_once("/manifests/") {
         (Route::Manifest, r.to_string())
     } else if rest.ends_with("/blobs/uploads/") || rest.contains("/blobs/uploads/") {
@@ -154,11 +159,23 @@ async fn handle(State(f): State<Faulty>, method: Method, Path(rest): Path<String
             }
             Route::Manifest => match inner.manifests.get(&key) {
                 Some((mt, b)) => (mt.clone(), b.clone()),
-                None => return (StatusCode::NOT_FOUND, r#"{"errors":[{"code":"MANIFEST_UNKNOWN"}]}"#).into_response(),
+                None => {
+                    return (
+                        StatusCode::NOT_FOUND,
+                        r#"{"errors":[{"code":"MANIFEST_UNKNOWN"}]}"#,
+                    )
+                        .into_response();
+                }
             },
             Route::Blob => match inner.blobs.get(&key) {
                 Some(b) => ("application/octet-stream".to_string(), b.clone()),
-                None => return (StatusCode::NOT_FOUND, r#"{"errors":[{"code":"BLOB_UNKNOWN"}]}"#).into_response(),
+                None => {
+                    return (
+                        StatusCode::NOT_FOUND,
+                        r#"{"errors":[{"code":"BLOB_UNKNOWN"}]}"#,
+                    )
+                        .into_response();
+                }
             },
         }
     };
@@ -193,7 +210,8 @@ async fn handle(State(f): State<Faulty>, method: Method, Path(rest): Path<String
 
 /// A small image on the faulty registry: one config, two layers (one of 1 MiB), a manifest tagged `v1`.
 fn seed(f: &Faulty) -> (String, Vec<String>) {
-    let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
     let big: Vec<u8> = (0..1024 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
     let small = b"small layer".to_vec();
     let c = f.blob(config);
@@ -205,7 +223,11 @@ fn seed(f: &Faulty) -> (String, Vec<String>) {
         big.len(),
         small.len()
     );
-    let d = f.manifest("v1", "application/vnd.oci.image.manifest.v1+json", manifest.as_bytes());
+    let d = f.manifest(
+        "v1",
+        "application/vnd.oci.image.manifest.v1+json",
+        manifest.as_bytes(),
+    );
     (d, vec![c, l1, l2])
 }
 

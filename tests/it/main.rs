@@ -1,3 +1,6 @@
 //! The one integration test binary: real registries, a real SQLite file, skopeo as an independent check.
 
+mod copy;
+mod faults;
 mod queue;
+mod support;

@@ -1,0 +1,348 @@
+//! Builds and pushes test images with plain HTTP calls, independent of the code under test:
+//! blobs, image manifests and indexes with caller-controlled bytes.
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+
+use super::registry::{Auth, Registry};
+use super::sha256;
+
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+/// A pushed manifest.
+#[derive(Debug, Clone)]
+pub struct TestImage {
+    pub digest: String,
+    pub bytes: Vec<u8>,
+    pub media_type: String,
+    /// Blob digests the manifest (and its children) name.
+    pub blobs: Vec<String>,
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s as u8
+        })
+        .collect()
+}
+
+/// Pushes to one registry, authenticating as its harness user.
+pub struct Pusher {
+    http: reqwest::Client,
+    base: String,
+    auth: Auth,
+}
+
+impl Pusher {
+    pub fn new(reg: &Registry) -> Pusher {
+        Pusher {
+            http: reqwest::Client::new(),
+            base: reg.url(),
+            auth: reg.auth.clone(),
+        }
+    }
+
+    fn authz(&self, repo: &str) -> Option<String> {
+        match &self.auth {
+            Auth::Anonymous => None,
+            Auth::Basic { user, pass } => Some(format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+            )),
+            Auth::Token { issuer } => {
+                Some(format!("Bearer {}", issuer.mint(repo, "pull,push,delete")))
+            }
+        }
+    }
+
+    fn req(&self, method: reqwest::Method, repo: &str, url: String) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, url);
+        match self.authz(repo) {
+            Some(a) => r.header("authorization", a),
+            None => r,
+        }
+    }
+
+    /// Uploads a blob (POST, then PUT with the digest); returns its digest.
+    pub async fn blob(&self, repo: &str, data: &[u8]) -> String {
+        let digest = sha256(data);
+        let r = self
+            .req(
+                reqwest::Method::POST,
+                repo,
+                format!("{}/v2/{repo}/blobs/uploads/", self.base),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            202,
+            "start upload: {}",
+            r.text().await.unwrap_or_default()
+        );
+        let loc = r.headers()["location"].to_str().unwrap().to_string();
+        let mut url = url::Url::parse(&self.base).unwrap().join(&loc).unwrap();
+        url.query_pairs_mut().append_pair("digest", &digest);
+        let r = self
+            .req(reqwest::Method::PUT, repo, url.to_string())
+            .header("content-type", "application/octet-stream")
+            .body(data.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            201,
+            "put blob: {}",
+            r.text().await.unwrap_or_default()
+        );
+        digest
+    }
+
+    /// Pushes exact manifest bytes under `reference`; returns the digest of the bytes.
+    pub async fn manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        data: &[u8],
+    ) -> String {
+        let r = self
+            .req(
+                reqwest::Method::PUT,
+                repo,
+                format!("{}/v2/{repo}/manifests/{reference}", self.base),
+            )
+            .header("content-type", media_type)
+            .body(data.to_vec())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        assert_eq!(
+            status,
+            201,
+            "put manifest {repo}:{reference}: {}",
+            r.text().await.unwrap_or_default()
+        );
+        sha256(data)
+    }
+
+    /// GET a manifest: (bytes, Content-Type, Docker-Content-Digest); `None` when absent.
+    pub async fn get_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+    ) -> Option<(Vec<u8>, String, String)> {
+        let r = self
+            .req(
+                reqwest::Method::GET,
+                repo,
+                format!("{}/v2/{repo}/manifests/{reference}", self.base),
+            )
+            .header(
+                "accept",
+                format!("{OCI_INDEX}, {OCI_MANIFEST}, {DOCKER_LIST}, {DOCKER_MANIFEST}"),
+            )
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 404 {
+            return None;
+        }
+        assert_eq!(r.status(), 200, "get manifest {repo}:{reference}");
+        let ct = r
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let dcd = r
+            .headers()
+            .get("docker-content-digest")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        Some((r.bytes().await.unwrap().to_vec(), ct, dcd))
+    }
+
+    /// Whether the repository has the blob.
+    pub async fn blob_exists(&self, repo: &str, digest: &str) -> bool {
+        let r = self
+            .req(
+                reqwest::Method::HEAD,
+                repo,
+                format!("{}/v2/{repo}/blobs/{digest}", self.base),
+            )
+            .send()
+            .await
+            .unwrap();
+        r.status() == 200
+    }
+
+    /// Deletes a blob link from the repository (as garbage collection would).
+    pub async fn delete_blob(&self, repo: &str, digest: &str) {
+        let r = self
+            .req(
+                reqwest::Method::DELETE,
+                repo,
+                format!("{}/v2/{repo}/blobs/{digest}", self.base),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "delete blob {digest}");
+    }
+
+    /// Pushes config + layers and an image manifest (by digest) with `style`d bytes.
+    pub async fn image(
+        &self,
+        repo: &str,
+        seed: u64,
+        layers: &[usize],
+        docker: bool,
+        style: Style,
+    ) -> TestImage {
+        let config = format!(
+            r#"{{"architecture":"amd64","os":"linux","seed":{seed},"rootfs":{{"type":"layers","diff_ids":[]}}}}"#
+        );
+        let layer_bytes: Vec<Vec<u8>> = layers
+            .iter()
+            .enumerate()
+            .map(|(i, n)| bytes(seed * 1000 + i as u64, *n))
+            .collect();
+        self.image_with(repo, config.as_bytes(), &layer_bytes, docker, style)
+            .await
+    }
+
+    /// Like [`Pusher::image`] with given config and layer bytes.
+    pub async fn image_with(
+        &self,
+        repo: &str,
+        config: &[u8],
+        layers: &[Vec<u8>],
+        docker: bool,
+        style: Style,
+    ) -> TestImage {
+        let (mt, config_mt, layer_mt) = if docker {
+            (
+                DOCKER_MANIFEST,
+                "application/vnd.docker.container.image.v1+json",
+                "application/vnd.docker.image.rootfs.diff.tar.gzip",
+            )
+        } else {
+            (
+                OCI_MANIFEST,
+                "application/vnd.oci.image.config.v1+json",
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+            )
+        };
+        let c = self.blob(repo, config).await;
+        let mut blobs = vec![c.clone()];
+        let mut layer_descs = Vec::new();
+        for l in layers {
+            let d = self.blob(repo, l).await;
+            blobs.push(d.clone());
+            layer_descs.push(json!({ "mediaType": layer_mt, "digest": d, "size": l.len() }));
+        }
+        let v = json!({
+            "schemaVersion": 2,
+            "mediaType": mt,
+            "config": { "mediaType": config_mt, "digest": c, "size": config.len() },
+            "layers": layer_descs,
+        });
+        let data = style.render(&v);
+        let digest = self.manifest(repo, &sha256(&data), mt, &data).await;
+        TestImage {
+            digest,
+            bytes: data,
+            media_type: mt.into(),
+            blobs,
+        }
+    }
+
+    /// Pushes an index of `children` (each with an optional platform and annotations) by digest and,
+    /// if given, `tag`.
+    pub async fn index(
+        &self,
+        repo: &str,
+        tag: Option<&str>,
+        children: &[(TestImage, Value)],
+        docker: bool,
+        style: Style,
+    ) -> TestImage {
+        let mt = if docker { DOCKER_LIST } else { OCI_INDEX };
+        let manifests: Vec<Value> = children
+            .iter()
+            .map(|(c, extra)| {
+                let mut d =
+                    json!({ "mediaType": c.media_type, "digest": c.digest, "size": c.bytes.len() });
+                if let Value::Object(m) = extra {
+                    for (k, v) in m {
+                        d[k] = v.clone();
+                    }
+                }
+                d
+            })
+            .collect();
+        let v = json!({ "schemaVersion": 2, "mediaType": mt, "manifests": manifests });
+        let data = style.render(&v);
+        let digest = self.manifest(repo, &sha256(&data), mt, &data).await;
+        if let Some(t) = tag {
+            self.manifest(repo, t, mt, &data).await;
+        }
+        let blobs = children.iter().flat_map(|(c, _)| c.blobs.clone()).collect();
+        TestImage {
+            digest,
+            bytes: data,
+            media_type: mt.into(),
+            blobs,
+        }
+    }
+}
+
+/// How manifest bytes are laid out: a re-serialising copier changes all but `Compact`'s digest.
+#[derive(Debug, Clone, Copy)]
+pub enum Style {
+    /// serde_json's compact form.
+    Compact,
+    /// Three-space indentation, CRLF line endings, a space before each colon.
+    CrlfOdd,
+}
+
+impl Style {
+    fn render(self, v: &Value) -> Vec<u8> {
+        match self {
+            Style::Compact => serde_json::to_vec(v).unwrap(),
+            Style::CrlfOdd => {
+                let pretty = serde_json::to_string_pretty(v).unwrap();
+                pretty
+                    .lines()
+                    .map(|l| {
+                        let indent = l.len() - l.trim_start().len();
+                        format!(
+                            "{}{}",
+                            " ".repeat(indent / 2 * 3),
+                            l.trim_start().replacen("\": ", "\" : ", 1)
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\r\n")
+                    .into_bytes()
+            }
+        }
+    }
+}
+
+/// A platform annotation for an index entry.
+pub fn platform(os: &str, arch: &str) -> Value {
+    json!({ "platform": { "os": os, "architecture": arch } })
+}

@@ -1,0 +1,55 @@
+//! The test harness: real CNCF distribution registries on loopback ports (anonymous, htpasswd,
+//! bearer token with an in-process token issuer), an image pusher independent of the code under
+//! test, and skopeo as an independent client.
+
+pub mod image;
+pub mod registry;
+pub mod skopeo;
+pub mod token;
+
+pub use image::Pusher;
+pub use registry::Registry;
+pub use token::TokenIssuer;
+
+use std::path::Path;
+
+/// The `mirror-mirror` binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_mirror-mirror")
+}
+
+/// `sha256:<hex>` of `bytes`.
+pub fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
+/// Writes a Docker `config.json` with basic credentials for `hosts` into `dir`.
+pub fn write_docker_config(dir: &Path, creds: &[(&str, &str, &str)]) {
+    use base64::Engine as _;
+    let auths: serde_json::Map<String, serde_json::Value> = creds
+        .iter()
+        .map(|(host, user, pass)| {
+            let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+            (host.to_string(), serde_json::json!({ "auth": auth }))
+        })
+        .collect();
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec_pretty(&serde_json::json!({ "auths": auths })).unwrap(),
+    )
+    .unwrap();
+}
+
+/// Panics with the install hint when a tool the tests need is missing: tests fail, never skip.
+#[track_caller]
+pub fn require_tool(name: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{name} is not installed; run scripts/test.sh, which installs docker-registry, skopeo, apache2-utils and openssl"
+    );
+}

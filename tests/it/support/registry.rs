@@ -1,0 +1,215 @@
+//! Real CNCF distribution registries (`docker-registry serve`) on free loopback ports, each with its
+//! own config and storage, stopped by pid when dropped.
+
+use std::io::Read as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::token::TokenIssuer;
+
+/// How a registry authenticates.
+#[derive(Clone)]
+pub enum Auth {
+    Anonymous,
+    /// htpasswd basic auth with this user.
+    Basic {
+        user: String,
+        pass: String,
+    },
+    /// Bearer tokens from `issuer`.
+    Token {
+        issuer: TokenIssuer,
+    },
+}
+
+/// A running registry.
+pub struct Registry {
+    child: Child,
+    dir: tempfile::TempDir,
+    port: u16,
+    pub auth: Auth,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Registry {
+    /// An anonymous registry.
+    pub async fn anonymous() -> Registry {
+        Registry::start(Auth::Anonymous).await
+    }
+
+    /// A registry with htpasswd basic auth for `user`/`pass`.
+    pub async fn basic(user: &str, pass: &str) -> Registry {
+        Registry::start(Auth::Basic {
+            user: user.into(),
+            pass: pass.into(),
+        })
+        .await
+    }
+
+    /// A registry that trusts tokens from `issuer`.
+    pub async fn token(issuer: &TokenIssuer) -> Registry {
+        Registry::start(Auth::Token {
+            issuer: issuer.clone(),
+        })
+        .await
+    }
+
+    #[track_caller]
+    fn config(dir: &std::path::Path, port: u16, auth: &Auth) -> String {
+        let auth_yaml = match auth {
+            Auth::Anonymous => String::new(),
+            Auth::Basic { user, pass } => {
+                super::require_tool("htpasswd");
+                let out = Command::new("htpasswd")
+                    .args(["-Bbn", user, pass])
+                    .output()
+                    .expect("running htpasswd");
+                assert!(
+                    out.status.success(),
+                    "htpasswd failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let path = dir.join("htpasswd");
+                std::fs::write(&path, out.stdout).unwrap();
+                format!(
+                    "auth:\n  htpasswd:\n    realm: mirror-mirror-test\n    path: {}\n",
+                    path.display()
+                )
+            }
+            Auth::Token { issuer } => format!(
+                "auth:\n  token:\n    realm: {}/token\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                issuer.url(),
+                issuer.service(),
+                issuer.issuer(),
+                issuer.cert_path().display()
+            ),
+        };
+        format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: mirror-mirror-test-secret\n{auth_yaml}",
+            dir.join("storage").display()
+        )
+    }
+
+    async fn start(auth: Auth) -> Registry {
+        super::require_tool("docker-registry");
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("registry.log");
+        let mut last = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let config = dir.path().join("config.yml");
+            std::fs::write(&config, Registry::config(dir.path(), port, &auth)).unwrap();
+            let log = std::fs::File::create(&log_path).unwrap();
+            let mut child = Command::new("docker-registry")
+                .arg("serve")
+                .arg(&config)
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("starting docker-registry (run scripts/test.sh, which installs it)");
+            match wait_ready(&mut child, port, &log_path).await {
+                Ok(()) => {
+                    return Registry {
+                        child,
+                        dir,
+                        port,
+                        auth,
+                    };
+                }
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    if !e.contains("address already in use") {
+                        panic!("docker-registry did not start on 127.0.0.1:{port}: {e}");
+                    }
+                    last = e;
+                }
+            }
+        }
+        panic!("docker-registry found no free port: {last}");
+    }
+
+    /// The last lines of the registry's log.
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.dir.path().join("registry.log"))
+    }
+
+    /// The whole access log, to count requests.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.host())
+    }
+
+    /// The storage directory (to inspect or tamper with blobs).
+    pub fn storage(&self) -> PathBuf {
+        self.dir.path().join("storage")
+    }
+
+    /// User and password for basic or token registries.
+    pub fn creds(&self) -> Option<(String, String)> {
+        match &self.auth {
+            Auth::Anonymous => None,
+            Auth::Basic { user, pass } => Some((user.clone(), pass.clone())),
+            Auth::Token { issuer } => Some(issuer.creds()),
+        }
+    }
+}
+
+fn log_tail(path: &std::path::Path) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_string(&mut s);
+    }
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+async fn wait_ready(child: &mut Child, port: u16, log: &std::path::Path) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let client = reqwest::Client::new();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("it exited with {status}; log:\n{}", log_tail(log)));
+        }
+        if let Ok(r) = client
+            .get(format!("http://127.0.0.1:{port}/v2/"))
+            .send()
+            .await
+            && (r.status() == 200 || r.status() == 401)
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "no answer on /v2/ within 20 s; log:\n{}",
+                log_tail(log)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
