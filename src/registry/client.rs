@@ -547,6 +547,7 @@ impl Client {
         let body = VerifyingStream {
             inner: Box::pin(resp.bytes_stream()),
             hasher: Some(DigestHasher::new(digest.algorithm())),
+            held: None,
             expected: digest.clone(),
             size,
             seen: 0,
@@ -647,10 +648,12 @@ enum StreamState {
 }
 
 /// Passes bytes through while hashing and counting; fails the stream (so the upload is aborted)
-/// on a cut, on more bytes than `size`, or on a digest mismatch at the end.
+/// on a cut, on more bytes than `size`, or on a digest mismatch at the end. The last chunk is held
+/// back until the digest is verified, so a wrong blob never reaches its full length on the target.
 struct VerifyingStream {
     inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
     hasher: Option<DigestHasher>,
+    held: Option<Bytes>,
     expected: Digest,
     size: u64,
     seen: u64,
@@ -662,7 +665,15 @@ impl VerifyingStream {
     fn fail(&mut self, s: StreamState, msg: String) -> Poll<Option<std::io::Result<Bytes>>> {
         *self.state.lock().expect("stream state poisoned") = s;
         self.hasher = None;
+        self.held = None;
         Poll::Ready(Some(Err(std::io::Error::other(msg))))
+    }
+
+    fn emit(&self, chunk: Bytes) -> Poll<Option<std::io::Result<Bytes>>> {
+        if let Some(p) = &self.progress {
+            p.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        Poll::Ready(Some(Ok(chunk)))
     }
 }
 
@@ -670,43 +681,51 @@ impl Stream for VerifyingStream {
     type Item = std::io::Result<Bytes>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.hasher.is_none() {
-            return Poll::Ready(None);
-        }
-        match self.inner.poll_next_unpin(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(chunk))) => {
-                self.seen += chunk.len() as u64;
-                if self.seen > self.size {
-                    let seen = self.seen;
-                    return self.fail(
-                        StreamState::TooLong(seen),
-                        "blob longer than its descriptor".into(),
-                    );
-                }
-                if let Some(h) = self.hasher.as_mut() {
-                    h.update(&chunk);
-                }
-                if let Some(p) = &self.progress {
-                    p.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                }
-                Poll::Ready(Some(Ok(chunk)))
+        loop {
+            if self.hasher.is_none() {
+                // Verified: release the held-back chunk, then end.
+                return match self.held.take() {
+                    Some(last) => self.emit(last),
+                    None => Poll::Ready(None),
+                };
             }
-            Poll::Ready(Some(Err(e))) => {
-                let seen = self.seen;
-                self.fail(StreamState::Cut(seen), format!("source body failed: {e}"))
-            }
-            Poll::Ready(None) => {
-                if self.seen < self.size {
+            match self.inner.poll_next_unpin(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(chunk))) => {
+                    if chunk.is_empty() {
+                        continue;
+                    }
+                    self.seen += chunk.len() as u64;
+                    if self.seen > self.size {
+                        let seen = self.seen;
+                        return self.fail(
+                            StreamState::TooLong(seen),
+                            "blob longer than its descriptor".into(),
+                        );
+                    }
+                    if let Some(h) = self.hasher.as_mut() {
+                        h.update(&chunk);
+                    }
+                    if let Some(prev) = self.held.replace(chunk) {
+                        return self.emit(prev);
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
                     let seen = self.seen;
-                    return self.fail(StreamState::Cut(seen), "source body ended early".into());
+                    return self.fail(StreamState::Cut(seen), format!("source body failed: {e}"));
                 }
-                let actual = self.hasher.take().expect("checked above").finish();
-                if actual != self.expected {
-                    return self.fail(StreamState::Mismatch(actual), "blob digest mismatch".into());
+                Poll::Ready(None) => {
+                    if self.seen < self.size {
+                        let seen = self.seen;
+                        return self.fail(StreamState::Cut(seen), "source body ended early".into());
+                    }
+                    let actual = self.hasher.take().expect("checked above").finish();
+                    if actual != self.expected {
+                        return self
+                            .fail(StreamState::Mismatch(actual), "blob digest mismatch".into());
+                    }
+                    *self.state.lock().expect("stream state poisoned") = StreamState::Done;
                 }
-                *self.state.lock().expect("stream state poisoned") = StreamState::Done;
-                Poll::Ready(None)
             }
         }
     }

@@ -18,7 +18,7 @@ use mirror_mirror::registry::retry::RetryPolicy;
 use mirror_mirror::registry::{Client, ClientConfig, CopyOptions, Error, Progress, copy};
 use sha2::{Digest as _, Sha256};
 
-use crate::support;
+use crate::support::{Pusher, Registry, TokenIssuer, bin, sha256};
 
 /// What the misbehaving registry does to one request.
 #[derive(Debug, Clone)]
@@ -258,4 +258,179 @@ async fn run_copy(src: &str, dst: &str) -> Result<mirror_mirror::registry::CopyR
         Arc::new(Progress::default()),
     )
     .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn throttling_and_unavailability_are_retried_honouring_retry_after() {
+    let f = Faulty::default();
+    let (digest, _) = seed(&f);
+    let up = f.start().await;
+    let down = Registry::anonymous().await;
+    f.then(
+        Route::Manifest,
+        &[Fault::Status(429, Some("1")), Fault::Status(503, None)],
+    );
+    f.then(
+        Route::Blob,
+        &[Fault::Status(503, None), Fault::Status(502, None)],
+    );
+    let started = Instant::now();
+    let r = run_copy(
+        &format!("{up}/img:v1"),
+        &format!("{}/m/img:v1", down.host()),
+    )
+    .await
+    .expect("the copy survives 429 and 503");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After: 1 was honoured"
+    );
+    assert_eq!(r.target_digest.to_string(), digest);
+    let (bytes, _, _) = Pusher::new(&down)
+        .get_manifest("m/img", "v1")
+        .await
+        .unwrap();
+    assert_eq!(sha256(&bytes), digest);
+    assert!(
+        f.count(Route::Manifest) >= 4,
+        "HEAD retried twice, then GET"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_cut_halfway_is_fetched_again() {
+    let f = Faulty::default();
+    let (digest, blobs) = seed(&f);
+    let up = f.start().await;
+    let down = Registry::anonymous().await;
+    f.then(Route::Blob, &[Fault::Cut, Fault::Cut]);
+    let r = run_copy(
+        &format!("{up}/img:v1"),
+        &format!("{}/m/img:v1", down.host()),
+    )
+    .await
+    .expect("the copy survives cut connections");
+    assert_eq!(r.target_digest.to_string(), digest);
+    for b in &blobs {
+        assert!(
+            Pusher::new(&down).blob_exists("m/img", b).await,
+            "{b} on the target"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupted_blob_fails_the_copy_and_writes_no_tag() {
+    let f = Faulty::default();
+    let (_, blobs) = seed(&f);
+    let up = f.start().await;
+    let down = Registry::anonymous().await;
+    f.always(Route::Blob, Fault::Corrupt);
+    let out = tokio::process::Command::new(bin())
+        .args([
+            "copy",
+            &format!("{up}/img:v1"),
+            &format!("{}/m/img", down.host()),
+            "--retries",
+            "2",
+        ])
+        .env("DOCKER_CONFIG", tempfile::tempdir().unwrap().path())
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success(), "exit status is non-zero");
+    assert!(out.stdout.is_empty(), "no pull line");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error:") && last.contains("digest mismatch"),
+        "{err}"
+    );
+    let p = Pusher::new(&down);
+    assert!(
+        p.get_manifest("m/img", "v1").await.is_none(),
+        "the target has no tag"
+    );
+    assert!(
+        !p.blob_exists("m/img", &blobs[1]).await,
+        "the corrupt blob was not committed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registry_omitting_location_gets_a_clear_error_not_a_panic() {
+    let src = Faulty::default();
+    seed(&src);
+    let up = src.start().await;
+    let dst = Faulty::default();
+    let down = dst.start().await;
+    let e = run_copy(&format!("{up}/img:v1"), &format!("{down}/m/img:v1"))
+        .await
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("without a Location header"), "{msg}");
+    assert!(!e.is_transient());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn schema1_sources_are_refused_with_the_reason() {
+    let f = Faulty::default();
+    f.manifest(
+        "old",
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+        br#"{"schemaVersion":1,"name":"img","tag":"old","fsLayers":[]}"#,
+    );
+    let up = f.start().await;
+    let down = Registry::anonymous().await;
+    let e = run_copy(
+        &format!("{up}/img:old"),
+        &format!("{}/m/img:old", down.host()),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("schema 1"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_throttled_token_server_is_retried() {
+    let issuer = TokenIssuer::start("erin", "erin-password-1").await;
+    let reg = Registry::token(&issuer).await;
+    let img = Pusher::new(&reg)
+        .image(
+            "tk/a",
+            41,
+            &[10_000],
+            false,
+            crate::support::image::Style::Compact,
+        )
+        .await;
+    issuer.fail_next(&[429, 503]);
+    let mut creds = CredentialStore::empty();
+    creds.insert(
+        &reg.host(),
+        mirror_mirror::registry::credentials::Credential::Basic {
+            username: "erin".into(),
+            password: "erin-password-1".into(),
+        },
+    );
+    let client = Client::new(
+        ClientConfig {
+            retry: fast_client().retry_policy().clone(),
+            ..ClientConfig::default()
+        },
+        creds,
+    )
+    .unwrap();
+    let source = ImageRef::parse(&format!("{}/tk/a@{}", reg.host(), img.digest)).unwrap();
+    let target = ImageRef::parse(&format!("{}/tk/b:x", reg.host())).unwrap();
+    let r = copy(
+        &client,
+        &source,
+        &target,
+        &CopyOptions::default(),
+        Arc::new(Progress::default()),
+    )
+    .await
+    .expect("copy after a throttled token server");
+    assert_eq!(r.target_digest.to_string(), img.digest);
 }

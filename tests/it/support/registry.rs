@@ -2,7 +2,6 @@
 //! own config and storage, stopped by pid when dropped.
 
 use std::io::Read as _;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -138,11 +137,6 @@ impl Registry {
         panic!("docker-registry found no free port: {last}");
     }
 
-    /// The last lines of the registry's log.
-    pub fn log_tail(&self) -> String {
-        log_tail(&self.dir.path().join("registry.log"))
-    }
-
     /// The whole access log, to count requests.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
@@ -156,11 +150,6 @@ impl Registry {
     /// `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("http://{}", self.host())
-    }
-
-    /// The storage directory (to inspect or tamper with blobs).
-    pub fn storage(&self) -> PathBuf {
-        self.dir.path().join("storage")
     }
 
     /// User and password for basic or token registries.

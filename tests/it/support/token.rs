@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -26,7 +26,6 @@ struct Inner {
     user: String,
     pass: String,
     lifetime_secs: AtomicU64,
-    anonymous_pull: AtomicBool,
     requests: AtomicUsize,
     scopes: Mutex<Vec<String>>,
     /// Statuses to answer the next token requests with (throttling tests).
@@ -85,7 +84,6 @@ impl TokenIssuer {
                 user: user.into(),
                 pass: pass.into(),
                 lifetime_secs: AtomicU64::new(300),
-                anonymous_pull: AtomicBool::new(false),
                 requests: AtomicUsize::new(0),
                 scopes: Mutex::new(Vec::new()),
                 faults: Mutex::new(Vec::new()),
@@ -101,11 +99,6 @@ impl TokenIssuer {
     /// Tokens issued from now on live `secs` seconds.
     pub fn set_lifetime(&self, secs: u64) {
         self.inner.lifetime_secs.store(secs, Ordering::SeqCst);
-    }
-
-    /// Whether anonymous callers get pull tokens.
-    pub fn set_anonymous_pull(&self, on: bool) {
-        self.inner.anonymous_pull.store(on, Ordering::SeqCst);
     }
 
     /// Answers the next token requests with these statuses first.
@@ -199,10 +192,6 @@ impl TokenIssuer {
         let granted: Vec<String> = match authenticated {
             Some(false) => return (StatusCode::UNAUTHORIZED, "bad credentials").into_response(),
             Some(true) => scopes,
-            None if self.inner.anonymous_pull.load(Ordering::SeqCst) => scopes
-                .iter()
-                .filter_map(|s| s.rsplit_once(':').map(|(head, _)| format!("{head}:pull")))
-                .collect(),
             None => Vec::new(),
         };
         let token = self.sign(subject, &granted);
