@@ -3,4 +3,5 @@
 mod copy;
 mod faults;
 mod queue;
+mod service;
 mod support;

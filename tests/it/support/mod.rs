@@ -4,6 +4,7 @@
 
 pub mod image;
 pub mod registry;
+pub mod service;
 pub mod skopeo;
 pub mod token;
 

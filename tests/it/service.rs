@@ -1,0 +1,384 @@
+//! `mirror-mirror serve` end to end: real registries, a real SQLite file, the real binary.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::image::{Style, platform};
+use crate::support::service::{Service, TOKEN};
+use crate::support::{Pusher, Registry, bin, sha256, skopeo};
+
+async fn two_platforms(
+    up: &Registry,
+    repo: &str,
+    tag: &str,
+    seed: u64,
+    big: usize,
+) -> crate::support::image::TestImage {
+    let p = Pusher::new(up);
+    let a = p
+        .image(repo, seed, &[20_000, big], false, Style::Compact)
+        .await;
+    let b = p
+        .image(repo, seed + 1, &[30_000], false, Style::Compact)
+        .await;
+    p.index(
+        repo,
+        Some(tag),
+        &[
+            (a, platform("linux", "amd64")),
+            (b, platform("linux", "arm64")),
+        ],
+        false,
+        Style::CrlfOdd,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn post_mirror_to_trusted_digest_lookup() {
+    let (up, down) = (Registry::anonymous().await, Registry::anonymous().await);
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start(
+        &dir.path().join("m.db"),
+        &format!("{}/mirror", down.host()),
+        &up.host(),
+        &[],
+    )
+    .await;
+    let idx = two_platforms(&up, "team/app", "1.0", 1, 1000).await;
+    let (status, job) = svc
+        .mirror(&json!({ "image": format!("{}/team/app:1.0", up.host()) }))
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let job = svc
+        .wait_job(job["id"].as_i64().unwrap(), Duration::from_secs(60))
+        .await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["source_digest"], json!(idx.digest));
+    assert_eq!(job["requested_by"], json!({"kind": "token", "name": "ci"}));
+    let mirror_repo = format!(
+        "{}/mirror/{}/team/app",
+        down.host(),
+        up.host().replace(':', "_")
+    );
+    assert_eq!(job["pull"], json!(format!("{mirror_repo}@{}", idx.digest)));
+
+    // The lookup by source name answers the trusted digest and pull lines that really serve it.
+    let (status, image) = svc.get(&format!("/images/{}/team/app", up.host())).await;
+    assert_eq!(status, 200, "{image}");
+    let tag = &image["tags"][0];
+    assert_eq!(tag["digest"], json!(idx.digest));
+    let by_tag = tag["pull"]["by_tag"].as_str().unwrap();
+    assert_eq!(by_tag, format!("{mirror_repo}:1.0@{}", idx.digest));
+    let raw = skopeo::inspect_raw(tag["pull"]["by_digest"].as_str().unwrap(), None);
+    assert_eq!(
+        sha256(&raw),
+        idx.digest,
+        "the pull line serves the source digest"
+    );
+    // By the mirror's name too, and the audit question by digest (a platform's manifest here).
+    let (status, same) = svc.get(&format!("/images/{mirror_repo}:1.0")).await;
+    assert_eq!((status, &same["digest"]), (200, &json!(idx.digest)));
+    let child = image["tags"][0]["platforms"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, d) = svc.get(&format!("/digests/{child}")).await;
+    assert_eq!(status, 200, "{d}");
+    assert_eq!(d["records"][0]["as"], "platform manifest");
+
+    // Upstream moves the tag: a new record, and the old one stays in the history.
+    let idx2 = two_platforms(&up, "team/app", "1.0", 7, 1000).await;
+    let (_, job2) = svc
+        .mirror(&json!({ "image": format!("{}/team/app:1.0", up.host()) }))
+        .await;
+    let job2 = svc
+        .wait_job(job2["id"].as_i64().unwrap(), Duration::from_secs(60))
+        .await;
+    assert_eq!(job2["source_digest"], json!(idx2.digest), "{job2}");
+    let (_, hist) = svc
+        .get(&format!("/images/{}/team/app:1.0", up.host()))
+        .await;
+    assert_eq!(hist["digest"], json!(idx2.digest));
+    let digests: Vec<&Value> = hist["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| &h["digest"])
+        .collect();
+    assert_eq!(digests, vec![&json!(idx2.digest), &json!(idx.digest)]);
+    let (status, old) = svc.get(&format!("/digests/{}", idx.digest)).await;
+    assert_eq!((status, &old["records"][0]["as"]), (200, &json!("image")));
+    let (status, _) = svc.get("/images/quay.io/never/mirrored").await;
+    assert_eq!(status, 404);
+    let (status, list) = svc.get("/jobs?state=succeeded&limit=1").await;
+    assert_eq!(status, 200);
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
+    assert_eq!(list["jobs"][0]["id"], job2["id"], "newest first");
+    assert_eq!(list["next"], job2["id"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_mid_copy_the_job_completes_after_restart_with_one_record() {
+    let (up, down) = (Registry::anonymous().await, Registry::anonymous().await);
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("m.db");
+    let target = format!("{}/mirror", down.host());
+    // One small layer per platform plus a large one, so the kill lands while the large one streams.
+    let idx = two_platforms(&up, "big/app", "v1", 3, 192 * 1024 * 1024).await;
+    let env = [
+        ("MIRROR_LEASE", "3"),
+        ("MIRROR_WORKERS", "1"),
+        ("MIRROR_COPY_JOBS", "1"),
+    ];
+    let mut svc = Service::start(&db, &target, &up.host(), &env).await;
+    let (_, job) = svc
+        .mirror(&json!({ "image": format!("{}/big/app:v1", up.host()) }))
+        .await;
+    let id = job["id"].as_i64().unwrap();
+    // Wait until some blobs are on the target, then kill it hard.
+    let mirror_path = format!("mirror/{}/big/app", up.host().replace(':', "_"));
+    let committed = |log: &str, blob: &str| {
+        let needle = format!("digest={}", blob.replace(':', "%3A"));
+        log.lines()
+            .filter(|l| l.contains("\"PUT /v2/") && l.contains(&needle) && l.contains("\" 201 "))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !idx.blobs.iter().any(|b| committed(&down.log(), b) > 0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no blob reached the target"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    svc.kill();
+    let log = down.log();
+    let landed: Vec<&String> = idx
+        .blobs
+        .iter()
+        .filter(|b| committed(&log, b) > 0)
+        .collect();
+    assert!(!landed.is_empty());
+    let svc = Service::start(&db, &target, &up.host(), &env).await;
+    let job = svc.wait_job(id, Duration::from_secs(120)).await;
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", svc.log());
+    assert_eq!(
+        job["attempts"], 2,
+        "the killed attempt counts, the second finishes"
+    );
+    let raw = skopeo::inspect_raw(&format!("{}/{mirror_path}:v1", down.host()), None);
+    assert_eq!(sha256(&raw), idx.digest);
+    let (_, hist) = svc.get(&format!("/images/{}/big/app:v1", up.host())).await;
+    assert_eq!(
+        hist["history"].as_array().unwrap().len(),
+        1,
+        "one ledger record: {hist}"
+    );
+    // Every blob was committed exactly once: those that landed before the kill were not sent again.
+    let log = down.log();
+    for blob in &idx.blobs {
+        assert_eq!(
+            committed(&log, blob),
+            1,
+            "blob {blob} (landed before the kill: {})",
+            landed.contains(&blob)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_say_what_is_wrong() {
+    let down = Registry::anonymous().await;
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start(
+        &dir.path().join("m.db"),
+        &format!("{}/mirror", down.host()),
+        "gcr.io,127.0.0.1:1",
+        &[],
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let post = |auth: Option<&str>, ct: &str, body: Vec<u8>| {
+        let mut r = http
+            .post(format!("{}/mirror", svc.url))
+            .header("content-type", ct)
+            .body(body);
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            let status = r.status().as_u16();
+            let v: Value = r.json().await.unwrap_or(Value::Null);
+            (
+                status,
+                v["error"]["message"].as_str().unwrap_or("").to_string(),
+            )
+        }
+    };
+    let good = format!("Bearer {TOKEN}");
+    let body = |s: &str| json!({ "image": s }).to_string().into_bytes();
+    let cases: Vec<(Option<&str>, &str, Vec<u8>, u16, &str)> = vec![
+        (
+            None,
+            "application/json",
+            body("gcr.io/a/b:1"),
+            401,
+            "Authorization: Bearer",
+        ),
+        (
+            Some("Bearer wrong-token-xxxxxxxxxxxx"),
+            "application/json",
+            body("gcr.io/a/b:1"),
+            401,
+            "not one of MIRROR_API_TOKENS",
+        ),
+        (
+            Some(&good),
+            "application/json",
+            body("gcr.io/A/b"),
+            400,
+            "uppercase",
+        ),
+        (
+            Some(&good),
+            "application/json",
+            body("gcr.io/a/b@sha256:123"),
+            400,
+            "digest",
+        ),
+        (
+            Some(&good),
+            "application/json",
+            body("quay.io/a/b:1"),
+            403,
+            "MIRROR_ALLOWED_SOURCES",
+        ),
+        (
+            Some(&good),
+            "text/plain",
+            body("gcr.io/a/b:1"),
+            415,
+            "application/json",
+        ),
+        (
+            Some(&good),
+            "application/json",
+            b"{not json".to_vec(),
+            400,
+            "",
+        ),
+        (
+            Some(&good),
+            "application/json",
+            vec![b' '; 100_000],
+            413,
+            "larger than",
+        ),
+        (
+            Some(&good),
+            "application/json",
+            json!({"image": "gcr.io/a/b", "target": "ghcr.io/elsewhere/x"})
+                .to_string()
+                .into_bytes(),
+            403,
+            "not under MIRROR_TARGET",
+        ),
+    ];
+    for (auth, ct, b, want, msg) in cases {
+        let (status, message) = post(auth, ct, b).await;
+        assert_eq!(status, want, "{message}");
+        assert!(
+            message.contains(msg),
+            "{want}: {message:?} should mention {msg:?}"
+        );
+    }
+    let (status, v) = svc.get("/jobs/abc").await;
+    assert_eq!(status, 400, "{v}");
+    let (status, _) = svc.get("/jobs/999").await;
+    assert_eq!(status, 404);
+    let (status, v) = svc.get("/jobs?state=bogus").await;
+    assert_eq!(status, 400, "{v}");
+    let (status, v) = svc.get("/digests/sha256:nope").await;
+    assert_eq!(status, 400, "{v}");
+    // Nothing above created a job.
+    let (_, list) = svc.get("/jobs").await;
+    assert_eq!(list["jobs"], json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_identical_requests_at_once_make_one_job() {
+    // An upstream that accepts connections and never answers keeps the job running.
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = hang.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hang.accept().await {
+            held.push(s);
+        }
+    });
+    let down = Registry::anonymous().await;
+    let dir = tempfile::tempdir().unwrap();
+    let svc = std::sync::Arc::new(
+        Service::start(
+            &dir.path().join("m.db"),
+            &format!("{}/mirror", down.host()),
+            &up,
+            &[],
+        )
+        .await,
+    );
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let svc = svc.clone();
+            let up = up.clone();
+            tokio::spawn(
+                async move { svc.mirror(&json!({ "image": format!("{up}/x/y:1") })).await },
+            )
+        })
+        .collect();
+    let mut ids = std::collections::HashSet::new();
+    for t in tasks {
+        let (status, job) = t.await.unwrap();
+        assert_eq!(status, 202, "{job}");
+        ids.insert(job["id"].as_i64().unwrap());
+    }
+    assert_eq!(ids.len(), 1, "one job for 50 identical requests: {ids:?}");
+}
+
+#[test]
+fn serve_refuses_bad_configuration_naming_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("x.db");
+    let run = |env: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(bin());
+        cmd.arg("serve")
+            .env_clear()
+            .env("MIRROR_DATABASE", &db)
+            .env("MIRROR_LISTEN", "127.0.0.1:0");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success(), "{env:?} should be refused");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let tokens = ("MIRROR_API_TOKENS", "ci=0123456789abcdef0123");
+    let target = ("MIRROR_TARGET", "ghcr.io/acme/mirror");
+    assert!(run(&[tokens]).contains("MIRROR_TARGET is not set"));
+    assert!(run(&[tokens, ("MIRROR_TARGET", "ghcr.io/Acme:x")]).contains("MIRROR_TARGET"));
+    assert!(run(&[target]).contains("MIRROR_API_TOKENS is not set"));
+    assert!(run(&[target, ("MIRROR_API_TOKENS", "ci=short")]).contains("shorter than 16"));
+    assert!(
+        run(&[target, tokens, ("MIRROR_ALLOWED_SOURCES", " , ")])
+            .contains("MIRROR_ALLOWED_SOURCES")
+    );
+    assert!(run(&[target, tokens, ("MIRROR_WORKERS", "0")]).contains("--workers"));
+    assert!(run(&[target, tokens, ("MIRROR_NOTIFY_URL", "ftp://x")]).contains("MIRROR_NOTIFY_URL"));
+    assert!(
+        !db.exists(),
+        "nothing was created for a refused configuration"
+    );
+}

@@ -1,0 +1,144 @@
+//! Runs `mirror-mirror serve` as a real process on a free port with a real SQLite file.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The API token every test service accepts (named `ci`).
+pub const TOKEN: &str = "test-token-0123456789abcdef";
+
+/// A running service.
+pub struct Service {
+    child: Child,
+    pub url: String,
+    pub log: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Service {
+    /// Starts `serve` with the database at `db`, mirrors under `target`, sources from `allowed`,
+    /// and extra environment `env`.
+    pub async fn start(db: &Path, target: &str, allowed: &str, env: &[(&str, &str)]) -> Service {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = db.with_extension(format!("{port}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(super::bin());
+        cmd.arg("serve")
+            .env("MIRROR_LISTEN", format!("127.0.0.1:{port}"))
+            .env("MIRROR_DATABASE", db)
+            .env("MIRROR_TARGET", target)
+            .env("MIRROR_ALLOWED_SOURCES", allowed)
+            .env("MIRROR_API_TOKENS", format!("ci={TOKEN}"))
+            .env("MIRROR_LOG", "info")
+            .env("DOCKER_CONFIG", db.parent().unwrap())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("starting mirror-mirror serve");
+        let url = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "serve exited with {status}:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            if http
+                .get(format!("{url}/healthz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serve did not answer /healthz within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Service {
+            child,
+            url,
+            log,
+            http,
+        }
+    }
+
+    /// `POST /mirror` with the test token; returns (status, body).
+    pub async fn mirror(&self, body: &Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}/mirror", self.url))
+            .bearer_auth(TOKEN)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `GET path`; returns (status, body).
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Waits until job `id` is in a final state (bounded), and returns it.
+    #[track_caller]
+    pub fn wait_job(
+        &self,
+        id: i64,
+        limit: Duration,
+    ) -> impl std::future::Future<Output = Value> + '_ {
+        async move {
+            let deadline = Instant::now() + limit;
+            loop {
+                let (_, job) = self.get(&format!("/jobs/{id}")).await;
+                if job["state"] == "succeeded" || job["state"] == "failed" {
+                    return job;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "job {id} did not finish in {limit:?}: {job}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The service's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
