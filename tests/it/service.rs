@@ -220,7 +220,8 @@ async fn refusals_say_what_is_wrong() {
     };
     let good = format!("Bearer {TOKEN}");
     let body = |s: &str| json!({ "image": s }).to_string().into_bytes();
-    let cases: Vec<(Option<&str>, &str, Vec<u8>, u16, &str)> = vec![
+    type Case<'a> = (Option<&'a str>, &'a str, Vec<u8>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         (
             None,
             "application/json",

@@ -103,25 +103,18 @@ impl Service {
     }
 
     /// Waits until job `id` is in a final state (bounded), and returns it.
-    #[track_caller]
-    pub fn wait_job(
-        &self,
-        id: i64,
-        limit: Duration,
-    ) -> impl std::future::Future<Output = Value> + '_ {
-        async move {
-            let deadline = Instant::now() + limit;
-            loop {
-                let (_, job) = self.get(&format!("/jobs/{id}")).await;
-                if job["state"] == "succeeded" || job["state"] == "failed" {
-                    return job;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "job {id} did not finish in {limit:?}: {job}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
+    pub async fn wait_job(&self, id: i64, limit: Duration) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let (_, job) = self.get(&format!("/jobs/{id}")).await;
+            if job["state"] == "succeeded" || job["state"] == "failed" {
+                return job;
             }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} did not finish in {limit:?}: {job}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
