@@ -2,6 +2,7 @@
 
 mod copy;
 mod faults;
+mod github;
 mod queue;
 mod service;
 mod support;
