@@ -178,10 +178,15 @@ async fn wait_ready(child: &mut Child, port: u16, log: &std::path::Path) -> Resu
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!("it exited with {status}; log:\n{}", log_tail(log)));
         }
-        if let Ok(r) = client
-            .get(format!("http://127.0.0.1:{port}/v2/"))
-            .send()
-            .await
+        // Our process must say it listens on this port: in a free-port race, another test's
+        // registry could answer the probe.
+        let ours = std::fs::read_to_string(log)
+            .is_ok_and(|l| l.contains(&format!("listening on 127.0.0.1:{port}")));
+        if ours
+            && let Ok(r) = client
+                .get(format!("http://127.0.0.1:{port}/v2/"))
+                .send()
+                .await
             && (r.status() == 200 || r.status() == 401)
         {
             return Ok(());

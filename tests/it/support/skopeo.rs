@@ -4,9 +4,17 @@ use std::path::Path;
 use std::process::Command;
 
 fn creds_args(cmd: &mut Command, flag: &str, creds: Option<(String, String)>) {
-    if let Some((u, p)) = creds {
-        cmd.arg(format!("{flag}={u}:{p}"));
-    }
+    match creds {
+        Some((u, p)) => cmd.arg(format!("{flag}={u}:{p}")),
+        // Never pick up a Docker config from the environment.
+        None if flag == "--creds" => cmd.arg("--no-creds"),
+        None => cmd.arg("--src-no-creds"),
+    };
+}
+
+/// Runs skopeo off the async worker threads, so in-process servers keep answering meanwhile.
+fn output(cmd: &mut Command) -> std::process::Output {
+    tokio::task::block_in_place(|| cmd.output().expect("running skopeo"))
 }
 
 /// `skopeo inspect --raw`: the exact manifest bytes the registry serves.
@@ -16,10 +24,7 @@ pub fn inspect_raw(reference: &str, creds: Option<(String, String)>) -> Vec<u8> 
     let mut cmd = Command::new("skopeo");
     cmd.args(["inspect", "--raw", "--tls-verify=false"]);
     creds_args(&mut cmd, "--creds", creds);
-    let out = cmd
-        .arg(format!("docker://{reference}"))
-        .output()
-        .expect("running skopeo");
+    let out = output(cmd.arg(format!("docker://{reference}")));
     assert!(
         out.status.success(),
         "skopeo inspect --raw {reference}: {}",
@@ -36,11 +41,10 @@ pub fn copy_all_to_oci(reference: &str, dir: &Path, creds: Option<(String, Strin
     let mut cmd = Command::new("skopeo");
     cmd.args(["copy", "--all", "--quiet", "--src-tls-verify=false"]);
     creds_args(&mut cmd, "--src-creds", creds);
-    let out = cmd
-        .arg(format!("docker://{reference}"))
-        .arg(format!("oci:{}", dir.display()))
-        .output()
-        .expect("running skopeo");
+    let out = output(
+        cmd.arg(format!("docker://{reference}"))
+            .arg(format!("oci:{}", dir.display())),
+    );
     assert!(
         out.status.success(),
         "skopeo copy --all {reference}: {}",
