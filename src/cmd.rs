@@ -1,6 +1,6 @@
 //! The one-shot commands: glue between the command line and the library.
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
@@ -35,15 +35,16 @@ pub async fn copy(args: CopyArgs) -> Result<()> {
     let options = CopyOptions {
         jobs: args.jobs as usize,
     };
-    let result = crate::registry::copy(
-        &client,
-        &source,
-        &target,
-        &options,
-        Arc::new(Progress::default()),
-    )
-    .await
-    .with_context(|| format!("copying {source} to {}", target))?;
+    let progress = Arc::new(Progress::default());
+    let bar = std::io::stderr()
+        .is_terminal()
+        .then(|| tokio::spawn(draw_progress(progress.clone())));
+    let result = crate::registry::copy(&client, &source, &target, &options, progress).await;
+    if let Some(bar) = bar {
+        bar.abort();
+        eprint!("\r\x1b[K");
+    }
+    let result = result.with_context(|| format!("copying {source} to {}", target))?;
     tracing::info!(
         "{} {} → {} ({}): {} manifest(s), {} platform(s), blobs {} copied / {} mounted / {} already there, {} moved in {:.1}s",
         if result.up_to_date {
@@ -70,6 +71,35 @@ pub async fn copy(args: CopyArgs) -> Result<()> {
         writeln!(out, "{}", result.pull)?;
     }
     Ok(())
+}
+
+/// Redraws a one-line progress bar on the terminal until aborted.
+async fn draw_progress(p: Arc<Progress>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let total = p.bytes_total.load(Relaxed);
+        let done = p
+            .bytes_streamed
+            .load(Relaxed)
+            .max(p.bytes_done.load(Relaxed))
+            .min(total);
+        let width = 30;
+        let filled = if total == 0 {
+            0
+        } else {
+            (done as f64 / total as f64 * width as f64) as usize
+        };
+        eprint!(
+            "\r\x1b[K[{}{}] {} / {}  blobs {}/{}",
+            "#".repeat(filled.min(width)),
+            " ".repeat(width - filled.min(width)),
+            human_bytes(done),
+            human_bytes(total),
+            p.blobs_done.load(Relaxed),
+            p.blobs_total.load(Relaxed),
+        );
+    }
 }
 
 /// `1.5 MiB`-style sizes for people.

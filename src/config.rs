@@ -10,6 +10,10 @@ pub struct Cli {
     #[arg(long, env = "MIRROR_LOG", default_value = "info", global = true)]
     pub log: String,
 
+    /// Log format: `human` or `json` (one JSON object per line).
+    #[arg(long, env = "MIRROR_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"], global = true)]
+    pub log_format: String,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,

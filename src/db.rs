@@ -8,6 +8,9 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
+/// The migrations in `migrations/`, embedded at build time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
 /// The two pools: many readers, one writer (SQLite allows one writer at a time; queueing writers
 /// in the pool instead of in SQLite's busy handler keeps "database is locked" away from users).
 #[derive(Clone, Debug)]
@@ -16,6 +19,26 @@ pub struct Db {
     pub read: SqlitePool,
     /// The single writer connection.
     pub write: SqlitePool,
+}
+
+impl Db {
+    /// Whether the database takes writes and has every migration applied (for `/readyz`).
+    pub async fn ready(&self) -> Result<()> {
+        let mut tx = self
+            .write
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .context("the database takes no writes")?;
+        let applied: i64 =
+            sqlx::query_scalar("select count(*) from _sqlx_migrations where success")
+                .fetch_one(&mut *tx)
+                .await
+                .context("reading the migrations table")?;
+        tx.rollback().await?;
+        let want = MIGRATOR.iter().count() as i64;
+        anyhow::ensure!(applied == want, "{applied} of {want} migrations applied");
+        Ok(())
+    }
 }
 
 /// The current time as unix milliseconds, the unit every time column uses.
@@ -48,7 +71,7 @@ impl Db {
             .connect_with(options.clone())
             .await
             .with_context(|| format!("opening the database {location}"))?;
-        sqlx::migrate!("./migrations")
+        MIGRATOR
             .run(&write)
             .await
             .with_context(|| format!("applying migrations to {location}"))?;

@@ -17,6 +17,8 @@ pub mod http;
 pub mod ledger;
 /// Where a source lands under the target prefix, and which sources are allowed.
 pub mod mapping;
+/// Process-wide counters rendered at `/metrics`.
+pub mod metrics;
 /// Signed completion notices to `MIRROR_NOTIFY_URL`.
 pub mod notify;
 /// The durable job queue: every SQL statement about jobs.

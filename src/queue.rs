@@ -328,6 +328,19 @@ pub async fn list(
     .await
 }
 
+/// Jobs per state, and the age (ms) of the oldest queued job, for metrics.
+pub async fn stats(db: &Db) -> sqlx::Result<(Vec<(String, i64)>, Option<i64>)> {
+    let by_state: Vec<(String, i64)> =
+        sqlx::query_as("select state, count(*) from job group by state")
+            .fetch_all(&db.read)
+            .await?;
+    let oldest: Option<i64> =
+        sqlx::query_scalar("select min(created_at) from job where state = 'queued'")
+            .fetch_one(&db.read)
+            .await?;
+    Ok((by_state, oldest.map(|t| now_ms() - t)))
+}
+
 /// When the next queued job is due (unix ms), to sleep exactly until then.
 pub async fn next_due(db: &Db) -> sqlx::Result<Option<i64>> {
     sqlx::query_scalar("select min(run_at) from job where state = 'queued'")

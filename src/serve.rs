@@ -126,6 +126,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             github,
         }),
         wake: workers.wake.clone(),
+        workers_alive: workers.alive.clone(),
+        workers_expected: args.workers as usize,
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -56,6 +56,8 @@ pub struct Workers {
     config: Arc<WorkerConfig>,
     /// Rung on enqueue so an idle worker starts at once.
     pub wake: Arc<Notify>,
+    /// Worker tasks currently running their loop (for `/readyz`).
+    pub alive: Arc<std::sync::atomic::AtomicUsize>,
     notifier: Option<Notifier>,
 }
 
@@ -67,6 +69,7 @@ impl Workers {
             client,
             config: Arc::new(config),
             wake: Arc::new(Notify::new()),
+            alive: Arc::default(),
             notifier: None,
         }
     }
@@ -95,6 +98,7 @@ impl Workers {
 
     async fn run(&self, n: usize, stop: CancellationToken, abort: CancellationToken) {
         tracing::debug!(worker = n, "worker started");
+        self.alive.fetch_add(1, Ordering::SeqCst);
         while !stop.is_cancelled() {
             match queue::claim(&self.db, self.config.lease).await {
                 Ok(Some(lease)) => {
@@ -124,6 +128,7 @@ impl Workers {
                 }
             }
         }
+        self.alive.fetch_sub(1, Ordering::SeqCst);
         tracing::debug!(worker = n, "worker stopped");
     }
 
@@ -137,6 +142,7 @@ impl Workers {
             job.target_repo
         );
         let progress = Arc::new(Progress::default());
+        let started = std::time::Instant::now();
         let lost = CancellationToken::new();
         let heartbeat = {
             let (db, lease, progress, lost) = (
@@ -179,8 +185,14 @@ impl Workers {
         };
         heartbeat.abort();
         let Some(outcome) = outcome else { return };
+        let m = &crate::metrics::METRICS;
         let (written, notice) = match outcome {
-            Ok(record) => {
+            Ok((record, result)) => {
+                m.bytes_copied.add(result.bytes_moved);
+                m.blobs_uploaded.add(result.blobs_uploaded as u64);
+                m.blobs_mounted.add(result.blobs_mounted as u64);
+                m.blobs_skipped.add(result.blobs_skipped as u64);
+                m.job_finished(started.elapsed().as_secs_f64());
                 let r = queue::succeed(&self.db, &lease, &record, progress_row(&progress)).await;
                 if let Ok(true) = r {
                     tracing::info!(digest = %record.source_digest, "job {} succeeded: {}@{}", job.id, record.mirror_repo, record.source_digest);
@@ -214,6 +226,7 @@ impl Workers {
             }
             Err(JobError::Transient(msg) | JobError::Permanent(msg)) => {
                 tracing::error!("job {} failed: {msg}", job.id);
+                m.job_finished(started.elapsed().as_secs_f64());
                 let notice = serde_json::json!({
                     "job_id": job.id,
                     "state": queue::state::FAILED,
@@ -250,7 +263,11 @@ impl Workers {
     }
 
     /// One attempt: resolve (first time only), copy the pinned digest, build the ledger record.
-    async fn copy(&self, lease: &Lease, progress: Arc<Progress>) -> Result<NewRecord, JobError> {
+    async fn copy(
+        &self,
+        lease: &Lease,
+        progress: Arc<Progress>,
+    ) -> Result<(NewRecord, registry::CopyResult), JobError> {
         let job = &lease.job;
         let source = ImageRef::parse_source(&job.source).map_err(|e| {
             JobError::Permanent(format!("stored source {:?} is invalid: {e}", job.source))
@@ -286,7 +303,7 @@ impl Workers {
         let result = registry::copy(&self.client, &pinned, &target, &self.config.copy, progress)
             .await
             .map_err(JobError::from)?;
-        Ok(NewRecord {
+        let record = NewRecord {
             job_id: job.id,
             source_repo: source.repo_name(),
             source_ref: job.source.clone(),
@@ -302,7 +319,8 @@ impl Workers {
             size_bytes: result.bytes_total as i64,
             requested_by: job.requested_by.clone(),
             verified_at: now_ms(),
-        })
+        };
+        Ok((record, result))
     }
 }
 

@@ -1,13 +1,86 @@
-//! `GET /healthz`: the service is up and its database answers.
+//! `GET /healthz` (the process answers), `GET /readyz` (ready for work), `GET /metrics`.
+
+use std::sync::atomic::Ordering;
 
 use axum::Json;
 use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
+
+use crate::metrics::METRICS;
 
 use super::{ApiError, AppState};
 
-/// 200 when the database answers a query.
-pub async fn health(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    sqlx::query("select 1").execute(&state.db.read).await?;
-    Ok(Json(json!({ "status": "ok" })))
+/// 200 while the process answers.
+pub async fn health() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// 200 when the database takes writes with every migration applied and the workers run; 503 with
+/// the failing checks otherwise.
+pub async fn ready(State(state): State<AppState>) -> Response {
+    let mut failing = Vec::new();
+    if let Err(e) = state.db.ready().await {
+        failing.push(format!("database: {e:#}"));
+    }
+    let alive = state.workers_alive.load(Ordering::SeqCst);
+    if alive < state.workers_expected {
+        failing.push(format!(
+            "workers: {alive} of {} running",
+            state.workers_expected
+        ));
+    }
+    if failing.is_empty() {
+        (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "not ready", "failing": failing })),
+        )
+            .into_response()
+    }
+}
+
+/// Prometheus text format: jobs by state, queue depth and age, and the process counters.
+pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let (by_state, oldest_ms) = crate::queue::stats(&state.db).await?;
+    let jobs: Vec<(String, f64)> = crate::queue::state::ALL
+        .iter()
+        .map(|s| {
+            let n = by_state
+                .iter()
+                .find(|(st, _)| st == s)
+                .map(|(_, n)| *n)
+                .unwrap_or(0);
+            (format!("{{state=\"{s}\"}}"), n as f64)
+        })
+        .collect();
+    let depth = jobs
+        .iter()
+        .find(|(l, _)| l.contains("queued"))
+        .map(|(_, n)| *n)
+        .unwrap_or(0.0);
+    let body = METRICS.render(&[
+        ("mirror_jobs", "Jobs by state.", jobs),
+        (
+            "mirror_queue_depth",
+            "Jobs waiting to be copied.",
+            vec![(String::new(), depth)],
+        ),
+        (
+            "mirror_queue_oldest_age_seconds",
+            "Age of the oldest queued job.",
+            vec![(String::new(), oldest_ms.unwrap_or(0) as f64 / 1000.0)],
+        ),
+        (
+            "mirror_workers_running",
+            "Worker tasks running.",
+            vec![(
+                String::new(),
+                state.workers_alive.load(Ordering::SeqCst) as f64,
+            )],
+        ),
+    ]);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
 }

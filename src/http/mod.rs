@@ -13,9 +13,13 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::HeaderMap;
+use axum::http::HeaderName;
 use axum::routing::{get, post};
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use tower_http::trace::TraceLayer;
 
 pub use error::{ApiError, ApiJson};
@@ -92,6 +96,9 @@ pub struct AppState {
     pub config: Arc<ApiConfig>,
     /// Rung after an enqueue to wake an idle worker.
     pub wake: Arc<tokio::sync::Notify>,
+    /// Worker tasks running, and how many should be.
+    pub workers_alive: Arc<std::sync::atomic::AtomicUsize>,
+    pub workers_expected: usize,
 }
 
 impl AppState {
@@ -154,6 +161,8 @@ pub fn router(state: AppState) -> Router {
         .route("/images/{*name}", get(images::show))
         .route("/digests/{digest}", get(images::digest))
         .route("/healthz", get(health::health))
+        .route("/readyz", get(health::ready))
+        .route("/metrics", get(health::metrics))
         .route(
             "/webhooks/github",
             post(webhook::github).layer(DefaultBodyLimit::max(webhook::MAX_WEBHOOK_BYTES)),
@@ -172,10 +181,46 @@ pub fn router(state: AppState) -> Router {
                     .get::<axum::extract::MatchedPath>()
                     .map(|p| p.as_str().to_string())
                     .unwrap_or_else(|| "unmatched".into());
-                tracing::info_span!("http.request", method = %req.method(), route = %route)
+                let id = req
+                    .headers()
+                    .get(REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-")
+                    .to_string();
+                tracing::info_span!("http.request", method = %req.method(), route = %route, request_id = %id)
             }),
         )
+        .layer(PropagateRequestIdLayer::new(HeaderName::from_static(REQUEST_ID)))
+        .layer(SetRequestIdLayer::new(HeaderName::from_static(REQUEST_ID), RequestIds::default()))
         .with_state(state)
+}
+
+/// The header carrying the request id (taken from the client when it sends one).
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Request ids: a random per-process prefix and a counter.
+#[derive(Clone)]
+struct RequestIds {
+    prefix: Arc<str>,
+    next: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        RequestIds {
+            prefix: hex::encode(rand::random::<[u8; 4]>()).into(),
+            next: Arc::default(),
+        }
+    }
+}
+
+impl MakeRequestId for RequestIds {
+    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        axum::http::HeaderValue::from_str(&format!("{}-{n}", self.prefix))
+            .ok()
+            .map(RequestId::new)
+    }
 }
 
 /// Renders unix milliseconds as RFC 3339.

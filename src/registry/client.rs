@@ -213,6 +213,7 @@ impl Client {
                 context: format!("{} {}", repo, redact_query(url)),
                 source: e,
             })?;
+            crate::metrics::METRICS.registry_request(&repo.registry, resp.status().as_u16());
             if resp.status() != StatusCode::UNAUTHORIZED || retried_auth || !same_host {
                 return Ok(resp);
             }
@@ -618,6 +619,7 @@ impl Client {
             context: format!("uploading {what} to {dst}"),
             source: e,
         })?;
+        crate::metrics::METRICS.registry_request(&dst.registry, resp.status().as_u16());
         if resp.status() == StatusCode::UNAUTHORIZED {
             // The token died mid-upload: drop it so the retry starts with a fresh one.
             self.inner

@@ -59,6 +59,11 @@ impl RetryPolicy {
                 Ok(v) => return Ok(v),
                 Err(err) if err.is_transient() && attempt < self.max_attempts => {
                     let delay = self.delay(attempt, &err);
+                    let m = &crate::metrics::METRICS;
+                    m.retries.add(1);
+                    if err.retry_after().is_some() || err.status() == Some(429) {
+                        m.rate_limit_waits.add(1);
+                    }
                     tracing::warn!(
                         attempt,
                         max_attempts = self.max_attempts,

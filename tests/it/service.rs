@@ -383,3 +383,81 @@ fn serve_refuses_bad_configuration_naming_the_variable() {
         "nothing was created for a refused configuration"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_metrics_request_ids_and_json_logs() {
+    let (up, down) = (Registry::anonymous().await, Registry::anonymous().await);
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start(
+        &dir.path().join("m.db"),
+        &format!("{}/mirror", down.host()),
+        &up.host(),
+        &[("MIRROR_LOG_FORMAT", "json")],
+    )
+    .await;
+    let (status, ready) = svc.get("/readyz").await;
+    assert_eq!(
+        (status, &ready["status"]),
+        (200, &json!("ready")),
+        "{ready}"
+    );
+    two_platforms(&up, "met/app", "1", 11, 1000).await;
+    let (_, job) = svc
+        .mirror(&json!({ "image": format!("{}/met/app:1", up.host()) }))
+        .await;
+    let job = svc
+        .wait_job(job["id"].as_i64().unwrap(), Duration::from_secs(60))
+        .await;
+    assert_eq!(job["state"], "succeeded");
+    let text = reqwest::get(format!("{}/metrics", svc.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |line_start: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(line_start))
+            .unwrap_or_else(|| panic!("{line_start} missing from:\n{text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("mirror_jobs{state=\"succeeded\"}"), 1.0);
+    assert_eq!(value("mirror_queue_depth"), 0.0);
+    assert_eq!(
+        value("mirror_blobs_uploaded_total"),
+        5.0,
+        "3 layers + 2 configs"
+    );
+    assert!(value("mirror_bytes_copied_total") > 50_000.0);
+    assert!(
+        value(&format!(
+            "mirror_registry_requests_total{{registry=\"{}\",status=\"201\"}}",
+            down.host()
+        )) >= 5.0
+    );
+    assert_eq!(value("mirror_job_duration_seconds_count"), 1.0);
+    // Request ids: made when absent, kept when the client sends one.
+    let r = reqwest::get(format!("{}/healthz", svc.url)).await.unwrap();
+    assert!(r.headers().get("x-request-id").is_some());
+    let r = reqwest::Client::new()
+        .get(format!("{}/jobs/1", svc.url))
+        .header("x-request-id", "trace-me-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "trace-me-42");
+    // JSON logs, one object per line, with the request id in the span.
+    let log = svc.log();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l.to_string().contains("trace-me-42")),
+        "{log}"
+    );
+}
