@@ -188,7 +188,8 @@ pub fn router(state: AppState) -> Router {
                     .unwrap_or("-")
                     .to_string();
                 tracing::info_span!("http.request", method = %req.method(), route = %route, request_id = %id)
-            }),
+            })
+            .on_response(tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO)),
         )
         .layer(PropagateRequestIdLayer::new(HeaderName::from_static(REQUEST_ID)))
         .layer(SetRequestIdLayer::new(HeaderName::from_static(REQUEST_ID), RequestIds::default()))
