@@ -21,6 +21,15 @@ use crate::reference::ImageRef;
 /// Deepest index nesting followed (an index of indexes is depth 2).
 pub const MAX_DEPTH: usize = 4;
 
+/// Most manifest bytes one image may add up to (a hostile index cannot make us hold more).
+pub const MAX_TOTAL_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
+
+/// A manifest to write and, first, the manifests it names that the target lacks.
+struct Plan {
+    manifest: Manifest,
+    children: Vec<Plan>,
+}
+
 /// How a copy runs.
 #[derive(Debug, Clone)]
 pub struct CopyOptions {
@@ -170,6 +179,7 @@ pub async fn copy(
         pushed: Mutex::new(Vec::new()),
         stats: Stats::default(),
         progress,
+        manifest_bytes: AtomicU64::new(0),
     };
     let dst = engine.dst.clone();
     let target_ref = tag.clone().unwrap_or_else(|| digest.to_string());
@@ -200,7 +210,7 @@ pub async fn copy(
     } else {
         let top = engine.copy_top(&digest).await?;
         if let Some(t) = &tag {
-            client.put_manifest(&dst, t, &top).await?;
+            engine.put(&top, t).await?;
             tracing::info!(target = %target_name, digest = %digest, "tagged");
         }
         engine.verify(&top, tag.as_deref()).await?;
@@ -263,6 +273,8 @@ struct Engine<'a> {
     pushed: Mutex<Vec<Digest>>,
     stats: Stats,
     progress: Arc<Progress>,
+    /// Manifest bytes fetched so far (capped by [`MAX_TOTAL_MANIFEST_BYTES`]).
+    manifest_bytes: AtomicU64,
 }
 
 impl Engine<'_> {
@@ -290,14 +302,15 @@ impl Engine<'_> {
             });
     }
 
+    /// Fetches the top manifest and plans everything under it, then writes it: no blob moves
+    /// before every manifest of the image has been fetched, verified and found acceptable.
     async fn copy_top(&self, digest: &Digest) -> Result<Manifest> {
-        let m = {
-            let _permit = self.sem.acquire().await.expect("semaphore closed");
-            self.client
-                .get_manifest(&self.src, &digest.to_string(), Some(digest))
-                .await?
-        };
+        let m = self
+            .client
+            .get_manifest(&self.src, &digest.to_string(), Some(digest))
+            .await?;
         self.note_manifest(&m, None);
+        self.count_manifest_bytes(&m)?;
         if self
             .client
             .head_manifest(&self.dst, &digest.to_string())
@@ -305,49 +318,103 @@ impl Engine<'_> {
             .is_some()
         {
             self.stats.manifests_skipped.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.copy_manifest(&m, 0).await?;
+            return Ok(m);
         }
-        Ok(m)
+        let plan = self.plan(m, 0).await?;
+        self.write(&plan).await?;
+        Ok(plan.manifest)
     }
 
-    /// Copies what `m` names, then `m` itself by digest.
-    async fn copy_manifest(&self, m: &Manifest, depth: usize) -> Result<()> {
-        match m.kind {
-            Kind::Index => {
-                if depth >= MAX_DEPTH {
-                    return Err(Error::InvalidManifest {
-                        reference: format!("{}@{}", self.src, m.digest),
-                        reason: format!("indexes nested deeper than {MAX_DEPTH} levels"),
-                    });
-                }
-                try_join_all(m.manifests.iter().map(|c| self.copy_child(c, depth + 1))).await?;
-            }
-            Kind::Image => self.copy_blobs(m).await?,
+    fn count_manifest_bytes(&self, m: &Manifest) -> Result<()> {
+        let total = self
+            .manifest_bytes
+            .fetch_add(m.bytes.len() as u64, Ordering::Relaxed)
+            + m.bytes.len() as u64;
+        if total > MAX_TOTAL_MANIFEST_BYTES {
+            return Err(Error::InvalidManifest {
+                reference: format!("{}@{}", self.src, m.digest),
+                reason: format!(
+                    "the image's manifests add up to more than {MAX_TOTAL_MANIFEST_BYTES} bytes"
+                ),
+            });
         }
-        self.push(m).await
+        Ok(())
     }
 
-    fn copy_child<'s>(&'s self, d: &'s Descriptor, depth: usize) -> BoxFuture<'s, Result<()>> {
+    /// Phase 1: fetches (by digest, verified) every manifest `m` names that the target lacks.
+    fn plan(&self, m: Manifest, depth: usize) -> BoxFuture<'_, Result<Plan>> {
         Box::pin(async move {
-            self.note_child(d);
-            let reference = d.digest.to_string();
-            let m = {
-                let _permit = self.sem.acquire().await.expect("semaphore closed");
-                if self
-                    .client
-                    .head_manifest(&self.dst, &reference)
-                    .await?
-                    .is_some()
-                {
-                    self.stats.manifests_skipped.fetch_add(1, Ordering::Relaxed);
-                    return Ok(());
+            let mut children = Vec::new();
+            match m.kind {
+                Kind::Index => {
+                    if depth >= MAX_DEPTH {
+                        return Err(Error::InvalidManifest {
+                            reference: format!("{}@{}", self.src, m.digest),
+                            reason: format!("indexes nested deeper than {MAX_DEPTH} levels"),
+                        });
+                    }
+                    let planned =
+                        try_join_all(m.manifests.iter().map(|d| self.plan_child(d, depth + 1)))
+                            .await?;
+                    children = planned.into_iter().flatten().collect();
                 }
-                self.client
-                    .get_manifest(&self.src, &reference, Some(&d.digest))
-                    .await?
-            };
-            self.copy_manifest(&m, depth).await
+                Kind::Image => {
+                    for b in m.blobs.iter().filter(|b| b.urls.is_empty()) {
+                        self.count_blob(b);
+                    }
+                }
+            }
+            Ok(Plan {
+                manifest: m,
+                children,
+            })
+        })
+    }
+
+    async fn plan_child(&self, d: &Descriptor, depth: usize) -> Result<Option<Plan>> {
+        self.note_child(d);
+        let reference = d.digest.to_string();
+        let m = {
+            let _permit = self.sem.acquire().await.expect("semaphore closed");
+            if self
+                .client
+                .head_manifest(&self.dst, &reference)
+                .await?
+                .is_some()
+            {
+                self.stats.manifests_skipped.fetch_add(1, Ordering::Relaxed);
+                return Ok(None);
+            }
+            self.client
+                .get_manifest(&self.src, &reference, Some(&d.digest))
+                .await?
+        };
+        if m.bytes.len() as u64 != d.size {
+            return Err(Error::SizeMismatch {
+                what: format!("manifest {}@{}", self.src, d.digest),
+                expected: d.size,
+                actual: m.bytes.len() as u64,
+            });
+        }
+        self.count_manifest_bytes(&m)?;
+        Ok(Some(self.plan(m, depth).await?))
+    }
+
+    /// Phase 2: children first, then the blobs of an image, then the manifest itself by digest.
+    fn write<'s>(&'s self, plan: &'s Plan) -> BoxFuture<'s, Result<()>> {
+        Box::pin(async move {
+            try_join_all(plan.children.iter().map(|c| self.write(c))).await?;
+            if plan.manifest.kind == Kind::Image {
+                self.copy_blobs(&plan.manifest).await?;
+            }
+            let m = &plan.manifest;
+            let _permit = self.sem.acquire().await.expect("semaphore closed");
+            self.put(m, &m.digest.to_string()).await?;
+            self.pushed
+                .lock()
+                .expect("pushed poisoned")
+                .push(m.digest.clone());
+            Ok(())
         })
     }
 
@@ -364,18 +431,22 @@ impl Engine<'_> {
         Ok(())
     }
 
+    /// Counts a blob into the totals once, however many manifests name it.
+    fn count_blob(&self, d: &Descriptor) {
+        let mut blobs = self.blobs.lock().expect("blob map poisoned");
+        if !blobs.contains_key(&d.digest) {
+            self.stats.bytes_total.fetch_add(d.size, Ordering::Relaxed);
+            self.progress
+                .bytes_total
+                .fetch_add(d.size, Ordering::Relaxed);
+            self.progress.blobs_total.fetch_add(1, Ordering::Relaxed);
+            blobs.insert(d.digest.clone(), BlobCell::default());
+        }
+    }
+
     async fn blob(&self, d: &Descriptor) -> Result<()> {
-        let cell = {
-            let mut blobs = self.blobs.lock().expect("blob map poisoned");
-            if !blobs.contains_key(&d.digest) {
-                self.stats.bytes_total.fetch_add(d.size, Ordering::Relaxed);
-                self.progress
-                    .bytes_total
-                    .fetch_add(d.size, Ordering::Relaxed);
-                self.progress.blobs_total.fetch_add(1, Ordering::Relaxed);
-            }
-            blobs.entry(d.digest.clone()).or_default().clone()
-        };
+        self.count_blob(d);
+        let cell = self.blobs.lock().expect("blob map poisoned")[&d.digest].clone();
         cell.get_or_try_init(|| self.transfer(d)).await?;
         Ok(())
     }
@@ -456,17 +527,11 @@ impl Engine<'_> {
         Ok(BlobOutcome::Uploaded)
     }
 
-    /// Pushes `m` by digest. A registry that says a blob is unknown (deleted by garbage collection
-    /// since we checked) gets the blobs again, once.
-    async fn push(&self, m: &Manifest) -> Result<()> {
-        let reference = m.digest.to_string();
-        let first = {
-            let _permit = self.sem.acquire().await.expect("semaphore closed");
-            self.client.put_manifest(&self.dst, &reference, m).await
-        };
-        match first {
-            Ok(()) => {}
-            Err(e) if e.code() == Some("MANIFEST_BLOB_UNKNOWN") && m.kind == Kind::Image => {
+    /// Pushes `m` under `reference`. A registry that says a blob or child is unknown (deleted by
+    /// garbage collection since we checked) gets them again, once.
+    async fn put(&self, m: &Manifest, reference: &str) -> Result<()> {
+        match self.client.put_manifest(&self.dst, reference, m).await {
+            Err(e) if matches!(e.code(), Some("MANIFEST_BLOB_UNKNOWN" | "MANIFEST_UNKNOWN")) => {
                 if let Some(f) = m.blobs.iter().find(|b| !b.urls.is_empty()) {
                     return Err(Error::Refused {
                         reason: format!(
@@ -478,20 +543,38 @@ impl Engine<'_> {
                         ),
                     });
                 }
-                tracing::warn!(manifest = %m.digest.short(), "target lost blobs since they were checked; copying them again");
-                for b in &m.blobs {
-                    self.transfer_unguarded(b).await?;
-                }
-                let _permit = self.sem.acquire().await.expect("semaphore closed");
-                self.client.put_manifest(&self.dst, &reference, m).await?;
+                tracing::warn!(manifest = %m.digest.short(), "the target lost content of {} since it was checked ({e}); copying it again", m.digest.short());
+                self.repair(m).await?;
+                self.client.put_manifest(&self.dst, reference, m).await
             }
-            Err(e) => return Err(e),
+            other => other,
         }
-        self.pushed
-            .lock()
-            .expect("pushed poisoned")
-            .push(m.digest.clone());
-        Ok(())
+    }
+
+    /// Copies again everything `m` names that the target lacks, children before parents.
+    fn repair<'s>(&'s self, m: &'s Manifest) -> BoxFuture<'s, Result<()>> {
+        Box::pin(async move {
+            match m.kind {
+                Kind::Image => {
+                    for b in m.blobs.iter().filter(|b| b.urls.is_empty()) {
+                        self.transfer_unguarded(b).await?;
+                    }
+                }
+                Kind::Index => {
+                    for d in &m.manifests {
+                        let child = self
+                            .client
+                            .get_manifest(&self.src, &d.digest.to_string(), Some(&d.digest))
+                            .await?;
+                        self.repair(&child).await?;
+                        self.client
+                            .put_manifest(&self.dst, &d.digest.to_string(), &child)
+                            .await?;
+                    }
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Reads every written manifest back by digest, and the tag, from the target.

@@ -434,3 +434,40 @@ async fn a_throttled_token_server_is_retried() {
     .expect("copy after a throttled token server");
     assert_eq!(r.target_digest.to_string(), img.digest);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn blobs_garbage_collected_from_the_target_are_copied_again() {
+    let (up, down) = (Registry::anonymous().await, Registry::anonymous().await);
+    let img = Pusher::new(&up)
+        .image(
+            "gc/app",
+            51,
+            &[40_000, 50_000],
+            false,
+            crate::support::image::Style::CrlfOdd,
+        )
+        .await;
+    Pusher::new(&up)
+        .manifest("gc/app", "v1", &img.media_type, &img.bytes)
+        .await;
+    let src = format!("{}/gc/app:v1", up.host());
+    run_copy(&src, &format!("{}/gc/app:v1", down.host()))
+        .await
+        .unwrap();
+    // Garbage collection takes a layer away; the manifest still resolves by digest.
+    let lost = &img.blobs[2];
+    let target = Pusher::new(&down);
+    target.delete_blob("gc/app", lost).await;
+    assert!(!target.blob_exists("gc/app", lost).await);
+    // Writing the tag now meets MANIFEST_BLOB_UNKNOWN; the copy puts the blob back and retries.
+    let r = run_copy(&src, &format!("{}/gc/app:v2", down.host()))
+        .await
+        .expect("repaired copy");
+    assert_eq!(r.target_digest.to_string(), img.digest);
+    assert!(
+        target.blob_exists("gc/app", lost).await,
+        "the lost blob is back"
+    );
+    let (bytes, _, _) = target.get_manifest("gc/app", "v2").await.unwrap();
+    assert_eq!(sha256(&bytes), img.digest);
+}

@@ -188,6 +188,20 @@ impl Pusher {
         r.status() == 200
     }
 
+    /// Unlinks a blob from the repository, as garbage collection would.
+    pub async fn delete_blob(&self, repo: &str, digest: &str) {
+        let r = self
+            .req(
+                reqwest::Method::DELETE,
+                repo,
+                format!("{}/v2/{repo}/blobs/{digest}", self.base),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "delete blob {digest}");
+    }
+
     /// Pushes config + layers and an image manifest (by digest) with `style`d bytes.
     pub async fn image(
         &self,
