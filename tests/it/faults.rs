@@ -471,3 +471,153 @@ async fn blobs_garbage_collected_from_the_target_are_copied_again() {
     let (bytes, _, _) = target.get_manifest("gc/app", "v2").await.unwrap();
     assert_eq!(sha256(&bytes), img.digest);
 }
+
+/// An OCI image manifest on `f` naming the seeded blobs, under `tag`.
+fn good_image(f: &Faulty, tag: &str) -> (String, usize) {
+    let (_, blobs) = seed(f);
+    let size = |d: &str| f.inner.lock().unwrap().blobs[d].len();
+    let (config_size, layer_size) = (size(&blobs[0]), size(&blobs[2]));
+    let body = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{config_size}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":{layer_size}}}]}}"#,
+        blobs[0], blobs[2],
+    );
+    (
+        f.manifest(
+            tag,
+            "application/vnd.oci.image.manifest.v1+json",
+            body.as_bytes(),
+        ),
+        body.len(),
+    )
+}
+
+fn index_of(entries: &[(String, usize, &str)]) -> String {
+    let m: Vec<String> = entries
+        .iter()
+        .map(|(d, size, mt)| format!(r#"{{"mediaType":"{mt}","digest":"{d}","size":{size}}}"#))
+        .collect();
+    format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{}]}}"#,
+        m.join(",")
+    )
+}
+
+const INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// Copies `tag` from the hostile `f` and checks it was refused with `want` before any blob moved.
+async fn refused(f: &Faulty, tag: &str, want: &str) {
+    let up = f.start().await;
+    let down = Registry::anonymous().await;
+    let e = run_copy(
+        &format!("{up}/img:{tag}"),
+        &format!("{}/m/img:{tag}", down.host()),
+    )
+    .await
+    .expect_err("a hostile manifest is refused");
+    assert!(e.to_string().contains(want), "{e}");
+    assert!(!e.is_transient(), "{e} is not retried");
+    assert_eq!(
+        f.served.load(Ordering::Relaxed)
+            - f.count(Route::Manifest)
+                .min(f.served.load(Ordering::Relaxed)),
+        0,
+        "no blob was fetched"
+    );
+    assert_eq!(f.count(Route::Blob), 0, "no blob request at all");
+    assert!(
+        Pusher::new(&down)
+            .get_manifest("m/img", tag)
+            .await
+            .is_none(),
+        "nothing tagged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manifest_over_4_mib_is_refused() {
+    let f = Faulty::default();
+    let pad = " ".repeat(4 * 1024 * 1024);
+    f.manifest(
+        "big",
+        MANIFEST,
+        format!(r#"{{"schemaVersion":2,"layers":[]{pad}}}"#).as_bytes(),
+    );
+    refused(&f, "big", "larger than 4194304 bytes").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_index_with_ten_thousand_entries_is_refused() {
+    let f = Faulty::default();
+    let (d, size) = good_image(&f, "one");
+    let entries: Vec<(String, usize, &str)> =
+        (0..10_000).map(|_| (d.clone(), size, MANIFEST)).collect();
+    f.manifest("wide", INDEX, index_of(&entries).as_bytes());
+    refused(&f, "wide", "at most 1000").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn indexes_nested_too_deep_are_refused_before_any_blob_moves() {
+    let f = Faulty::default();
+    let (mut d, mut size) = good_image(&f, "leaf");
+    let mut mt = MANIFEST;
+    for level in 0..6 {
+        let body = index_of(&[(d.clone(), size, mt)]);
+        d = f.manifest(&format!("level{level}"), INDEX, body.as_bytes());
+        size = body.len();
+        mt = INDEX;
+    }
+    refused(&f, "level5", "nested deeper than").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_child_whose_content_type_disagrees_is_refused_before_its_siblings_blobs_move() {
+    let f = Faulty::default();
+    let (good, good_size) = good_image(&f, "good");
+    let liar = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"x","digest":"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855","size":0},"layers":[]}"#;
+    let bad = f.manifest(
+        "liar",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        liar,
+    );
+    let body = index_of(&[(good, good_size, MANIFEST), (bad, liar.len(), MANIFEST)]);
+    f.manifest("mixed", INDEX, body.as_bytes());
+    refused(&f, "mixed", "served it as").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_digest_algorithms_are_refused() {
+    let f = Faulty::default();
+    let body = index_of(&[("md5:d41d8cd98f00b204e9800998ecf8427e".into(), 10, MANIFEST)]);
+    f.manifest("md5", INDEX, body.as_bytes());
+    refused(&f, "md5", "not supported").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_layer_longer_than_its_descriptor_is_cut_off() {
+    let f = Faulty::default();
+    let (_, blobs) = seed(&f);
+    let config_size = f.inner.lock().unwrap().blobs[&blobs[0]].len();
+    // The descriptor says the 1 MiB layer has 1000 bytes.
+    let body = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":1000}}]}}"#,
+        blobs[0], config_size, blobs[1]
+    );
+    f.manifest("long", MANIFEST, body.as_bytes());
+    let up = f.start().await;
+    let down = Registry::anonymous().await;
+    let e = run_copy(
+        &format!("{up}/img:long"),
+        &format!("{}/m/img:long", down.host()),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("size mismatch"), "{e}");
+    assert!(!Pusher::new(&down).blob_exists("m/img", &blobs[1]).await);
+    assert!(
+        Pusher::new(&down)
+            .get_manifest("m/img", "long")
+            .await
+            .is_none()
+    );
+}

@@ -1,6 +1,7 @@
 //! The one integration test binary: real registries, a real SQLite file, skopeo as an independent check.
 
 mod copy;
+mod deploy;
 mod faults;
 mod github;
 mod queue;
