@@ -8,11 +8,12 @@ use anyhow::{Context as _, Result};
 use crate::config::{CopyArgs, RegistryArgs};
 use crate::reference::ImageRef;
 use crate::registry::credentials::CredentialStore;
+use crate::registry::guard::NetworkPolicy;
 use crate::registry::retry::RetryPolicy;
 use crate::registry::{Client, ClientConfig, CopyOptions, Progress};
 
 /// Builds the registry client from the shared flags and the stored credentials.
-pub fn client(args: &RegistryArgs) -> Result<Client> {
+pub fn client(args: &RegistryArgs, network: NetworkPolicy) -> Result<Client> {
     let credentials = CredentialStore::load().context("loading registry credentials")?;
     let config = ClientConfig {
         insecure_registries: args.insecure_registries.clone(),
@@ -20,6 +21,7 @@ pub fn client(args: &RegistryArgs) -> Result<Client> {
             max_attempts: args.retries,
             ..RetryPolicy::default()
         },
+        network,
         ..ClientConfig::default()
     };
     Ok(Client::new(config, credentials)?)
@@ -31,7 +33,8 @@ pub async fn copy(args: CopyArgs) -> Result<()> {
         .with_context(|| format!("source {:?} is not a valid image reference", args.source))?;
     let target = ImageRef::parse(&args.target)
         .with_context(|| format!("target {:?} is not a valid image reference", args.target))?;
-    let client = client(&args.registry)?;
+    // The user names the registries here, as with crane: no address restriction.
+    let client = client(&args.registry, NetworkPolicy::permissive())?;
     let options = CopyOptions {
         jobs: args.jobs as usize,
     };

@@ -117,6 +117,15 @@ impl AllowList {
         Ok(AllowList(out))
     }
 
+    /// The hosts named exactly (not by wildcard): the operator vouches for where they resolve.
+    pub fn exact_hosts(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(h, _)| !h.starts_with("*."))
+            .map(|(h, _)| h.clone())
+            .collect()
+    }
+
     /// Whether `source` may be mirrored.
     pub fn allows(&self, source: &ImageRef) -> bool {
         let host = source.registry().to_ascii_lowercase();

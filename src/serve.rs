@@ -13,6 +13,7 @@ use crate::http::{self, ApiConfig, ApiToken, AppState, GithubConfig};
 use crate::mapping::{AllowList, TargetPrefix};
 use crate::notify::Notifier;
 use crate::registry::CopyOptions;
+use crate::registry::guard::NetworkPolicy;
 use crate::worker::{WorkerConfig, Workers};
 
 /// Parses `MIRROR_API_TOKENS`: comma-separated `token` or `name=token`.
@@ -101,7 +102,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         (None, None) => None,
     };
     let db = Db::open(&args.database).await?;
-    let client = crate::cmd::client(&args.registry)?;
+    // Only public addresses, except the hosts the operator named: exact allow-listed sources and
+    // the target.
+    let mut trusted = allowed_sources.exact_hosts();
+    trusted.push(target.registry.clone());
+    let client = crate::cmd::client(&args.registry, NetworkPolicy::public_only(trusted))?;
     let workers = Workers::new(
         db.clone(),
         client,

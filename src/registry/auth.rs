@@ -126,15 +126,20 @@ type TokenSlot = Arc<tokio::sync::Mutex<Option<CachedToken>>>;
 /// Remembers each registry's challenge and the tokens fetched for it.
 pub struct Authenticator {
     credentials: CredentialStore,
+    network: std::sync::Arc<super::guard::NetworkPolicy>,
     challenges: Mutex<HashMap<String, Challenge>>,
     tokens: Mutex<HashMap<(String, String), TokenSlot>>,
 }
 
 impl Authenticator {
     /// An authenticator using `credentials`.
-    pub fn new(credentials: CredentialStore) -> Self {
+    pub fn new(
+        credentials: CredentialStore,
+        network: std::sync::Arc<super::guard::NetworkPolicy>,
+    ) -> Self {
         Authenticator {
             credentials,
+            network,
             challenges: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
         }
@@ -234,6 +239,7 @@ impl Authenticator {
             reason: format!("the token realm {realm:?} is not a URL: {e}"),
             transient: false,
         })?;
+        self.network.check_url(&url)?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(Error::Auth {
                 registry: registry.to_string(),

@@ -15,6 +15,7 @@ use reqwest::{Method, StatusCode};
 use super::auth::{Authenticator, Challenge, read_small_body};
 use super::credentials::CredentialStore;
 use super::error::{Error, Result};
+use super::guard::{GuardedResolver, NetworkPolicy};
 use super::manifest::{self, Manifest};
 use super::retry::{RetryPolicy, parse_retry_after};
 use crate::digest::{Digest, DigestHasher};
@@ -69,6 +70,8 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Longest wait for the next bytes of an answer before the connection counts as stalled.
     pub read_timeout: Duration,
+    /// Which addresses connections may reach.
+    pub network: NetworkPolicy,
 }
 
 impl Default for ClientConfig {
@@ -78,6 +81,7 @@ impl Default for ClientConfig {
             retry: RetryPolicy::default(),
             connect_timeout: Duration::from_secs(30),
             read_timeout: Duration::from_secs(120),
+            network: NetworkPolicy::permissive(),
         }
     }
 }
@@ -134,17 +138,30 @@ struct Inner {
     auth: Authenticator,
     insecure: HashSet<String>,
     retry: RetryPolicy,
+    network: Arc<NetworkPolicy>,
 }
 
 impl Client {
     /// A client with `config`, authenticating with `credentials`.
     pub fn new(config: ClientConfig, credentials: CredentialStore) -> Result<Client> {
+        let network = Arc::new(config.network.clone());
+        let hops = network.clone();
         let http = reqwest::Client::builder()
+            .dns_resolver(Arc::new(GuardedResolver(network.clone())))
             .user_agent(concat!("mirror-mirror/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(config.connect_timeout)
             .read_timeout(config.read_timeout)
             // Blob GETs redirect to object storage; reqwest drops Authorization on a cross-host hop.
-            .redirect(reqwest::redirect::Policy::limited(5))
+            // Each hop meets the network policy; at most 5.
+            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                if attempt.previous().len() >= 5 {
+                    attempt.error("more than 5 redirects")
+                } else if let Err(refused) = hops.check_url(attempt.url()) {
+                    attempt.error(refused)
+                } else {
+                    attempt.follow()
+                }
+            }))
             .build()
             .map_err(|e| Error::Network {
                 context: "building the HTTP client".into(),
@@ -153,9 +170,10 @@ impl Client {
         Ok(Client {
             inner: Arc::new(Inner {
                 http,
-                auth: Authenticator::new(credentials),
+                auth: Authenticator::new(credentials, network.clone()),
                 insecure: config.insecure_registries.into_iter().collect(),
                 retry: config.retry,
+                network,
             }),
         })
     }
@@ -194,6 +212,7 @@ impl Client {
         build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response> {
         let inner = &self.inner;
+        inner.network.check_url(url).map_err(Error::from)?;
         let same_host = same_host(url, repo.api_host());
         let mut authz = if same_host {
             inner
@@ -555,6 +574,10 @@ impl Client {
             state: state.clone(),
             progress,
         };
+        self.inner
+            .network
+            .check_url(&session.0)
+            .map_err(Error::from)?;
         let mut put_url = session.0.clone();
         put_url
             .query_pairs_mut()

@@ -22,7 +22,7 @@ pub enum Error {
         retry_after: Option<Duration>,
     },
     /// The request could not be sent or its answer could not be read (connection refused, reset, timeout).
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", causes(source))]
     Network {
         context: String,
         #[source]
@@ -84,6 +84,9 @@ pub enum Error {
     /// Reading the written image back from the target did not give what was written.
     #[error("verification on the target failed: {reason}")]
     Verify { reason: String },
+    /// The network policy refused a connection (a private address for an untrusted host).
+    #[error(transparent)]
+    Blocked(#[from] super::guard::Refused),
     /// A bad argument (a URL that cannot be built, a digest on the target that differs from the source).
     #[error("{0}")]
     Invalid(String),
@@ -94,7 +97,10 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Status { status, .. } => matches!(*status, 408 | 429 | 500..=599),
-            Error::Network { source, .. } => !source.is_builder() && !source.is_redirect(),
+            Error::Network { source, .. } => {
+                !source.is_builder() && !source.is_redirect() && !super::guard::is_refusal(source)
+            }
+            Error::Blocked(_) => false,
             Error::Truncated { .. } => true,
             Error::Auth { transient, .. } => *transient,
             Error::MissingHeader { .. } => false,
@@ -132,6 +138,21 @@ impl Error {
             _ => None,
         }
     }
+}
+
+/// An error and its causes, joined: reqwest's own message hides the cause (refused, reset, …).
+fn causes(e: &reqwest::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = std::error::Error::source(e);
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
 }
 
 /// Shorthand for results in this module.

@@ -6,6 +6,7 @@ pub mod client;
 pub mod copy;
 pub mod credentials;
 pub mod error;
+pub mod guard;
 pub mod manifest;
 pub mod retry;
 

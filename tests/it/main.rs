@@ -6,4 +6,5 @@ mod faults;
 mod github;
 mod queue;
 mod service;
+mod ssrf;
 mod support;
