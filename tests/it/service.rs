@@ -1,6 +1,6 @@
 //! `mirror-mirror serve` end to end: real registries, a real SQLite file, the real binary.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
@@ -460,4 +460,116 @@ async fn readiness_metrics_request_ids_and_json_logs() {
         lines.iter().any(|l| l.to_string().contains("trace-me-42")),
         "{log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_claiming_and_gives_running_jobs_back() {
+    let (up, down) = (Registry::anonymous().await, Registry::anonymous().await);
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("m.db");
+    let target = format!("{}/mirror", down.host());
+    let idx = two_platforms(&up, "term/app", "v1", 61, 256 * 1024 * 1024).await;
+    let env = [
+        ("MIRROR_SHUTDOWN_GRACE", "1"),
+        ("MIRROR_WORKERS", "1"),
+        ("MIRROR_COPY_JOBS", "1"),
+    ];
+    let mut svc = Service::start(&db, &target, &up.host(), &env).await;
+    let (_, job) = svc
+        .mirror(&json!({ "image": format!("{}/term/app:v1", up.host()) }))
+        .await;
+    let id = job["id"].as_i64().unwrap();
+    // A second job stays queued: after SIGTERM nothing new is claimed.
+    let small = two_platforms(&up, "term/small", "v1", 71, 1000).await;
+    let (_, queued) = svc
+        .mirror(&json!({ "image": format!("{}/term/small:v1", up.host()) }))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while svc.get(&format!("/jobs/{id}")).await.1["state"] != "running" {
+        assert!(Instant::now() < deadline, "the job never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = svc.terminate(Duration::from_secs(20));
+    assert!(
+        took < Duration::from_secs(12),
+        "exited {took:?} after SIGTERM with a 1 s grace"
+    );
+    let log = svc.log();
+    assert!(log.contains("shutting down"), "{log}");
+    // The interrupted job went back to the queue without spending an attempt.
+    let svc = Service::start(&db, &target, &up.host(), &[("MIRROR_WORKERS", "1")]).await;
+    let job = svc.wait_job(id, Duration::from_secs(120)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(
+        job["attempts"], 1,
+        "released at shutdown, not counted: {job}"
+    );
+    assert_eq!(job["source_digest"], json!(idx.digest));
+    let other = svc
+        .wait_job(queued["id"].as_i64().unwrap(), Duration::from_secs(60))
+        .await;
+    assert_eq!(other["source_digest"], json!(small.digest));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_never_reach_the_log() {
+    let up = Registry::basic("reg-user", "registry-password-xyz").await;
+    let down = Registry::anonymous().await;
+    let dir = tempfile::tempdir().unwrap();
+    crate::support::write_docker_config(
+        dir.path(),
+        &[(&up.host(), "reg-user", "registry-password-xyz")],
+    );
+    let webhook_secret = "webhook-secret-abcdef123";
+    let notify_secret = "notify-secret-987654321";
+    let svc = Service::start(
+        &dir.path().join("m.db"),
+        &format!("{}/mirror", down.host()),
+        &up.host(),
+        &[
+            ("MIRROR_LOG", "debug"),
+            ("MIRROR_GITHUB_WEBHOOK_SECRETS", webhook_secret),
+            ("MIRROR_NOTIFY_URL", "http://127.0.0.1:9/notice"),
+            ("MIRROR_NOTIFY_SECRET", notify_secret),
+        ],
+    )
+    .await;
+    two_platforms(&up, "sec/app", "1", 81, 1000).await;
+    let (_, job) = svc
+        .mirror(&json!({ "image": format!("{}/sec/app:1", up.host()) }))
+        .await;
+    let job = svc
+        .wait_job(job["id"].as_i64().unwrap(), Duration::from_secs(60))
+        .await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    // A wrong token and a webhook delivery also pass through the logs.
+    let _ = reqwest::Client::new()
+        .post(format!("{}/mirror", svc.url))
+        .bearer_auth("not-the-token-but-long-enough")
+        .json(&json!({"image": "x"}))
+        .send()
+        .await;
+    let body = br#"{"action":"mirror","client_payload":{"image":"nope"}}"#;
+    let _ = reqwest::Client::new()
+        .post(format!("{}/webhooks/github", svc.url))
+        .header("x-github-event", "repository_dispatch")
+        .header("x-github-delivery", "s-1")
+        .header("x-hub-signature-256", "sha256=00")
+        .body(body.to_vec())
+        .send()
+        .await;
+    let log = svc.log();
+    assert!(log.contains("DEBUG"), "the log ran at debug level");
+    use base64::Engine as _;
+    let basic = base64::engine::general_purpose::STANDARD.encode("reg-user:registry-password-xyz");
+    for secret in [
+        TOKEN,
+        webhook_secret,
+        notify_secret,
+        "registry-password-xyz",
+        basic.as_str(),
+        "not-the-token-but-long-enough",
+    ] {
+        assert!(!log.contains(secret), "{secret} appears in the log");
+    }
 }

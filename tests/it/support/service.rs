@@ -118,6 +118,28 @@ impl Service {
         }
     }
 
+    /// Sends SIGTERM and waits (bounded) for the process to exit; returns how long it took.
+    pub fn terminate(&mut self, limit: Duration) -> Duration {
+        let started = Instant::now();
+        let pid = self.child.id().to_string();
+        let ok = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -TERM {pid}");
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < limit,
+                "serve did not exit within {limit:?} of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
