@@ -257,7 +257,7 @@ async fn bad_payloads_are_refused_with_the_reason() {
     let svc = Service::start(
         &dir.path().join("m.db"),
         &format!("{}/mirror", down.host()),
-        "gcr.io",
+        "127.0.0.1:1",
         &[("MIRROR_GITHUB_WEBHOOK_SECRETS", "s3cret")],
     )
     .await;
@@ -325,7 +325,7 @@ async fn bad_payloads_are_refused_with_the_reason() {
     );
     // Two images in one delivery: two jobs.
     let body = dispatch(
-        json!({"images": ["gcr.io/a/b:1", "gcr.io/a/c@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"]}),
+        json!({"images": ["127.0.0.1:1/a/b:1", "127.0.0.1:1/a/c@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"]}),
         "acme/x",
     );
     let (status, v) = deliver(
@@ -340,7 +340,7 @@ async fn bad_payloads_are_refused_with_the_reason() {
     assert_eq!(v["jobs"].as_array().unwrap().len(), 2);
     assert_eq!(
         v["jobs"][1]["target"],
-        json!(format!("{}/mirror/gcr.io/a/c", down.host())),
+        json!(format!("{}/mirror/127.0.0.1_1/a/c", down.host())),
         "by digest, no tag"
     );
 }

@@ -573,3 +573,64 @@ async fn secrets_never_reach_the_log() {
         assert!(!log.contains(secret), "{secret} appears in the log");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_bodies_time_out_and_concurrent_load_never_shows_database_locked() {
+    let down = Registry::anonymous().await;
+    let dir = tempfile::tempdir().unwrap();
+    let svc = std::sync::Arc::new(
+        Service::start(
+            &dir.path().join("m.db"),
+            &format!("{}/mirror", down.host()),
+            "127.0.0.1:1",
+            &[("MIRROR_WORKERS", "1")],
+        )
+        .await,
+    );
+    // A body that trickles in slower than the read timeout is cut off, not waited for forever.
+    let addr = svc.url.trim_start_matches("http://").to_string();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    s.write_all(format!("POST /mirror HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"ima").as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "the slow body was cut off"
+    );
+    assert!(
+        answer.starts_with("HTTP/1.1 408")
+            || answer.starts_with("HTTP/1.1 400")
+            || answer.is_empty(),
+        "{answer}"
+    );
+    // 200 distinct requests from 20 clients at once: every one is a durable 202.
+    let tasks: Vec<_> = (0..20)
+        .map(|c| {
+            let svc = svc.clone();
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                for i in 0..10 {
+                    let (status, body) = svc
+                        .mirror(&json!({ "image": format!("127.0.0.1:1/load/img{c}:{i}") }))
+                        .await;
+                    statuses.push((status, body));
+                }
+                statuses
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        for (status, body) in t.await.unwrap() {
+            assert_eq!(status, 202, "{body}");
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 200);
+    let (_, list) = svc.get("/jobs?limit=500").await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 200);
+    assert!(!svc.log().contains("database is locked"), "no lock errors");
+}
