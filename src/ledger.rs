@@ -97,3 +97,19 @@ pub async fn by_digest(db: &Db, digest: &str) -> sqlx::Result<Vec<Record>> {
     .fetch_all(&db.read)
     .await
 }
+
+/// The newest record of each mirrored tag (or digest-only image), newest first; `query` filters
+/// by a substring of the source or mirror repository.
+pub async fn latest(db: &Db, query: Option<&str>, limit: i64) -> sqlx::Result<Vec<Record>> {
+    sqlx::query_as(
+        "select * from mirror_record r
+         where r.id = (select max(id) from mirror_record x
+                       where x.source_repo = r.source_repo and ifnull(x.tag, x.source_digest) = ifnull(r.tag, r.source_digest))
+           and (?1 is null or instr(r.source_repo, ?1) > 0 or instr(r.mirror_repo, ?1) > 0)
+         order by r.verified_at desc, r.id desc limit ?2",
+    )
+    .bind(query)
+    .bind(limit)
+    .fetch_all(&db.read)
+    .await
+}

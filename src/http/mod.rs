@@ -5,6 +5,7 @@ mod health;
 mod images;
 mod jobs;
 mod mirror;
+mod status;
 mod webhook;
 
 use std::sync::Arc;
@@ -155,6 +156,7 @@ impl axum::extract::FromRequestParts<AppState> for Caller {
 /// The router with its layers.
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/", get(status::page))
         .route("/mirror", post(mirror::create))
         .route("/jobs", get(jobs::list))
         .route("/jobs/{id}", get(jobs::show))

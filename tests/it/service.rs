@@ -117,6 +117,39 @@ async fn post_mirror_to_trusted_digest_lookup() {
     assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
     assert_eq!(list["jobs"][0]["id"], job2["id"], "newest first");
     assert_eq!(list["next"], job2["id"]);
+
+    // The status page shows the image with its pull line, and the jobs.
+    let html = reqwest::get(format!("{}/", svc.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.starts_with("<!doctype html>"));
+    assert!(
+        html.contains(&format!("docker pull {mirror_repo}:1.0@{}", idx2.digest)),
+        "{html}"
+    );
+    assert!(html.contains("class=\"succeeded\""), "{html}");
+    let none = reqwest::get(format!("{}/?q=%3Cscript%3Enothing", svc.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        none.contains("None yet")
+            && none.contains("&lt;script&gt;nothing")
+            && !none.contains("<script>"),
+        "{none}"
+    );
+    let found = reqwest::get(format!("{}/?q=team/app", svc.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(found.contains(&idx2.digest));
 }
 
 #[tokio::test(flavor = "multi_thread")]
