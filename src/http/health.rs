@@ -13,12 +13,15 @@ use crate::metrics::METRICS;
 use super::{ApiError, AppState};
 
 /// 200 while the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "alive")))]
 pub async fn health() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
 /// 200 when the database takes writes with every migration applied and the workers run; 503 with
 /// the failing checks otherwise.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, description = "ready"), (status = 503, description = "not ready, with the failing checks")))]
 pub async fn ready(State(state): State<AppState>) -> Response {
     let mut failing = Vec::new();
     if let Err(e) = state.db.ready().await {
@@ -43,6 +46,8 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 }
 
 /// Prometheus text format: jobs by state, queue depth and age, and the process counters.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let (by_state, oldest_ms) = crate::queue::stats(&state.db).await?;
     let jobs: Vec<(String, f64)> = crate::queue::state::ALL

@@ -46,6 +46,10 @@ fn entry(r: &Record) -> Value {
 
 /// `GET /images/{name}` (every tag) or `GET /images/{name}:{tag}` (one tag, with its history).
 /// `name` is a source repository (short Docker Hub names too) or a mirror repository.
+#[utoipa::path(get, path = "/images/{*name}", tag = "ledger",
+    params(("name" = String, Path, description = "source or mirror repository, optionally :tag")),
+    responses((status = 200, description = "each mirrored tag with its trusted digest and pull lines; with :tag, its history"),
+        (status = 400, description = "not an image name"), (status = 404, description = "never mirrored")))]
 pub async fn show(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -103,6 +107,10 @@ pub async fn show(
 }
 
 /// `GET /digests/{digest}`: which sources and mirrors carry this digest, since when.
+#[utoipa::path(get, path = "/digests/{digest}", tag = "ledger",
+    params(("digest" = String, Path, description = "sha256:…")),
+    responses((status = 200, description = "the records carrying it, as image or platform manifest"),
+        (status = 400, description = "not a digest"), (status = 404, description = "never mirrored here")))]
 pub async fn digest(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -49,6 +49,9 @@ pub fn view(job: &Job) -> Value {
 }
 
 /// `GET /jobs/{id}`.
+#[utoipa::path(get, path = "/jobs/{id}", tag = "jobs", params(("id" = i64, Path, description = "job id")),
+    responses((status = 200, description = "state, source and mirror digests, attempts, last error, progress, timestamps"),
+        (status = 400, description = "not a job id"), (status = 404, description = "no such job")))]
 pub async fn show(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -74,6 +77,11 @@ pub struct ListQuery {
 }
 
 /// `GET /jobs?state=…&limit=…&before=…`: newest first.
+#[utoipa::path(get, path = "/jobs", tag = "jobs",
+    params(("state" = Option<String>, Query, description = "queued, running, succeeded or failed"),
+        ("limit" = Option<i64>, Query, description = "1 to 500, default 50"),
+        ("before" = Option<i64>, Query, description = "only ids below this: the `next` of the previous page")),
+    responses((status = 200, description = "jobs newest first, and `next`"), (status = 400, description = "bad filter")))]
 pub async fn list(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -12,7 +12,7 @@ use crate::queue::{self, NewJob};
 use crate::reference::ImageRef;
 
 /// The request body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MirrorRequest {
     /// The source image: `gcr.io/kaniko-project/executor:v1.8.1`, `nginx`, `repo@sha256:…`.
@@ -81,6 +81,15 @@ pub fn plan(
 }
 
 /// `POST /mirror` → `202 Accepted` with `Location: /jobs/{id}` and the job.
+#[utoipa::path(post, path = "/mirror", tag = "mirrors", request_body = MirrorRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "queued (or the queued/running job for the same source and target); Location: /jobs/{id}"),
+        (status = 400, description = "invalid reference, saying which part"),
+        (status = 401, description = "missing or unknown bearer token"),
+        (status = 403, description = "source not in MIRROR_ALLOWED_SOURCES, or target outside MIRROR_TARGET"),
+        (status = 413, description = "body over 64 KiB"),
+        (status = 415, description = "not JSON")))]
 pub async fn create(
     State(state): State<AppState>,
     Caller(who): Caller,

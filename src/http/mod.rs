@@ -11,17 +11,19 @@ mod webhook;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Json;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::HeaderMap;
 use axum::http::HeaderName;
-use axum::routing::{get, post};
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
 use tower_http::trace::TraceLayer;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use error::{ApiError, ApiJson};
 
@@ -153,45 +155,93 @@ impl axum::extract::FromRequestParts<AppState> for Caller {
     }
 }
 
+/// The API description, filled from the handlers' `#[utoipa::path]` attributes.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "mirror-mirror", description = "Mirror container images between registries without changing a digest, and look up the trusted digests."),
+    modifiers(&BearerAuth)
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The routes and their OpenAPI description, built together so neither can miss a route.
+pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let (schemas, paths, webhook) = routes!(webhook::github);
+    let (router, mut api) = OpenApiRouter::with_openapi(<ApiDoc as utoipa::OpenApi>::openapi())
+        .routes(routes!(status::page))
+        .routes(routes!(mirror::create))
+        .routes(routes!(jobs::list))
+        .routes(routes!(jobs::show))
+        .routes(routes!(images::show))
+        .routes(routes!(images::digest))
+        .routes(routes!(health::health))
+        .routes(routes!(health::ready))
+        .routes(routes!(health::metrics))
+        .routes(routes!(openapi))
+        .routes((
+            schemas,
+            paths,
+            webhook.layer(DefaultBodyLimit::max(webhook::MAX_WEBHOOK_BYTES)),
+        ))
+        .split_for_parts();
+    // axum's catch-all `{*name}` is OpenAPI's `{name}`.
+    let wildcard: Vec<String> = api
+        .paths
+        .paths
+        .keys()
+        .filter(|k| k.contains("{*"))
+        .cloned()
+        .collect();
+    for k in wildcard {
+        if let Some(item) = api.paths.paths.remove(&k) {
+            api.paths.paths.insert(k.replace("{*", "{"), item);
+        }
+    }
+    (router, api)
+}
+
+/// `GET /openapi.json`: this API's description.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations", responses((status = 200, description = "OpenAPI 3.1 description")))]
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(routes().1)
+}
+
 /// The router with its layers.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/", get(status::page))
-        .route("/mirror", post(mirror::create))
-        .route("/jobs", get(jobs::list))
-        .route("/jobs/{id}", get(jobs::show))
-        .route("/images/{*name}", get(images::show))
-        .route("/digests/{digest}", get(images::digest))
-        .route("/healthz", get(health::health))
-        .route("/readyz", get(health::ready))
-        .route("/metrics", get(health::metrics))
-        .route(
-            "/webhooks/github",
-            post(webhook::github).layer(DefaultBodyLimit::max(webhook::MAX_WEBHOOK_BYTES)),
-        )
-        .fallback(|| async {
-            ApiError::NotFound("no such endpoint; see the README's API section".into())
-        })
+    routes()
+        .0
+        .fallback(|| async { ApiError::NotFound("no such endpoint; see /openapi.json".into()) })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-            Duration::from_secs(10),
-        ))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(Duration::from_secs(10)))
         .layer(
-            TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
-                let route = req
-                    .extensions()
-                    .get::<axum::extract::MatchedPath>()
-                    .map(|p| p.as_str().to_string())
-                    .unwrap_or_else(|| "unmatched".into());
-                let id = req
-                    .headers()
-                    .get(REQUEST_ID)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("-")
-                    .to_string();
-                tracing::info_span!("http.request", method = %req.method(), route = %route, request_id = %id)
-            })
-            .on_response(tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO)),
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &axum::http::Request<_>| {
+                    let route = req
+                        .extensions()
+                        .get::<axum::extract::MatchedPath>()
+                        .map(|p| p.as_str().to_string())
+                        .unwrap_or_else(|| "unmatched".into());
+                    let id = req
+                        .headers()
+                        .get(REQUEST_ID)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-")
+                        .to_string();
+                    tracing::info_span!("http.request", method = %req.method(), route = %route, request_id = %id)
+                })
+                .on_response(tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO)),
         )
         .layer(PropagateRequestIdLayer::new(HeaderName::from_static(REQUEST_ID)))
         .layer(SetRequestIdLayer::new(HeaderName::from_static(REQUEST_ID), RequestIds::default()))

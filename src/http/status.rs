@@ -27,6 +27,9 @@ fn esc(s: &str) -> String {
 }
 
 /// `GET /?q=…`.
+#[utoipa::path(get, path = "/", tag = "status",
+    params(("q" = Option<String>, Query, description = "only images whose source or mirror name contains this")),
+    responses((status = 200, description = "the status page (HTML)", content_type = "text/html")))]
 pub async fn page(
     State(state): State<AppState>,
     headers: HeaderMap,

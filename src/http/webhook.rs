@@ -51,8 +51,36 @@ fn repo_allowed(patterns: &[String], repo: &str) -> bool {
     })
 }
 
-/// `POST /webhooks/github`.
+/// `POST /webhooks/github`, counted by outcome in the metrics.
+#[utoipa::path(post, path = "/webhooks/github", tag = "github",
+    request_body(content = String, content_type = "application/json", description = "a GitHub delivery: ping or repository_dispatch with client_payload.image or .images"),
+    params(("X-Hub-Signature-256" = String, Header, description = "sha256=<HMAC-SHA256 of the body>"),
+        ("X-GitHub-Event" = String, Header, description = "ping, repository_dispatch, …"),
+        ("X-GitHub-Delivery" = String, Header, description = "delivery id; redeliveries reuse it")),
+    responses((status = 200, description = "ping"), (status = 202, description = "jobs queued (a redelivery answers as the first time)"),
+        (status = 204, description = "event or type ignored"), (status = 401, description = "X-Hub-Signature-256 missing or wrong"),
+        (status = 403, description = "repository not allowed"), (status = 413, description = "over 1 MiB"),
+        (status = 422, description = "bad payload"), (status = 503, description = "no webhook secret configured")))]
 pub async fn github(
+    state: State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let response = handle(state, headers, body).await.into_response();
+    crate::metrics::METRICS.webhook(match response.status().as_u16() {
+        200 => "ping",
+        202 => "queued",
+        204 => "ignored",
+        401 => "bad_signature",
+        403 => "forbidden",
+        503 => "disabled",
+        400..=499 => "invalid",
+        _ => "error",
+    });
+    response
+}
+
+async fn handle(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,

@@ -483,6 +483,63 @@ async fn readiness_metrics_request_ids_and_json_logs() {
         .await
         .unwrap();
     assert_eq!(r.headers()["x-request-id"], "trace-me-42");
+    // The OpenAPI description has every route, and every documented route answers.
+    let (status, api) = svc.get("/openapi.json").await;
+    assert_eq!(status, 200);
+    let paths = api["paths"].as_object().unwrap();
+    let mut documented: Vec<&str> = paths.keys().map(String::as_str).collect();
+    documented.sort();
+    assert_eq!(
+        documented,
+        vec![
+            "/",
+            "/digests/{digest}",
+            "/healthz",
+            "/images/{name}",
+            "/jobs",
+            "/jobs/{id}",
+            "/metrics",
+            "/mirror",
+            "/openapi.json",
+            "/readyz",
+            "/webhooks/github"
+        ]
+    );
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let http = reqwest::Client::new();
+    for (path, item) in paths {
+        for method in item.as_object().unwrap().keys() {
+            let concrete = path
+                .replace(
+                    "{digest}",
+                    "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+                )
+                .replace("{name}", "x/y")
+                .replace("{id}", "1");
+            let r = http
+                .request(
+                    method.to_uppercase().parse().unwrap(),
+                    format!("{}{concrete}", svc.url),
+                )
+                .send()
+                .await
+                .unwrap();
+            let body = r.text().await.unwrap();
+            assert!(
+                !body.contains("no such endpoint"),
+                "{method} {path} is documented but not routed"
+            );
+            let bare = path.split('{').next().unwrap();
+            assert!(
+                readme.contains(&format!("`{} {bare}", method.to_uppercase()))
+                    || path == "/"
+                    || path == "/openapi.json",
+                "{method} {path} is missing from the README's API table"
+            );
+        }
+    }
+
     // JSON logs, one object per line, with the request id in the span.
     let log = svc.log();
     let lines: Vec<Value> = log
