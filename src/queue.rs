@@ -375,3 +375,70 @@ pub async fn store_delivery(
         .await?;
     Ok(())
 }
+
+type EnqueueReply = tokio::sync::oneshot::Sender<sqlx::Result<(Job, bool)>>;
+
+/// Group commit for enqueues: requests arriving together share one transaction and one fsync, so
+/// a `202` still means "on disk" without paying a disk flush per request.
+#[derive(Clone)]
+pub struct Enqueuer {
+    tx: tokio::sync::mpsc::Sender<(NewJob, EnqueueReply)>,
+}
+
+/// Most enqueues committed together.
+const MAX_BATCH: usize = 256;
+
+impl Enqueuer {
+    /// Starts the batching task on `db`.
+    pub fn start(db: Db) -> Enqueuer {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(NewJob, EnqueueReply)>(4 * MAX_BATCH);
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                match enqueue_batch(&db, &batch).await {
+                    Ok(results) => {
+                        for ((_, reply), r) in batch.into_iter().zip(results) {
+                            let _ = reply.send(Ok(r));
+                        }
+                    }
+                    // One bad request must not fail its neighbours: fall back to one by one.
+                    Err(_) => {
+                        for (new, reply) in batch {
+                            let _ = reply.send(enqueue(&db, &new).await);
+                        }
+                    }
+                }
+            }
+        });
+        Enqueuer { tx }
+    }
+
+    /// Enqueues `new` durably (see [`enqueue`]).
+    pub async fn enqueue(&self, new: NewJob) -> sqlx::Result<(Job, bool)> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.tx
+            .send((new, reply))
+            .await
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        answer.await.map_err(|_| sqlx::Error::PoolClosed)?
+    }
+}
+
+async fn enqueue_batch(
+    db: &Db,
+    batch: &[(NewJob, EnqueueReply)],
+) -> sqlx::Result<Vec<(Job, bool)>> {
+    let mut tx = db.write.begin_with("BEGIN IMMEDIATE").await?;
+    let mut out = Vec::with_capacity(batch.len());
+    for (new, _) in batch {
+        out.push(enqueue_in(&mut tx, new).await?);
+    }
+    tx.commit().await?;
+    Ok(out)
+}

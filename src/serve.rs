@@ -131,6 +131,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             github,
         }),
         wake: workers.wake.clone(),
+        enqueuer: crate::queue::Enqueuer::start(db.clone()),
         workers_alive: workers.alive.clone(),
         workers_expected: args.workers as usize,
     };

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, ApiJson, AppState, Caller};
-use crate::queue::{self, NewJob};
+use crate::queue::NewJob;
 use crate::reference::ImageRef;
 
 /// The request body.
@@ -101,7 +101,7 @@ pub async fn create(
         req.target.as_deref(),
         json!({ "kind": "token", "name": who }),
     )?;
-    let (job, created) = queue::enqueue(&state.db, &new).await?;
+    let (job, created) = state.enqueuer.enqueue(new).await?;
     if created {
         state.wake.notify_one();
         tracing::info!(

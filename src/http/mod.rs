@@ -99,6 +99,8 @@ pub struct AppState {
     pub config: Arc<ApiConfig>,
     /// Rung after an enqueue to wake an idle worker.
     pub wake: Arc<tokio::sync::Notify>,
+    /// Durable enqueues, group-committed.
+    pub enqueuer: crate::queue::Enqueuer,
     /// Worker tasks running, and how many should be.
     pub workers_alive: Arc<std::sync::atomic::AtomicUsize>,
     pub workers_expected: usize,
