@@ -1,7 +1,7 @@
 //! The Registry HTTP API v2 transport: one HTTP client for every registry, with authentication,
 //! retries and size limits. Each operation here is one protocol step; the copy engine composes them.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -139,7 +139,16 @@ struct Inner {
     insecure: HashSet<String>,
     retry: RetryPolicy,
     network: Arc<NetworkPolicy>,
+    /// Per (target registry, blob): the repository this process last put it in, behind a lock
+    /// that one transfer of that blob holds at a time.
+    blob_slots: Mutex<HashMap<(String, Digest), BlobSlot>>,
 }
+
+/// Where a blob is known to be on a target registry; locked while it is being moved there.
+pub type BlobSlot = Arc<tokio::sync::Mutex<Option<String>>>;
+
+/// Entries kept in the blob record before idle ones are dropped.
+const MAX_BLOB_SLOTS: usize = 100_000;
 
 impl Client {
     /// A client with `config`, authenticating with `credentials`.
@@ -174,8 +183,21 @@ impl Client {
                 insecure: config.insecure_registries.into_iter().collect(),
                 retry: config.retry,
                 network,
+                blob_slots: Mutex::new(HashMap::new()),
             }),
         })
+    }
+
+    /// The slot of `digest` on `registry` (see [`BlobSlot`]).
+    pub fn blob_slot(&self, registry: &str, digest: &Digest) -> BlobSlot {
+        let mut slots = self.inner.blob_slots.lock().expect("blob slots poisoned");
+        if slots.len() >= MAX_BLOB_SLOTS {
+            slots.retain(|_, s| Arc::strong_count(s) > 1);
+        }
+        slots
+            .entry((registry.to_string(), digest.clone()))
+            .or_default()
+            .clone()
     }
 
     /// The retry policy in force.

@@ -485,21 +485,45 @@ impl Engine<'_> {
         Ok(outcome)
     }
 
+    /// Moves one blob into the target. Process-wide, one copy at a time moves a given blob into a
+    /// given registry; a copy that finds the blob moved before (by any copy of this process) into
+    /// another repository there mounts it from that repository instead of uploading it again.
     async fn transfer_unguarded(&self, d: &Descriptor) -> Result<BlobOutcome> {
+        let slot = self.client.blob_slot(&self.dst.registry, &d.digest);
+        let mut known = slot.lock().await;
+        let outcome = self.transfer_locked(d, known.as_deref()).await?;
+        *known = Some(self.dst.name.clone());
+        Ok(outcome)
+    }
+
+    async fn transfer_locked(
+        &self,
+        d: &Descriptor,
+        known_repo: Option<&str>,
+    ) -> Result<BlobOutcome> {
         if self.client.blob_size(&self.dst, &d.digest).await?.is_some() {
             return Ok(BlobOutcome::Skipped);
         }
+        let elsewhere_on_target = known_repo.filter(|r| *r != self.dst.name).map(|r| Repo {
+            registry: self.dst.registry.clone(),
+            name: r.to_string(),
+        });
+        let same_registry_source = (self.src.registry == self.dst.registry
+            && self.src.name != self.dst.name)
+            .then(|| self.src.clone());
         let mut session = None;
-        if self.src.registry == self.dst.registry && self.src.name != self.dst.name {
-            match self
-                .client
-                .mount_blob(&self.dst, &self.src, &d.digest)
-                .await
-            {
+        for from in [elsewhere_on_target, same_registry_source]
+            .into_iter()
+            .flatten()
+        {
+            match self.client.mount_blob(&self.dst, &from, &d.digest).await {
                 Ok(MountOutcome::Mounted) => return Ok(BlobOutcome::Mounted),
-                Ok(MountOutcome::Upload(s)) => session = Some(s),
+                Ok(MountOutcome::Upload(s)) => {
+                    session = Some(s);
+                    break;
+                }
                 Err(e) => {
-                    tracing::debug!(blob = %d.digest.short(), "mount refused ({e}); uploading")
+                    tracing::debug!(blob = %d.digest.short(), "mount from {from} refused ({e}); trying on")
                 }
             }
         }
