@@ -91,7 +91,7 @@ pub struct ServeArgs {
     pub allowed_sources: String,
 
     /// Copies running at once.
-    #[arg(long, env = "MIRROR_WORKERS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, env = "MIRROR_WORKERS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub workers: u32,
 
     /// Attempts per job before it fails for good.

@@ -38,7 +38,7 @@ pub struct WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
-            workers: 2,
+            workers: 4,
             lease: Duration::from_secs(30),
             poll: Duration::from_secs(2),
             copy: CopyOptions::default(),
