@@ -567,3 +567,93 @@ async fn tokens_shorter_lived_than_the_copy_are_refreshed() {
     assert_eq!(r.target_digest.to_string(), b.digest);
     assert!(issuer.requests() > served, "fresh tokens were fetched");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_1_gib_layer_outlives_its_2_second_tokens() {
+    let issuer = TokenIssuer::start("gina", "gina-password-1").await;
+    let (src, dst) = (
+        Registry::token(&issuer).await,
+        Registry::token(&issuer).await,
+    );
+    // 1 GiB of data: a 1 MiB random block, each copy stamped with its index.
+    let block = support_bytes(77, 1 << 20);
+    let mut big = Vec::with_capacity(1 << 30);
+    for i in 0..1024u32 {
+        big.extend_from_slice(&i.to_le_bytes());
+        big.extend_from_slice(&block[4..]);
+    }
+    let p = Pusher::new(&src);
+    let img = p
+        .image_with(
+            "huge/app",
+            br#"{"architecture":"amd64","os":"linux"}"#,
+            &[big],
+            false,
+            Style::Compact,
+        )
+        .await;
+    drop(p);
+    issuer.set_lifetime(2);
+    let cfg = tempfile::tempdir().unwrap();
+    write_docker_config(
+        cfg.path(),
+        &[
+            (&src.host(), "gina", "gina-password-1"),
+            (&dst.host(), "gina", "gina-password-1"),
+        ],
+    );
+    let before = issuer.requests();
+    let started = Instant::now();
+    let r = ok_json(&run(
+        &[
+            "copy",
+            &format!("{}/huge/app@{}", src.host(), img.digest),
+            &format!("{}/huge/app:big", dst.host()),
+            "--json",
+        ],
+        Some(cfg.path()),
+    ));
+    let took = started.elapsed();
+    assert_eq!(r["target_digest"], json!(img.digest));
+    assert_eq!(
+        r["bytes_moved"].as_u64().unwrap(),
+        (1u64 << 30) + 37,
+        "the layer and the 37-byte config"
+    );
+    assert!(
+        issuer.requests() > before,
+        "tokens were fetched during the copy"
+    );
+    eprintln!(
+        "1 GiB copy with 2 s tokens took {took:?}, {} token requests",
+        issuer.requests() - before
+    );
+    assert_served(&dst, "huge/app", "big", &img).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_identity_token_in_the_docker_config_is_used_as_a_refresh_token() {
+    let issuer = TokenIssuer::start("hank", "hank-password-1").await;
+    let reg = Registry::token(&issuer).await;
+    let img = Pusher::new(&reg)
+        .image("id/app", 91, &[3000], false, Style::Compact)
+        .await;
+    let cfg = tempfile::tempdir().unwrap();
+    // The issuer accepts `refresh-<password>` as hank's refresh token.
+    std::fs::write(
+        cfg.path().join("config.json"),
+        json!({"auths": {reg.host(): {"identitytoken": "refresh-hank-password-1"}}}).to_string(),
+    )
+    .unwrap();
+    let r = ok_json(&run(
+        &[
+            "copy",
+            &format!("{}/id/app@{}", reg.host(), img.digest),
+            &format!("{}/id/copy:x", reg.host()),
+            "--json",
+        ],
+        Some(cfg.path()),
+    ));
+    assert_eq!(r["target_digest"], json!(img.digest));
+    assert_served(&reg, "id/copy", "x", &img).await;
+}

@@ -724,3 +724,33 @@ async fn slow_bodies_time_out_and_concurrent_load_never_shows_database_locked() 
     assert_eq!(list["jobs"].as_array().unwrap().len(), 200);
     assert!(!svc.log().contains("database is locked"), "no lock errors");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_can_be_closed_to_tokens() {
+    let down = Registry::anonymous().await;
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start(
+        &dir.path().join("m.db"),
+        &format!("{}/mirror", down.host()),
+        "127.0.0.1:1",
+        &[("MIRROR_READ_REQUIRES_TOKEN", "true")],
+    )
+    .await;
+    for path in [
+        "/images/x/y",
+        "/digests/sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+        "/jobs",
+        "/",
+    ] {
+        let (status, _) = svc.get(path).await;
+        assert_eq!(status, 401, "{path} without a token");
+        let r = reqwest::Client::new()
+            .get(format!("{}{path}", svc.url))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_ne!(r.status().as_u16(), 401, "{path} with a token");
+    }
+    assert_eq!(svc.get("/healthz").await.0, 200, "probes stay open");
+}
