@@ -528,7 +528,9 @@ mod tests {
                 }
             }
             if next(4) == 0 {
-                let hex: String = (0..(60 + next(8))).map(|_| b"0123456789abcdef"[next(16) as usize] as char).collect();
+                let hex: String = (0..(60 + next(8)))
+                    .map(|_| b"0123456789abcdef"[next(16) as usize] as char)
+                    .collect();
                 s.push_str(&format!("@sha256:{hex}"));
             }
             let ours = ImageRef::parse_source(&s);
@@ -542,7 +544,10 @@ mod tests {
                 _ => panic!("{s:?}: ours {ours:?}, distribution grammar {oracle:?}"),
             }
         }
-        assert!(accepted > 1000 && refused > 1000, "both sides exercised: {accepted} accepted, {refused} refused");
+        assert!(
+            accepted > 1000 && refused > 1000,
+            "both sides exercised: {accepted} accepted, {refused} refused"
+        );
     }
 
     #[test]
