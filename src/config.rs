@@ -2,6 +2,30 @@
 
 use clap::{Args, Parser, Subcommand};
 
+/// A secret setting: its `Debug` never shows the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl std::ops::Deref for Secret {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
 /// Mirror container images between registries without changing a digest.
 #[derive(Debug, Parser)]
 #[command(name = "mirror-mirror", version, about, propagate_version = true)]
@@ -84,7 +108,7 @@ pub struct ServeArgs {
 
     /// Bearer tokens allowed to request mirrors: comma-separated `token` or `name=token`.
     #[arg(long, env = "MIRROR_API_TOKENS", hide_env_values = true)]
-    pub api_tokens: Option<String>,
+    pub api_tokens: Option<Secret>,
 
     /// Registries or registry/path prefixes that may be mirrored (`*.pkg.dev` wildcards allowed).
     #[arg(long, env = "MIRROR_ALLOWED_SOURCES", default_value = crate::mapping::DEFAULT_ALLOWED_SOURCES)]
@@ -117,7 +141,7 @@ pub struct ServeArgs {
     /// GitHub webhook secrets (comma-separated, so one can be rotated without downtime).
     /// Unset: `POST /webhooks/github` answers 503.
     #[arg(long, env = "MIRROR_GITHUB_WEBHOOK_SECRETS", hide_env_values = true)]
-    pub github_webhook_secrets: Option<String>,
+    pub github_webhook_secrets: Option<Secret>,
 
     /// `repository_dispatch` event types that request mirrors (comma-separated).
     #[arg(long, env = "MIRROR_GITHUB_EVENT_TYPES", default_value = "mirror")]
@@ -133,7 +157,7 @@ pub struct ServeArgs {
 
     /// Secret for the notices' `X-Mirror-Signature-256` (HMAC-SHA256 of the body).
     #[arg(long, env = "MIRROR_NOTIFY_SECRET", hide_env_values = true)]
-    pub notify_secret: Option<String>,
+    pub notify_secret: Option<Secret>,
 
     #[command(flatten)]
     pub registry: RegistryArgs,
