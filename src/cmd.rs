@@ -37,6 +37,7 @@ pub async fn copy(args: CopyArgs) -> Result<()> {
     let client = client(&args.registry, NetworkPolicy::permissive())?;
     let options = CopyOptions {
         jobs: args.jobs as usize,
+        referrers: !args.no_referrers,
     };
     let progress = Arc::new(Progress::default());
     let bar = std::io::stderr()

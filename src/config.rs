@@ -87,6 +87,10 @@ pub struct CopyArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// Do not copy signatures, attestations and other referrers with the image.
+    #[arg(long)]
+    pub no_referrers: bool,
+
     #[command(flatten)]
     pub registry: RegistryArgs,
 }
@@ -133,6 +137,10 @@ pub struct ServeArgs {
     /// Seconds a worker's lease on a job lasts; renewed every third of it.
     #[arg(long, env = "MIRROR_LEASE", default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..=3600))]
     pub lease: u64,
+
+    /// Copy signatures, attestations and other referrers with each image (a request may turn it off).
+    #[arg(long, env = "MIRROR_REFERRERS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub referrers: bool,
 
     /// Blobs and manifests transferred at once within one copy.
     #[arg(long, env = "MIRROR_COPY_JOBS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]

@@ -35,6 +35,8 @@ pub struct Job {
     pub updated_at: i64,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
+    /// Whether referrers (signatures, attestations) are copied too.
+    pub referrers: bool,
 }
 
 /// Job states.
@@ -55,6 +57,7 @@ pub struct NewJob {
     pub target_tag: Option<String>,
     pub requested_by: String,
     pub max_attempts: i64,
+    pub referrers: bool,
 }
 
 /// A claimed job: the job and the lease that lets its worker write it.
@@ -101,8 +104,8 @@ pub async fn enqueue_in(
     }
     let now = now_ms();
     let job: Job = sqlx::query_as(
-        "insert into job (source, target_repo, target_tag, state, max_attempts, run_at, requested_by, created_at, updated_at)
-         values (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?5, ?5) returning *",
+        "insert into job (source, target_repo, target_tag, state, max_attempts, run_at, requested_by, created_at, updated_at, referrers)
+         values (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?5, ?5, ?7) returning *",
     )
     .bind(&new.source)
     .bind(&new.target_repo)
@@ -110,6 +113,7 @@ pub async fn enqueue_in(
     .bind(new.max_attempts)
     .bind(now)
     .bind(&new.requested_by)
+    .bind(new.referrers)
     .fetch_one(&mut *tx)
     .await?;
     Ok((job, true))

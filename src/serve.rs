@@ -114,6 +114,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             workers: args.workers as usize,
             lease: Duration::from_secs(args.lease),
             copy: CopyOptions {
+                referrers: args.referrers,
                 jobs: args.jobs as usize,
             },
             ..WorkerConfig::default()

@@ -300,7 +300,11 @@ impl Workers {
         let target = ImageRef::parse(&target_text).map_err(|e| {
             JobError::Permanent(format!("stored target {target_text:?} is invalid: {e}"))
         })?;
-        let result = registry::copy(&self.client, &pinned, &target, &self.config.copy, progress)
+        let options = registry::CopyOptions {
+            referrers: self.config.copy.referrers && job.referrers,
+            ..self.config.copy.clone()
+        };
+        let result = registry::copy(&self.client, &pinned, &target, &options, progress)
             .await
             .map_err(JobError::from)?;
         let record = NewRecord {
@@ -315,7 +319,17 @@ impl Workers {
             mirror_repo: job.target_repo.clone(),
             mirror_digest: result.target_digest.to_string(),
             media_type: result.media_type.clone(),
-            manifests: serde_json::to_string(&result.manifests).unwrap_or_else(|_| "[]".into()),
+            manifests: serde_json::to_string(
+                &result
+                    .manifests
+                    .iter()
+                    .map(|m| serde_json::to_value(m).unwrap_or_default())
+                    .chain(result.referrers.iter().map(|r| {
+                        serde_json::json!({ "digest": r.digest, "referrer_of": r.subject, "tag": r.tag })
+                    }))
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap_or_else(|_| "[]".into()),
             size_bytes: result.bytes_total as i64,
             requested_by: job.requested_by.clone(),
             verified_at: now_ms(),

@@ -26,8 +26,18 @@ fn entry(r: &Record) -> Value {
                 .collect()
         })
         .unwrap_or_default();
+    let referrers: Vec<Value> = manifests
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|m| m.get("referrer_of").is_some())
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
     json!({
         "tag": r.tag,
+        "referrers": referrers,
         "digest": r.source_digest,
         "source": match &r.tag { Some(t) => format!("{}:{t}", r.source_repo), None => format!("{}@{}", r.source_repo, r.source_digest) },
         "mirror": r.mirror_repo,

@@ -32,6 +32,7 @@ pub fn view(job: &Job) -> Value {
         "pull": pull,
         "attempts": job.attempts,
         "max_attempts": job.max_attempts,
+        "referrers": job.referrers,
         "last_error": job.last_error,
         "requested_by": serde_json::from_str::<Value>(&job.requested_by).unwrap_or(Value::Null),
         "progress": {

@@ -19,6 +19,8 @@ pub struct MirrorRequest {
     pub image: String,
     /// Optional target (repository or repository:tag), which must lie under `MIRROR_TARGET`.
     pub target: Option<String>,
+    /// Copy signatures, attestations and other referrers too (default: the service setting).
+    pub referrers: Option<bool>,
 }
 
 /// What to enqueue for `image` (and an optional `target`), or why not. Shared with the webhook.
@@ -77,6 +79,7 @@ pub fn plan(
         target_tag,
         requested_by: requested_by.to_string(),
         max_attempts: config.max_attempts,
+        referrers: true,
     })
 }
 
@@ -95,12 +98,13 @@ pub async fn create(
     Caller(who): Caller,
     ApiJson(req): ApiJson<MirrorRequest>,
 ) -> Result<Response, ApiError> {
-    let new = plan(
+    let mut new = plan(
         &state,
         &req.image,
         req.target.as_deref(),
         json!({ "kind": "token", "name": who }),
     )?;
+    new.referrers = req.referrers.unwrap_or(true);
     let (job, created) = state.enqueuer.enqueue(new).await?;
     if created {
         state.wake.notify_one();

@@ -35,11 +35,17 @@ struct Plan {
 pub struct CopyOptions {
     /// Blobs and manifests transferred at once.
     pub jobs: usize,
+    /// Also copy what refers to the image: OCI referrers (the referrers API, or the
+    /// `sha256-<hex>` fallback tag) and cosign's `sha256-<hex>.sig`/`.att`/`.sbom` tags.
+    pub referrers: bool,
 }
 
 impl Default for CopyOptions {
     fn default() -> Self {
-        CopyOptions { jobs: 8 }
+        CopyOptions {
+            jobs: 8,
+            referrers: true,
+        }
     }
 }
 
@@ -109,8 +115,95 @@ pub struct CopyResult {
     pub manifests_skipped: usize,
     /// True when the target already served this digest under this reference: nothing was written.
     pub up_to_date: bool,
+    /// Signatures, attestations and other artifacts copied with the image (each verified).
+    pub referrers: Vec<Referrer>,
     /// Wall time of the copy.
     pub duration_ms: u64,
+}
+
+/// An artifact that refers to a copied manifest, copied along with it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Referrer {
+    /// The manifest it refers to.
+    pub subject: Digest,
+    /// Its digest (the same on source and target).
+    pub digest: Digest,
+    /// The tag it travels under (`sha256-<hex>.sig`, the `sha256-<hex>` fallback index), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+}
+
+/// Copies, for every manifest of the image, what refers to it; each by its own verified copy.
+async fn copy_referrers(
+    client: &Client,
+    source: &ImageRef,
+    target: &ImageRef,
+    engine: &Engine<'_>,
+    options: &CopyOptions,
+) -> Result<Vec<Referrer>> {
+    let subjects: Vec<Digest> = {
+        let mut v: Vec<Digest> = engine
+            .entries
+            .lock()
+            .expect("entries poisoned")
+            .iter()
+            .map(|e| e.digest.clone())
+            .collect();
+        v.dedup();
+        v
+    };
+    let nested = CopyOptions {
+        referrers: false,
+        ..options.clone()
+    };
+    let src_repo = source.clone().with_tag(None).with_digest(None);
+    let dst_repo = target.clone().with_tag(None).with_digest(None);
+    let mut out = Vec::new();
+    for subject in subjects {
+        let mut found: Vec<(Option<String>, Option<Digest>)> = Vec::new();
+        if let Some(list) = client.referrers(&engine.src, &subject).await? {
+            found.extend(list.into_iter().map(|d| (None, Some(d.digest))));
+        }
+        let base = format!(
+            "{}-{}",
+            match subject.algorithm() {
+                crate::digest::Algorithm::Sha256 => "sha256",
+                crate::digest::Algorithm::Sha512 => "sha512",
+            },
+            subject.hex()
+        );
+        for tag in [
+            base.clone(),
+            format!("{base}.sig"),
+            format!("{base}.att"),
+            format!("{base}.sbom"),
+        ] {
+            if client.head_manifest(&engine.src, &tag).await?.is_some() {
+                found.push((Some(tag), None));
+            }
+        }
+        for (tag, digest) in found {
+            let (s, t) = match (&tag, &digest) {
+                (Some(tag), _) => (
+                    src_repo.clone().with_tag(Some(tag.clone())),
+                    dst_repo.clone().with_tag(Some(tag.clone())),
+                ),
+                (None, Some(d)) => (
+                    src_repo.clone().with_digest(Some(d.clone())),
+                    dst_repo.clone(),
+                ),
+                (None, None) => continue,
+            };
+            let r = Box::pin(copy(client, &s, &t, &nested, Arc::new(Progress::default()))).await?;
+            tracing::info!(subject = %subject.short(), "copied {} referring to {}", r.target, subject.short());
+            out.push(Referrer {
+                subject: subject.clone(),
+                digest: r.target_digest,
+                tag,
+            });
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -216,6 +309,11 @@ pub async fn copy(
         engine.verify(&top, tag.as_deref()).await?;
         top
     };
+    let referrers = if options.referrers && !up_to_date {
+        copy_referrers(client, source, target, &engine, options).await?
+    } else {
+        Vec::new()
+    };
 
     let entries = engine.entries.lock().expect("entries poisoned").clone();
     let mut platforms: Vec<String> = entries
@@ -243,6 +341,7 @@ pub async fn copy(
         manifests_pushed: engine.pushed.lock().expect("pushed poisoned").len(),
         manifests_skipped: s.manifests_skipped.load(Ordering::Relaxed),
         up_to_date,
+        referrers,
         duration_ms: started.elapsed().as_millis() as u64,
     })
 }

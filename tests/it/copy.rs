@@ -548,7 +548,10 @@ async fn tokens_shorter_lived_than_the_copy_are_refreshed() {
                 &client,
                 &source,
                 &target,
-                &CopyOptions { jobs: 2 },
+                &CopyOptions {
+                    jobs: 2,
+                    ..CopyOptions::default()
+                },
                 Arc::new(Progress::default()),
             )
             .await
@@ -656,4 +659,117 @@ async fn an_identity_token_in_the_docker_config_is_used_as_a_refresh_token() {
     ));
     assert_eq!(r["target_digest"], json!(img.digest));
     assert_served(&reg, "id/copy", "x", &img).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signatures_and_referrers_travel_with_the_image() {
+    let (up, down) = (Registry::anonymous().await, Registry::anonymous().await);
+    let p = Pusher::new(&up);
+    let img = p
+        .image("signed/app", 101, &[2000], false, Style::Compact)
+        .await;
+    p.manifest("signed/app", "v1", &img.media_type, &img.bytes)
+        .await;
+    let hex = img.digest.trim_start_matches("sha256:");
+    // A cosign-style signature under the `sha256-<hex>.sig` tag.
+    let sig = p
+        .image_with(
+            "signed/app",
+            br#"{"cosign":"sig"}"#,
+            &[b"signature payload".to_vec()],
+            false,
+            Style::Compact,
+        )
+        .await;
+    p.manifest(
+        "signed/app",
+        &format!("sha256-{hex}.sig"),
+        &sig.media_type,
+        &sig.bytes,
+    )
+    .await;
+    // An OCI 1.1 artifact with a subject, listed in the `sha256-<hex>` fallback index (this
+    // registry has no referrers API).
+    let empty = p.blob("signed/app", b"{}").await;
+    let sbom = p
+        .blob("signed/app", b"{\"spdxVersion\":\"SPDX-2.3\"}")
+        .await;
+    let artifact = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": "application/spdx+json",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+        "layers": [{"mediaType": "application/spdx+json", "digest": sbom, "size": 26}],
+        "subject": {"mediaType": img.media_type, "digest": img.digest, "size": img.bytes.len()}
+    }))
+    .unwrap();
+    let art = p
+        .manifest(
+            "signed/app",
+            &sha256(&artifact),
+            "application/vnd.oci.image.manifest.v1+json",
+            &artifact,
+        )
+        .await;
+    let fallback = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": art, "size": artifact.len(), "artifactType": "application/spdx+json"}]
+    }))
+    .unwrap();
+    p.manifest(
+        "signed/app",
+        &format!("sha256-{hex}"),
+        "application/vnd.oci.image.index.v1+json",
+        &fallback,
+    )
+    .await;
+
+    let r = ok_json(&run(
+        &[
+            "copy",
+            &format!("{}/signed/app:v1", up.host()),
+            &format!("{}/m/app", down.host()),
+            "--json",
+        ],
+        None,
+    ));
+    let referrers = r["referrers"].as_array().unwrap();
+    assert_eq!(referrers.len(), 2, "{r:#}");
+    let target = Pusher::new(&down);
+    let (bytes, _, _) = target
+        .get_manifest("m/app", &format!("sha256-{hex}.sig"))
+        .await
+        .expect("signature tag copied");
+    assert_eq!(sha256(&bytes), sig.digest);
+    let (bytes, _, _) = target
+        .get_manifest("m/app", &format!("sha256-{hex}"))
+        .await
+        .expect("fallback index copied");
+    assert_eq!(bytes, fallback);
+    let (bytes, _, _) = target
+        .get_manifest("m/app", &art)
+        .await
+        .expect("the artifact itself");
+    assert_eq!(bytes, artifact);
+    assert!(target.blob_exists("m/app", &sbom).await);
+
+    // Switched off: only the image.
+    let r = ok_json(&run(
+        &[
+            "copy",
+            &format!("{}/signed/app:v1", up.host()),
+            &format!("{}/bare/app", down.host()),
+            "--json",
+            "--no-referrers",
+        ],
+        None,
+    ));
+    assert_eq!(r["referrers"], json!([]));
+    assert!(
+        target
+            .get_manifest("bare/app", &format!("sha256-{hex}.sig"))
+            .await
+            .is_none()
+    );
 }

@@ -22,6 +22,7 @@ fn job(source: &str) -> NewJob {
         target_tag: Some("1".into()),
         requested_by: r#"{"kind":"token","name":"t"}"#.into(),
         max_attempts: 3,
+        referrers: true,
     }
 }
 

@@ -754,3 +754,53 @@ async fn reads_can_be_closed_to_tokens() {
     }
     assert_eq!(svc.get("/healthz").await.0, 200, "probes stay open");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ledger_records_the_signatures_copied_with_the_image() {
+    let (up, down) = (Registry::anonymous().await, Registry::anonymous().await);
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start(
+        &dir.path().join("m.db"),
+        &format!("{}/mirror", down.host()),
+        &up.host(),
+        &[],
+    )
+    .await;
+    let p = Pusher::new(&up);
+    let img = p
+        .image("sig/app", 111, &[1500], false, Style::Compact)
+        .await;
+    p.manifest("sig/app", "1", &img.media_type, &img.bytes)
+        .await;
+    let sig = p
+        .image_with(
+            "sig/app",
+            br#"{"cosign":1}"#,
+            &[b"sig".to_vec()],
+            false,
+            Style::Compact,
+        )
+        .await;
+    let sig_tag = format!("sha256-{}.sig", img.digest.trim_start_matches("sha256:"));
+    p.manifest("sig/app", &sig_tag, &sig.media_type, &sig.bytes)
+        .await;
+    let (_, job) = svc
+        .mirror(&json!({ "image": format!("{}/sig/app:1", up.host()) }))
+        .await;
+    assert_eq!(job["referrers"], true);
+    let job = svc
+        .wait_job(job["id"].as_i64().unwrap(), Duration::from_secs(60))
+        .await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let (_, entry) = svc.get(&format!("/images/{}/sig/app:1", up.host())).await;
+    assert_eq!(
+        entry["referrers"],
+        json!([{ "digest": sig.digest, "referrer_of": img.digest, "tag": sig_tag }]),
+        "{entry}"
+    );
+    // A request may leave them behind.
+    let (_, job) = svc
+        .mirror(&json!({ "image": format!("{}/sig/app:1", up.host()), "referrers": false }))
+        .await;
+    assert_eq!(job["referrers"], false, "{job}");
+}
