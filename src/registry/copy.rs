@@ -158,12 +158,8 @@ async fn copy_referrers(
     };
     let src_repo = source.clone().with_tag(None).with_digest(None);
     let dst_repo = target.clone().with_tag(None).with_digest(None);
-    let mut out = Vec::new();
-    for subject in subjects {
-        let mut found: Vec<(Option<String>, Option<Digest>)> = Vec::new();
-        if let Some(list) = client.referrers(&engine.src, &subject).await? {
-            found.extend(list.into_iter().map(|d| (None, Some(d.digest))));
-        }
+    // Look everything up at once: the referrers API and four tags per manifest.
+    let lookups = subjects.iter().map(|subject| async move {
         let base = format!(
             "{}-{}",
             match subject.algorithm() {
@@ -172,16 +168,30 @@ async fn copy_referrers(
             },
             subject.hex()
         );
-        for tag in [
+        let tags = [
             base.clone(),
             format!("{base}.sig"),
             format!("{base}.att"),
             format!("{base}.sbom"),
-        ] {
-            if client.head_manifest(&engine.src, &tag).await?.is_some() {
+        ];
+        let (api, heads) = futures_util::future::join(
+            client.referrers(&engine.src, subject),
+            try_join_all(tags.iter().map(|t| client.head_manifest(&engine.src, t))),
+        )
+        .await;
+        let mut found: Vec<(Option<String>, Option<Digest>)> = Vec::new();
+        if let Some(list) = api? {
+            found.extend(list.into_iter().map(|d| (None, Some(d.digest))));
+        }
+        for (tag, head) in tags.into_iter().zip(heads?) {
+            if head.is_some() {
                 found.push((Some(tag), None));
             }
         }
+        Ok::<_, Error>((subject.clone(), found))
+    });
+    let mut out = Vec::new();
+    for (subject, found) in try_join_all(lookups).await? {
         for (tag, digest) in found {
             let (s, t) = match (&tag, &digest) {
                 (Some(tag), _) => (
