@@ -158,8 +158,8 @@ async fn copy_referrers(
     };
     let src_repo = source.clone().with_tag(None).with_digest(None);
     let dst_repo = target.clone().with_tag(None).with_digest(None);
-    // Look everything up at once: the referrers API and four tags per manifest.
-    let lookups = subjects.iter().map(|subject| async move {
+    // Look everything up at once: the referrers API and the fallback tag for every manifest.
+    let lookups = subjects.iter().enumerate().map(|(i, subject)| async move {
         let base = format!(
             "{}-{}",
             match subject.algorithm() {
@@ -168,12 +168,16 @@ async fn copy_referrers(
             },
             subject.hex()
         );
-        let tags = [
-            base.clone(),
-            format!("{base}.sig"),
-            format!("{base}.att"),
-            format!("{base}.sbom"),
-        ];
+        // cosign signs the digest a user pulls (the top manifest); its tags are looked for there
+        // only, so a wide index costs two lookups per child, not five.
+        let mut tags = vec![base.clone()];
+        if i == 0 {
+            tags.extend([
+                format!("{base}.sig"),
+                format!("{base}.att"),
+                format!("{base}.sbom"),
+            ]);
+        }
         let (api, heads) = futures_util::future::join(
             client.referrers(&engine.src, subject),
             try_join_all(tags.iter().map(|t| client.head_manifest(&engine.src, t))),
