@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what mirror-mirror's tests, demo and benchmarks need when it is missing (Debian/Ubuntu):
-# the CNCF distribution registry, skopeo (an independent client), htpasswd, openssl.
+# the CNCF distribution registry, skopeo (an independent client), htpasswd, openssl; wrk and time for
+# the benchmark.
 set -euo pipefail
 
 declare -A want=(
@@ -9,6 +10,8 @@ declare -A want=(
   [htpasswd]=apache2-utils
   [openssl]=openssl
   [curl]=curl
+  [wrk]=wrk
+  [/usr/bin/time]=time
 )
 missing=()
 for cmd in "${!want[@]}"; do
