@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use rand::Rng as _;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -253,13 +252,7 @@ impl Workers {
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self
-            .config
-            .backoff
-            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
-            .min(self.config.max_backoff);
-        let half = exp / 2;
-        half + rand::rng().random_range(Duration::ZERO..=half)
+        registry::retry::backoff(self.config.backoff, self.config.max_backoff, attempt)
     }
 
     /// One attempt: resolve (first time only), copy the pinned digest, build the ledger record.

@@ -34,16 +34,10 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// The wait before attempt `attempt + 1` after `attempt` failed with `err`.
     pub fn delay(&self, attempt: u32, err: &Error) -> Duration {
-        if let Some(after) = err.retry_after() {
-            return after.min(self.max_retry_after);
+        match err.retry_after() {
+            Some(after) => after.min(self.max_retry_after),
+            None => backoff(self.base, self.max_backoff, attempt),
         }
-        let exp = self
-            .base
-            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
-            .min(self.max_backoff);
-        // "Equal jitter": half fixed, half random, so retries of many clients spread out.
-        let half = exp / 2;
-        half + rand::rng().random_range(Duration::ZERO..=half)
     }
 
     /// Runs `op` until it succeeds, fails permanently, or the attempts run out.
@@ -77,6 +71,16 @@ impl RetryPolicy {
             }
         }
     }
+}
+
+/// Exponential backoff after failed attempt `attempt` (from 1): `base` doubling per attempt, capped
+/// at `max`, with "equal jitter" (half fixed, half random) so retries of many clients spread out.
+pub fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
+    let exp = base
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
+        .min(max);
+    let half = exp / 2;
+    half + rand::rng().random_range(Duration::ZERO..=half)
 }
 
 /// Parses a `Retry-After` value: delta-seconds or an HTTP date.

@@ -2,7 +2,6 @@
 //! corrupted blob, a missing `Location`), with a real registry on the other side.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -53,7 +52,6 @@ struct Inner {
 pub struct Faulty {
     inner: Arc<Mutex<Inner>>,
     pub requests: Arc<Mutex<HashMap<Route, usize>>>,
-    pub served: Arc<AtomicUsize>,
 }
 
 impl Faulty {
@@ -111,10 +109,7 @@ impl Faulty {
             .route("/v2/", axum::routing::get(|| async { "{}" }))
             .route("/v2/{*rest}", axum::routing::any(handle))
             .with_state(self.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        addr.to_string()
+        crate::support::serve(app, "127.0.0.1").await
     }
 }
 
@@ -187,7 +182,6 @@ async fn handle(
     if method == Method::HEAD {
         return (StatusCode::OK, headers, Body::empty()).into_response();
     }
-    f.served.fetch_add(1, Ordering::Relaxed);
     let body = match fault {
         Some(Fault::Corrupt) => {
             let mut v = bytes.to_vec();
@@ -517,13 +511,6 @@ async fn refused(f: &Faulty, tag: &str, want: &str) {
     .expect_err("a hostile manifest is refused");
     assert!(e.to_string().contains(want), "{e}");
     assert!(!e.is_transient(), "{e} is not retried");
-    assert_eq!(
-        f.served.load(Ordering::Relaxed)
-            - f.count(Route::Manifest)
-                .min(f.served.load(Ordering::Relaxed)),
-        0,
-        "no blob was fetched"
-    );
     assert_eq!(f.count(Route::Blob), 0, "no blob request at all");
     assert!(
         Pusher::new(&down)

@@ -77,10 +77,8 @@ async fn receiver(secret: &'static str) -> (String, Arc<Mutex<Vec<Value>>>) {
             }
         }),
     );
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/notice", l.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
-    (url, got)
+    let addr = crate::support::serve(app, "127.0.0.1").await;
+    (format!("http://{addr}/notice"), got)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -29,15 +29,6 @@ struct Sink {
     blobs: Arc<Mutex<HashMap<String, Vec<u8>>>>,
 }
 
-async fn listen(app: Router, ip: &str) -> String {
-    let l = tokio::net::TcpListener::bind(format!("{ip}:0"))
-        .await
-        .unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
-    addr
-}
-
 async fn sink(ip: &str) -> (String, Sink) {
     let s = Sink::default();
     let app = Router::new()
@@ -57,7 +48,7 @@ async fn sink(ip: &str) -> (String, Sink) {
             ),
         )
         .with_state(s.clone());
-    (listen(app, ip).await, s)
+    (crate::support::serve(app, ip).await, s)
 }
 
 /// An upstream registry serving one image (manifest tagged `v1`), with optional behaviours.
@@ -161,7 +152,7 @@ impl Upstream {
             .route("/v2/", axum::routing::get(|| async { "{}" }))
             .route("/v2/{*rest}", axum::routing::any(upstream_handler))
             .with_state(self);
-        listen(app, ip).await
+        crate::support::serve(app, ip).await
     }
 }
 

@@ -19,6 +19,16 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_mirror-mirror")
 }
 
+/// Serves `app` in-process on a free port of `ip` (a loopback address); returns `ip:PORT`.
+pub async fn serve(app: axum::Router, ip: &str) -> String {
+    let listener = tokio::net::TcpListener::bind(format!("{ip}:0"))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
 /// `sha256:<hex>` of `bytes`.
 pub fn sha256(bytes: &[u8]) -> String {
     use sha2::Digest as _;
