@@ -11,6 +11,8 @@ pub mod config;
 pub mod db;
 /// Content digests (`sha256:…`): parsing, hashing, verification.
 pub mod digest;
+/// Drift watch: re-checking mirrored tags upstream and on the target.
+pub mod drift;
 /// The HTTP API: `/mirror`, `/jobs`, `/images`, `/digests`.
 pub mod http;
 /// Audit records of verified copies and the queries behind lookups.
