@@ -38,6 +38,7 @@ pub async fn copy(args: CopyArgs) -> Result<()> {
     let options = CopyOptions {
         jobs: args.jobs as usize,
         referrers: !args.no_referrers,
+        repair: false,
     };
     let progress = Arc::new(Progress::default());
     let bar = std::io::stderr()

@@ -146,6 +146,16 @@ pub struct ServeArgs {
     #[arg(long, env = "MIRROR_COPY_JOBS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub jobs: u32,
 
+    /// Seconds between drift-watch rounds, which re-check every mirrored tag upstream (HEAD) and on
+    /// the target; 0 turns the schedule off (`POST /drift/check` still runs a round).
+    #[arg(long, env = "MIRROR_DRIFT_INTERVAL", default_value_t = 21600)]
+    pub drift_interval: u64,
+
+    /// What drift watch does when a source tag moves: `follow` (mirror the new digest) or `pin`
+    /// (keep the mirrored one and record the move). A request may choose for its tag.
+    #[arg(long, env = "MIRROR_DRIFT_POLICY", default_value = "follow")]
+    pub drift_policy: crate::drift::Policy,
+
     /// GitHub webhook secrets (comma-separated, so one can be rotated without downtime).
     /// Unset: `POST /webhooks/github` answers 503.
     #[arg(long, env = "MIRROR_GITHUB_WEBHOOK_SECRETS", hide_env_values = true)]

@@ -3,8 +3,22 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
 
+use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::db::{Db, now_ms};
+use crate::digest::Digest;
+use crate::ledger::{self, Drift, NewDrift, Record};
+use crate::notify::Notifier;
+use crate::queue::{self, NewJob};
+use crate::reference::ImageRef;
+use crate::registry::{self, Client, Repo};
 
 /// What to do when a source tag moves upstream after it was mirrored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -44,5 +58,419 @@ impl FromStr for Policy {
                 "drift policy {other:?} is not known: use \"follow\" (mirror the new digest) or \"pin\" (keep the mirrored one)"
             )),
         }
+    }
+}
+
+/// How drift watch runs.
+#[derive(Debug, Clone)]
+pub struct DriftConfig {
+    /// Time between rounds; `None` turns the schedule off (`POST /drift/check` still runs one).
+    pub interval: Option<Duration>,
+    /// Policy for tags whose requests did not choose one.
+    pub policy: Policy,
+    /// Mirrored tags checked at once.
+    pub concurrency: usize,
+    /// Attempts given to the jobs drift watch queues.
+    pub max_attempts: i64,
+}
+
+/// What one round found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Round {
+    /// Start, RFC 3339.
+    pub started_at: String,
+    pub duration_ms: u64,
+    /// Mirrored tags and digest-only mirrors checked.
+    pub checked: usize,
+    /// Checked and found as mirrored.
+    pub in_sync: usize,
+    pub upstream_moved: usize,
+    pub upstream_gone: usize,
+    pub missing: usize,
+    /// Checks that could not reach a registry (retried next round).
+    pub errors: usize,
+    /// Jobs queued to follow or repair.
+    pub jobs_queued: usize,
+}
+
+/// Drift watch: shared by the schedule and `POST /drift/check`.
+#[derive(Clone)]
+pub struct Watch {
+    db: Db,
+    client: Client,
+    config: Arc<DriftConfig>,
+    wake: Arc<Notify>,
+    notifier: Option<Notifier>,
+    /// Held while a round runs, so rounds never overlap.
+    running: Arc<tokio::sync::Mutex<()>>,
+    last: Arc<std::sync::Mutex<Option<Round>>>,
+}
+
+/// What checking one mirrored tag found.
+#[derive(Default)]
+struct Findings {
+    /// The digest the source tag names now, when it moved.
+    moved_to: Option<Digest>,
+    gone: bool,
+    /// What is missing (or wrong) on the target: manifest digests, and "tag".
+    missing: Vec<String>,
+}
+
+impl Watch {
+    /// Drift watch over the ledger in `db`, looking with `client`; `wake` is rung after queueing.
+    pub fn new(
+        db: Db,
+        client: Client,
+        config: DriftConfig,
+        wake: Arc<Notify>,
+        notifier: Option<Notifier>,
+    ) -> Watch {
+        Watch {
+            db,
+            client,
+            config: Arc::new(config),
+            wake,
+            notifier,
+            running: Arc::default(),
+            last: Arc::default(),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &DriftConfig {
+        &self.config
+    }
+
+    /// The last finished round.
+    pub fn last_round(&self) -> Option<Round> {
+        self.last.lock().expect("drift state poisoned").clone()
+    }
+
+    /// Runs a round every interval until `stop` is cancelled (nothing when the interval is off).
+    pub fn spawn(&self, stop: CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
+        let every = self.config.interval?;
+        let watch = self.clone();
+        Some(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stop.cancelled() => return,
+                }
+                tokio::select! {
+                    r = watch.round() => if let Err(e) = r {
+                        tracing::error!("drift round failed: {e}");
+                    },
+                    _ = stop.cancelled() => return,
+                }
+            }
+        }))
+    }
+
+    /// Re-checks every mirrored tag now: HEAD the source tag, HEAD each mirrored manifest on the
+    /// target; records drift and queues the jobs the policy asks for.
+    pub async fn round(&self) -> sqlx::Result<Round> {
+        let _one_at_a_time = self.running.lock().await;
+        let started = std::time::Instant::now();
+        let mut round = Round {
+            started_at: crate::http::rfc3339(now_ms()),
+            ..Round::default()
+        };
+        let watched = ledger::watched(&self.db).await?;
+        tracing::info!(images = watched.len(), "drift round started");
+        let checks = futures_util::stream::iter(watched.into_iter().map(|r| async move {
+            let found = self.check(&r).await;
+            (r, found)
+        }))
+        .buffer_unordered(self.config.concurrency.max(1));
+        tokio::pin!(checks);
+        while let Some((record, found)) = checks.next().await {
+            round.checked += 1;
+            crate::metrics::METRICS.drift_checks.add(1);
+            match found {
+                Err(e) => {
+                    round.errors += 1;
+                    crate::metrics::METRICS.drift_check_errors.add(1);
+                    tracing::warn!(
+                        mirror = %record.mirror_repo,
+                        "drift check of {} failed (tried again next round): {e}",
+                        describe(&record)
+                    );
+                }
+                Ok(f) => self.settle(&record, f, &mut round).await?,
+            }
+        }
+        round.duration_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(
+            checked = round.checked,
+            upstream_moved = round.upstream_moved,
+            upstream_gone = round.upstream_gone,
+            missing = round.missing,
+            errors = round.errors,
+            jobs_queued = round.jobs_queued,
+            duration_ms = round.duration_ms,
+            "drift round finished"
+        );
+        *self.last.lock().expect("drift state poisoned") = Some(round.clone());
+        Ok(round)
+    }
+
+    /// Looks at one mirrored tag (or digest-only mirror) upstream and on the target.
+    async fn check(&self, r: &Record) -> Result<Findings, String> {
+        let mut f = Findings::default();
+        let source = ImageRef::parse(&r.source_repo)
+            .map_err(|e| format!("recorded source {:?} is invalid: {e}", r.source_repo))?;
+        let recorded = Digest::parse(&r.source_digest)
+            .map_err(|e| format!("recorded digest {:?} is invalid: {e}", r.source_digest))?;
+        // Upstream: HEAD, never GET (Docker Hub counts GETs against the pull limit).
+        if let Some(tag) = &r.tag {
+            let src = Repo::of(&source);
+            match self
+                .client
+                .head_manifest(&src, tag)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                None => f.gone = true,
+                Some(head) => {
+                    let now = match head.digest {
+                        Some(d) => d,
+                        None => registry::resolve(
+                            &self.client,
+                            &source.clone().with_tag(Some(tag.clone())),
+                        )
+                        .await
+                        .map_err(|e| e.to_string())?,
+                    };
+                    if now != recorded {
+                        f.moved_to = Some(now);
+                    }
+                }
+            }
+        }
+        // Target: the tag still names the mirrored digest, and every manifest is there.
+        let mirror = ImageRef::parse(&r.mirror_repo)
+            .map_err(|e| format!("recorded mirror {:?} is invalid: {e}", r.mirror_repo))?;
+        let dst = Repo::of(&mirror);
+        let mut top_checked = false;
+        if let Some(tag) = r.mirror_tag.as_ref().or(r.tag.as_ref()) {
+            match self
+                .client
+                .head_manifest(&dst, tag)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                Some(head) if head.digest.as_ref() == Some(&recorded) => top_checked = true,
+                Some(head) if head.digest.is_none() => {}
+                _ => f.missing.push("tag".into()),
+            }
+        }
+        for digest in image_manifests(r)
+            .into_iter()
+            .filter(|d| !(top_checked && d == &r.mirror_digest))
+        {
+            if self
+                .client
+                .head_manifest(&dst, &digest)
+                .await
+                .map_err(|e| e.to_string())?
+                .is_none()
+            {
+                f.missing.push(digest);
+            }
+        }
+        Ok(f)
+    }
+
+    /// Records what `f` found for `r`, queues what the policy asks for, resolves what is gone.
+    async fn settle(&self, r: &Record, f: Findings, round: &mut Round) -> sqlx::Result<()> {
+        let policy = r
+            .policy
+            .as_deref()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(self.config.policy);
+        let mirror_tag = r.mirror_tag.clone().or_else(|| r.tag.clone());
+        let base = NewDrift {
+            mirror_repo: r.mirror_repo.clone(),
+            mirror_tag: mirror_tag.clone(),
+            source_repo: r.source_repo.clone(),
+            source_tag: r.tag.clone(),
+            kind: "",
+            recorded_digest: r.source_digest.clone(),
+            observed_digest: None,
+            missing: None,
+            policy: policy.to_string(),
+        };
+        let mut seen = Vec::new();
+        let referrers = match queue::get(&self.db, r.job_id).await? {
+            Some(job) => job.referrers,
+            None => true,
+        };
+        let job = |source: String, repair: bool| NewJob {
+            source,
+            target_repo: r.mirror_repo.clone(),
+            target_tag: mirror_tag.clone(),
+            requested_by: String::new(),
+            max_attempts: self.config.max_attempts,
+            referrers,
+            policy: Some(policy),
+            repair,
+        };
+        let followed = f.moved_to.is_some() && policy == Policy::Follow;
+        if let (Some(now), Some(tag)) = (&f.moved_to, &r.tag) {
+            round.upstream_moved += 1;
+            let d = NewDrift {
+                kind: "upstream_moved",
+                observed_digest: Some(now.to_string()),
+                ..base.clone()
+            };
+            let follow = followed.then(|| job(format!("{}:{tag}", r.source_repo), false));
+            seen.push(self.record(d, follow, round).await?);
+        }
+        if f.gone {
+            round.upstream_gone += 1;
+            let d = NewDrift {
+                kind: "upstream_gone",
+                ..base.clone()
+            };
+            seen.push(self.record(d, None, round).await?);
+        }
+        if !f.missing.is_empty() {
+            round.missing += 1;
+            let d = NewDrift {
+                kind: "missing",
+                missing: serde_json::to_string(&f.missing).ok(),
+                ..base.clone()
+            };
+            // Following a moved tag rewrites the tag anyway; otherwise put back exactly what was
+            // mirrored, pinned by digest.
+            let source = match &r.tag {
+                Some(tag) => format!("{}:{tag}@{}", r.source_repo, r.source_digest),
+                None => format!("{}@{}", r.source_repo, r.source_digest),
+            };
+            let repair = (!followed).then(|| job(source, true));
+            seen.push(self.record(d, repair, round).await?);
+        }
+        if seen.is_empty() {
+            round.in_sync += 1;
+        }
+        ledger::resolve_unseen_drift(
+            &self.db,
+            &r.mirror_repo,
+            mirror_tag.as_deref(),
+            &r.source_digest,
+            &seen,
+            now_ms(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Stores one drift row and, when `job` is given, the job that follows or repairs it (one
+    /// transaction); announces drift seen for the first time. Returns the row id.
+    async fn record(
+        &self,
+        d: NewDrift,
+        job: Option<NewJob>,
+        round: &mut Round,
+    ) -> sqlx::Result<i64> {
+        let now = now_ms();
+        let mut tx = self.db.write.begin_with("BEGIN IMMEDIATE").await?;
+        let (mut row, new) = ledger::upsert_drift(&mut tx, &d, now).await?;
+        let mut queued = None;
+        if let Some(mut job) = job {
+            job.requested_by =
+                json!({ "kind": "drift", "drift_id": row.id, "reason": d.kind }).to_string();
+            let (j, created) = queue::enqueue_in(&mut tx, &job).await?;
+            ledger::set_drift_job(&mut tx, row.id, j.id).await?;
+            row.job_id = Some(j.id);
+            queued = Some((j, created));
+        }
+        tx.commit().await?;
+        if let Some((j, created)) = queued {
+            round.jobs_queued += 1;
+            if created {
+                crate::metrics::METRICS.drift_jobs.add(1);
+                self.wake.notify_one();
+                tracing::info!(
+                    job.id = j.id,
+                    drift.id = row.id,
+                    "job {} queued by drift watch: {} → {}",
+                    j.id,
+                    j.source,
+                    j.target_repo
+                );
+            }
+        }
+        if new {
+            *crate::metrics::METRICS
+                .drift_found
+                .lock()
+                .expect("metrics poisoned")
+                .entry(d.kind)
+                .or_default() += 1;
+            tracing::warn!(
+                drift.id = row.id,
+                kind = d.kind,
+                "drift: {}{} {} (recorded {}{})",
+                row.mirror_repo,
+                row.mirror_tag
+                    .as_deref()
+                    .map(|t| format!(":{t}"))
+                    .unwrap_or_default(),
+                d.kind,
+                row.recorded_digest,
+                row.observed_digest
+                    .as_deref()
+                    .map(|o| format!(", upstream now {o}"))
+                    .unwrap_or_default()
+            );
+            if let Some(n) = &self.notifier {
+                n.send(notice(&row));
+            }
+        }
+        Ok(row.id)
+    }
+}
+
+/// The signed notice sent when drift is first seen.
+pub fn notice(d: &Drift) -> Value {
+    json!({
+        "event": "drift",
+        "drift_id": d.id,
+        "kind": d.kind,
+        "source": match &d.source_tag {
+            Some(t) => format!("{}:{t}", d.source_repo),
+            None => format!("{}@{}", d.source_repo, d.recorded_digest),
+        },
+        "mirror": d.mirror_repo,
+        "mirror_tag": d.mirror_tag,
+        "recorded_digest": d.recorded_digest,
+        "observed_digest": d.observed_digest,
+        "missing": d.missing.as_deref().and_then(|m| serde_json::from_str::<Value>(m).ok()),
+        "policy": d.policy,
+        "job_id": d.job_id,
+    })
+}
+
+/// The image's own manifests (top first, then platforms), without referrers.
+fn image_manifests(r: &Record) -> Vec<String> {
+    let mut out = vec![r.mirror_digest.clone()];
+    if let Ok(Value::Array(entries)) = serde_json::from_str::<Value>(&r.manifests) {
+        for e in entries {
+            if e.get("referrer_of").is_none()
+                && let Some(d) = e.get("digest").and_then(Value::as_str)
+                && !out.iter().any(|o| o == d)
+            {
+                out.push(d.to_string());
+            }
+        }
+    }
+    out
+}
+
+fn describe(r: &Record) -> String {
+    match &r.tag {
+        Some(t) => format!("{}:{t}", r.source_repo),
+        None => format!("{}@{}", r.source_repo, r.source_digest),
     }
 }

@@ -48,6 +48,12 @@ pub struct Metrics {
     pub webhook_deliveries: Mutex<BTreeMap<&'static str, u64>>,
     /// Finished jobs' durations: bucket counts, sum, count.
     job_durations: Mutex<([u64; DURATION_BUCKETS.len()], f64, u64)>,
+    /// Drift watch: mirrored tags checked, checks that failed, jobs queued to follow or repair.
+    pub drift_checks: Counter,
+    pub drift_check_errors: Counter,
+    pub drift_jobs: Counter,
+    /// Drift watch: problems newly found, by kind.
+    pub drift_found: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 /// The process's metrics.
@@ -164,6 +170,37 @@ impl Metrics {
                 out,
                 "mirror_webhook_deliveries_total{{outcome=\"{outcome}\"}} {n}"
             );
+        }
+        let drift: [(&str, &str, &Counter); 3] = [
+            (
+                "mirror_drift_checks_total",
+                "Mirrored tags (or digests) re-checked by drift watch.",
+                &self.drift_checks,
+            ),
+            (
+                "mirror_drift_check_errors_total",
+                "Drift checks that could not reach a registry.",
+                &self.drift_check_errors,
+            ),
+            (
+                "mirror_drift_jobs_total",
+                "Jobs queued by drift watch to follow a moved tag or repair a mirror.",
+                &self.drift_jobs,
+            ),
+        ];
+        for (name, help, c) in drift {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                c.get()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP mirror_drift_found_total Drift newly found, by kind.\n# TYPE mirror_drift_found_total counter"
+        );
+        for (kind, n) in self.drift_found.lock().expect("metrics poisoned").iter() {
+            let _ = writeln!(out, "mirror_drift_found_total{{kind=\"{kind}\"}} {n}");
         }
         let h = self.job_durations.lock().expect("metrics poisoned");
         let _ = writeln!(

@@ -37,6 +37,10 @@ pub struct Job {
     pub finished_at: Option<i64>,
     /// Whether referrers (signatures, attestations) are copied too.
     pub referrers: bool,
+    /// Drift policy asked for (`follow`/`pin`); none means the service default.
+    pub policy: Option<String>,
+    /// Re-check every manifest on the target (drift repair), not only the top one.
+    pub repair: bool,
 }
 
 /// Job states.
@@ -58,6 +62,10 @@ pub struct NewJob {
     pub requested_by: String,
     pub max_attempts: i64,
     pub referrers: bool,
+    /// Drift policy for the mirrored tag; none means the service default.
+    pub policy: Option<crate::drift::Policy>,
+    /// Re-check every manifest on the target (drift repair), not only the top one.
+    pub repair: bool,
 }
 
 /// A claimed job: the job and the lease that lets its worker write it.
@@ -104,8 +112,8 @@ pub async fn enqueue_in(
     }
     let now = now_ms();
     let job: Job = sqlx::query_as(
-        "insert into job (source, target_repo, target_tag, state, max_attempts, run_at, requested_by, created_at, updated_at, referrers)
-         values (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?5, ?5, ?7) returning *",
+        "insert into job (source, target_repo, target_tag, state, max_attempts, run_at, requested_by, created_at, updated_at, referrers, policy, repair)
+         values (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?5, ?5, ?7, ?8, ?9) returning *",
     )
     .bind(&new.source)
     .bind(&new.target_repo)
@@ -114,6 +122,8 @@ pub async fn enqueue_in(
     .bind(now)
     .bind(&new.requested_by)
     .bind(new.referrers)
+    .bind(new.policy.map(|p| p.as_str()))
+    .bind(new.repair)
     .fetch_one(&mut *tx)
     .await?;
     Ok((job, true))
@@ -246,6 +256,12 @@ pub async fn succeed(
         return Ok(false);
     }
     ledger::insert(&mut tx, record).await?;
+    // Whatever drift this job was queued to follow or repair is settled by it.
+    sqlx::query("update drift set resolved_at = ?1 where job_id = ?2 and resolved_at is null")
+        .bind(now)
+        .bind(lease.job.id)
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(true)
 }

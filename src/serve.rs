@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ServeArgs;
 use crate::db::Db;
+use crate::drift::{DriftConfig, Watch};
 use crate::http::{self, ApiConfig, ApiToken, AppState, GithubConfig};
 use crate::mapping::{AllowList, TargetPrefix};
 use crate::notify::Notifier;
@@ -109,18 +110,31 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let client = crate::cmd::client(&args.registry, NetworkPolicy::public_only(trusted))?;
     let workers = Workers::new(
         db.clone(),
-        client,
+        client.clone(),
         WorkerConfig {
             workers: args.workers as usize,
             lease: Duration::from_secs(args.lease),
             copy: CopyOptions {
                 referrers: args.referrers,
                 jobs: args.jobs as usize,
+                repair: false,
             },
             ..WorkerConfig::default()
         },
     )
-    .with_notifier(notifier);
+    .with_notifier(notifier.clone());
+    let drift = Watch::new(
+        db.clone(),
+        client,
+        DriftConfig {
+            interval: (args.drift_interval > 0).then(|| Duration::from_secs(args.drift_interval)),
+            policy: args.drift_policy,
+            concurrency: 4,
+            max_attempts: args.max_attempts as i64,
+        },
+        workers.wake.clone(),
+        notifier,
+    );
     let state = AppState {
         db: db.clone(),
         config: Arc::new(ApiConfig {
@@ -135,13 +149,15 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         enqueuer: crate::queue::Enqueuer::start(db.clone()),
         workers_alive: workers.alive.clone(),
         workers_expected: args.workers as usize,
+        drift: drift.clone(),
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("MIRROR_LISTEN: cannot listen on {}", args.listen))?;
     let stop = CancellationToken::new();
     let abort = CancellationToken::new();
-    let handles = workers.spawn(stop.clone(), abort.clone());
+    let mut handles = workers.spawn(stop.clone(), abort.clone());
+    handles.extend(drift.spawn(stop.clone()));
     tracing::info!(
         listen = %listener.local_addr()?,
         target = %target.repo(),

@@ -201,7 +201,9 @@ impl Workers {
                     .as_ref()
                     .map(|t| format!("{}:{t}@{}", record.mirror_repo, record.mirror_digest));
                 let notice = serde_json::json!({
+                    "event": "job",
                     "job_id": job.id,
+                    "requested_by": serde_json::from_str::<serde_json::Value>(&job.requested_by).ok(),
                     "state": queue::state::SUCCEEDED,
                     "source": job.source,
                     "source_digest": record.source_digest,
@@ -227,7 +229,9 @@ impl Workers {
                 tracing::error!("job {} failed: {msg}", job.id);
                 m.job_finished(started.elapsed().as_secs_f64());
                 let notice = serde_json::json!({
+                    "event": "job",
                     "job_id": job.id,
+                    "requested_by": serde_json::from_str::<serde_json::Value>(&job.requested_by).ok(),
                     "state": queue::state::FAILED,
                     "source": job.source,
                     "source_digest": job.source_digest,
@@ -295,6 +299,7 @@ impl Workers {
         })?;
         let options = registry::CopyOptions {
             referrers: self.config.copy.referrers && job.referrers,
+            repair: job.repair,
             ..self.config.copy.clone()
         };
         let result = registry::copy(&self.client, &pinned, &target, &options, progress)
@@ -326,6 +331,8 @@ impl Workers {
             size_bytes: result.bytes_total as i64,
             requested_by: job.requested_by.clone(),
             verified_at: now_ms(),
+            mirror_tag: job.target_tag.clone(),
+            policy: job.policy.clone(),
         };
         Ok((record, result))
     }

@@ -66,7 +66,27 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
         .find(|(l, _)| l.contains("queued"))
         .map(|(_, n)| *n)
         .unwrap_or(0.0);
+    let open = crate::ledger::open_drift_counts(&state.db).await?;
+    let drift_open: Vec<(String, f64)> = ["upstream_moved", "upstream_gone", "missing"]
+        .iter()
+        .map(|k| {
+            let n = open.iter().find(|(kind, _)| kind == k).map(|(_, n)| *n);
+            (format!("{{kind=\"{k}\"}}"), n.unwrap_or(0) as f64)
+        })
+        .collect();
+    let last_round = state
+        .drift
+        .last_round()
+        .and_then(|r| chrono::DateTime::parse_from_rfc3339(&r.started_at).ok())
+        .map(|t| t.timestamp_millis() as f64 / 1000.0)
+        .unwrap_or(0.0);
     let body = METRICS.render(&[
+        ("mirror_drift_open", "Unresolved drift by kind.", drift_open),
+        (
+            "mirror_drift_last_round_timestamp_seconds",
+            "Start of the last finished drift round (0: none yet).",
+            vec![(String::new(), last_round)],
+        ),
         ("mirror_jobs", "Jobs by state.", jobs),
         (
             "mirror_queue_depth",

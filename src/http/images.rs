@@ -9,10 +9,10 @@ use serde_json::{Value, json};
 
 use super::{ApiError, AppState, rfc3339};
 use crate::digest::Digest;
-use crate::ledger::{self, Record};
+use crate::ledger::{self, Drift, Record};
 use crate::reference::ImageRef;
 
-fn entry(r: &Record) -> Value {
+fn entry(r: &Record, drift: &[Drift]) -> Value {
     let manifests: Value = serde_json::from_str(&r.manifests).unwrap_or(Value::Null);
     let platforms: Vec<Value> = manifests
         .as_array()
@@ -42,7 +42,7 @@ fn entry(r: &Record) -> Value {
         "source": match &r.tag { Some(t) => format!("{}:{t}", r.source_repo), None => format!("{}@{}", r.source_repo, r.source_digest) },
         "mirror": r.mirror_repo,
         "pull": {
-            "by_tag": r.tag.as_ref().map(|t| format!("{}:{t}@{}", r.mirror_repo, r.mirror_digest)),
+            "by_tag": mirror_tag(r).map(|t| format!("{}:{t}@{}", r.mirror_repo, r.mirror_digest)),
             "by_digest": format!("{}@{}", r.mirror_repo, r.mirror_digest),
         },
         "media_type": r.media_type,
@@ -51,7 +51,23 @@ fn entry(r: &Record) -> Value {
         "requested_by": serde_json::from_str::<Value>(&r.requested_by).unwrap_or(Value::Null),
         "job_id": r.job_id,
         "verified_at": rfc3339(r.verified_at),
+        "policy": r.policy,
+        // Open drift of this tag (or digest-only mirror) on this mirror: empty when in sync.
+        "drift": drift
+            .iter()
+            .filter(|d| {
+                d.mirror_repo == r.mirror_repo
+                    && d.mirror_tag.as_deref() == mirror_tag(r)
+                    && (d.mirror_tag.is_some() || d.recorded_digest == r.source_digest)
+            })
+            .map(super::drift::view)
+            .collect::<Vec<_>>(),
     })
+}
+
+/// The tag on the target: the request's own, or the source's.
+fn mirror_tag(r: &Record) -> Option<&str> {
+    r.mirror_tag.as_deref().or(r.tag.as_deref())
 }
 
 /// `GET /images/{name}` (every tag) or `GET /images/{name}:{tag}` (one tag, with its history).
@@ -74,6 +90,7 @@ pub async fn show(
         ));
     }
     let repo = reference.repo_name();
+    let drift = ledger::open_drift(&state.db, &repo).await?;
     match reference.tag() {
         Some(tag) => {
             let records = ledger::by_repo_tag(&state.db, &repo, tag).await?;
@@ -82,9 +99,9 @@ pub async fn show(
                     "{repo}:{tag} has never been mirrored"
                 )));
             };
-            let mut body = entry(current);
+            let mut body = entry(current, &drift);
             body["name"] = json!(repo);
-            body["history"] = records.iter().map(entry).collect();
+            body["history"] = records.iter().map(|r| entry(r, &[])).collect();
             Ok(Json(body))
         }
         None => {
@@ -100,9 +117,9 @@ pub async fn show(
             for r in &records {
                 match &r.tag {
                     Some(t) => {
-                        tags.entry(t.clone()).or_insert_with(|| entry(r));
+                        tags.entry(t.clone()).or_insert_with(|| entry(r, &drift));
                     }
-                    None => digests.push(entry(r)),
+                    None => digests.push(entry(r, &drift)),
                 }
             }
             Ok(Json(json!({
@@ -139,7 +156,7 @@ pub async fn digest(
         "digest": d.to_string(),
         "first_verified_at": rfc3339(records[0].verified_at),
         "records": records.iter().map(|r| {
-            let mut e = entry(r);
+            let mut e = entry(r, &[]);
             e["as"] = json!(if r.source_digest == d.to_string() { "image" } else { "platform manifest" });
             e
         }).collect::<Vec<_>>(),

@@ -33,6 +33,8 @@ pub fn view(job: &Job) -> Value {
         "attempts": job.attempts,
         "max_attempts": job.max_attempts,
         "referrers": job.referrers,
+        "policy": job.policy,
+        "repair": job.repair,
         "last_error": job.last_error,
         "requested_by": serde_json::from_str::<Value>(&job.requested_by).unwrap_or(Value::Null),
         "progress": {

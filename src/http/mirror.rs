@@ -21,6 +21,10 @@ pub struct MirrorRequest {
     pub target: Option<String>,
     /// Copy signatures, attestations and other referrers too (default: the service setting).
     pub referrers: Option<bool>,
+    /// What drift watch does when the source tag moves: `follow` (mirror the new digest) or `pin`
+    /// (keep this one and record the move). Default: `MIRROR_DRIFT_POLICY`.
+    #[schema(value_type = Option<String>)]
+    pub policy: Option<crate::drift::Policy>,
 }
 
 /// What to enqueue for `image` (and an optional `target`), or why not. Shared with the webhook.
@@ -80,6 +84,8 @@ pub fn plan(
         requested_by: requested_by.to_string(),
         max_attempts: config.max_attempts,
         referrers: true,
+        policy: None,
+        repair: false,
     })
 }
 
@@ -105,6 +111,7 @@ pub async fn create(
         json!({ "kind": "token", "name": who }),
     )?;
     new.referrers = req.referrers.unwrap_or(true);
+    new.policy = req.policy;
     let (job, created) = state.enqueuer.enqueue(new).await?;
     if created {
         state.wake.notify_one();

@@ -1,5 +1,6 @@
 //! The HTTP API: router, shared state, the one JSON error envelope, and bearer-token checks.
 
+mod drift;
 mod error;
 mod health;
 mod images;
@@ -104,6 +105,8 @@ pub struct AppState {
     /// Worker tasks running, and how many should be.
     pub workers_alive: Arc<std::sync::atomic::AtomicUsize>,
     pub workers_expected: usize,
+    /// Drift watch, for `/drift`.
+    pub drift: crate::drift::Watch,
 }
 
 impl AppState {
@@ -188,6 +191,8 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(jobs::show))
         .routes(routes!(images::show))
         .routes(routes!(images::digest))
+        .routes(routes!(drift::list))
+        .routes(routes!(drift::check))
         .routes(routes!(health::health))
         .routes(routes!(health::ready))
         .routes(routes!(health::metrics))

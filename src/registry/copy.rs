@@ -38,6 +38,9 @@ pub struct CopyOptions {
     /// Also copy what refers to the image: OCI referrers (the referrers API, or the
     /// `sha256-<hex>` fallback tag) and cosign's `sha256-<hex>.sig`/`.att`/`.sbom` tags.
     pub referrers: bool,
+    /// Re-check every manifest of the image on the target instead of trusting the top one's
+    /// presence, and write back whatever is missing (a repair after garbage collection).
+    pub repair: bool,
 }
 
 impl Default for CopyOptions {
@@ -45,6 +48,7 @@ impl Default for CopyOptions {
         CopyOptions {
             jobs: 8,
             referrers: true,
+            repair: false,
         }
     }
 }
@@ -154,6 +158,7 @@ async fn copy_referrers(
     };
     let nested = CopyOptions {
         referrers: false,
+        repair: false,
         ..options.clone()
     };
     let src_repo = source.clone().with_tag(None).with_digest(None);
@@ -296,10 +301,11 @@ pub async fn copy(
     };
 
     // Already there? One HEAD answers it; the read-back by digest proves it.
-    let up_to_date = matches!(
-        client.head_manifest(&dst, &target_ref).await?,
-        Some(h) if h.digest.as_ref() == Some(&digest)
-    );
+    let up_to_date = !options.repair
+        && matches!(
+            client.head_manifest(&dst, &target_ref).await?,
+            Some(h) if h.digest.as_ref() == Some(&digest)
+        );
     let top = if up_to_date {
         let m = client
             .get_manifest(&dst, &digest.to_string(), Some(&digest))
@@ -315,7 +321,7 @@ pub async fn copy(
         tracing::info!(target = %target_name, digest = %digest, "already up to date");
         m
     } else {
-        let top = engine.copy_top(&digest).await?;
+        let top = engine.copy_top(&digest, options.repair).await?;
         if let Some(t) = &tag {
             engine.put(&top, t).await?;
             tracing::info!(target = %target_name, digest = %digest, "tagged");
@@ -417,18 +423,21 @@ impl Engine<'_> {
 
     /// Fetches the top manifest and plans everything under it, then writes it: no blob moves
     /// before every manifest of the image has been fetched, verified and found acceptable.
-    async fn copy_top(&self, digest: &Digest) -> Result<Manifest> {
+    /// With `repair`, the top manifest's presence on the target is not taken as proof that its
+    /// children are there too.
+    async fn copy_top(&self, digest: &Digest, repair: bool) -> Result<Manifest> {
         let m = self
             .client
             .get_manifest(&self.src, &digest.to_string(), Some(digest))
             .await?;
         self.note_manifest(&m, None);
         self.count_manifest_bytes(&m)?;
-        if self
-            .client
-            .head_manifest(&self.dst, &digest.to_string())
-            .await?
-            .is_some()
+        if !repair
+            && self
+                .client
+                .head_manifest(&self.dst, &digest.to_string())
+                .await?
+                .is_some()
         {
             self.stats.manifests_skipped.fetch_add(1, Ordering::Relaxed);
             return Ok(m);

@@ -55,7 +55,7 @@ async fn deliver(
 }
 
 /// A receiver for completion notices that keeps the ones whose signature checks out.
-async fn receiver(secret: &'static str) -> (String, Arc<Mutex<Vec<Value>>>) {
+pub async fn receiver(secret: &'static str) -> (String, Arc<Mutex<Vec<Value>>>) {
     let got: Arc<Mutex<Vec<Value>>> = Arc::default();
     let keep = got.clone();
     let app = axum::Router::new().route(

@@ -2,6 +2,7 @@
 
 mod copy;
 mod deploy;
+mod drift;
 mod faults;
 mod github;
 mod queue;

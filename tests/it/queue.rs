@@ -23,6 +23,8 @@ fn job(source: &str) -> NewJob {
         requested_by: r#"{"kind":"token","name":"t"}"#.into(),
         max_attempts: 3,
         referrers: true,
+        policy: None,
+        repair: false,
     }
 }
 
@@ -40,6 +42,8 @@ fn record(job_id: i64) -> NewRecord {
         size_bytes: 1,
         requested_by: "{}".into(),
         verified_at: 1,
+        mirror_tag: Some("1".into()),
+        policy: None,
     }
 }
 

@@ -494,6 +494,8 @@ async fn readiness_metrics_request_ids_and_json_logs() {
         vec![
             "/",
             "/digests/{digest}",
+            "/drift",
+            "/drift/check",
             "/healthz",
             "/images/{name}",
             "/jobs",

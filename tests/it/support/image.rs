@@ -188,6 +188,21 @@ impl Pusher {
         r.status() == 200
     }
 
+    /// Deletes a manifest by digest (and so every tag naming it), as retention or garbage
+    /// collection would.
+    pub async fn delete_manifest(&self, repo: &str, digest: &str) {
+        let r = self
+            .req(
+                reqwest::Method::DELETE,
+                repo,
+                format!("{}/v2/{repo}/manifests/{digest}", self.base),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "delete manifest {repo}@{digest}");
+    }
+
     /// Unlinks a blob from the repository, as garbage collection would.
     pub async fn delete_blob(&self, repo: &str, digest: &str) {
         let r = self

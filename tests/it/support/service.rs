@@ -90,6 +90,31 @@ impl Service {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// `POST path` with the test token and no body; returns (status, body).
+    pub async fn post(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `GET path` as text; returns (status, body).
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.text().await.unwrap_or_default())
+    }
+
     /// `GET path`; returns (status, body).
     pub async fn get(&self, path: &str) -> (u16, Value) {
         let r = self

@@ -1,0 +1,90 @@
+//! `GET /drift` and `POST /drift/check`: what drift watch found, and a round on demand.
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, AppState, Caller, rfc3339};
+use crate::ledger::{self, Drift};
+
+/// A drift row as the API shows it.
+pub fn view(d: &Drift) -> Value {
+    json!({
+        "id": d.id,
+        "kind": d.kind,
+        "source": match &d.source_tag {
+            Some(t) => format!("{}:{t}", d.source_repo),
+            None => format!("{}@{}", d.source_repo, d.recorded_digest),
+        },
+        "mirror": d.mirror_repo,
+        "mirror_tag": d.mirror_tag,
+        "recorded_digest": d.recorded_digest,
+        "observed_digest": d.observed_digest,
+        "missing": d.missing.as_deref().and_then(|m| serde_json::from_str::<Value>(m).ok()),
+        "policy": d.policy,
+        "job_id": d.job_id,
+        "job": d.job_id.map(|id| format!("/jobs/{id}")),
+        "detected_at": rfc3339(d.detected_at),
+        "last_seen_at": rfc3339(d.last_seen_at),
+        "resolved_at": d.resolved_at.map(rfc3339),
+    })
+}
+
+/// Filters of `GET /drift`.
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    /// Resolved drift too (default: open only).
+    all: Option<bool>,
+    limit: Option<i64>,
+    before: Option<i64>,
+}
+
+/// `GET /drift?all=…&limit=…&before=…`: drift newest first, the schedule, and the last round.
+#[utoipa::path(get, path = "/drift", tag = "drift",
+    params(("all" = Option<bool>, Query, description = "include resolved drift (default false)"),
+        ("limit" = Option<i64>, Query, description = "1 to 500, default 100"),
+        ("before" = Option<i64>, Query, description = "only ids below this: the `next` of the previous page")),
+    responses((status = 200, description = "drift newest first, `next`, the policy, the interval and the last round"),
+        (status = 400, description = "bad filter")))]
+pub async fn list(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    state.authenticate_read(&headers)?;
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::BadRequest(
+            "limit must be between 1 and 500".into(),
+        ));
+    }
+    let rows = ledger::list_drift(&state.db, q.all.unwrap_or(false), limit, q.before).await?;
+    let next = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|d| d.id))
+        .flatten();
+    let config = state.drift.config();
+    Ok(Json(json!({
+        "policy": config.policy,
+        "interval_seconds": config.interval.map(|i| i.as_secs()),
+        "last_round": state.drift.last_round(),
+        "drift": rows.iter().map(view).collect::<Vec<_>>(),
+        "next": next,
+    })))
+}
+
+/// `POST /drift/check`: runs a drift round now and answers what it found (waits for a running
+/// round to finish first).
+#[utoipa::path(post, path = "/drift/check", tag = "drift", security(("bearer" = [])),
+    responses((status = 200, description = "the round: tags checked, drift found by kind, jobs queued"),
+        (status = 401, description = "missing or unknown bearer token")))]
+pub async fn check(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+) -> Result<Json<Value>, ApiError> {
+    tracing::info!(caller = %who, "drift round requested");
+    let round = state.drift.round().await?;
+    Ok(Json(serde_json::to_value(round).unwrap_or(Value::Null)))
+}
