@@ -441,12 +441,9 @@ impl Client {
         Ok(())
     }
 
-    /// The referrers of `digest` from the OCI referrers API; `None` when the registry has no such API.
-    pub async fn referrers(
-        &self,
-        repo: &Repo,
-        digest: &Digest,
-    ) -> Result<Option<Vec<manifest::Descriptor>>> {
+    /// The referrers of `digest` from the OCI referrers API, as the index the registry answered
+    /// (its `manifests` are the referrers); `None` when the registry has no such API.
+    pub async fn referrers(&self, repo: &Repo, digest: &Digest) -> Result<Option<Manifest>> {
         let url = self.url(repo, &format!("referrers/{digest}"))?;
         let mut headers = HeaderMap::new();
         headers.insert(
@@ -482,7 +479,7 @@ impl Client {
             Some("application/vnd.oci.image.index.v1+json".into()),
             d,
         )?;
-        Ok(Some(index.manifests))
+        Ok(Some(index))
     }
 
     /// HEAD a blob: its size when the repository has it, `None` when not.

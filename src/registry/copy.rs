@@ -18,6 +18,9 @@ use super::manifest::{Descriptor, Kind, Manifest};
 use crate::digest::Digest;
 use crate::reference::ImageRef;
 
+/// The OCI image index media type (the referrers fallback index is one).
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
 /// Deepest index nesting followed (an index of indexes is depth 2).
 pub const MAX_DEPTH: usize = 4;
 
@@ -189,18 +192,33 @@ async fn copy_referrers(
         )
         .await;
         let mut found: Vec<(Option<String>, Option<Digest>)> = Vec::new();
-        if let Some(list) = api? {
-            found.extend(list.into_iter().map(|d| (None, Some(d.digest))));
+        let api = api?;
+        if let Some(index) = &api {
+            found.extend(
+                index
+                    .manifests
+                    .iter()
+                    .map(|d| (None, Some(d.digest.clone()))),
+            );
         }
+        let mut has_fallback = false;
         for (tag, head) in tags.into_iter().zip(heads?) {
             if head.is_some() {
+                has_fallback |= tag == base;
                 found.push((Some(tag), None));
             }
         }
-        Ok::<_, Error>((subject.clone(), found))
+        // Referrers the source lists only through its API must also be findable on a target
+        // without one: there they go into the fallback index, as the OCI spec asks of a client.
+        let api = api.filter(|index| !index.manifests.is_empty() && !has_fallback);
+        Ok::<_, Error>((subject.clone(), base, found, api))
     });
     let mut out = Vec::new();
-    for (subject, found) in try_join_all(lookups).await? {
+    let mut fallbacks = Vec::new();
+    for (subject, base, found, api) in try_join_all(lookups).await? {
+        if let Some(index) = api {
+            fallbacks.push((subject.clone(), base, index));
+        }
         for (tag, digest) in found {
             let (s, t) = match (&tag, &digest) {
                 (Some(tag), _) => (
@@ -222,7 +240,76 @@ async fn copy_referrers(
             });
         }
     }
+    for (subject, tag, index) in fallbacks {
+        if let Some(written) =
+            update_fallback_index(client, &engine.dst, &subject, &tag, &index).await?
+        {
+            out.push(Referrer {
+                subject,
+                digest: written,
+                tag: Some(tag),
+            });
+        }
+    }
     Ok(out)
+}
+
+/// Makes the referrers in `index` (the source's referrers API answer for `subject`) findable on a
+/// target without the referrers API: merges their descriptors, as the source gave them (artifact
+/// type, annotations), into the target's `tag` (`sha256-<hex>`) fallback index, keeping what it
+/// already lists. Returns the digest of the index written, or `None` when the target has the API
+/// (it indexes referrers by their `subject` itself) or already lists them all.
+async fn update_fallback_index(
+    client: &Client,
+    dst: &Repo,
+    subject: &Digest,
+    tag: &str,
+    index: &Manifest,
+) -> Result<Option<Digest>> {
+    if client.referrers(dst, subject).await?.is_some() {
+        return Ok(None);
+    }
+    let what = format!("fallback index {dst}:{tag}");
+    let parse = |bytes: &[u8]| -> Result<serde_json::Value> {
+        serde_json::from_slice(bytes).map_err(|e| Error::InvalidManifest {
+            reference: what.clone(),
+            reason: format!("not JSON: {e}"),
+        })
+    };
+    let source_entries = parse(&index.bytes)?
+        .get("manifests")
+        .and_then(|m| m.as_array().cloned())
+        .unwrap_or_default();
+    let mut merged = match client.head_manifest(dst, tag).await? {
+        Some(_) => parse(&client.get_manifest(dst, tag, None).await?.bytes)?,
+        None => serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [],
+        }),
+    };
+    let Some(entries) = merged.get_mut("manifests").and_then(|m| m.as_array_mut()) else {
+        return Err(Error::InvalidManifest {
+            reference: what,
+            reason: "the target's fallback index has no manifests array".into(),
+        });
+    };
+    let before = entries.len();
+    for e in source_entries {
+        if !entries.iter().any(|x| x.get("digest") == e.get("digest")) {
+            entries.push(e);
+        }
+    }
+    if entries.len() == before {
+        return Ok(None);
+    }
+    let bytes =
+        bytes::Bytes::from(serde_json::to_vec(&merged).map_err(|e| Error::Invalid(e.to_string()))?);
+    let digest = Digest::sha256_of(&bytes);
+    let m = Manifest::new(what, bytes, Some(OCI_INDEX.into()), digest.clone())?;
+    client.put_manifest(dst, tag, &m).await?;
+    tracing::info!(subject = %subject.short(), "fallback index {dst}:{tag} lists {} referrer(s)", m.manifests.len());
+    Ok(Some(digest))
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -773,3 +773,157 @@ async fn signatures_and_referrers_travel_with_the_image() {
             .is_none()
     );
 }
+
+/// A source with the OCI referrers API, which distribution 2.8 lacks: an in-process front that
+/// answers `GET /v2/<name>/referrers/<digest>` from `listed` (subject → descriptors) and forwards
+/// every other request, bytes unchanged, to the real registry `up`.
+async fn referrers_front(up: &Registry, listed: Vec<(String, Value)>) -> String {
+    let upstream = up.url();
+    let http = reqwest::Client::new();
+    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let (upstream, http, listed) = (upstream.clone(), http.clone(), listed.clone());
+        async move {
+            let path = req.uri().path().to_string();
+            if req.method() == axum::http::Method::GET
+                && let Some((_, subject)) = path.split_once("/referrers/")
+            {
+                let manifests: Vec<&Value> = listed
+                    .iter()
+                    .filter(|(s, _)| s == subject)
+                    .map(|(_, d)| d)
+                    .collect();
+                let body = serde_json::to_vec(&json!({
+                    "schemaVersion": 2,
+                    "mediaType": "application/vnd.oci.image.index.v1+json",
+                    "manifests": manifests,
+                }))
+                .unwrap();
+                return axum::response::Response::builder()
+                    .header("content-type", "application/vnd.oci.image.index.v1+json")
+                    .body(axum::body::Body::from(body))
+                    .unwrap();
+            }
+            let pq = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.to_string())
+                .unwrap_or(path);
+            let mut out = http.request(req.method().clone(), format!("{upstream}{pq}"));
+            for (k, v) in req.headers() {
+                if k != "host" {
+                    out = out.header(k, v);
+                }
+            }
+            let body = axum::body::to_bytes(req.into_body(), 64 << 20)
+                .await
+                .unwrap();
+            let resp = out.body(body).send().await.unwrap();
+            let mut answer = axum::response::Response::builder().status(resp.status().as_u16());
+            for (k, v) in resp.headers() {
+                answer = answer.header(k, v);
+            }
+            answer
+                .body(axum::body::Body::from(resp.bytes().await.unwrap()))
+                .unwrap()
+        }
+    });
+    crate::support::serve(app, "127.0.0.1").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn referrers_from_the_api_are_listed_in_the_targets_fallback_index() {
+    let (up, down) = (Registry::anonymous().await, Registry::anonymous().await);
+    let p = Pusher::new(&up);
+    let img = p
+        .image("api/app", 201, &[2000], false, Style::Compact)
+        .await;
+    p.manifest("api/app", "v1", &img.media_type, &img.bytes)
+        .await;
+    let hex = img.digest.trim_start_matches("sha256:");
+    // A signature bundle with a subject, listed by the source's referrers API only (no fallback tag).
+    let empty = p.blob("api/app", b"{}").await;
+    let bundle = p.blob("api/app", b"{\"bundle\":1}").await;
+    let artifact = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": "application/vnd.dev.sigstore.bundle.v0.3+json",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+        "layers": [{"mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json", "digest": bundle, "size": 12}],
+        "subject": {"mediaType": img.media_type, "digest": img.digest, "size": img.bytes.len()}
+    }))
+    .unwrap();
+    let art = p
+        .manifest(
+            "api/app",
+            &sha256(&artifact),
+            "application/vnd.oci.image.manifest.v1+json",
+            &artifact,
+        )
+        .await;
+    let listed = json!({
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": art,
+        "size": artifact.len(),
+        "artifactType": "application/vnd.dev.sigstore.bundle.v0.3+json",
+        "annotations": {"org.opencontainers.image.created": "2026-11-28T00:00:00Z"}
+    });
+    let front = referrers_front(&up, vec![(img.digest.clone(), listed.clone())]).await;
+    // The target's fallback index already lists another referrer: it must be kept.
+    let target = Pusher::new(&down);
+    let other = target
+        .image("m/api", 202, &[10], false, Style::Compact)
+        .await;
+    let other_desc = json!({"mediaType": other.media_type, "digest": other.digest, "size": other.bytes.len(), "artifactType": "application/example"});
+    let seeded = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [other_desc],
+    }))
+    .unwrap();
+    target
+        .manifest(
+            "m/api",
+            &format!("sha256-{hex}"),
+            "application/vnd.oci.image.index.v1+json",
+            &seeded,
+        )
+        .await;
+
+    let r = ok_json(&run(
+        &[
+            "copy",
+            &format!("{front}/api/app:v1"),
+            &format!("{}/m/api", down.host()),
+            "--json",
+        ],
+        None,
+    ));
+    let (bytes, _, _) = target
+        .get_manifest("m/api", &art)
+        .await
+        .expect("the artifact itself");
+    assert_eq!(bytes, artifact);
+    assert!(target.blob_exists("m/api", &bundle).await);
+    let (index, _, _) = target
+        .get_manifest("m/api", &format!("sha256-{hex}"))
+        .await
+        .expect("fallback index");
+    let index: Value = serde_json::from_slice(&index).unwrap();
+    assert_eq!(
+        index["manifests"],
+        json!([other_desc, listed]),
+        "kept the old entry, added the source's as given"
+    );
+    // An independent client reads the index the same way.
+    let raw = skopeo::inspect_raw(&format!("{}/m/api:sha256-{hex}", down.host()), None);
+    assert_eq!(serde_json::from_slice::<Value>(&raw).unwrap(), index);
+    let referrers = r["referrers"].as_array().unwrap();
+    assert!(referrers.iter().any(|x| x["digest"] == json!(art)), "{r:#}");
+    assert!(
+        referrers
+            .iter()
+            .any(|x| x["tag"] == json!(format!("sha256-{hex}"))
+                && x["digest"] == json!(sha256(&raw))),
+        "{r:#}"
+    );
+}
