@@ -140,14 +140,14 @@ pub struct Referrer {
     pub tag: Option<String>,
 }
 
-/// Copies, for every manifest of the image, what refers to it; each by its own verified copy.
-async fn copy_referrers(
-    client: &Client,
-    source: &ImageRef,
-    target: &ImageRef,
-    engine: &Engine<'_>,
-    options: &CopyOptions,
-) -> Result<Vec<Referrer>> {
+/// What refers to one manifest of the image on the source: (subject, its fallback tag name,
+/// what was found as (tag, digest), the referrers API answer when it must go into the target's
+/// fallback index).
+type Found = (Digest, String, Vec<(Option<String>, Option<Digest>)>, Option<Manifest>);
+
+/// Looks up, for every manifest of the image, what refers to it on the source (read-only, so it
+/// runs while the image's blobs are still moving).
+async fn find_referrers(client: &Client, engine: &Engine<'_>) -> Result<Vec<Found>> {
     let subjects: Vec<Digest> = {
         let mut v: Vec<Digest> = engine
             .entries
@@ -159,13 +159,6 @@ async fn copy_referrers(
         v.dedup();
         v
     };
-    let nested = CopyOptions {
-        referrers: false,
-        repair: false,
-        ..options.clone()
-    };
-    let src_repo = source.clone().with_tag(None).with_digest(None);
-    let dst_repo = target.clone().with_tag(None).with_digest(None);
     // Look everything up at once: the referrers API and the fallback tag for every manifest.
     let lookups = subjects.iter().enumerate().map(|(i, subject)| async move {
         let base = format!(
@@ -213,9 +206,28 @@ async fn copy_referrers(
         let api = api.filter(|index| !index.manifests.is_empty() && !has_fallback);
         Ok::<_, Error>((subject.clone(), base, found, api))
     });
+    try_join_all(lookups).await
+}
+
+/// Copies what [`find_referrers`] found, each by its own verified copy, after the image is written.
+async fn copy_referrers(
+    client: &Client,
+    source: &ImageRef,
+    target: &ImageRef,
+    engine: &Engine<'_>,
+    options: &CopyOptions,
+    found: Vec<Found>,
+) -> Result<Vec<Referrer>> {
+    let nested = CopyOptions {
+        referrers: false,
+        repair: false,
+        ..options.clone()
+    };
+    let src_repo = source.clone().with_tag(None).with_digest(None);
+    let dst_repo = target.clone().with_tag(None).with_digest(None);
     let mut out = Vec::new();
     let mut fallbacks = Vec::new();
-    for (subject, base, found, api) in try_join_all(lookups).await? {
+    for (subject, base, found, api) in found {
         if let Some(index) = api {
             fallbacks.push((subject.clone(), base, index));
         }
@@ -393,6 +405,7 @@ pub async fn copy(
             client.head_manifest(&dst, &target_ref).await?,
             Some(h) if h.digest.as_ref() == Some(&digest)
         );
+    let mut referrers_found = None;
     let top = if up_to_date {
         let m = client
             .get_manifest(&dst, &digest.to_string(), Some(&digest))
@@ -408,18 +421,32 @@ pub async fn copy(
         tracing::info!(target = %target_name, digest = %digest, "already up to date");
         m
     } else {
-        let top = engine.copy_top(&digest, options.repair).await?;
-        if let Some(t) = &tag {
-            engine.put(&top, t).await?;
-            tracing::info!(target = %target_name, digest = %digest, "tagged");
-        }
-        engine.verify(&top, tag.as_deref()).await?;
+        let (top, plan) = engine.plan_top(&digest, options.repair).await?;
+        let write = async {
+            if let Some(plan) = &plan {
+                engine.write(plan).await?;
+            }
+            if let Some(t) = &tag {
+                engine.put(&top, t).await?;
+                tracing::info!(target = %target_name, digest = %digest, "tagged");
+            }
+            engine.verify(&top, tag.as_deref()).await
+        };
+        // What refers to the image is looked up on the source while the blobs move.
+        let find = async {
+            match options.referrers {
+                true => find_referrers(client, &engine).await.map(Some),
+                false => Ok(None),
+            }
+        };
+        let (written, found) = futures_util::future::join(write, find).await;
+        written?;
+        referrers_found = found?;
         top
     };
-    let referrers = if options.referrers && !up_to_date {
-        copy_referrers(client, source, target, &engine, options).await?
-    } else {
-        Vec::new()
+    let referrers = match referrers_found {
+        Some(found) => copy_referrers(client, source, target, &engine, options, found).await?,
+        None => Vec::new(),
     };
 
     let entries = engine.entries.lock().expect("entries poisoned").clone();
@@ -510,9 +537,10 @@ impl Engine<'_> {
 
     /// Fetches the top manifest and plans everything under it, then writes it: no blob moves
     /// before every manifest of the image has been fetched, verified and found acceptable.
-    /// With `repair`, the top manifest's presence on the target is not taken as proof that its
-    /// children are there too.
-    async fn copy_top(&self, digest: &Digest, repair: bool) -> Result<Manifest> {
+    /// Phase 1 for the top manifest: fetches it and plans what the target lacks; no plan when the
+    /// target already has the manifest (and so, everything under it). With `repair`, its presence is
+    /// not taken as proof that its children are there too.
+    async fn plan_top(&self, digest: &Digest, repair: bool) -> Result<(Manifest, Option<Plan>)> {
         let m = self
             .client
             .get_manifest(&self.src, &digest.to_string(), Some(digest))
@@ -527,11 +555,10 @@ impl Engine<'_> {
                 .is_some()
         {
             self.stats.manifests_skipped.fetch_add(1, Ordering::Relaxed);
-            return Ok(m);
+            return Ok((m, None));
         }
-        let plan = self.plan(m, 0).await?;
-        self.write(&plan).await?;
-        Ok(plan.manifest)
+        let plan = self.plan(m.clone(), 0).await?;
+        Ok((m, Some(plan)))
     }
 
     fn count_manifest_bytes(&self, m: &Manifest) -> Result<()> {
@@ -813,7 +840,7 @@ impl Engine<'_> {
     /// Reads every written manifest back by digest, and the tag, from the target.
     async fn verify(&self, top: &Manifest, tag: Option<&str>) -> Result<()> {
         let pushed = self.pushed.lock().expect("pushed poisoned").clone();
-        try_join_all(pushed.iter().map(|d| async move {
+        let read_back = try_join_all(pushed.iter().map(|d| async move {
             let _permit = self.sem.acquire().await.expect("semaphore closed");
             self.client
                 .get_manifest(&self.dst, &d.to_string(), Some(d))
@@ -821,8 +848,14 @@ impl Engine<'_> {
                 .map_err(|e| Error::Verify {
                     reason: format!("reading {d} back from {}: {e}", self.dst),
                 })
-        }))
-        .await?;
+        }));
+        let (read, tagged) = futures_util::future::join(read_back, self.verify_tag(top, tag)).await;
+        read?;
+        tagged
+    }
+
+    /// The tag (if any) resolves to the top manifest on the target.
+    async fn verify_tag(&self, top: &Manifest, tag: Option<&str>) -> Result<()> {
         if let Some(tag) = tag {
             let served = match self.client.head_manifest(&self.dst, tag).await? {
                 Some(h) if h.digest.is_some() => h.digest,
