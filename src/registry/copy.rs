@@ -143,7 +143,12 @@ pub struct Referrer {
 /// What refers to one manifest of the image on the source: (subject, its fallback tag name,
 /// what was found as (tag, digest), the referrers API answer when it must go into the target's
 /// fallback index).
-type Found = (Digest, String, Vec<(Option<String>, Option<Digest>)>, Option<Manifest>);
+type Found = (
+    Digest,
+    String,
+    Vec<(Option<String>, Option<Digest>)>,
+    Option<Manifest>,
+);
 
 /// Looks up, for every manifest of the image, what refers to it on the source (read-only, so it
 /// runs while the image's blobs are still moving).

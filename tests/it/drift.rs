@@ -327,3 +327,43 @@ async fn manifests_deleted_on_the_target_are_repaired() {
     );
     assert_eq!(counts(&round(&svc).await), [1, 1, 0, 0, 0, 0]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_schedule_finds_a_moved_tag_on_its_own() {
+    let (up, down) = (Registry::anonymous().await, Registry::anonymous().await);
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start(
+        &dir.path().join("m.db"),
+        &format!("{}/mirror", down.host()),
+        &up.host(),
+        &[("MIRROR_DRIFT_INTERVAL", "1")],
+    )
+    .await;
+    tagged_image(&up, 21, "4.0").await;
+    mirror(
+        &svc,
+        json!({ "image": format!("{}/{REPO}:4.0", up.host()) }),
+    )
+    .await;
+    let b = tagged_image(&up, 22, "4.0").await;
+    // No one asks: the next scheduled round sees the move and follows it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if target_digest(&down, &up, "4.0").await.as_deref() == Some(b.digest.as_str()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no scheduled round followed the move:\n{}",
+            svc.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, drift) = svc.get("/drift?all=true").await;
+    assert_eq!(drift["interval_seconds"], 1);
+    assert_eq!(drift["drift"][0]["kind"], "upstream_moved", "{drift}");
+    assert!(
+        drift["last_round"]["checked"].as_i64().unwrap() >= 1,
+        "{drift}"
+    );
+}

@@ -411,6 +411,11 @@ fn serve_refuses_bad_configuration_naming_the_variable() {
     );
     assert!(run(&[target, tokens, ("MIRROR_WORKERS", "0")]).contains("--workers"));
     assert!(run(&[target, tokens, ("MIRROR_NOTIFY_URL", "ftp://x")]).contains("MIRROR_NOTIFY_URL"));
+    let policy = run(&[target, tokens, ("MIRROR_DRIFT_POLICY", "latest")]);
+    assert!(
+        policy.contains("--drift-policy") && policy.contains("\"follow\""),
+        "{policy}"
+    );
     assert!(
         !db.exists(),
         "nothing was created for a refused configuration"
