@@ -91,6 +91,42 @@ pub async fn page(
         }
         h.push_str("</table>");
     }
+    let drift = ledger::list_drift(&state.db, false, 50, None).await?;
+    if !drift.is_empty() {
+        h.push_str("<h2>Drift</h2><p>Found by drift watch and not yet resolved (<a href=\"/drift\">details</a>).</p>\
+            <table><tr><th>mirror</th><th>what</th><th>mirrored</th><th>policy</th><th>job</th><th>last seen</th></tr>");
+        for d in &drift {
+            let what = match d.kind.as_str() {
+                "upstream_moved" => format!(
+                    "upstream moved to <code>{}</code>",
+                    esc(d.observed_digest.as_deref().unwrap_or(""))
+                ),
+                "upstream_gone" => "gone upstream".to_string(),
+                _ => format!(
+                    "missing on the mirror: <code>{}</code>",
+                    esc(d.missing.as_deref().unwrap_or(""))
+                ),
+            };
+            let job = d
+                .job_id
+                .map(|id| format!("<a href=\"/jobs/{id}\">{id}</a>"))
+                .unwrap_or_default();
+            let _ = write!(
+                h,
+                "<tr><td>{}{}</td><td>{what}</td><td><code>{}</code></td><td>{}</td><td>{job}</td><td>{}</td></tr>",
+                esc(&d.mirror_repo),
+                esc(&d
+                    .mirror_tag
+                    .as_deref()
+                    .map(|t| format!(":{t}"))
+                    .unwrap_or_default()),
+                esc(&d.recorded_digest),
+                esc(&d.policy),
+                esc(&rfc3339(d.last_seen_at)),
+            );
+        }
+        h.push_str("</table>");
+    }
     h.push_str("<h2>Recent jobs</h2>");
     if jobs.is_empty() {
         h.push_str("<p>None yet.</p>");

@@ -204,6 +204,12 @@ async fn a_pinned_tag_keeps_its_digest_and_shows_the_drift() {
     assert_eq!(drift[0]["observed_digest"], json!(b.digest));
     assert_eq!(drift[0]["job_id"], Value::Null);
     let first_id = drift[0]["id"].clone();
+    let (_, page) = svc.get_text("/").await;
+    assert!(
+        page.contains("<h2>Drift</h2>")
+            && page.contains(&format!("upstream moved to <code>{}</code>", b.digest)),
+        "the status page shows the drift: {page}"
+    );
     let (_, metrics) = svc.get_text("/metrics").await;
     assert!(
         metrics.contains("mirror_drift_open{kind=\"upstream_moved\"} 1"),
