@@ -833,3 +833,62 @@ async fn a_spent_pull_allowance_holds_manifest_gets_until_its_window_ends_withou
         "the third and fourth GET waited for the next window: {gets:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_after_beyond_the_max_wait_puts_the_job_back_in_the_queue_with_its_attempt() {
+    use crate::support::service::Service;
+    let f = Faulty::default();
+    seed(&f);
+    let up = f.start().await;
+    let down = Registry::anonymous().await;
+    f.always(Route::Manifest, Fault::Status(429, Some("3600")));
+    let dir = tempfile::tempdir().unwrap();
+    // One attempt per job: without the deferral, the 429 would fail it for good.
+    let svc = Service::start(
+        &dir.path().join("m.db"),
+        &format!("{}/mirror", down.host()),
+        &up,
+        &[
+            ("MIRROR_MAX_ATTEMPTS", "1"),
+            ("MIRROR_RATE_LIMIT_MAX_WAIT", "10"),
+        ],
+    )
+    .await;
+    let (status, job) = svc
+        .mirror(&serde_json::json!({ "image": format!("{up}/img:v1") }))
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_i64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let job = loop {
+        let (_, job) = svc.get(&format!("/jobs/{id}")).await;
+        if !job["last_error"].is_null() || job["state"] == "failed" {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "the job ran within 30 s: {job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(job["state"], "queued", "{job}");
+    assert_eq!(job["attempts"], 0, "the attempt is given back: {job}");
+    let error = job["last_error"].as_str().unwrap();
+    assert!(error.contains("rate-limiting"), "{error}");
+    let next =
+        chrono::DateTime::parse_from_rfc3339(job["next_attempt_at"].as_str().unwrap()).unwrap();
+    let wait = next.signed_duration_since(chrono::Utc::now()).num_seconds();
+    assert!((3500..=3600).contains(&wait), "runs again in {wait} s");
+    assert_eq!(
+        f.count(Route::Manifest),
+        1,
+        "the registry was asked once, not hammered"
+    );
+    let (_, metrics) = svc.get_text("/metrics").await;
+    let paused = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!(
+                "mirror_registry_rate_limit_paused_seconds{{registry=\"{up}\"}} "
+            ))
+        })
+        .unwrap_or_else(|| panic!("no pause gauge for {up}:\n{metrics}"));
+    assert!(paused.parse::<f64>().unwrap() > 3500.0, "{paused}");
+}
