@@ -117,17 +117,22 @@ impl Budgets {
     pub async fn acquire(&self, registry: &str, metered: bool) -> Result<Ticket, Error> {
         let budget = self.budget(registry);
         loop {
-            let wait = budget.try_take(metered, Instant::now());
-            match wait {
-                None => return Ok(Ticket { budget, metered }),
-                Some((d, reason)) if d > self.policy.max_wait => {
+            match budget.try_take(metered, Instant::now()) {
+                Ok(seq) => {
+                    return Ok(Ticket {
+                        budget,
+                        metered,
+                        seq,
+                    });
+                }
+                Err((d, reason)) if d > self.policy.max_wait => {
                     return Err(Error::RateLimited {
                         registry: registry.to_string(),
                         retry_after: d,
                         reason,
                     });
                 }
-                Some((d, reason)) => {
+                Err((d, reason)) => {
                     crate::metrics::METRICS.rate_limit_waits.add(1);
                     tracing::debug!(
                         registry,
@@ -167,14 +172,19 @@ struct State {
     window_end: Option<Instant>,
     /// Metered requests sent whose answer is not observed yet.
     in_flight: u64,
+    /// Tickets handed out: each request's place in sending order.
+    sent: u64,
+    /// The latest ticket whose answer updated the allowance: answers to requests sent before it
+    /// arrive late and are older news (a late `remaining: 2` must not look like a new window).
+    applied: u64,
 }
 
 impl Budget {
-    /// Takes the request's share, or says how long to wait and why.
-    fn try_take(&self, metered: bool, now: Instant) -> Option<(Duration, String)> {
+    /// Takes the request's share (and its place in sending order), or says how long to wait and why.
+    fn try_take(&self, metered: bool, now: Instant) -> Result<u64, (Duration, String)> {
         let mut st = self.state.lock().expect("budget poisoned");
         if let Some(until) = st.paused_until.filter(|u| *u > now) {
-            return Some((until - now, st.pause_reason.clone()));
+            return Err((until - now, st.pause_reason.clone()));
         }
         if metered && st.remaining == Some(0) {
             let end = *st.window_end.get_or_insert(now + UNKNOWN_WINDOW);
@@ -183,15 +193,16 @@ impl Budget {
                     Some(l) => format!("its allowance of {l} manifest requests is spent"),
                     None => "its allowance of manifest requests is spent".to_string(),
                 };
-                return Some((end - now, reason));
+                return Err((end - now, reason));
             }
-            // The window is over: a new allowance, learned again from the next answer.
+            // The window is over: a new allowance, learned again from answers to later requests.
             st.remaining = st.limit;
             st.reported = None;
             st.window_end = None;
+            st.applied = st.sent;
             if st.remaining == Some(0) {
                 st.window_end = Some(now + UNKNOWN_WINDOW);
-                return Some((UNKNOWN_WINDOW, "its allowance is 0".into()));
+                return Err((UNKNOWN_WINDOW, "its allowance is 0".into()));
             }
         }
         if metered {
@@ -200,8 +211,9 @@ impl Budget {
             }
             st.in_flight += 1;
         }
+        st.sent += 1;
         self.publish(&st, now);
-        None
+        Ok(st.sent)
     }
 
     /// Applies an answer; returns the error to give instead when it paused the budget for longer
@@ -209,6 +221,7 @@ impl Budget {
     fn observe(
         &self,
         metered: bool,
+        seq: u64,
         status: StatusCode,
         headers: &HeaderMap,
         quota: bool,
@@ -218,13 +231,17 @@ impl Budget {
         if metered {
             st.in_flight = st.in_flight.saturating_sub(1);
         }
-        if quota && let Some(q) = parse_quota(headers, SystemTime::now()) {
+        if quota
+            && seq > st.applied
+            && let Some(q) = parse_quota(headers, SystemTime::now())
+        {
+            st.applied = seq;
             let was = st.remaining;
             if q.limit.is_some() {
                 st.limit = q.limit;
             }
-            let new_window = st.window_end.is_none_or(|e| e <= now)
-                || st.reported.is_some_and(|r| q.remaining > r);
+            let new_window = st.reported.is_none_or(|r| q.remaining > r)
+                || st.window_end.is_some_and(|e| e <= now);
             let left = q.remaining.saturating_sub(st.in_flight);
             st.remaining = match st.remaining {
                 Some(local) if !new_window => Some(local.min(left)),
@@ -319,6 +336,7 @@ impl Budget {
 pub struct Ticket {
     budget: Arc<Budget>,
     metered: bool,
+    seq: u64,
 }
 
 impl Ticket {
@@ -326,14 +344,16 @@ impl Ticket {
     /// paused the budget for longer than a request waits: give that error instead of the answer.
     pub fn observe(mut self, status: StatusCode, headers: &HeaderMap) -> Option<Error> {
         let metered = std::mem::take(&mut self.metered);
-        self.budget.observe(metered, status, headers, true)
+        self.budget
+            .observe(metered, self.seq, status, headers, true)
     }
 
     /// As [`Ticket::observe`], for an answer from another server on the registry's behalf (its
     /// token server): only a throttling status counts, not allowance headers.
     pub fn observe_throttling(mut self, status: StatusCode, headers: &HeaderMap) -> Option<Error> {
         let metered = std::mem::take(&mut self.metered);
-        self.budget.observe(metered, status, headers, false)
+        self.budget
+            .observe(metered, self.seq, status, headers, false)
     }
 }
 
@@ -635,6 +655,33 @@ mod tests {
         a.observe(StatusCode::OK, &headers(&[("ratelimit-remaining", "1")]));
         assert!(b.acquire("docker.io", true).await.is_err());
         drop(c);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_answer_to_an_earlier_request_is_not_a_new_window() {
+        let b = budgets(0);
+        let head = b.acquire("docker.io", false).await.unwrap();
+        head.observe(
+            StatusCode::OK,
+            &headers(&[("ratelimit-remaining", "2;w=30")]),
+        );
+        // Copy B's HEAD leaves, then copy A's GET; A's answer comes back first.
+        let late_head = b.acquire("docker.io", false).await.unwrap();
+        let get = b.acquire("docker.io", true).await.unwrap();
+        get.observe(
+            StatusCode::OK,
+            &headers(&[("ratelimit-remaining", "1;w=30")]),
+        );
+        // B's HEAD was answered before A's GET was counted: its 2 is old news.
+        late_head.observe(
+            StatusCode::OK,
+            &headers(&[("ratelimit-remaining", "2;w=30")]),
+        );
+        assert!(b.acquire("docker.io", true).await.is_ok());
+        assert!(
+            b.acquire("docker.io", true).await.is_err(),
+            "one was left, not two"
+        );
     }
 
     #[tokio::test(start_paused = true)]
