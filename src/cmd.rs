@@ -22,6 +22,7 @@ pub fn client(args: &RegistryArgs, network: NetworkPolicy) -> Result<Client> {
             ..RetryPolicy::default()
         },
         network,
+        rate_limit_max_wait: std::time::Duration::from_secs(args.rate_limit_max_wait),
         ..ClientConfig::default()
     };
     Ok(Client::new(config, credentials)?)

@@ -67,6 +67,12 @@ pub struct RegistryArgs {
     /// Attempts per request (and per blob) before a transient failure is reported.
     #[arg(long, env = "MIRROR_RETRIES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub retries: u32,
+
+    /// Seconds a request waits for a registry's rate limit (`Retry-After`, a spent allowance) to
+    /// clear; beyond it the copy gives up for now (a service job goes back to the queue until then,
+    /// without spending an attempt).
+    #[arg(long, env = "MIRROR_RATE_LIMIT_MAX_WAIT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=21600))]
+    pub rate_limit_max_wait: u64,
 }
 
 /// `mirror-mirror copy SRC DST`.

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex};
+use std::time::SystemTime;
 
 /// A monotonically increasing counter.
 #[derive(Debug, Default)]
@@ -30,6 +31,10 @@ pub const DURATION_BUCKETS: [f64; 10] =
 /// A gauge read at scrape time: name, help, and samples as (`{label="…"}` or empty, value).
 pub type Gauge<'a> = (&'a str, &'a str, Vec<(String, f64)>);
 
+/// A registry's rate-limit budget as `/metrics` shows it: the allowance left, if the registry
+/// says, and until when requests to it wait.
+pub type RateLimitState = (Option<u64>, Option<SystemTime>);
+
 /// Every counter the process keeps.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -40,8 +45,11 @@ pub struct Metrics {
     pub blobs_skipped: Counter,
     /// Retries of transient registry failures.
     pub retries: Counter,
-    /// Retries that waited for a registry's `Retry-After` (or a 429).
+    /// Waits for a registry's rate limit: retries after `Retry-After` or a 429, and requests held
+    /// by a paused budget.
     pub rate_limit_waits: Counter,
+    /// Rate-limit budgets by registry.
+    pub rate_limits: Mutex<BTreeMap<String, RateLimitState>>,
     /// Registry requests by (registry, HTTP status).
     pub registry_requests: Mutex<BTreeMap<(String, u16), u64>>,
     /// Webhook deliveries by outcome.
@@ -68,6 +76,20 @@ impl Metrics {
             .expect("metrics poisoned")
             .entry((registry.to_string(), status))
             .or_default() += 1;
+    }
+
+    /// Records a registry's rate-limit budget: the allowance left (if it says) and until when
+    /// requests to it wait.
+    pub fn rate_limit(
+        &self,
+        registry: &str,
+        remaining: Option<u64>,
+        paused_until: Option<SystemTime>,
+    ) {
+        self.rate_limits
+            .lock()
+            .expect("metrics poisoned")
+            .insert(registry.to_string(), (remaining, paused_until));
     }
 
     /// Counts one webhook delivery.
@@ -129,7 +151,7 @@ impl Metrics {
             ),
             (
                 "mirror_registry_rate_limit_waits_total",
-                "Retries that waited for Retry-After or a 429.",
+                "Waits for a registry's rate limit (Retry-After, a 429, a paused or spent budget).",
                 &self.rate_limit_waits,
             ),
         ];
@@ -156,6 +178,37 @@ impl Metrics {
                 escape(registry)
             );
         }
+        let limits = self.rate_limits.lock().expect("metrics poisoned");
+        let _ = writeln!(
+            out,
+            "# HELP mirror_registry_rate_limit_remaining Requests the registry last said are left in its rate-limit window, less those sent since.\n# TYPE mirror_registry_rate_limit_remaining gauge"
+        );
+        for (registry, (remaining, _)) in limits.iter() {
+            if let Some(n) = remaining {
+                let _ = writeln!(
+                    out,
+                    "mirror_registry_rate_limit_remaining{{registry=\"{}\"}} {n}",
+                    escape(registry)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP mirror_registry_rate_limit_paused_seconds Seconds until requests to the registry resume after a rate limit (0: not paused).\n# TYPE mirror_registry_rate_limit_paused_seconds gauge"
+        );
+        let now = SystemTime::now();
+        for (registry, (_, until)) in limits.iter() {
+            let left = until
+                .and_then(|u| u.duration_since(now).ok())
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "mirror_registry_rate_limit_paused_seconds{{registry=\"{}\"}} {}",
+                escape(registry),
+                left.as_secs_f64().ceil()
+            );
+        }
+        drop(limits);
         let _ = writeln!(
             out,
             "# HELP mirror_webhook_deliveries_total GitHub webhook deliveries by outcome.\n# TYPE mirror_webhook_deliveries_total counter"

@@ -289,6 +289,26 @@ pub async fn retry_later(
     Ok(n == 1)
 }
 
+/// Puts the job back in the queue to run at `run_at` (unix ms) without spending an attempt: a
+/// registry's rate limit cut the attempt short, not a fault. Keeps the reason it waits.
+pub async fn defer(db: &Db, lease: &Lease, error: &str, run_at: i64) -> sqlx::Result<bool> {
+    let now = now_ms();
+    let n = sqlx::query(
+        "update job set state = 'queued', lease_token = null, lease_expires_at = null, attempts = max(attempts - 1, 0),
+             last_error = ?1, run_at = ?2, updated_at = ?3
+         where id = ?4 and lease_token = ?5 and state = 'running'",
+    )
+    .bind(error)
+    .bind(run_at)
+    .bind(now)
+    .bind(lease.job.id)
+    .bind(&lease.token)
+    .execute(&db.write)
+    .await?
+    .rows_affected();
+    Ok(n == 1)
+}
+
 /// Marks the job failed for good, with the reason.
 pub async fn fail(db: &Db, lease: &Lease, error: &str) -> sqlx::Result<bool> {
     let now = now_ms();

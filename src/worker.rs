@@ -212,6 +212,15 @@ impl Workers {
                 });
                 (r, Some(notice))
             }
+            Err(JobError::RateLimited(msg, after)) => {
+                tracing::warn!(
+                    delay_ms = after.as_millis() as u64,
+                    "job {} waits for a registry's rate limit; back in the queue, attempt not counted: {msg}",
+                    job.id
+                );
+                let run_at = now_ms() + after.as_millis() as i64;
+                (queue::defer(&self.db, &lease, &msg, run_at).await, None)
+            }
             Err(JobError::Transient(msg)) if job.attempts < job.max_attempts => {
                 let delay = self.backoff(job.attempts as u32);
                 tracing::warn!(
@@ -351,11 +360,15 @@ fn progress_row(p: &Progress) -> ProgressRow {
 enum JobError {
     Transient(String),
     Permanent(String),
+    /// A registry's rate limit holds requests for this long: run again then, attempt not counted.
+    RateLimited(String, Duration),
 }
 
 impl From<registry::Error> for JobError {
     fn from(e: registry::Error) -> Self {
-        if e.is_transient() {
+        if let registry::Error::RateLimited { retry_after, .. } = e {
+            JobError::RateLimited(e.to_string(), retry_after)
+        } else if e.is_transient() {
             JobError::Transient(e.to_string())
         } else {
             JobError::Permanent(e.to_string())

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use serde::Deserialize;
 
+use super::budget::Budgets;
 use super::credentials::{Credential, CredentialStore};
 use super::error::{Error, Result};
 use super::retry::RetryPolicy;
@@ -127,19 +128,23 @@ type TokenSlot = Arc<tokio::sync::Mutex<Option<CachedToken>>>;
 pub struct Authenticator {
     credentials: CredentialStore,
     network: std::sync::Arc<super::guard::NetworkPolicy>,
+    /// Token requests are made on the registry's behalf: they wait in its rate-limit budget.
+    budgets: Arc<Budgets>,
     challenges: Mutex<HashMap<String, Challenge>>,
     tokens: Mutex<HashMap<(String, String), TokenSlot>>,
 }
 
 impl Authenticator {
-    /// An authenticator using `credentials`.
+    /// An authenticator using `credentials`, its token requests waiting in `budgets`.
     pub fn new(
         credentials: CredentialStore,
         network: std::sync::Arc<super::guard::NetworkPolicy>,
+        budgets: Arc<Budgets>,
     ) -> Self {
         Authenticator {
             credentials,
             network,
+            budgets,
             challenges: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
         }
@@ -292,10 +297,14 @@ impl Authenticator {
                 }
             }
         };
+        let ticket = self.budgets.acquire(registry, false).await?;
         let resp = request.send().await.map_err(|e| Error::Network {
             context: format!("requesting a token for {registry} from {realm}"),
             source: e,
         })?;
+        if let Some(e) = ticket.observe_throttling(resp.status(), resp.headers()) {
+            return Err(e);
+        }
         let status = resp.status();
         if !status.is_success() {
             let transient = status.as_u16() == 429 || status.is_server_error();

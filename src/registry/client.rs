@@ -13,6 +13,7 @@ use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode};
 
 use super::auth::{Authenticator, Challenge, read_small_body};
+use super::budget::{BudgetPolicy, Budgets, Ticket};
 use super::credentials::CredentialStore;
 use super::error::{Error, Result};
 use super::guard::{GuardedResolver, NetworkPolicy};
@@ -72,6 +73,9 @@ pub struct ClientConfig {
     pub read_timeout: Duration,
     /// Which addresses connections may reach.
     pub network: NetworkPolicy,
+    /// The longest a request waits for a registry's rate limit; beyond it the request fails with
+    /// [`Error::RateLimited`] so the caller can reschedule.
+    pub rate_limit_max_wait: Duration,
 }
 
 impl Default for ClientConfig {
@@ -82,6 +86,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(30),
             read_timeout: Duration::from_secs(120),
             network: NetworkPolicy::permissive(),
+            rate_limit_max_wait: Duration::from_secs(60),
         }
     }
 }
@@ -139,6 +144,8 @@ struct Inner {
     insecure: HashSet<String>,
     retry: RetryPolicy,
     network: Arc<NetworkPolicy>,
+    /// Rate-limit budgets per registry and credential, shared by every copy.
+    budgets: Arc<Budgets>,
     /// Per (target registry, blob): the repository this process last put it in, behind a lock
     /// that one transfer of that blob holds at a time.
     blob_slots: Mutex<HashMap<(String, Digest), BlobSlot>>,
@@ -176,10 +183,19 @@ impl Client {
                 context: "building the HTTP client".into(),
                 source: e,
             })?;
+        let budgets = Arc::new(Budgets::for_credentials(
+            BudgetPolicy {
+                max_wait: config.rate_limit_max_wait,
+                backoff: config.retry.base,
+                max_backoff: config.retry.max_backoff,
+            },
+            &credentials,
+        ));
         Ok(Client {
             inner: Arc::new(Inner {
                 http,
-                auth: Authenticator::new(credentials, network.clone()),
+                auth: Authenticator::new(credentials, network.clone(), budgets.clone()),
+                budgets,
                 insecure: config.insecure_registries.into_iter().collect(),
                 retry: config.retry,
                 network,
@@ -233,6 +249,19 @@ impl Client {
         url: &url::Url,
         build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response> {
+        self.send_metered(repo, scopes, url, false, build).await
+    }
+
+    /// [`Client::send`] within the registry's rate-limit budget: each request waits while the
+    /// budget is paused, and a `metered` one (a manifest GET) reserves one of its allowance.
+    async fn send_metered(
+        &self,
+        repo: &Repo,
+        scopes: &[String],
+        url: &url::Url,
+        metered: bool,
+        build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response> {
         let inner = &self.inner;
         inner.network.check_url(url).map_err(Error::from)?;
         let same_host = same_host(url, repo.api_host());
@@ -246,6 +275,7 @@ impl Client {
         };
         let mut retried_auth = false;
         loop {
+            let ticket = inner.budgets.acquire(&repo.registry, metered).await?;
             let mut req = build(&inner.http);
             if let Some(a) = &authz {
                 req = req.header(header::AUTHORIZATION, a);
@@ -255,6 +285,7 @@ impl Client {
                 source: e,
             })?;
             crate::metrics::METRICS.registry_request(&repo.registry, resp.status().as_u16());
+            observe(ticket, &resp, repo)?;
             if resp.status() != StatusCode::UNAUTHORIZED || retried_auth || !same_host {
                 return Ok(resp);
             }
@@ -297,8 +328,9 @@ impl Client {
                 let (method, url, headers, body) =
                     (method.clone(), url.clone(), headers.clone(), body.clone());
                 async move {
+                    let metered = method == Method::GET && url.path().contains("/manifests/");
                     let resp = self
-                        .send(repo, scopes, &url, |http| {
+                        .send_metered(repo, scopes, &url, metered, |http| {
                             let mut r = http.request(method.clone(), url.clone());
                             r = r.headers(headers.clone());
                             if let Some(b) = &body {
@@ -369,7 +401,7 @@ impl Client {
                 let (url, headers, what) = (url.clone(), headers.clone(), what.clone());
                 async move {
                     let resp = self
-                        .send(repo, &[repo.scope("pull")], &url, |http| {
+                        .send_metered(repo, &[repo.scope("pull")], &url, true, |http| {
                             http.get(url.clone()).headers(headers.clone())
                         })
                         .await?;
@@ -607,6 +639,14 @@ impl Client {
     ) -> Result<u64> {
         let what = format!("blob {}@{}", src, digest.short());
         let get_url = self.url(src, &format!("blobs/{digest}"))?;
+        // The upload's place in the target's budget, taken before the source stream is open.
+        let put_ticket = match self.inner.budgets.acquire(&dst.registry, false).await {
+            Ok(t) => t,
+            Err(e) => {
+                self.cancel_upload(dst, &session).await;
+                return Err(e);
+            }
+        };
         let resp = self
             .send(src, &[src.scope("pull")], &get_url, |http| {
                 http.get(get_url.clone())
@@ -706,6 +746,7 @@ impl Client {
             source: e,
         })?;
         crate::metrics::METRICS.registry_request(&dst.registry, resp.status().as_u16());
+        observe(put_ticket, &resp, dst)?;
         if resp.status() == StatusCode::UNAUTHORIZED {
             // The token died mid-upload: drop it so the retry starts with a fresh one.
             self.inner
@@ -816,6 +857,19 @@ impl Stream for VerifyingStream {
                 }
             }
         }
+    }
+}
+
+/// Applies an answer to its budget (answers from another host, such as object storage after a
+/// redirect, say nothing about the registry's limits); a throttling answer that paused the budget
+/// for longer than a request waits becomes [`Error::RateLimited`].
+fn observe(ticket: Ticket, resp: &reqwest::Response, repo: &Repo) -> Result<()> {
+    if !same_host(resp.url(), repo.api_host()) {
+        return Ok(());
+    }
+    match ticket.observe(resp.status(), resp.headers()) {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 

@@ -850,8 +850,12 @@ impl Engine<'_> {
             self.client
                 .get_manifest(&self.dst, &d.to_string(), Some(d))
                 .await
-                .map_err(|e| Error::Verify {
-                    reason: format!("reading {d} back from {}: {e}", self.dst),
+                .map_err(|e| match e {
+                    // A rate limit is no verdict on what was written: try again later.
+                    Error::RateLimited { .. } => e,
+                    e => Error::Verify {
+                        reason: format!("reading {d} back from {}: {e}", self.dst),
+                    },
                 })
         }));
         let (read, tagged) = futures_util::future::join(read_back, self.verify_tag(top, tag)).await;

@@ -87,6 +87,17 @@ pub enum Error {
     /// The network policy refused a connection (a private address for an untrusted host).
     #[error(transparent)]
     Blocked(#[from] super::guard::Refused),
+    /// A registry's rate limit holds its requests for longer than a request waits
+    /// (`MIRROR_RATE_LIMIT_MAX_WAIT`): try again after `retry_after`.
+    #[error(
+        "{registry} is rate-limiting requests ({reason}); they may resume in {} s, longer than a request waits (MIRROR_RATE_LIMIT_MAX_WAIT)",
+        retry_after.as_secs_f64().ceil() as u64
+    )]
+    RateLimited {
+        registry: String,
+        retry_after: Duration,
+        reason: String,
+    },
     /// A bad argument (a URL that cannot be built, a digest on the target that differs from the source).
     #[error("{0}")]
     Invalid(String),
@@ -101,7 +112,7 @@ impl Error {
                 !source.is_builder() && !source.is_redirect() && !super::guard::is_refusal(source)
             }
             Error::Blocked(_) => false,
-            Error::Truncated { .. } => true,
+            Error::Truncated { .. } | Error::RateLimited { .. } => true,
             Error::Auth { transient, .. } => *transient,
             Error::MissingHeader { .. } => false,
             Error::DigestMismatch { .. }
@@ -119,6 +130,7 @@ impl Error {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Error::Status { retry_after, .. } => *retry_after,
+            Error::RateLimited { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }

@@ -2,6 +2,7 @@
 //! the digest-preserving copy engine built on them.
 
 pub mod auth;
+pub mod budget;
 pub mod client;
 pub mod copy;
 pub mod credentials;

@@ -51,6 +51,8 @@ impl RetryPolicy {
         loop {
             match op(attempt).await {
                 Ok(v) => return Ok(v),
+                // A rate-limited budget already waited as long as a request may: give it back.
+                Err(err @ Error::RateLimited { .. }) => return Err(err),
                 Err(err) if err.is_transient() && attempt < self.max_attempts => {
                     let delay = self.delay(attempt, &err);
                     let m = &crate::metrics::METRICS;

@@ -1,5 +1,5 @@
 //! Faults from an in-process misbehaving registry (429 with Retry-After, 503, a body cut halfway, a
-//! corrupted blob, a missing `Location`), with a real registry on the other side.
+//! corrupted blob, a missing `Location`, a spent pull allowance), with a real registry on the other side.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -45,6 +45,26 @@ struct Inner {
     faults: HashMap<Route, VecDeque<Fault>>,
     /// Faults applied to every request of a route, after the queued ones.
     always: HashMap<Route, Fault>,
+    /// A pull allowance on manifest GETs, as Docker Hub's.
+    allowance: Option<Allowance>,
+}
+
+/// Manifest GETs allowed per window (which starts at the first manifest request after the last
+/// one ended), told in `RateLimit-*` headers on every manifest answer; a GET beyond it gets a 429.
+struct Allowance {
+    per_window: u64,
+    window: Duration,
+    started: Option<Instant>,
+    used: u64,
+}
+
+/// One request the faulty registry answered: when it arrived, what, and the status it got.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub at: Instant,
+    pub method: Method,
+    pub path: String,
+    pub status: u16,
 }
 
 /// An in-process registry that serves one image and misbehaves on cue.
@@ -52,6 +72,8 @@ struct Inner {
 pub struct Faulty {
     inner: Arc<Mutex<Inner>>,
     pub requests: Arc<Mutex<HashMap<Route, usize>>>,
+    /// Every request under `/v2/<name>/`, in arrival order.
+    pub seen: Arc<Mutex<Vec<Seen>>>,
 }
 
 impl Faulty {
@@ -92,6 +114,53 @@ impl Faulty {
         self.inner.lock().unwrap().always.insert(route, fault);
     }
 
+    /// Allows `per_window` manifest GETs per `window` (see [`Allowance`]).
+    pub fn allowance(&self, per_window: u64, window: Duration) {
+        self.inner.lock().unwrap().allowance = Some(Allowance {
+            per_window,
+            window,
+            started: None,
+            used: 0,
+        });
+    }
+
+    /// Charges a manifest request to the allowance: whether it may be served, and the headers.
+    fn charge(&self, method: &Method, rest: &str) -> (bool, Option<HeaderMap>) {
+        let mut inner = self.inner.lock().unwrap();
+        let Some(a) = inner
+            .allowance
+            .as_mut()
+            .filter(|_| rest.contains("/manifests/"))
+        else {
+            return (true, None);
+        };
+        let now = Instant::now();
+        if a.started.is_none_or(|s| now >= s + a.window) {
+            a.started = Some(now);
+            a.used = 0;
+        }
+        let allowed = *method != Method::GET || a.used < a.per_window;
+        if *method == Method::GET && allowed {
+            a.used += 1;
+        }
+        let w = a.window.as_secs();
+        let mut h = HeaderMap::new();
+        h.insert(
+            "ratelimit-limit",
+            format!("{};w={w}", a.per_window).parse().unwrap(),
+        );
+        h.insert(
+            "ratelimit-remaining",
+            format!("{};w={w}", a.per_window - a.used).parse().unwrap(),
+        );
+        (allowed, Some(h))
+    }
+
+    /// What the registry answered so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
     pub fn count(&self, route: Route) -> usize {
         *self.requests.lock().unwrap().get(&route).unwrap_or(&0)
     }
@@ -126,12 +195,25 @@ fn status(code: u16, retry_after: Option<&str>) -> Response {
     r
 }
 
-async fn handle(
-    State(f): State<Faulty>,
-    method: Method,
-    Path(rest): Path<String>,
-    _h: HeaderMap,
-) -> Response {
+async fn handle(State(f): State<Faulty>, method: Method, Path(rest): Path<String>) -> Response {
+    let at = Instant::now();
+    let (allowed, quota) = f.charge(&method, &rest);
+    let mut resp = if allowed {
+        respond(&f, &method, &rest).await
+    } else {
+        status(429, None)
+    };
+    resp.headers_mut().extend(quota.unwrap_or_default());
+    f.seen.lock().unwrap().push(Seen {
+        at,
+        method,
+        path: rest,
+        status: resp.status().as_u16(),
+    });
+    resp
+}
+
+async fn respond(f: &Faulty, method: &Method, rest: &str) -> Response {
     let (route, key) = if let Some((_, r)) = rest.rsplit_once("/manifests/") {
         (Route::Manifest, r.to_string())
     } else if rest.ends_with("/blobs/uploads/") || rest.contains("/blobs/uploads/") {
@@ -607,4 +689,206 @@ async fn a_layer_longer_than_its_descriptor_is_cut_off() {
             .await
             .is_none()
     );
+}
+
+/// Waits (at most `limit`) until `cond` holds; panics naming `what` otherwise.
+async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what} within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Copies `src` to `dst` with `client` in a task of its own (a worker).
+fn spawn_copy(
+    client: &Client,
+    src: String,
+    dst: String,
+) -> tokio::task::JoinHandle<Result<mirror_mirror::registry::CopyResult, Error>> {
+    let client = client.clone();
+    tokio::spawn(async move {
+        copy(
+            &client,
+            &ImageRef::parse_source(&src).unwrap(),
+            &ImageRef::parse(&dst).unwrap(),
+            &CopyOptions::default(),
+            Arc::new(Progress::default()),
+        )
+        .await
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_429_pauses_every_copy_of_that_registry_not_only_the_one_that_got_it() {
+    use mirror_mirror::metrics::METRICS;
+    let f = Faulty::default();
+    let (digest, _) = seed(&f);
+    let up = f.start().await;
+    let down = Registry::anonymous().await;
+    f.then(Route::Manifest, &[Fault::Status(429, Some("2"))]);
+    let client = fast_client();
+    let waits_before = METRICS.rate_limit_waits.get();
+    let first = spawn_copy(
+        &client,
+        format!("{up}/img:v1"),
+        format!("{}/m/img0:v1", down.host()),
+    );
+    // The 429 reached the client: its budget for the registry is paused.
+    wait_for(
+        "the budget pauses after the 429",
+        Duration::from_secs(10),
+        || {
+            let limits = METRICS.rate_limits.lock().unwrap();
+            limits
+                .get(&up)
+                .and_then(|(_, until)| *until)
+                .is_some_and(|u| u > std::time::SystemTime::now())
+        },
+    )
+    .await;
+    // A burst of copies from the same registry arrives during the pause.
+    let burst: Vec<_> = (1..4)
+        .map(|i| {
+            spawn_copy(
+                &client,
+                format!("{up}/img:v1"),
+                format!("{}/m/img{i}:v1", down.host()),
+            )
+        })
+        .collect();
+    for (i, task) in std::iter::once(first).chain(burst).enumerate() {
+        let r = task.await.unwrap().expect("every copy succeeds");
+        assert_eq!(r.target_digest.to_string(), digest);
+        let (bytes, _, _) = Pusher::new(&down)
+            .get_manifest(&format!("m/img{i}"), "v1")
+            .await
+            .unwrap();
+        assert_eq!(sha256(&bytes), digest, "copy {i} on the target");
+    }
+    // The registry saw nothing while its Retry-After ran: the other workers waited too.
+    let seen = f.seen();
+    let throttled = seen.iter().find(|s| s.status == 429).expect("the 429");
+    let too_early: Vec<&Seen> = seen
+        .iter()
+        .filter(|s| s.at > throttled.at && s.at < throttled.at + Duration::from_secs(2))
+        .collect();
+    assert!(
+        too_early.is_empty(),
+        "requests during the pause: {too_early:?}"
+    );
+    assert_eq!(
+        seen.iter().filter(|s| s.status == 429).count(),
+        1,
+        "one 429 in all"
+    );
+    assert!(
+        METRICS.rate_limit_waits.get() - waits_before >= 3,
+        "the three copies of the burst each waited"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spent_pull_allowance_holds_manifest_gets_until_its_window_ends_without_429s() {
+    let f = Faulty::default();
+    let (digest, _) = seed(&f);
+    let up = f.start().await;
+    let down = Registry::anonymous().await;
+    // Two manifest GETs per 2-second window; each copy needs one (HEADs are free, as on Docker Hub).
+    f.allowance(2, Duration::from_secs(2));
+    let client = fast_client();
+    let copies: Vec<_> = (0..4)
+        .map(|i| {
+            spawn_copy(
+                &client,
+                format!("{up}/img:v1"),
+                format!("{}/m/img{i}:v1", down.host()),
+            )
+        })
+        .collect();
+    for task in copies {
+        let r = task.await.unwrap().expect("every copy succeeds");
+        assert_eq!(r.target_digest.to_string(), digest);
+    }
+    let seen = f.seen();
+    let throttled: Vec<&Seen> = seen.iter().filter(|s| s.status == 429).collect();
+    assert!(
+        throttled.is_empty(),
+        "the budget kept within the allowance: {throttled:?}"
+    );
+    let gets: Vec<&Seen> = seen
+        .iter()
+        .filter(|s| s.method == Method::GET && s.path.contains("/manifests/"))
+        .collect();
+    assert_eq!(gets.len(), 4, "one GET per copy, none retried: {gets:?}");
+    let window_start = seen
+        .iter()
+        .find(|s| s.path.contains("/manifests/"))
+        .unwrap()
+        .at;
+    assert!(
+        gets[2..]
+            .iter()
+            .all(|g| g.at >= window_start + Duration::from_secs(2)),
+        "the third and fourth GET waited for the next window: {gets:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_after_beyond_the_max_wait_puts_the_job_back_in_the_queue_with_its_attempt() {
+    use crate::support::service::Service;
+    let f = Faulty::default();
+    seed(&f);
+    let up = f.start().await;
+    let down = Registry::anonymous().await;
+    f.always(Route::Manifest, Fault::Status(429, Some("3600")));
+    let dir = tempfile::tempdir().unwrap();
+    // One attempt per job: without the deferral, the 429 would fail it for good.
+    let svc = Service::start(
+        &dir.path().join("m.db"),
+        &format!("{}/mirror", down.host()),
+        &up,
+        &[
+            ("MIRROR_MAX_ATTEMPTS", "1"),
+            ("MIRROR_RATE_LIMIT_MAX_WAIT", "10"),
+        ],
+    )
+    .await;
+    let (status, job) = svc
+        .mirror(&serde_json::json!({ "image": format!("{up}/img:v1") }))
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_i64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let job = loop {
+        let (_, job) = svc.get(&format!("/jobs/{id}")).await;
+        if !job["last_error"].is_null() || job["state"] == "failed" {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "the job ran within 30 s: {job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(job["state"], "queued", "{job}");
+    assert_eq!(job["attempts"], 0, "the attempt is given back: {job}");
+    let error = job["last_error"].as_str().unwrap();
+    assert!(error.contains("rate-limiting"), "{error}");
+    let next =
+        chrono::DateTime::parse_from_rfc3339(job["next_attempt_at"].as_str().unwrap()).unwrap();
+    let wait = next.signed_duration_since(chrono::Utc::now()).num_seconds();
+    assert!((3500..=3600).contains(&wait), "runs again in {wait} s");
+    assert_eq!(
+        f.count(Route::Manifest),
+        1,
+        "the registry was asked once, not hammered"
+    );
+    let (_, metrics) = svc.get_text("/metrics").await;
+    let paused = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!(
+                "mirror_registry_rate_limit_paused_seconds{{registry=\"{up}\"}} "
+            ))
+        })
+        .unwrap_or_else(|| panic!("no pause gauge for {up}:\n{metrics}"));
+    assert!(paused.parse::<f64>().unwrap() > 3500.0, "{paused}");
 }

@@ -218,3 +218,49 @@ async fn release_at_shutdown_gives_the_attempt_back() {
         .unwrap();
     assert_eq!(l2.job.attempts, 1);
 }
+
+#[tokio::test]
+async fn a_deferred_job_waits_for_its_time_and_keeps_its_attempts() {
+    let (_dir, db) = db().await;
+    queue::enqueue(&db, &job("def")).await.unwrap();
+    // Deferred as often as a rate limit says, a job never runs out of attempts (3 here).
+    for _ in 0..5 {
+        let l = queue::claim(&db, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .expect("due");
+        assert_eq!(l.job.attempts, 1);
+        assert!(queue::defer(&db, &l, "rate-limited", 0).await.unwrap());
+    }
+    let l = queue::claim(&db, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    let later = mirror_mirror::db::now_ms() + 3_600_000;
+    assert!(
+        queue::defer(&db, &l, "rate-limited until later", later)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !queue::defer(&db, &l, "again", later).await.unwrap(),
+        "the lease is gone"
+    );
+    assert!(
+        queue::claim(&db, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_none(),
+        "not due yet"
+    );
+    let j = queue::get(&db, l.job.id).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            j.state.as_str(),
+            j.attempts,
+            j.run_at,
+            j.last_error.as_deref()
+        ),
+        ("queued", 0, later, Some("rate-limited until later"))
+    );
+}
