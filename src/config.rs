@@ -162,6 +162,15 @@ pub struct ServeArgs {
     #[arg(long, env = "MIRROR_DRIFT_POLICY", default_value = "follow")]
     pub drift_policy: crate::drift::Policy,
 
+    /// A YAML mirror list (images and which tags to keep mirrored; see deploy/mirrors.example.yaml),
+    /// synced at start, every `MIRROR_SYNC_INTERVAL` and on `POST /sync`.
+    #[arg(long, env = "MIRROR_SYNC_FILE")]
+    pub sync_file: Option<std::path::PathBuf>,
+
+    /// Seconds between syncs of the mirror list; 0: only at start and on `POST /sync`.
+    #[arg(long, env = "MIRROR_SYNC_INTERVAL", default_value_t = 3600)]
+    pub sync_interval: u64,
+
     /// GitHub webhook secrets (comma-separated, so one can be rotated without downtime).
     /// Unset: `POST /webhooks/github` answers 503.
     #[arg(long, env = "MIRROR_GITHUB_WEBHOOK_SECRETS", hide_env_values = true)]

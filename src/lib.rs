@@ -21,6 +21,8 @@ pub mod ledger;
 pub mod mapping;
 /// Process-wide counters rendered at `/metrics`.
 pub mod metrics;
+/// The declarative mirror list (YAML): parsing, checks with line numbers, tag selection.
+pub mod mirrorlist;
 /// Signed completion notices to `MIRROR_NOTIFY_URL`.
 pub mod notify;
 /// The durable job queue: every SQL statement about jobs.
@@ -31,5 +33,7 @@ pub mod reference;
 pub mod registry;
 /// `serve`: the service's start-up and orderly shutdown.
 pub mod serve;
+/// The mirror list kept in sync through the queue: on start, on a schedule, on `POST /sync`.
+pub mod sync;
 /// The worker loop that runs copies under a lease.
 pub mod worker;

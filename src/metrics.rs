@@ -60,6 +60,10 @@ pub struct Metrics {
     pub drift_checks: Counter,
     pub drift_check_errors: Counter,
     pub drift_jobs: Counter,
+    /// Mirror list syncs run, entries (or whole files) that failed, jobs queued.
+    pub sync_runs: Counter,
+    pub sync_errors: Counter,
+    pub sync_jobs: Counter,
     /// Drift watch: problems newly found, by kind.
     pub drift_found: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -224,7 +228,22 @@ impl Metrics {
                 "mirror_webhook_deliveries_total{{outcome=\"{outcome}\"}} {n}"
             );
         }
-        let drift: [(&str, &str, &Counter); 3] = [
+        let drift: [(&str, &str, &Counter); 6] = [
+            (
+                "mirror_sync_runs_total",
+                "Mirror list syncs run.",
+                &self.sync_runs,
+            ),
+            (
+                "mirror_sync_errors_total",
+                "Mirror list entries (or unreadable files) that could not be synced.",
+                &self.sync_errors,
+            ),
+            (
+                "mirror_sync_jobs_total",
+                "Jobs queued by the mirror list.",
+                &self.sync_jobs,
+            ),
             (
                 "mirror_drift_checks_total",
                 "Mirrored tags (or digests) re-checked by drift watch.",

@@ -15,6 +15,7 @@ use crate::mapping::{AllowList, TargetPrefix};
 use crate::notify::Notifier;
 use crate::registry::CopyOptions;
 use crate::registry::guard::NetworkPolicy;
+use crate::sync::{Sync, SyncConfig};
 use crate::worker::{WorkerConfig, Workers};
 
 /// Parses `MIRROR_API_TOKENS`: comma-separated `token` or `name=token`.
@@ -125,7 +126,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     .with_notifier(notifier.clone());
     let drift = Watch::new(
         db.clone(),
-        client,
+        client.clone(),
         DriftConfig {
             interval: (args.drift_interval > 0).then(|| Duration::from_secs(args.drift_interval)),
             policy: args.drift_policy,
@@ -135,6 +136,25 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         workers.wake.clone(),
         notifier,
     );
+    let sync = match &args.sync_file {
+        None => None,
+        Some(file) => Some(
+            Sync::new(
+                db.clone(),
+                client.clone(),
+                SyncConfig {
+                    file: file.clone(),
+                    interval: (args.sync_interval > 0)
+                        .then(|| Duration::from_secs(args.sync_interval)),
+                    target: target.clone(),
+                    allowed_sources: allowed_sources.clone(),
+                    max_attempts: args.max_attempts as i64,
+                },
+                workers.wake.clone(),
+            )
+            .map_err(|e| anyhow::anyhow!("MIRROR_SYNC_FILE: the mirror list was refused:\n{e}"))?,
+        ),
+    };
     let state = AppState {
         db: db.clone(),
         config: Arc::new(ApiConfig {
@@ -150,6 +170,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         workers_alive: workers.alive.clone(),
         workers_expected: args.workers as usize,
         drift: drift.clone(),
+        sync: sync.clone(),
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -158,6 +179,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let abort = CancellationToken::new();
     let mut handles = workers.spawn(stop.clone(), abort.clone());
     handles.extend(drift.spawn(stop.clone()));
+    handles.extend(sync.map(|s| s.spawn(stop.clone())));
     tracing::info!(
         listen = %listener.local_addr()?,
         target = %target.repo(),

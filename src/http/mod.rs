@@ -7,6 +7,7 @@ mod images;
 mod jobs;
 mod mirror;
 mod status;
+mod sync;
 mod webhook;
 
 use std::sync::Arc;
@@ -107,6 +108,8 @@ pub struct AppState {
     pub workers_expected: usize,
     /// Drift watch, for `/drift`.
     pub drift: crate::drift::Watch,
+    /// The mirror list, for `/sync` (none without `MIRROR_SYNC_FILE`).
+    pub sync: Option<crate::sync::Sync>,
 }
 
 impl AppState {
@@ -193,6 +196,8 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(images::digest))
         .routes(routes!(drift::list))
         .routes(routes!(drift::check))
+        .routes(routes!(sync::show))
+        .routes(routes!(sync::run))
         .routes(routes!(health::health))
         .routes(routes!(health::ready))
         .routes(routes!(health::metrics))

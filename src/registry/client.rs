@@ -473,6 +473,65 @@ impl Client {
         Ok(())
     }
 
+    /// Every tag of `repo` (`GET /v2/<name>/tags/list`), following `Link: <…>; rel="next"` pages
+    /// of `page` tags on the same host; at most [`MAX_TAGS`] in all.
+    pub async fn list_tags(&self, repo: &Repo, page: usize) -> Result<Vec<String>> {
+        #[derive(serde::Deserialize)]
+        struct TagList {
+            #[serde(default)]
+            tags: Option<Vec<String>>,
+        }
+        let mut url = self.url(repo, &format!("tags/list?n={}", page.max(1)))?;
+        let mut out: Vec<String> = Vec::new();
+        loop {
+            let resp = self
+                .request(Call {
+                    what: format!("tags of {repo}"),
+                    repo,
+                    scopes: &[repo.scope("pull")],
+                    method: Method::GET,
+                    url: url.clone(),
+                    headers: HeaderMap::new(),
+                    body: None,
+                    ok: &[StatusCode::OK],
+                })
+                .await?;
+            let next = resp
+                .headers()
+                .get(header::LINK)
+                .and_then(|v| v.to_str().ok())
+                .and_then(next_link)
+                .map(|link| url.join(&link))
+                .transpose()
+                .map_err(|e| {
+                    Error::Invalid(format!("{repo}: bad Link header in the tag list: {e}"))
+                })?;
+            let what = format!("tag list of {repo}");
+            let body = read_capped(resp, MAX_MANIFEST_BYTES, &what).await?;
+            let list: TagList = serde_json::from_slice(&body)
+                .map_err(|e| Error::Invalid(format!("{what} is not a tag list: {e}")))?;
+            out.extend(list.tags.unwrap_or_default());
+            if out.len() > MAX_TAGS {
+                return Err(Error::Invalid(format!(
+                    "{repo} has more than {MAX_TAGS} tags; name the tags to mirror instead of matching them"
+                )));
+            }
+            match next {
+                Some(n) if same_host(&n, repo.api_host()) && n != url => url = n,
+                Some(n) if !same_host(&n, repo.api_host()) => {
+                    return Err(Error::Invalid(format!(
+                        "{repo}: the tag list's next page is on another host ({}); refusing to follow it",
+                        n.host_str().unwrap_or("?")
+                    )));
+                }
+                _ => break,
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
     /// The referrers of `digest` from the OCI referrers API, as the index the registry answered
     /// (its `manifests` are the referrers); `None` when the registry has no such API.
     pub async fn referrers(&self, repo: &Repo, digest: &Digest) -> Result<Option<Manifest>> {
@@ -873,6 +932,24 @@ fn observe(ticket: Ticket, resp: &reqwest::Response, repo: &Repo) -> Result<()> 
     }
 }
 
+/// Most tags [`Client::list_tags`] reads from one repository.
+pub const MAX_TAGS: usize = 100_000;
+
+/// The target of `rel="next"` in a `Link` header: `<url>; rel="next"`.
+fn next_link(header: &str) -> Option<String> {
+    header.split(',').find_map(|part| {
+        let (target, params) = part.split_once(';')?;
+        let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
+        params
+            .split(';')
+            .any(|p| {
+                let p = p.trim().replace(' ', "");
+                p == "rel=\"next\"" || p == "rel=next"
+            })
+            .then(|| target.to_string())
+    })
+}
+
 fn same_host(url: &url::Url, host: &str) -> bool {
     let Some(h) = url.host_str() else {
         return false;
@@ -968,5 +1045,23 @@ pub(crate) async fn status_error(method: &str, url: &url::Url, resp: reqwest::Re
         code,
         message,
         retry_after,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_links() {
+        assert_eq!(
+            next_link(r#"</v2/a/tags/list?n=10&last=x>; rel="next""#).as_deref(),
+            Some("/v2/a/tags/list?n=10&last=x")
+        );
+        assert_eq!(
+            next_link(r#"<http://h/x>; rel="prev", </y>; rel=next"#).as_deref(),
+            Some("/y")
+        );
+        assert_eq!(next_link("garbage"), None);
     }
 }

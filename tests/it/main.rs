@@ -9,3 +9,4 @@ mod queue;
 mod service;
 mod ssrf;
 mod support;
+mod sync;

@@ -509,6 +509,7 @@ async fn readiness_metrics_request_ids_and_json_logs() {
             "/mirror",
             "/openapi.json",
             "/readyz",
+            "/sync",
             "/webhooks/github"
         ]
     );

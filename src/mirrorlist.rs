@@ -1,0 +1,674 @@
+//! The declarative mirror list: a YAML file naming images and which of their tags to keep
+//! mirrored (explicit tags, a tag regex, a semver range, the newest N of those, or one digest).
+//! Parsing checks everything up front and reports every problem with its `file:line:column`.
+//!
+//! ```yaml
+//! defaults:                 # optional; every entry inherits these
+//!   policy: follow          # drift policy: follow | pin
+//!   referrers: true         # copy signatures and attestations too
+//! images:
+//!   - source: registry.k8s.io/pause
+//!     tags: ["3.9", "3.10"]
+//!   - source: docker.io/library/nginx
+//!     tag_regex: '1\.27\.[0-9]+-alpine'   # must match the whole tag
+//!     latest: 2                           # only the newest 2 matches
+//!   - source: quay.io/prometheus/node-exporter
+//!     semver: ">=1.8.0, <2"               # v-prefixed tags count too
+//!     policy: pin
+//!   - source: registry.k8s.io/coredns/coredns:v1.11.1   # one tag
+//!   - source: ghcr.io/acme/tool@sha256:…                # one digest
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+
+use marked_yaml::types::{MarkedMappingNode, MarkedScalarNode};
+use marked_yaml::{LoaderOptions, Node, Span};
+
+use crate::drift::Policy;
+use crate::reference::ImageRef;
+
+/// Keys of an entry under `images`.
+const ENTRY_KEYS: [&str; 7] = [
+    "source",
+    "tags",
+    "tag_regex",
+    "semver",
+    "latest",
+    "policy",
+    "referrers",
+];
+/// Keys of `defaults`.
+const DEFAULT_KEYS: [&str; 2] = ["policy", "referrers"];
+/// Keys at the top.
+const TOP_KEYS: [&str; 2] = ["defaults", "images"];
+/// Problems reported at most (the rest are counted).
+const MAX_PROBLEMS: usize = 50;
+
+/// The parsed list, defaults applied.
+#[derive(Debug, Clone, Default)]
+pub struct MirrorList {
+    pub entries: Vec<Entry>,
+}
+
+/// One image to keep mirrored.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Line of the entry in the file (1-based), for messages.
+    pub line: usize,
+    /// The repository, with the tag or digest when the entry names exactly one.
+    pub source: ImageRef,
+    /// Tags always selected.
+    pub tags: Vec<String>,
+    /// Tags matching this (the whole tag) are selected.
+    pub tag_regex: Option<regex::Regex>,
+    /// Tags that are versions in this range (after one leading `v`) are selected.
+    pub semver: Option<semver::VersionReq>,
+    /// Of the regex and semver matches, only the newest this many.
+    pub latest: Option<usize>,
+    pub policy: Policy,
+    pub referrers: bool,
+}
+
+impl Entry {
+    /// Whether the source's tag list is needed to know which tags this entry selects.
+    pub fn needs_listing(&self) -> bool {
+        self.tag_regex.is_some() || self.semver.is_some()
+    }
+
+    /// The tags this entry selects from `available` (the source's tags): explicit tags always
+    /// (a missing one is reported when it is copied), plus regex and semver matches (the newest
+    /// `latest` of those); sorted, without duplicates. Empty for a digest entry.
+    pub fn select(&self, available: &[String]) -> Vec<String> {
+        let mut out: Vec<String> = self.tags.clone();
+        if let Some(t) = self.source.tag()
+            && self.source.digest().is_none()
+        {
+            out.push(t.to_string());
+        }
+        if self.needs_listing() {
+            let mut matched: Vec<&String> = available
+                .iter()
+                .filter(|t| self.tag_regex.as_ref().is_none_or(|r| r.is_match(t)))
+                .filter(|t| {
+                    self.semver
+                        .as_ref()
+                        .is_none_or(|req| version(t).is_some_and(|v| req.matches(&v)))
+                })
+                .collect();
+            if let Some(n) = self.latest {
+                matched.sort_by(|a, b| newer_first(a, b));
+                matched.truncate(n);
+            }
+            out.extend(matched.into_iter().cloned());
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
+/// A tag as a version: `1.2.3`, `v1.2.3`, `1.2.3-rc.1`.
+fn version(tag: &str) -> Option<semver::Version> {
+    semver::Version::parse(tag.strip_prefix('v').unwrap_or(tag)).ok()
+}
+
+/// Newest first: by version when both are versions (versions before other tags), else by name
+/// (descending).
+fn newer_first(a: &str, b: &str) -> std::cmp::Ordering {
+    match (version(a), version(b)) {
+        (Some(x), Some(y)) => y.cmp(&x).then_with(|| b.cmp(a)),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => b.cmp(a),
+    }
+}
+
+/// Why a mirror list was refused: every problem found, each with its place in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListError {
+    pub file: String,
+    /// (line, column, what is wrong and what to do), in file order.
+    pub problems: Vec<(usize, usize, String)>,
+    /// Problems found beyond those listed.
+    pub more: usize,
+}
+
+impl fmt::Display for ListError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (line, col, msg)) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            match (line, col) {
+                (0, _) => write!(f, "{}: {msg}", self.file)?,
+                (l, 0) => write!(f, "{}:{l}: {msg}", self.file)?,
+                (l, c) => write!(f, "{}:{l}:{c}: {msg}", self.file)?,
+            }
+        }
+        if self.more > 0 {
+            write!(f, "\n{}: … and {} more problem(s)", self.file, self.more)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ListError {}
+
+/// Reads and parses the mirror list at `path`.
+pub fn load(path: &Path) -> Result<MirrorList, ListError> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ListError {
+        file: name.clone(),
+        problems: vec![(0, 0, format!("cannot read the mirror list: {e}"))],
+        more: 0,
+    })?;
+    parse(&name, &text)
+}
+
+/// Collects problems with their places.
+struct Problems {
+    list: Vec<(usize, usize, String)>,
+}
+
+impl Problems {
+    /// A problem with a whole entry: its line (a mapping's span starts at its first value).
+    fn line(&mut self, span: &Span, msg: String) {
+        self.list.push((line_of(span), 0, msg));
+    }
+
+    fn at(&mut self, span: &Span, msg: String) {
+        let (line, col) = span
+            .start()
+            .map(|m| (m.line(), m.column()))
+            .unwrap_or((0, 0));
+        self.list.push((line, col, msg));
+    }
+}
+
+fn line_of(span: &Span) -> usize {
+    span.start().map(|m| m.line()).unwrap_or(0)
+}
+
+fn unknown_keys(map: &MarkedMappingNode, known: &[&str], what: &str, p: &mut Problems) {
+    for key in map.keys() {
+        if !known.contains(&key.as_str()) {
+            p.at(
+                key.span(),
+                format!(
+                    "unknown key {:?} in {what}; the keys are: {}",
+                    key.as_str(),
+                    known.join(", ")
+                ),
+            );
+        }
+    }
+}
+
+fn scalar<'a>(node: &'a Node, key: &str, p: &mut Problems) -> Option<&'a MarkedScalarNode> {
+    let s = node.as_scalar();
+    if s.is_none() {
+        p.at(node.span(), format!("{key} must be a single value"));
+    }
+    s
+}
+
+fn policy(node: &Node, p: &mut Problems) -> Option<Policy> {
+    let s = scalar(node, "policy", p)?;
+    match s.as_str().parse() {
+        Ok(v) => Some(v),
+        Err(e) => {
+            p.at(s.span(), e);
+            None
+        }
+    }
+}
+
+fn boolean(node: &Node, key: &str, p: &mut Problems) -> Option<bool> {
+    let s = scalar(node, key, p)?;
+    let b = s.as_bool();
+    if b.is_none() {
+        p.at(
+            s.span(),
+            format!("{key} must be true or false, not {:?}", s.as_str()),
+        );
+    }
+    b
+}
+
+/// Parses a mirror list; `file` names it in messages.
+pub fn parse(file: &str, text: &str) -> Result<MirrorList, ListError> {
+    let mut p = Problems { list: Vec::new() };
+    let fail = |mut list: Vec<(usize, usize, String)>| {
+        list.sort_by_key(|(l, c, _)| (*l, *c));
+        let more = list.len().saturating_sub(MAX_PROBLEMS);
+        list.truncate(MAX_PROBLEMS);
+        ListError {
+            file: file.to_string(),
+            problems: list,
+            more,
+        }
+    };
+    let options = LoaderOptions::default()
+        .error_on_duplicate_keys(true)
+        .toplevel_mapping();
+    if text
+        .lines()
+        .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+    {
+        return Err(fail(vec![(
+            0,
+            0,
+            "the mirror list is empty; it needs an `images:` list".into(),
+        )]));
+    }
+    let root = match marked_yaml::parse_yaml_with_options(0, text, options) {
+        Ok(root) => root,
+        Err(e) => {
+            let msg = e.to_string();
+            // The loader's own message starts with `line:column: `.
+            let (place, rest) = msg.split_once(": ").unwrap_or(("", &msg));
+            let mut parts = place.split(':').map(|n| n.parse::<usize>().ok());
+            let problem = match (parts.next().flatten(), parts.next().flatten()) {
+                (Some(l), Some(c)) => (l, c, format!("not valid YAML here: {rest}")),
+                _ => (0, 0, format!("not valid YAML: {msg}")),
+            };
+            return Err(fail(vec![problem]));
+        }
+    };
+    let Some(top) = root.as_mapping() else {
+        return Err(fail(vec![(
+            1,
+            1,
+            "the top must be a mapping with `images:`".into(),
+        )]));
+    };
+    unknown_keys(top, &TOP_KEYS, "the top level", &mut p);
+    let mut default_policy = Policy::default();
+    let mut default_referrers = true;
+    if let Some(node) = top.get_node("defaults") {
+        match node.as_mapping() {
+            Some(d) => {
+                unknown_keys(d, &DEFAULT_KEYS, "defaults", &mut p);
+                if let Some(n) = d.get_node("policy") {
+                    default_policy = policy(n, &mut p).unwrap_or_default();
+                }
+                if let Some(n) = d.get_node("referrers") {
+                    default_referrers = boolean(n, "referrers", &mut p).unwrap_or(true);
+                }
+            }
+            None => p.at(
+                node.span(),
+                "defaults must be a mapping (policy, referrers)".into(),
+            ),
+        }
+    }
+    let mut entries = Vec::new();
+    match top.get_node("images") {
+        None => p.at(
+            root.span(),
+            "there is no `images:` list; add one with an entry per image".into(),
+        ),
+        Some(node) => match node.as_sequence() {
+            None => p.at(
+                node.span(),
+                "images must be a list of entries (`- source: …`)".into(),
+            ),
+            Some(items) => {
+                let mut seen: HashMap<String, usize> = HashMap::new();
+                for item in items.iter() {
+                    if let Some(e) = entry(item, default_policy, default_referrers, &mut p) {
+                        let key = e.source.to_string();
+                        if let Some(first) = seen.insert(key.clone(), e.line) {
+                            p.line(
+                                item.span(),
+                                format!(
+                                    "{key} is listed twice (first on line {first}); merge the two entries"
+                                ),
+                            );
+                        } else {
+                            entries.push(e);
+                        }
+                    }
+                }
+            }
+        },
+    }
+    if p.list.is_empty() {
+        Ok(MirrorList { entries })
+    } else {
+        Err(fail(p.list))
+    }
+}
+
+fn entry(
+    item: &Node,
+    default_policy: Policy,
+    default_referrers: bool,
+    p: &mut Problems,
+) -> Option<Entry> {
+    let before = p.list.len();
+    let Some(map) = item.as_mapping() else {
+        p.line(
+            item.span(),
+            "an entry must be a mapping starting with `source:`".into(),
+        );
+        return None;
+    };
+    unknown_keys(map, &ENTRY_KEYS, "an image entry", p);
+    let line = line_of(item.span());
+    let source = match map.get_node("source") {
+        None => {
+            p.line(
+                item.span(),
+                "this entry has no `source:`; name the image, e.g. `source: registry.k8s.io/pause`"
+                    .into(),
+            );
+            None
+        }
+        Some(n) => scalar(n, "source", p).and_then(|s| match ImageRef::parse(s.as_str()) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                p.at(
+                    s.span(),
+                    format!(
+                        "source {:?} is not a valid image reference: {e}",
+                        s.as_str()
+                    ),
+                );
+                None
+            }
+        }),
+    };
+    let mut tags = Vec::new();
+    if let Some(n) = map.get_node("tags") {
+        match n.as_sequence() {
+            Some(items) if !items.is_empty() => {
+                for t in items.iter() {
+                    if let Some(s) = scalar(t, "each tag", p) {
+                        let ok = ImageRef::parse("x")
+                            .and_then(|r| r.try_with_tag(Some(s.as_str().to_string())));
+                        match ok {
+                            Ok(_) => tags.push(s.as_str().to_string()),
+                            Err(e) => p.at(s.span(), format!("{e}")),
+                        }
+                    }
+                }
+            }
+            _ => p.at(
+                n.span(),
+                "tags must be a non-empty list, e.g. `tags: [\"1.0\", \"1.1\"]`".into(),
+            ),
+        }
+    }
+    let tag_regex = map.get_node("tag_regex").and_then(|n| {
+        let s = scalar(n, "tag_regex", p)?;
+        match regex::Regex::new(&format!("^(?:{})$", s.as_str())) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                p.at(
+                    s.span(),
+                    format!(
+                        "tag_regex {:?} is not a valid regular expression: {}",
+                        s.as_str(),
+                        e.to_string().lines().last().unwrap_or("")
+                    ),
+                );
+                None
+            }
+        }
+    });
+    let semver = map.get_node("semver").and_then(|n| {
+        let s = scalar(n, "semver", p)?;
+        match semver::VersionReq::parse(s.as_str()) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                p.at(
+                    s.span(),
+                    format!(
+                        "semver {:?} is not a version range ({e}); write it like \">=1.8.0, <2\"",
+                        s.as_str()
+                    ),
+                );
+                None
+            }
+        }
+    });
+    let latest = map.get_node("latest").and_then(|n| {
+        let s = scalar(n, "latest", p)?;
+        match s.as_str().parse::<usize>() {
+            Ok(v) if v > 0 => Some(v),
+            _ => {
+                p.at(
+                    s.span(),
+                    format!(
+                        "latest must be a whole number above 0, not {:?}",
+                        s.as_str()
+                    ),
+                );
+                None
+            }
+        }
+    });
+    let policy = map
+        .get_node("policy")
+        .and_then(|n| policy(n, p))
+        .unwrap_or(default_policy);
+    let referrers = map
+        .get_node("referrers")
+        .and_then(|n| boolean(n, "referrers", p))
+        .unwrap_or(default_referrers);
+    let source = source?;
+    let selects = map.get_node("tags").is_some()
+        || map.get_node("tag_regex").is_some()
+        || map.get_node("semver").is_some();
+    if source.digest().is_some() && selects {
+        p.line(
+            item.span(),
+            format!(
+                "{source} names a digest, which is one image; drop tags/tag_regex/semver, or the digest"
+            ),
+        );
+    } else if source.tag().is_some() && selects {
+        p.line(
+            item.span(),
+            format!(
+                "{source} names a tag and also tags/tag_regex/semver; name tags in one place only"
+            ),
+        );
+    } else if source.tag().is_none() && source.digest().is_none() && !selects {
+        p.line(
+            item.span(),
+            format!(
+                "{} says no tags; add `tags:`, `tag_regex:` or `semver:`, or name one tag or digest in the source",
+                source.repo_name()
+            ),
+        );
+    }
+    if latest.is_some() && map.get_node("tag_regex").is_none() && map.get_node("semver").is_none() {
+        p.at(
+            map.get_node("latest")
+                .map(Node::span)
+                .unwrap_or(item.span()),
+            "latest keeps the newest matches of tag_regex or semver; add one of them".into(),
+        );
+    }
+    if p.list.len() != before {
+        return None;
+    }
+    Some(Entry {
+        line,
+        source,
+        tags,
+        tag_regex,
+        semver,
+        latest,
+        policy,
+        referrers,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tags(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    const GOOD: &str = r#"# a comment
+defaults:
+  policy: pin
+  referrers: false
+images:
+  - source: registry.k8s.io/pause
+    tags: ["3.9", "3.10"]
+  - source: nginx
+    tag_regex: '1\.27\.[0-9]+-alpine'
+    latest: 2
+    policy: follow
+  - source: quay.io/prometheus/node-exporter
+    semver: ">=1.8.0, <2"
+    referrers: true
+  - source: registry.k8s.io/coredns/coredns:v1.11.1
+  - source: ghcr.io/acme/tool@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855
+"#;
+
+    #[test]
+    fn a_valid_list_in_every_form() {
+        let list = parse("m.yaml", GOOD).unwrap();
+        let e = &list.entries;
+        assert_eq!(e.len(), 5);
+        assert_eq!(e[0].line, 6);
+        assert_eq!(e[0].source.repo_name(), "registry.k8s.io/pause");
+        assert_eq!(e[0].tags, tags(&["3.9", "3.10"]));
+        assert_eq!((e[0].policy, e[0].referrers), (Policy::Pin, false));
+        assert!(!e[0].needs_listing());
+        assert_eq!(e[1].source.repo_name(), "docker.io/library/nginx");
+        assert_eq!((e[1].policy, e[1].latest), (Policy::Follow, Some(2)));
+        assert!(e[1].needs_listing());
+        assert!(e[2].referrers);
+        assert_eq!(e[3].select(&[]), tags(&["v1.11.1"]));
+        assert!(e[4].source.digest().is_some());
+        assert_eq!(e[4].select(&tags(&["a"])), Vec::<String>::new());
+        assert_eq!(e[4].line, 16);
+    }
+
+    #[test]
+    fn selection_by_regex_semver_and_latest() {
+        let list = parse("m.yaml", GOOD).unwrap();
+        let available = tags(&[
+            "1.27.0-alpine",
+            "1.27.3-alpine",
+            "1.27.10-alpine",
+            "1.27.3",
+            "x1.27.1-alpine",
+            "latest",
+        ]);
+        // The regex must match the whole tag; the newest 2 by version.
+        assert_eq!(
+            list.entries[1].select(&available),
+            tags(&["1.27.10-alpine", "1.27.3-alpine"])
+        );
+        let versions = tags(&[
+            "v1.8.0",
+            "1.8.2",
+            "1.9.0-rc.1",
+            "2.0.0",
+            "1.7.9",
+            "1.9",
+            "latest",
+            "v1.10.1",
+        ]);
+        assert_eq!(
+            list.entries[2].select(&versions),
+            tags(&["1.8.2", "v1.10.1", "v1.8.0"]),
+            "in range, v-prefixed too; prereleases, partial versions and names left out"
+        );
+        // Explicit tags are kept even when not listed upstream.
+        assert_eq!(list.entries[0].select(&[]), tags(&["3.10", "3.9"]));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_line() {
+        let text = r#"defaults:
+  policy: latest
+images:
+  - source: Registry.k8s.io/Pause
+    tags: ["3.9"]
+  - source: nginx
+    tag_regex: '(unclosed'
+    semver: "=>1"
+    latest: 0
+    color: blue
+  - source: nginx:1.25
+    tags: ["1.26"]
+  - source: quay.io/a/b
+  - tags: ["x"]
+  - source: ghcr.io/x/y
+    tags: ["bad tag"]
+  - source: ghcr.io/x/y
+    tags: ["ok"]
+"#;
+        let err = parse("mirrors.yaml", text).unwrap_err();
+        let msg = err.to_string();
+        let lines: Vec<usize> = err.problems.iter().map(|(l, _, _)| *l).collect();
+        assert_eq!(lines, vec![2, 4, 7, 8, 9, 10, 11, 13, 14, 16], "{msg}");
+        for want in [
+            "mirrors.yaml:2:11: drift policy \"latest\" is not known",
+            "mirrors.yaml:4:13: source \"Registry.k8s.io/Pause\" is not a valid image reference",
+            "mirrors.yaml:7:16: tag_regex \"(unclosed\" is not a valid regular expression",
+            "mirrors.yaml:8:13: semver \"=>1\" is not a version range",
+            "mirrors.yaml:9:13: latest must be a whole number above 0",
+            "mirrors.yaml:10:5: unknown key \"color\" in an image entry; the keys are: source, tags,",
+            "mirrors.yaml:11: docker.io/library/nginx:1.25 names a tag and also tags",
+            "mirrors.yaml:13: quay.io/a/b says no tags",
+            "mirrors.yaml:14: this entry has no `source:`",
+            "mirrors.yaml:16:12: tag \"bad tag\" is not valid",
+        ] {
+            assert!(msg.contains(want), "missing {want:?} in:\n{msg}");
+        }
+    }
+
+    #[test]
+    fn duplicates_yaml_errors_and_shapes() {
+        let dup = "images:\n  - source: nginx\n    tags: [a]\n  - source: docker.io/library/nginx\n    tags: [b]\n";
+        let msg = parse("m.yaml", dup).unwrap_err().to_string();
+        assert!(
+            msg.starts_with("m.yaml:4: docker.io/library/nginx is listed twice (first on line 2)"),
+            "{msg}"
+        );
+        let bad_yaml = "images:\n  - source: nginx\n    tags: [a\n";
+        let msg = parse("m.yaml", bad_yaml).unwrap_err().to_string();
+        assert!(
+            msg.starts_with("m.yaml:4:") && msg.contains("not valid YAML here"),
+            "{msg}"
+        );
+        let msg = parse("m.yaml", "image:\n  - source: x\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("unknown key \"image\"") && msg.contains("no `images:` list"),
+            "{msg}"
+        );
+        let msg = parse("m.yaml", "images: nginx\n").unwrap_err().to_string();
+        assert!(msg.contains("m.yaml:1:9: images must be a list"), "{msg}");
+        let msg = parse("m.yaml", "").unwrap_err().to_string();
+        assert!(msg.contains("empty"), "{msg}");
+        let twice = "images: []\nimages: []\n";
+        assert!(
+            parse("m.yaml", twice)
+                .unwrap_err()
+                .to_string()
+                .contains("Duplicate key")
+        );
+    }
+
+    #[test]
+    fn the_example_file_parses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/mirrors.example.yaml");
+        let list = load(Path::new(path)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(list.entries.len() >= 4);
+    }
+}

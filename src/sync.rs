@@ -1,0 +1,314 @@
+//! The declarative mirror list, kept in sync: on start, on a schedule and on `POST /sync`, every
+//! entry of `MIRROR_SYNC_FILE` is expanded to tags and whatever is not mirrored as upstream has it
+//! goes through the same queue and ledger as any request.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::db::{Db, now_ms};
+use crate::drift::Policy;
+use crate::ledger;
+use crate::mapping::{AllowList, TargetPrefix};
+use crate::mirrorlist::{self, Entry, MirrorList};
+use crate::queue::{self, NewJob};
+use crate::registry::{Client, Repo};
+
+/// Tags asked for per page when listing a source's tags.
+const TAG_PAGE: usize = 1000;
+
+/// How the mirror list is kept.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    /// The YAML file.
+    pub file: PathBuf,
+    /// Time between syncs; `None`: only at start and on `POST /sync`.
+    pub interval: Option<Duration>,
+    /// Where mirrors go, and which sources may be mirrored (as for `POST /mirror`).
+    pub target: TargetPrefix,
+    pub allowed_sources: AllowList,
+    /// Attempts given to the jobs a sync queues.
+    pub max_attempts: i64,
+}
+
+/// What one sync did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    /// Start, RFC 3339.
+    pub started_at: String,
+    pub duration_ms: u64,
+    /// Entries in the file.
+    pub entries: usize,
+    /// Tags (and digests) the entries selected.
+    pub selected: usize,
+    /// Already mirrored as upstream has them (or pinned).
+    pub up_to_date: usize,
+    /// Jobs queued (or found already queued).
+    pub queued: usize,
+    /// What went wrong, each naming the line of its entry; the rest of the file still syncs.
+    pub errors: Vec<String>,
+}
+
+/// The mirror list's keeper.
+#[derive(Clone)]
+pub struct Sync {
+    db: Db,
+    client: Client,
+    config: Arc<SyncConfig>,
+    wake: Arc<Notify>,
+    running: Arc<tokio::sync::Mutex<()>>,
+    last: Arc<std::sync::Mutex<Option<Report>>>,
+}
+
+impl Sync {
+    /// Loads and checks the file once, so a bad file stops start-up with the line at fault.
+    pub fn new(
+        db: Db,
+        client: Client,
+        config: SyncConfig,
+        wake: Arc<Notify>,
+    ) -> Result<Sync, String> {
+        let list = mirrorlist::load(&config.file).map_err(|e| e.to_string())?;
+        check_allowed(&config, &list)?;
+        Ok(Sync {
+            db,
+            client,
+            config: Arc::new(config),
+            wake,
+            running: Arc::default(),
+            last: Arc::default(),
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &SyncConfig {
+        &self.config
+    }
+
+    /// The last finished sync.
+    pub fn last_report(&self) -> Option<Report> {
+        self.last.lock().expect("sync state poisoned").clone()
+    }
+
+    /// Syncs now, then every interval, until `stop` is cancelled.
+    pub fn spawn(&self, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let sync = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    r = sync.run() => if let Err(e) = r {
+                        tracing::error!("mirror list sync failed: {e}");
+                    },
+                    _ = stop.cancelled() => return,
+                }
+                let Some(every) = sync.config.interval else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+        })
+    }
+
+    /// Reads the file again and queues whatever is not mirrored as upstream has it. A file that
+    /// no longer parses is reported (with its lines) and nothing is queued.
+    pub async fn run(&self) -> sqlx::Result<Report> {
+        let _one_at_a_time = self.running.lock().await;
+        let started = std::time::Instant::now();
+        let mut report = Report {
+            started_at: crate::http::rfc3339(now_ms()),
+            ..Report::default()
+        };
+        let list = match mirrorlist::load(&self.config.file)
+            .map_err(|e| e.to_string())
+            .and_then(|l| check_allowed(&self.config, &l).map(|()| l))
+        {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::error!("mirror list {} not synced: {e}", self.config.file.display());
+                report.errors.push(e);
+                crate::metrics::METRICS.sync_errors.add(1);
+                return Ok(self.finish(report, started));
+            }
+        };
+        report.entries = list.entries.len();
+        for entry in &list.entries {
+            if let Err(e) = self.sync_entry(entry, &mut report).await? {
+                let e = format!("{}:{}: {e}", self.config.file.display(), entry.line);
+                tracing::warn!("{e}");
+                crate::metrics::METRICS.sync_errors.add(1);
+                report.errors.push(e);
+            }
+        }
+        Ok(self.finish(report, started))
+    }
+
+    fn finish(&self, mut report: Report, started: std::time::Instant) -> Report {
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        crate::metrics::METRICS.sync_runs.add(1);
+        tracing::info!(
+            entries = report.entries,
+            selected = report.selected,
+            up_to_date = report.up_to_date,
+            queued = report.queued,
+            errors = report.errors.len(),
+            duration_ms = report.duration_ms,
+            "mirror list synced"
+        );
+        *self.last.lock().expect("sync state poisoned") = Some(report.clone());
+        report
+    }
+
+    /// One entry: the outer error is the database's; the inner one is this entry's (reported, and
+    /// the sync goes on).
+    async fn sync_entry(
+        &self,
+        entry: &Entry,
+        report: &mut Report,
+    ) -> sqlx::Result<Result<(), String>> {
+        let source = &entry.source;
+        let target_repo = match self.config.target.repo_for(source) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
+        let repo = Repo::of(source);
+        // One pinned digest: mirrored once, by digest.
+        if let Some(digest) = source.digest() {
+            report.selected += 1;
+            let done = ledger::by_digest(&self.db, &digest.to_string())
+                .await?
+                .iter()
+                .any(|r| r.mirror_repo == target_repo && r.source_digest == digest.to_string());
+            if done {
+                report.up_to_date += 1;
+                return Ok(Ok(()));
+            }
+            let job = self.job(entry, source.to_string(), &target_repo, source.tag());
+            self.enqueue(job, report).await?;
+            return Ok(Ok(()));
+        }
+        let tags = if entry.needs_listing() {
+            match self.client.list_tags(&repo, TAG_PAGE).await {
+                Ok(available) => entry.select(&available),
+                Err(e) => {
+                    return Ok(Err(format!(
+                        "listing the tags of {}: {e}",
+                        source.repo_name()
+                    )));
+                }
+            }
+        } else {
+            entry.select(&[])
+        };
+        report.selected += tags.len();
+        let mut problems = Vec::new();
+        for tag in tags {
+            let current = ledger::by_repo_tag(&self.db, &target_repo, &tag).await?;
+            let record = current.iter().find(|r| r.mirror_repo == target_repo);
+            // Mirrored before and pinned: it stays (drift watch records any move upstream).
+            if record.is_some() && entry.policy == Policy::Pin {
+                report.up_to_date += 1;
+                continue;
+            }
+            // A HEAD (which Docker Hub does not count) says whether upstream has the tag, and
+            // whether it still names what was mirrored.
+            match self.client.head_manifest(&repo, &tag).await {
+                Ok(None) => {
+                    problems.push(format!(
+                        "{}:{tag} does not exist upstream",
+                        source.repo_name()
+                    ));
+                    continue;
+                }
+                Ok(Some(head))
+                    if record.is_some_and(|r| {
+                        head.digest
+                            .as_ref()
+                            .is_some_and(|d| d.to_string() == r.source_digest)
+                    }) =>
+                {
+                    report.up_to_date += 1;
+                    continue;
+                }
+                Ok(Some(_)) => {}
+                Err(e) => {
+                    problems.push(format!("{}:{tag}: {e}", source.repo_name()));
+                    continue;
+                }
+            }
+            let reference = source.clone().with_tag(Some(tag.clone()));
+            let job = self.job(entry, reference.to_string(), &target_repo, Some(&tag));
+            self.enqueue(job, report).await?;
+        }
+        Ok(if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        })
+    }
+
+    fn job(&self, entry: &Entry, source: String, target_repo: &str, tag: Option<&str>) -> NewJob {
+        NewJob {
+            source,
+            target_repo: target_repo.to_string(),
+            target_tag: tag.map(str::to_string),
+            requested_by: json!({
+                "kind": "sync",
+                "file": self.config.file.display().to_string(),
+                "line": entry.line,
+            })
+            .to_string(),
+            max_attempts: self.config.max_attempts,
+            referrers: entry.referrers,
+            policy: Some(entry.policy),
+            repair: false,
+        }
+    }
+
+    async fn enqueue(&self, job: NewJob, report: &mut Report) -> sqlx::Result<()> {
+        let (j, created) = queue::enqueue(&self.db, &job).await?;
+        report.queued += 1;
+        if created {
+            crate::metrics::METRICS.sync_jobs.add(1);
+            self.wake.notify_one();
+            tracing::info!(
+                job.id = j.id,
+                "job {} queued by the mirror list: {} → {}",
+                j.id,
+                j.source,
+                j.target_repo
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Every entry's source must be allowed, as for a request.
+fn check_allowed(config: &SyncConfig, list: &MirrorList) -> Result<(), String> {
+    let refused: Vec<String> = list
+        .entries
+        .iter()
+        .filter(|e| !config.allowed_sources.allows(&e.source))
+        .map(|e| {
+            format!(
+                "{}:{}: source {} is not in MIRROR_ALLOWED_SOURCES; add {} (or a prefix of it) there, or drop the entry",
+                config.file.display(),
+                e.line,
+                e.source.repo_name(),
+                e.source.registry()
+            )
+        })
+        .collect();
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(refused.join("\n"))
+    }
+}
