@@ -4,6 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
@@ -103,6 +104,10 @@ pub struct Watch {
     notifier: Option<Notifier>,
     /// Held while a round runs, so rounds never overlap.
     running: Arc<tokio::sync::Mutex<()>>,
+    /// False only when no drift is open: lookups (`GET /images`) then skip the drift query. Only
+    /// rounds open drift, so it is set before a round records any and cleared after one that
+    /// leaves none open.
+    maybe_open: Arc<AtomicBool>,
     last: Arc<std::sync::Mutex<Option<Round>>>,
 }
 
@@ -133,7 +138,20 @@ impl Watch {
             notifier,
             running: Arc::default(),
             last: Arc::default(),
+            maybe_open: Arc::new(AtomicBool::new(true)),
         }
+    }
+
+    /// Whether any drift may be open (false means none is).
+    pub fn maybe_open(&self) -> bool {
+        self.maybe_open.load(Ordering::SeqCst)
+    }
+
+    /// Reads from the database whether any drift is open (at start, and after each round).
+    pub async fn refresh_open(&self) -> sqlx::Result<()> {
+        let open = !ledger::open_drift_counts(&self.db).await?.is_empty();
+        self.maybe_open.store(open, Ordering::SeqCst);
+        Ok(())
     }
 
     /// The configuration in force.
@@ -199,6 +217,7 @@ impl Watch {
                 Ok(f) => self.settle(&record, f, &mut round).await?,
             }
         }
+        self.refresh_open().await?;
         round.duration_ms = started.elapsed().as_millis() as u64;
         tracing::info!(
             checked = round.checked,
@@ -374,6 +393,7 @@ impl Watch {
         round: &mut Round,
     ) -> sqlx::Result<i64> {
         let now = now_ms();
+        self.maybe_open.store(true, Ordering::SeqCst);
         let mut tx = self.db.write.begin_with("BEGIN IMMEDIATE").await?;
         let (mut row, new) = ledger::upsert_drift(&mut tx, &d, now).await?;
         let mut queued = None;

@@ -136,6 +136,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         workers.wake.clone(),
         notifier,
     );
+    drift.refresh_open().await?;
     let sync = match &args.sync_file {
         None => None,
         Some(file) => Some(

@@ -90,7 +90,10 @@ pub async fn show(
         ));
     }
     let repo = reference.repo_name();
-    let drift = ledger::open_drift(&state.db, &repo).await?;
+    let drift = match state.drift.maybe_open() {
+        true => ledger::open_drift(&state.db, &repo).await?,
+        false => Vec::new(),
+    };
     match reference.tag() {
         Some(tag) => {
             let records = ledger::by_repo_tag(&state.db, &repo, tag).await?;
