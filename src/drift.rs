@@ -452,11 +452,10 @@ impl Watch {
     }
 }
 
-/// The signed notice sent when drift is first seen.
-pub fn notice(d: &Drift) -> Value {
+/// A drift row as the API and the notices show it.
+pub fn view(d: &Drift) -> Value {
     json!({
-        "event": "drift",
-        "drift_id": d.id,
+        "id": d.id,
         "kind": d.kind,
         "source": match &d.source_tag {
             Some(t) => format!("{}:{t}", d.source_repo),
@@ -469,7 +468,19 @@ pub fn notice(d: &Drift) -> Value {
         "missing": d.missing.as_deref().and_then(|m| serde_json::from_str::<Value>(m).ok()),
         "policy": d.policy,
         "job_id": d.job_id,
+        "job": d.job_id.map(|id| format!("/jobs/{id}")),
+        "detected_at": crate::http::rfc3339(d.detected_at),
+        "last_seen_at": crate::http::rfc3339(d.last_seen_at),
+        "resolved_at": d.resolved_at.map(crate::http::rfc3339),
     })
+}
+
+/// The signed notice sent when drift is first seen: the row, as `"event": "drift"`.
+pub fn notice(d: &Drift) -> Value {
+    let mut n = view(d);
+    n["event"] = json!("drift");
+    n["drift_id"] = json!(d.id);
+    n
 }
 
 /// The image's own manifests (top first, then platforms), without referrers.

@@ -127,7 +127,7 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{labels} {v}");
             }
         }
-        let counters: [(&str, &str, &Counter); 6] = [
+        let counters: [(&str, &str, &Counter); 12] = [
             (
                 "mirror_bytes_copied_total",
                 "Blob bytes that crossed the wire.",
@@ -157,6 +157,36 @@ impl Metrics {
                 "mirror_registry_rate_limit_waits_total",
                 "Waits for a registry's rate limit (Retry-After, a 429, a paused or spent budget).",
                 &self.rate_limit_waits,
+            ),
+            (
+                "mirror_sync_runs_total",
+                "Mirror list syncs run.",
+                &self.sync_runs,
+            ),
+            (
+                "mirror_sync_errors_total",
+                "Mirror list entries (or unreadable files) that could not be synced.",
+                &self.sync_errors,
+            ),
+            (
+                "mirror_sync_jobs_total",
+                "Jobs queued by the mirror list.",
+                &self.sync_jobs,
+            ),
+            (
+                "mirror_drift_checks_total",
+                "Mirrored tags (or digests) re-checked by drift watch.",
+                &self.drift_checks,
+            ),
+            (
+                "mirror_drift_check_errors_total",
+                "Drift checks that could not reach a registry.",
+                &self.drift_check_errors,
+            ),
+            (
+                "mirror_drift_jobs_total",
+                "Jobs queued by drift watch to follow a moved tag or repair a mirror.",
+                &self.drift_jobs,
             ),
         ];
         for (name, help, c) in counters {
@@ -226,45 +256,6 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "mirror_webhook_deliveries_total{{outcome=\"{outcome}\"}} {n}"
-            );
-        }
-        let drift: [(&str, &str, &Counter); 6] = [
-            (
-                "mirror_sync_runs_total",
-                "Mirror list syncs run.",
-                &self.sync_runs,
-            ),
-            (
-                "mirror_sync_errors_total",
-                "Mirror list entries (or unreadable files) that could not be synced.",
-                &self.sync_errors,
-            ),
-            (
-                "mirror_sync_jobs_total",
-                "Jobs queued by the mirror list.",
-                &self.sync_jobs,
-            ),
-            (
-                "mirror_drift_checks_total",
-                "Mirrored tags (or digests) re-checked by drift watch.",
-                &self.drift_checks,
-            ),
-            (
-                "mirror_drift_check_errors_total",
-                "Drift checks that could not reach a registry.",
-                &self.drift_check_errors,
-            ),
-            (
-                "mirror_drift_jobs_total",
-                "Jobs queued by drift watch to follow a moved tag or repair a mirror.",
-                &self.drift_jobs,
-            ),
-        ];
-        for (name, help, c) in drift {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                c.get()
             );
         }
         let _ = writeln!(

@@ -6,31 +6,10 @@ use axum::http::HeaderMap;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, AppState, Caller, rfc3339};
-use crate::ledger::{self, Drift};
+use super::{ApiError, AppState, Caller};
+use crate::ledger;
 
-/// A drift row as the API shows it.
-pub fn view(d: &Drift) -> Value {
-    json!({
-        "id": d.id,
-        "kind": d.kind,
-        "source": match &d.source_tag {
-            Some(t) => format!("{}:{t}", d.source_repo),
-            None => format!("{}@{}", d.source_repo, d.recorded_digest),
-        },
-        "mirror": d.mirror_repo,
-        "mirror_tag": d.mirror_tag,
-        "recorded_digest": d.recorded_digest,
-        "observed_digest": d.observed_digest,
-        "missing": d.missing.as_deref().and_then(|m| serde_json::from_str::<Value>(m).ok()),
-        "policy": d.policy,
-        "job_id": d.job_id,
-        "job": d.job_id.map(|id| format!("/jobs/{id}")),
-        "detected_at": rfc3339(d.detected_at),
-        "last_seen_at": rfc3339(d.last_seen_at),
-        "resolved_at": d.resolved_at.map(rfc3339),
-    })
-}
+pub use crate::drift::view;
 
 /// Filters of `GET /drift`.
 #[derive(Debug, Deserialize)]
