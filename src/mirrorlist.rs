@@ -1074,6 +1074,18 @@ images:
     fn the_example_file_parses() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/mirrors.example.yaml");
         let list = load(Path::new(path)).unwrap_or_else(|e| panic!("{e}"));
-        assert!(list.entries.len() >= 4);
+        // It shows every form: explicit tags, regex with latest, semver pinned, one tag, one digest.
+        let e = &list.entries;
+        assert!(e.iter().any(|e| !e.tags.is_empty()));
+        assert!(
+            e.iter()
+                .any(|e| e.tag_regex.is_some() && e.latest.is_some())
+        );
+        assert!(
+            e.iter()
+                .any(|e| e.semver.is_some() && e.policy == Policy::Pin)
+        );
+        assert!(e.iter().any(|e| e.source.tag().is_some()));
+        assert!(e.iter().any(|e| e.source.digest().is_some()));
     }
 }
