@@ -18,16 +18,27 @@
 //!   - source: registry.k8s.io/coredns/coredns:v1.11.1   # one tag
 //!   - source: ghcr.io/acme/tool@sha256:…                # one digest
 //! ```
+//!
+//! Selection rules: explicit tags (in `tags:` or the source) are always selected, listed upstream
+//! or not (a missing one is reported by the sync). `tag_regex` must match the whole tag. `semver`
+//! takes tags that are full versions (`MAJOR.MINOR.PATCH`, optionally `-pre`, after one leading
+//! `v`) in the range; `1.27` or `18` are not versions (such tags are usually moving aliases of the
+//! newest patch: name them in `tags` or match them with `tag_regex`), and a prerelease is in a
+//! range only when the range names a prerelease of the same `MAJOR.MINOR.PATCH` (the semver
+//! crate's rule, as Cargo's). With both `tag_regex` and `semver`, a tag must match both. `latest:
+//! N` keeps the N newest of those matches: by version, then tags that are not versions by name,
+//! descending. The result is sorted by name, without duplicates.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
+use std::sync::LazyLock;
 
 use marked_yaml::types::{MarkedMappingNode, MarkedScalarNode};
-use marked_yaml::{LoaderOptions, Node, Span};
+use marked_yaml::{LoadError, LoaderOptions, Node, Span};
 
 use crate::drift::Policy;
-use crate::reference::ImageRef;
+use crate::reference::{ImageRef, ReferenceError};
 
 /// Keys of an entry under `images`.
 const ENTRY_KEYS: [&str; 7] = [
@@ -61,13 +72,17 @@ pub struct Entry {
     pub source: ImageRef,
     /// Tags always selected.
     pub tags: Vec<String>,
-    /// Tags matching this (the whole tag) are selected.
+    /// Tags matching this (the whole tag: it is anchored) are selected; with `semver` too, a tag
+    /// must match both.
     pub tag_regex: Option<regex::Regex>,
-    /// Tags that are versions in this range (after one leading `v`) are selected.
+    /// Tags that are full versions in this range (after one leading `v`) are selected; with
+    /// `tag_regex` too, a tag must match both.
     pub semver: Option<semver::VersionReq>,
     /// Of the regex and semver matches, only the newest this many.
     pub latest: Option<usize>,
+    /// What drift watch does when a selected tag moves upstream.
     pub policy: Policy,
+    /// Whether signatures, attestations and SBOMs are copied with each image.
     pub referrers: bool,
 }
 
@@ -79,7 +94,8 @@ impl Entry {
 
     /// The tags this entry selects from `available` (the source's tags): explicit tags always
     /// (a missing one is reported when it is copied), plus regex and semver matches (the newest
-    /// `latest` of those); sorted, without duplicates. Empty for a digest entry.
+    /// `latest` of those); sorted, without duplicates. Empty for a digest entry. Names in
+    /// `available` that are not valid tags are never selected.
     pub fn select(&self, available: &[String]) -> Vec<String> {
         let mut out: Vec<String> = self.tags.clone();
         if let Some(t) = self.source.tag()
@@ -90,6 +106,7 @@ impl Entry {
         if self.needs_listing() {
             let mut matched: Vec<&String> = available
                 .iter()
+                .filter(|t| check_tag(t).is_ok())
                 .filter(|t| self.tag_regex.as_ref().is_none_or(|r| r.is_match(t)))
                 .filter(|t| {
                     self.semver
@@ -109,7 +126,15 @@ impl Entry {
     }
 }
 
-/// A tag as a version: `1.2.3`, `v1.2.3`, `1.2.3-rc.1`.
+/// Whether `tag` is a valid tag (`[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`), with the reference
+/// parser's own message when not.
+fn check_tag(tag: &str) -> Result<(), ReferenceError> {
+    static ANY: LazyLock<ImageRef> =
+        LazyLock::new(|| ImageRef::parse("x").expect("a constant reference"));
+    ANY.clone().try_with_tag(Some(tag.to_string())).map(drop)
+}
+
+/// A tag as a version: `1.2.3`, `v1.2.3`, `1.2.3-rc.1` (not `1.2`).
 fn version(tag: &str) -> Option<semver::Version> {
     semver::Version::parse(tag.strip_prefix('v').unwrap_or(tag)).ok()
 }
@@ -206,6 +231,13 @@ fn unknown_keys(map: &MarkedMappingNode, known: &[&str], what: &str, p: &mut Pro
     }
 }
 
+/// Where `key` is written in `map` (a mapping's own span starts at its first value, not its key).
+fn key_span<'a>(map: &'a MarkedMappingNode, key: &str, or: &'a Span) -> &'a Span {
+    map.keys()
+        .find(|k| k.as_str() == key)
+        .map_or(or, |k| k.span())
+}
+
 fn scalar<'a>(node: &'a Node, key: &str, p: &mut Problems) -> Option<&'a MarkedScalarNode> {
     let s = node.as_scalar();
     if s.is_none() {
@@ -263,19 +295,16 @@ pub fn parse(file: &str, text: &str) -> Result<MirrorList, ListError> {
             "the mirror list is empty; it needs an `images:` list".into(),
         )]));
     }
+    if let Some(line) = second_document(text) {
+        return Err(fail(vec![(
+            line,
+            1,
+            "a second YAML document starts here (`---`); the mirror list is one document: put every entry under its one `images:`".into(),
+        )]));
+    }
     let root = match marked_yaml::parse_yaml_with_options(0, text, options) {
         Ok(root) => root,
-        Err(e) => {
-            let msg = e.to_string();
-            // The loader's own message starts with `line:column: `.
-            let (place, rest) = msg.split_once(": ").unwrap_or(("", &msg));
-            let mut parts = place.split(':').map(|n| n.parse::<usize>().ok());
-            let problem = match (parts.next().flatten(), parts.next().flatten()) {
-                (Some(l), Some(c)) => (l, c, format!("not valid YAML here: {rest}")),
-                _ => (0, 0, format!("not valid YAML: {msg}")),
-            };
-            return Err(fail(vec![problem]));
-        }
+        Err(e) => return Err(fail(vec![yaml_problem(&e)])),
     };
     let Some(top) = root.as_mapping() else {
         return Err(fail(vec![(
@@ -287,7 +316,12 @@ pub fn parse(file: &str, text: &str) -> Result<MirrorList, ListError> {
     unknown_keys(top, &TOP_KEYS, "the top level", &mut p);
     let mut default_policy = Policy::default();
     let mut default_referrers = true;
-    if let Some(node) = top.get_node("defaults") {
+    // `defaults:` with nothing under it (say, every line commented out) is no defaults.
+    let nothing = |n: &&Node| {
+        n.as_scalar()
+            .is_some_and(|s| matches!(s.as_str(), "" | "~" | "null"))
+    };
+    if let Some(node) = top.get_node("defaults").filter(|n| !nothing(n)) {
         match node.as_mapping() {
             Some(d) => {
                 unknown_keys(d, &DEFAULT_KEYS, "defaults", &mut p);
@@ -299,7 +333,7 @@ pub fn parse(file: &str, text: &str) -> Result<MirrorList, ListError> {
                 }
             }
             None => p.at(
-                node.span(),
+                key_span(top, "defaults", node.span()),
                 "defaults must be a mapping (policy, referrers)".into(),
             ),
         }
@@ -312,25 +346,51 @@ pub fn parse(file: &str, text: &str) -> Result<MirrorList, ListError> {
         ),
         Some(node) => match node.as_sequence() {
             None => p.at(
-                node.span(),
+                key_span(top, "images", node.span()),
                 "images must be a list of entries (`- source: …`)".into(),
             ),
             Some(items) => {
                 let mut seen: HashMap<String, usize> = HashMap::new();
+                // `repository:tag` named explicitly (in `tags:` or the source) → line.
+                let mut named: HashMap<String, usize> = HashMap::new();
                 for item in items.iter() {
-                    if let Some(e) = entry(item, default_policy, default_referrers, &mut p) {
-                        let key = e.source.to_string();
-                        if let Some(first) = seen.insert(key.clone(), e.line) {
-                            p.line(
-                                item.span(),
-                                format!(
-                                    "{key} is listed twice (first on line {first}); merge the two entries"
-                                ),
-                            );
+                    let Some(e) = entry(item, default_policy, default_referrers, &mut p) else {
+                        continue;
+                    };
+                    let key = e.source.to_string();
+                    if let Some(first) = seen.insert(key.clone(), e.line) {
+                        p.line(
+                            item.span(),
+                            format!(
+                                "{key} is listed twice (first on line {first}); merge the two entries"
+                            ),
+                        );
+                        continue;
+                    }
+                    let explicit = e
+                        .tags
+                        .iter()
+                        .map(String::as_str)
+                        .chain(e.source.tag().filter(|_| e.source.digest().is_none()));
+                    let mut again = Vec::new();
+                    for tag in explicit {
+                        let name = format!("{}:{tag}", e.source.repo_name());
+                        if let Some(&first) = named.get(&name) {
+                            again.push(format!("{name} (line {first})"));
                         } else {
-                            entries.push(e);
+                            named.insert(name, e.line);
                         }
                     }
+                    if !again.is_empty() {
+                        p.line(
+                            item.span(),
+                            format!(
+                                "already named on another line: {}; name each tag in one entry",
+                                again.join(", ")
+                            ),
+                        );
+                    }
+                    entries.push(e);
                 }
             }
         },
@@ -340,6 +400,64 @@ pub fn parse(file: &str, text: &str) -> Result<MirrorList, ListError> {
     } else {
         Err(fail(p.list))
     }
+}
+
+/// The line of a `---` that starts a second document (the loader reads the first only).
+fn second_document(text: &str) -> Option<usize> {
+    let mut content = false;
+    for (i, line) in text.lines().enumerate() {
+        let marker = line
+            .strip_prefix("---")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r']));
+        if marker && content {
+            return Some(i + 1);
+        }
+        let t = line.trim();
+        content |= !marker && !t.is_empty() && !t.starts_with('#') && !t.starts_with('%');
+    }
+    None
+}
+
+/// The loader's error as a problem at its place.
+fn yaml_problem(e: &LoadError) -> (usize, usize, String) {
+    let place = |s: &Span| s.start().map(|m| (m.line(), m.column())).unwrap_or((0, 0));
+    let (at, msg) = match e {
+        LoadError::DuplicateKey(d) => (
+            place(d.key.span()),
+            format!(
+                "key {:?} is given twice in the same mapping (first on line {}); keep one",
+                d.key.as_str(),
+                place(d.prev_key.span()).0
+            ),
+        ),
+        LoadError::UnexpectedAnchor(m) => (
+            (m.line(), m.column()),
+            "YAML anchors and aliases (`&name`, `*name`) are not supported; write the value out"
+                .into(),
+        ),
+        LoadError::UnexpectedTag(m) => (
+            (m.line(), m.column()),
+            "YAML tags (`!name`) are not supported; write a plain value".into(),
+        ),
+        LoadError::MappingKeyMustBeScalar(m) => (
+            (m.line(), m.column()),
+            "a key must be a plain word such as `source`".into(),
+        ),
+        LoadError::TopLevelMustBeMapping(m) | LoadError::TopLevelMustBeSequence(m) => (
+            (m.line(), m.column()),
+            "the top must be a mapping with `images:`".into(),
+        ),
+        LoadError::ScanError(m, _) => {
+            // The message after the loader's own `line:column: `.
+            let msg = e.to_string();
+            let what = msg.split_once(": ").map_or(msg.as_str(), |(_, w)| w);
+            (
+                (m.line(), m.column()),
+                format!("not valid YAML here: {what}"),
+            )
+        }
+    };
+    (at.0, at.1, msg)
 }
 
 fn entry(
@@ -387,11 +505,13 @@ fn entry(
             Some(items) if !items.is_empty() => {
                 for t in items.iter() {
                     if let Some(s) = scalar(t, "each tag", p) {
-                        let ok = ImageRef::parse("x")
-                            .and_then(|r| r.try_with_tag(Some(s.as_str().to_string())));
-                        match ok {
-                            Ok(_) => tags.push(s.as_str().to_string()),
+                        match check_tag(s.as_str()) {
                             Err(e) => p.at(s.span(), format!("{e}")),
+                            Ok(()) if tags.iter().any(|x| x == s.as_str()) => p.at(
+                                s.span(),
+                                format!("tag {:?} is listed twice; keep one", s.as_str()),
+                            ),
+                            Ok(()) => tags.push(s.as_str().to_string()),
                         }
                     }
                 }
@@ -404,6 +524,14 @@ fn entry(
     }
     let tag_regex = map.get_node("tag_regex").and_then(|n| {
         let s = scalar(n, "tag_regex", p)?;
+        if s.as_str().is_empty() {
+            p.at(
+                s.span(),
+                "tag_regex is empty, which matches no tag; write the pattern, e.g. '1\\.27\\.[0-9]+'"
+                    .into(),
+            );
+            return None;
+        }
         match regex::Regex::new(&format!("^(?:{})$", s.as_str())) {
             Ok(r) => Some(r),
             Err(e) => {
@@ -653,15 +781,292 @@ images:
             "{msg}"
         );
         let msg = parse("m.yaml", "images: nginx\n").unwrap_err().to_string();
-        assert!(msg.contains("m.yaml:1:9: images must be a list"), "{msg}");
+        assert!(msg.contains("m.yaml:1:1: images must be a list"), "{msg}");
         let msg = parse("m.yaml", "").unwrap_err().to_string();
         assert!(msg.contains("empty"), "{msg}");
         let twice = "images: []\nimages: []\n";
+        let msg = parse("m.yaml", twice).unwrap_err().to_string();
+        assert_eq!(
+            msg,
+            "m.yaml:2:1: key \"images\" is given twice in the same mapping (first on line 1); keep one"
+        );
+    }
+
+    /// The one message of a list with one problem.
+    fn problem(text: &str) -> String {
+        let err = parse("m.yaml", text).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        err.to_string()
+    }
+
+    #[test]
+    fn yaml_problems_name_their_place() {
+        let cases = [
+            (
+                "images:\n  - source: a/b\n    tags: [x]\n    tags: [y]\n",
+                "m.yaml:4:5: key \"tags\" is given twice in the same mapping (first on line 3)",
+            ),
+            (
+                "images:\n  - &x source: a/b\n    tags: [x]\n",
+                "m.yaml:2:8: YAML anchors and aliases",
+            ),
+            (
+                "images:\n  - source: !!str a/b\n    tags: [x]\n",
+                "m.yaml:2:19: YAML tags (`!name`) are not supported",
+            ),
+            (
+                "images:\n\t- source: a/b\n",
+                "m.yaml:2:2: not valid YAML here: tabs disallowed",
+            ),
+            (
+                "- a/b\n",
+                "m.yaml:1:1: the top must be a mapping with `images:`",
+            ),
+            (
+                "# two\n---\nimages:\n  - source: a/b:1\n---\nimages:\n  - source: c/d:1\n",
+                "m.yaml:5:1: a second YAML document starts here",
+            ),
+        ];
+        for (text, want) in cases {
+            let msg = problem(text);
+            assert!(msg.starts_with(want), "{text:?}: {msg}");
+        }
+        // Empty defaults are no defaults.
+        let list = parse(
+            "m.yaml",
+            "defaults:\n  # policy: pin\nimages:\n  - source: a/b:1\n",
+        );
+        assert_eq!(list.unwrap().entries[0].policy, Policy::Follow);
+        // One leading `---` is one document.
+        assert_eq!(
+            parse("m.yaml", "---\nimages:\n  - source: a/b:1\n")
+                .unwrap()
+                .entries
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn wrong_types_are_named() {
+        let cases = [
+            (
+                "images:\n  - source: a/b\n    tags: \"3.9\"\n",
+                "m.yaml:3:11: tags must be a non-empty list",
+            ),
+            (
+                "images:\n  - source: a/b\n    tags: []\n",
+                "m.yaml:3:11: tags must be a non-empty list",
+            ),
+            (
+                "images:\n  - source: a/b\n    tags: [{x: 1}]\n",
+                "m.yaml:3:12: each tag must be a single value",
+            ),
+            (
+                "images:\n  - source: [a/b]\n    tags: [x]\n",
+                "m.yaml:2:13: source must be a single value",
+            ),
+            (
+                "images:\n  - source: a/b\n    tags: [x]\n    referrers: yes\n",
+                "m.yaml:4:16: referrers must be true or false, not \"yes\"",
+            ),
+            (
+                "images:\n  - source: a/b\n    tags: [x]\n    policy: [pin]\n",
+                "m.yaml:4:13: policy must be a single value",
+            ),
+            (
+                "images:\n  - source: a/b\n    semver: '*'\n    latest: two\n",
+                "m.yaml:4:13: latest must be a whole number above 0, not \"two\"",
+            ),
+            (
+                "images:\n  - source: a/b\n    semver: '*'\n    latest: -1\n",
+                "m.yaml:4:13: latest must be a whole number above 0",
+            ),
+            (
+                "defaults: pin\nimages:\n  - source: a/b:1\n",
+                "m.yaml:1:1: defaults must be a mapping",
+            ),
+            (
+                "defaults:\n  policy: pin\n  latest: 3\nimages:\n  - source: a/b:1\n",
+                "m.yaml:3:3: unknown key \"latest\" in defaults; the keys are: policy, referrers",
+            ),
+            (
+                "images:\n  source: a/b\n",
+                "m.yaml:1:1: images must be a list of entries",
+            ),
+            (
+                "images:\n  - a/b:1\n",
+                "m.yaml:2: an entry must be a mapping starting with `source:`",
+            ),
+        ];
+        for (text, want) in cases {
+            let msg = problem(text);
+            assert!(msg.starts_with(want), "{text:?}: {msg}");
+        }
+    }
+
+    #[test]
+    fn conflicting_and_empty_selections_are_refused() {
+        const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let cases = [
+            (
+                format!("images:\n  - source: a/b@{D}\n    tags: [x]\n"),
+                format!("m.yaml:2: docker.io/a/b@{D} names a digest, which is one image; drop tags"),
+            ),
+            (
+                format!("images:\n  - source: a/b@{D}\n    semver: '*'\n"),
+                format!("m.yaml:2: docker.io/a/b@{D} names a digest"),
+            ),
+            (
+                "images:\n  - source: a/b\n    latest: 2\n    tags: [x]\n".into(),
+                "m.yaml:3:13: latest keeps the newest matches of tag_regex or semver".into(),
+            ),
+            (
+                "images:\n  - source: a/b\n    tag_regex: ''\n".into(),
+                "m.yaml:3:16: tag_regex is empty, which matches no tag".into(),
+            ),
+            (
+                "images:\n  - source: a/b\n    tags: [\"1\", \"2\", \"1\"]\n".into(),
+                "m.yaml:3:22: tag \"1\" is listed twice; keep one".into(),
+            ),
+            (
+                "images:\n  - source: a/b:1\n  - source: docker.io/a/b\n    tags: [\"2\", \"1\"]\n"
+                    .into(),
+                "m.yaml:3: already named on another line: docker.io/a/b:1 (line 2); name each tag in one entry"
+                    .into(),
+            ),
+        ];
+        for (text, want) in cases {
+            let msg = problem(&text);
+            assert!(msg.starts_with(&want), "{text:?}: {msg}");
+        }
+        // The same repository by tag and by digest, or under two tags: different images.
+        let fine = format!(
+            "images:\n  - source: a/b:1\n  - source: a/b:2\n  - source: a/b@{D}\n  - source: a/b:1@{D}\n"
+        );
+        assert_eq!(parse("m.yaml", &fine).unwrap().entries.len(), 4);
+    }
+
+    #[test]
+    fn unquoted_versions_keep_their_text() {
+        // Through a YAML float, `3.10` would become 3.1 and `1.20` 1.2.
+        let list = parse(
+            "m.yaml",
+            "images:\n  - source: a/b\n    tags: [3.10, 1.20, 010, 1e3]\n",
+        )
+        .unwrap();
+        assert_eq!(list.entries[0].tags, tags(&["3.10", "1.20", "010", "1e3"]));
+    }
+
+    #[test]
+    fn problems_are_capped_and_counted() {
+        let mut text = String::from("images:\n");
+        for i in 0..60 {
+            text.push_str(&format!("  - source: a/b{i}\n    tags: [\"bad tag\"]\n"));
+        }
+        let err = parse("m.yaml", &text).unwrap_err();
+        assert_eq!((err.problems.len(), err.more), (MAX_PROBLEMS, 10));
+        let msg = err.to_string();
+        let lines: Vec<&str> = msg.lines().collect();
+        assert_eq!(lines.len(), MAX_PROBLEMS + 1);
         assert!(
-            parse("m.yaml", twice)
-                .unwrap_err()
-                .to_string()
-                .contains("Duplicate key")
+            lines[0].starts_with("m.yaml:3:12: tag \"bad tag\" is not valid"),
+            "{msg}"
+        );
+        assert_eq!(lines[MAX_PROBLEMS], "m.yaml: … and 10 more problem(s)");
+    }
+
+    /// An entry from YAML lines under `- source: a/b`.
+    fn one(lines: &str) -> Entry {
+        let text = format!("images:\n  - source: a/b\n{lines}");
+        parse("m.yaml", &text)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .entries
+            .remove(0)
+    }
+
+    #[test]
+    fn selection_is_the_union_sorted_without_duplicates() {
+        let e = one("    tags: [\"b\", \"1.2.0\", \"zz\"]\n    semver: '>=1.0.0'\n");
+        assert_eq!(
+            e.select(&tags(&["1.2.0", "1.3.0", "b", "0.9.0", "a"])),
+            tags(&["1.2.0", "1.3.0", "b", "zz"]),
+            "explicit tags (zz is not upstream) plus matches, each once"
+        );
+    }
+
+    #[test]
+    fn regex_and_semver_together_must_both_match() {
+        let e = one("    tag_regex: 'v.*'\n    semver: '>=1.0.0, <2'\n");
+        assert_eq!(
+            e.select(&tags(&["v1.0.0", "1.1.0", "v2.0.0", "vfoo", "v1.5.0"])),
+            tags(&["v1.0.0", "v1.5.0"])
+        );
+        // The regex is anchored: `v.*` does not match `1.0.0v`, `1\.2` does not match `1.2.3`.
+        let e = one("    tag_regex: '1\\.2'\n");
+        assert_eq!(e.select(&tags(&["1.2", "1.2.3", "x1.2"])), tags(&["1.2"]));
+        // Anchors written by the user change nothing.
+        let e = one("    tag_regex: '^1\\.2$'\n");
+        assert_eq!(e.select(&tags(&["1.2", "1.2.3", "x1.2"])), tags(&["1.2"]));
+    }
+
+    #[test]
+    fn semver_takes_full_versions_and_prereleases_only_when_asked() {
+        let available = tags(&[
+            "1.9",
+            "18",
+            "1.9.0",
+            "v1.9.1",
+            "V1.9.2",
+            "vv1.9.3",
+            "1.9.4-rc.1",
+            "1.10.0-rc.1",
+            "01.9.5",
+            "latest",
+        ]);
+        assert_eq!(
+            one("    semver: '>=1.9.0'\n").select(&available),
+            tags(&["1.9.0", "v1.9.1"]),
+            "no partial versions, one lowercase v, no prereleases"
+        );
+        assert_eq!(
+            one("    semver: '>=1.9.4-rc.1'\n").select(&available),
+            tags(&["1.9.4-rc.1"]),
+            "a range naming a prerelease admits that patch's prereleases"
+        );
+    }
+
+    #[test]
+    fn latest_keeps_the_newest_by_version_then_by_name() {
+        let e = one("    semver: '*'\n    latest: 2\n");
+        assert_eq!(
+            e.select(&tags(&["1.9.0", "1.10.0", "v1.2.0", "1.10.0-rc.1"])),
+            tags(&["1.10.0", "1.9.0"]),
+            "1.10 is newer than 1.9 though it sorts before it by name"
+        );
+        let e = one("    tag_regex: '[a-z]+(-[0-9]+)?'\n    latest: 2\n");
+        assert_eq!(
+            e.select(&tags(&["alpha", "beta", "gamma", "beta-2"])),
+            tags(&["beta-2", "gamma"]),
+            "names that are not versions: the last by name"
+        );
+        let e = one("    tag_regex: '.*'\n    latest: 3\n");
+        assert_eq!(
+            e.select(&tags(&["zeta", "2.0.0", "1.0.0", "omega"])),
+            tags(&["1.0.0", "2.0.0", "zeta"]),
+            "versions before names"
+        );
+        // Fewer matches than asked for: all of them.
+        let e = one("    semver: '>=2'\n    latest: 5\n");
+        assert_eq!(e.select(&tags(&["2.0.0", "1.0.0"])), tags(&["2.0.0"]));
+    }
+
+    #[test]
+    fn names_that_are_not_tags_are_never_selected() {
+        let e = one("    tag_regex: '.*'\n    semver: '*'\n");
+        assert_eq!(
+            e.select(&tags(&["1.2.3+build", "1.2.3", "../1.2.4", ""])),
+            tags(&["1.2.3"])
         );
     }
 
@@ -669,6 +1074,18 @@ images:
     fn the_example_file_parses() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/mirrors.example.yaml");
         let list = load(Path::new(path)).unwrap_or_else(|e| panic!("{e}"));
-        assert!(list.entries.len() >= 4);
+        // It shows every form: explicit tags, regex with latest, semver pinned, one tag, one digest.
+        let e = &list.entries;
+        assert!(e.iter().any(|e| !e.tags.is_empty()));
+        assert!(
+            e.iter()
+                .any(|e| e.tag_regex.is_some() && e.latest.is_some())
+        );
+        assert!(
+            e.iter()
+                .any(|e| e.semver.is_some() && e.policy == Policy::Pin)
+        );
+        assert!(e.iter().any(|e| e.source.tag().is_some()));
+        assert!(e.iter().any(|e| e.source.digest().is_some()));
     }
 }

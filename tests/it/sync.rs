@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::support::image::{Style, TestImage};
 use crate::support::service::Service;
-use crate::support::{Pusher, Registry, bin};
+use crate::support::{Pusher, Registry, TokenIssuer, bin};
 
 /// Pushes a small image to `repo` and tags it with each of `tags`.
 async fn tagged(up: &Registry, repo: &str, seed: u64, tags: &[&str]) -> TestImage {
@@ -32,18 +32,69 @@ async fn tags_are_listed_from_a_real_registry() {
     tagged(&up, "many/tags", 1, &refs).await;
     let client = Client::new(ClientConfig::default(), CredentialStore::empty()).unwrap();
     let repo = Repo::of(&ImageRef::parse(&format!("{}/many/tags", up.host())).unwrap());
-    // distribution 2.8 answers in one page whatever `n` says.
+    // distribution 2.8 answers in one page whatever `n` says (and sends no `Link`): paging is
+    // exercised against `paging_registry` below.
     assert_eq!(client.list_tags(&repo, 10).await.unwrap(), tags);
     let none = Repo::of(&ImageRef::parse(&format!("{}/no/such", up.host())).unwrap());
     let err = client.list_tags(&none, 10).await.unwrap_err().to_string();
     assert!(err.contains("404") || err.contains("NAME_UNKNOWN"), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn tag_listing_authenticates_with_pull_on_the_repository() {
+    let issuer = TokenIssuer::start("lena", "lena-password-1").await;
+    let reg = Registry::token(&issuer).await;
+    tagged(&reg, "auth/tags", 1, &["a", "b", "c"]).await;
+    let repo = Repo::of(&ImageRef::parse(&format!("{}/auth/tags", reg.host())).unwrap());
+    // Without credentials the registry refuses: the listing below really needs its token.
+    let anonymous = Client::new(ClientConfig::default(), CredentialStore::empty()).unwrap();
+    let err = anonymous
+        .list_tags(&repo, 10)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("authentication") || err.contains("401"),
+        "{err}"
+    );
+    let asked_before = issuer.scopes().len();
+    let (user, pass) = issuer.creds();
+    let creds = CredentialStore::from_json(
+        &json!({ "auths": { reg.host(): { "username": user, "password": pass } } }).to_string(),
+    )
+    .unwrap();
+    let client = Client::new(ClientConfig::default(), creds).unwrap();
+    assert_eq!(client.list_tags(&repo, 10).await.unwrap(), ["a", "b", "c"]);
+    let scopes = issuer.scopes()[asked_before..].to_vec();
+    assert_eq!(
+        scopes,
+        ["repository:auth/tags:pull"],
+        "one token, pull only"
+    );
+}
+
+/// How [`paging_registry`] pages.
+#[derive(Clone, Copy, PartialEq)]
+enum Paging {
+    /// As the spec says: `n`, `last`, and a relative `Link` to the next page.
+    Honest,
+    /// The second page's link points at another host.
+    Foreign,
+    /// The second page's link is on the same host and port, over another scheme.
+    OtherScheme,
+    /// The second page links back to the first.
+    Loop,
+    /// Every page is empty and links to a new one.
+    EmptyForever,
+    /// One page over 4 MiB.
+    Huge,
+}
+
 /// A registry that pages its tag list as the spec allows (`n`, `last`, `Link`), which
-/// distribution 2.8 does not; `foreign` makes the second page's link point at another host.
+/// distribution 2.8 does not, or misbehaves as `paging` says. Counts the pages asked for.
 async fn paging_registry(
     tags: Vec<String>,
-    foreign: bool,
+    paging: Paging,
 ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let asked = std::sync::Arc::new(AtomicUsize::new(0));
@@ -53,27 +104,41 @@ async fn paging_registry(
         axum::routing::get(
             move |axum::extract::Query(q): axum::extract::Query<
                 std::collections::HashMap<String, String>,
-            >| {
+            >,
+                  headers: axum::http::HeaderMap| {
                 let (tags, count) = (tags.clone(), count.clone());
                 async move {
-                    count.fetch_add(1, Ordering::SeqCst);
+                    let k = count.fetch_add(1, Ordering::SeqCst);
+                    let host = headers["host"].to_str().unwrap().to_string();
                     let n: usize = q.get("n").and_then(|n| n.parse().ok()).unwrap_or(100);
                     let from = q
                         .get("last")
                         .and_then(|l| tags.iter().position(|t| t == l).map(|i| i + 1))
                         .unwrap_or(0);
-                    let page: Vec<&String> = tags.iter().skip(from).take(n).collect();
+                    let mut page: Vec<String> = tags.iter().skip(from).take(n).cloned().collect();
+                    let mut link = (from + n < tags.len()).then(|| {
+                        format!("/v2/paged/tags/list?n={n}&last={}", page.last().unwrap())
+                    });
+                    match paging {
+                        Paging::Honest => {}
+                        Paging::Foreign => {
+                            link = link.map(|l| format!("http://127.0.0.2:9{l}"));
+                        }
+                        Paging::OtherScheme => link = link.map(|l| format!("https://{host}{l}")),
+                        Paging::Loop if from > 0 => {
+                            link = Some(format!("/v2/paged/tags/list?n={n}"));
+                        }
+                        Paging::Loop => {}
+                        Paging::EmptyForever => {
+                            page.clear();
+                            link = Some(format!("/v2/paged/tags/list?n={n}&last=x{k}"));
+                        }
+                        Paging::Huge => page = vec!["a".repeat(5 << 20)],
+                    }
                     let mut resp = axum::response::Response::builder()
                         .header("content-type", "application/json");
-                    if from + n < tags.len() {
-                        let host = if foreign { "http://127.0.0.2:9" } else { "" };
-                        resp = resp.header(
-                            "link",
-                            format!(
-                                "<{host}/v2/paged/tags/list?n={n}&last={}>; rel=\"next\"",
-                                page.last().unwrap()
-                            ),
-                        );
+                    if let Some(l) = link {
+                        resp = resp.header("link", format!("<{l}>; rel=\"next\""));
                     }
                     resp.body(axum::body::Body::from(
                         serde_json::to_vec(&json!({ "name": "paged", "tags": page })).unwrap(),
@@ -87,21 +152,91 @@ async fn paging_registry(
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn tags_are_listed_page_by_page_on_the_same_host_only() {
+async fn tags_are_listed_page_by_page_on_the_registry_only() {
+    use std::sync::atomic::Ordering::SeqCst;
     let tags: Vec<String> = (0..25).map(|i| format!("t{i:02}")).collect();
     let client = Client::new(ClientConfig::default(), CredentialStore::empty()).unwrap();
-    let (host, asked) = paging_registry(tags.clone(), false).await;
-    let repo = Repo::of(&ImageRef::parse(&format!("{host}/paged")).unwrap());
-    assert_eq!(client.list_tags(&repo, 10).await.unwrap(), tags);
-    assert_eq!(
-        asked.load(std::sync::atomic::Ordering::SeqCst),
-        3,
-        "three pages of 10"
+    let list = |paging: Paging, tags: Vec<String>| {
+        let client = client.clone();
+        async move {
+            let (host, asked) = paging_registry(tags, paging).await;
+            let repo = Repo::of(&ImageRef::parse(&format!("{host}/paged")).unwrap());
+            let got = client.list_tags(&repo, 10).await.map_err(|e| e.to_string());
+            (got, asked.load(SeqCst), host)
+        }
+    };
+    let (got, asked, _) = list(Paging::Honest, tags.clone()).await;
+    assert_eq!(got.unwrap(), tags);
+    assert_eq!(asked, 3, "three pages of 10");
+
+    let (got, asked, _) = list(Paging::Foreign, tags.clone()).await;
+    let err = got.unwrap_err();
+    assert!(
+        err.contains("page 2 is at http://127.0.0.2:9, not on the registry"),
+        "{err}"
     );
-    let (host, _) = paging_registry(tags, true).await;
+    assert_eq!(asked, 1);
+
+    let (got, _, host) = list(Paging::OtherScheme, tags.clone()).await;
+    let err = got.unwrap_err();
+    assert!(
+        err.contains(&format!(
+            "page 2 is at https://{host}, not on the registry (http://{host})"
+        )),
+        "the scheme counts too: {err}"
+    );
+
+    let (got, asked, _) = list(Paging::Loop, tags.clone()).await;
+    let err = got.unwrap_err();
+    assert!(
+        err.contains("page 3 links back to a page already read"),
+        "{err}"
+    );
+    assert_eq!(asked, 2);
+
+    let (got, asked, _) = list(Paging::EmptyForever, tags.clone()).await;
+    let err = got.unwrap_err();
+    assert!(
+        err.contains("page 2 follows page 1, which was empty"),
+        "{err}"
+    );
+    assert_eq!(asked, 1, "an empty page ends the chain");
+
+    let (got, _, _) = list(Paging::Huge, tags).await;
+    let err = got.unwrap_err();
+    assert!(
+        err.contains("page 1 of the tag list of") && err.contains("is larger than 4194304 bytes"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn names_that_are_not_tags_are_left_out_of_the_list() {
+    // A registry may answer anything; what comes back must be usable in a reference (the sync
+    // puts selected tags into references, and `1.2.3+build` is a version the semver filter
+    // would select).
+    let names: Vec<String> = [
+        "1.2.3",
+        "1.2.3+build",
+        "bad tag",
+        "../x",
+        "-rc",
+        ".hidden",
+        "v1",
+        "ok_2",
+    ]
+    .map(String::from)
+    .to_vec();
+    let long = "a".repeat(129);
+    let mut all = names.clone();
+    all.push(long);
+    let (host, _) = paging_registry(all, Paging::Honest).await;
+    let client = Client::new(ClientConfig::default(), CredentialStore::empty()).unwrap();
     let repo = Repo::of(&ImageRef::parse(&format!("{host}/paged")).unwrap());
-    let err = client.list_tags(&repo, 10).await.unwrap_err().to_string();
-    assert!(err.contains("another host"), "{err}");
+    assert_eq!(
+        client.list_tags(&repo, 100).await.unwrap(),
+        ["1.2.3", "ok_2", "v1"]
+    );
 }
 
 async fn wait_succeeded(svc: &Service, n: usize) -> Vec<Value> {
