@@ -76,31 +76,28 @@ impl Service {
         }
     }
 
-    /// `POST /mirror` with the test token; returns (status, body).
-    pub async fn mirror(&self, body: &Value) -> (u16, Value) {
-        let r = self
-            .http
-            .post(format!("{}/mirror", self.url))
-            .bearer_auth(TOKEN)
-            .json(body)
-            .send()
-            .await
-            .unwrap();
+    /// Sends `req`; returns (status, body as JSON, or null).
+    async fn json(req: reqwest::RequestBuilder) -> (u16, Value) {
+        let r = req.send().await.unwrap();
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// `POST /mirror` with the test token; returns (status, body).
+    pub async fn mirror(&self, body: &Value) -> (u16, Value) {
+        let url = format!("{}/mirror", self.url);
+        Self::json(self.http.post(url).bearer_auth(TOKEN).json(body)).await
+    }
+
     /// `POST path` with the test token and no body; returns (status, body).
     pub async fn post(&self, path: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .post(format!("{}{path}", self.url))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        let url = format!("{}{path}", self.url);
+        Self::json(self.http.post(url).bearer_auth(TOKEN)).await
+    }
+
+    /// `GET path`; returns (status, body).
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        Self::json(self.http.get(format!("{}{path}", self.url))).await
     }
 
     /// `GET path` as text; returns (status, body).
@@ -113,18 +110,6 @@ impl Service {
             .unwrap();
         let status = r.status().as_u16();
         (status, r.text().await.unwrap_or_default())
-    }
-
-    /// `GET path`; returns (status, body).
-    pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .get(format!("{}{path}", self.url))
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
     }
 
     /// Waits until job `id` is in a final state (bounded), and returns it.
