@@ -292,10 +292,15 @@ pub async fn retry_later(
 /// Puts the job back in the queue to run at `run_at` (unix ms) without spending an attempt: a
 /// registry's rate limit cut the attempt short, not a fault. Keeps the reason it waits.
 pub async fn defer(db: &Db, lease: &Lease, error: &str, run_at: i64) -> sqlx::Result<bool> {
+    requeue(db, lease, Some(error), run_at).await
+}
+
+/// Queued again at `run_at` with its attempt given back; `error` replaces the last error if given.
+async fn requeue(db: &Db, lease: &Lease, error: Option<&str>, run_at: i64) -> sqlx::Result<bool> {
     let now = now_ms();
     let n = sqlx::query(
         "update job set state = 'queued', lease_token = null, lease_expires_at = null, attempts = max(attempts - 1, 0),
-             last_error = ?1, run_at = ?2, updated_at = ?3
+             last_error = ifnull(?1, last_error), run_at = ?2, updated_at = ?3
          where id = ?4 and lease_token = ?5 and state = 'running'",
     )
     .bind(error)
@@ -328,19 +333,7 @@ pub async fn fail(db: &Db, lease: &Lease, error: &str) -> sqlx::Result<bool> {
 
 /// Gives a job back to the queue at shutdown without spending an attempt.
 pub async fn release(db: &Db, lease: &Lease) -> sqlx::Result<bool> {
-    let now = now_ms();
-    let n = sqlx::query(
-        "update job set state = 'queued', lease_token = null, lease_expires_at = null, attempts = max(attempts - 1, 0),
-             run_at = ?1, updated_at = ?1
-         where id = ?2 and lease_token = ?3 and state = 'running'",
-    )
-    .bind(now)
-    .bind(lease.job.id)
-    .bind(&lease.token)
-    .execute(&db.write)
-    .await?
-    .rows_affected();
-    Ok(n == 1)
+    requeue(db, lease, None, now_ms()).await
 }
 
 /// One job by id.

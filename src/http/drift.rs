@@ -34,16 +34,9 @@ pub async fn list(
 ) -> Result<Json<Value>, ApiError> {
     state.authenticate_read(&headers)?;
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=500).contains(&limit) {
-        return Err(ApiError::BadRequest(
-            "limit must be between 1 and 500".into(),
-        ));
-    }
+    let limit = super::page_limit(q.limit, 100)?;
     let rows = ledger::list_drift(&state.db, q.all.unwrap_or(false), limit, q.before).await?;
-    let next = (rows.len() as i64 == limit)
-        .then(|| rows.last().map(|d| d.id))
-        .flatten();
+    let next = super::next_page(rows.iter().map(|r| r.id), limit);
     let config = state.drift.config();
     Ok(Json(json!({
         "policy": config.policy,

@@ -100,16 +100,9 @@ pub async fn list(
             queue::state::ALL.join(", ")
         )));
     }
-    let limit = q.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(ApiError::BadRequest(
-            "limit must be between 1 and 500".into(),
-        ));
-    }
+    let limit = super::page_limit(q.limit, 50)?;
     let jobs = queue::list(&state.db, q.state.as_deref(), limit, q.before).await?;
-    let next = (jobs.len() as i64 == limit)
-        .then(|| jobs.last().map(|j| j.id))
-        .flatten();
+    let next = super::next_page(jobs.iter().map(|r| r.id), limit);
     Ok(Json(json!({
         "jobs": jobs.iter().map(view).collect::<Vec<_>>(),
         "next": next,

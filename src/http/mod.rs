@@ -288,6 +288,26 @@ impl MakeRequestId for RequestIds {
     }
 }
 
+/// The `limit` of a paged list: 1 to 500, `default` when absent.
+pub fn page_limit(limit: Option<i64>, default: i64) -> Result<i64, ApiError> {
+    let limit = limit.unwrap_or(default);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::BadRequest(
+            "limit must be between 1 and 500".into(),
+        ));
+    }
+    Ok(limit)
+}
+
+/// The `next` of a page of `ids` (newest first): its last id when the page is full.
+pub fn next_page(
+    ids: impl DoubleEndedIterator<Item = i64> + ExactSizeIterator,
+    limit: i64,
+) -> Option<i64> {
+    let full = ids.len() as i64 == limit;
+    ids.last().filter(|_| full)
+}
+
 /// Renders unix milliseconds as RFC 3339.
 pub fn rfc3339(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
