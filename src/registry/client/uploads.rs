@@ -325,6 +325,14 @@ impl Client {
             let status = match self.upload_status(dst, &url).await {
                 Ok(s) => s,
                 Err(e) if e.is_transient() => continue,
+                // Distribution forgets a session whose last answer was lost (its URL's state
+                // no longer matches): only a new session helps.
+                Err(e) if matches!(e.status(), Some(400 | 404 | 416)) => {
+                    return Err(Error::Restart {
+                        what: format!("uploading to {dst}"),
+                        reason: format!("the upload session cannot continue ({e})"),
+                    });
+                }
                 Err(e) => return Err(e),
             };
             let end = start + data.len() as u64;

@@ -2,7 +2,11 @@
 //! bearer token with an in-process token issuer), an image pusher independent of the code under
 //! test, and skopeo as an independent client.
 
+pub mod front;
 pub mod image;
+// `TWO_LEVEL_NAMES` is for the layout tests.
+#[allow(dead_code)]
+pub mod nginx;
 pub mod registry;
 pub mod service;
 pub mod skopeo;
