@@ -16,7 +16,7 @@ use super::{ByteCounter, Client, Repo};
 use crate::digest::{Digest, DigestHasher};
 use crate::registry::budget::Ticket;
 use crate::registry::error::{Error, Result};
-use crate::registry::retry::backoff;
+use crate::registry::retry::{Budget, RESUME_PROGRESS, backoff, take_retry_or};
 
 impl Client {
     /// HEAD a blob: its size when the repository has it, `None` when not.
@@ -139,11 +139,17 @@ impl Client {
         // The source's verdict when it fails the body (so the upload is aborted).
         let failure: Arc<Mutex<Option<Error>>> = Arc::default();
         let failed = failure.clone();
+        // The body is polled by the connection's task: carry the operation's retry budget there.
+        let budget = Budget::current();
         let body = futures_util::stream::unfold(Some(source), move |state| {
-            let failed = failed.clone();
+            let (failed, budget) = (failed.clone(), budget.clone());
             async move {
                 let mut source = state?;
-                match source.next().await {
+                let next = match budget {
+                    Some(b) => b.scope(source.next()).await,
+                    None => source.next().await,
+                };
+                match next {
                     Ok(Some(bytes)) => Some((Ok(bytes), Some(source))),
                     Ok(None) => None,
                     Err(e) => {
@@ -228,7 +234,8 @@ pub(super) struct Source {
     offset: u64,
     /// `offset` when the current connection opened.
     opened_at: u64,
-    /// Connections in a row that broke without delivering a byte.
+    /// Connections in a row that broke without progress (counted when no operation's budget
+    /// is in force).
     failures: u32,
     progress: Option<ByteCounter>,
 }
@@ -348,28 +355,27 @@ impl Source {
         }
     }
 
-    /// Continues the blob from `offset` on a new connection.
+    /// Continues the blob from `offset` on a new connection. A connection that moved at least
+    /// [`RESUME_PROGRESS`] bytes is continued without spending a retry; attempts that move
+    /// nothing spend the operation's retries.
     async fn resume(&mut self, mut cause: String) -> Result<()> {
-        if self.offset > self.opened_at {
-            // The broken connection delivered bytes: a fresh allowance of attempts.
+        let mut free =
+            self.offset - self.opened_at >= RESUME_PROGRESS.min(self.size - self.opened_at);
+        if free {
             self.failures = 0;
         }
         let retry = self.client.retry_policy().clone();
         loop {
-            self.failures += 1;
-            if self.failures >= retry.max_attempts {
-                tracing::warn!(
-                    "{}: {cause}; giving up after {} attempts",
-                    self.what(),
-                    self.failures
-                );
+            if !free && !take_retry_or(&retry, &mut self.failures) {
+                tracing::warn!("{}: {cause}; no retries left", self.what());
                 return Err(Error::Truncated {
                     what: self.what(),
                     received: self.offset,
                     expected: self.size,
                 });
             }
-            let delay = backoff(retry.base, retry.max_backoff, self.failures);
+            free = false;
+            let delay = backoff(retry.base, retry.max_backoff, self.failures.max(1));
             tracing::warn!(
                 registry = %self.repo.registry,
                 offset_bytes = self.offset,

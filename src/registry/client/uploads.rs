@@ -11,6 +11,7 @@ use super::requests::{Call, redact_query, status_error};
 use super::{Client, Repo};
 use crate::digest::Digest;
 use crate::registry::error::{Error, Result};
+use crate::registry::retry::{RESUME_PROGRESS, take_retry_or};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -241,8 +242,8 @@ impl Client {
 
     /// Uploads `size` bytes from `source` into `session` in `PATCH` chunks of `chunk` bytes, then
     /// closes the session with the digest. A chunk that fails (a cut, a 5xx) is resumed where the
-    /// session stands (`GET` on the upload URL answers its `Range`), within the retry policy's
-    /// attempts per chunk. The last chunk is complete only once the source's digest is verified.
+    /// session stands (`GET` on the upload URL answers its `Range`); failures that move nothing
+    /// spend the operation's retries. The last chunk is complete only once the source's digest is verified.
     pub(super) async fn upload_chunked(
         &self,
         dst: &Repo,
@@ -302,7 +303,7 @@ impl Client {
         mut data: Bytes,
     ) -> Result<url::Url> {
         let retry = self.retry_policy().clone();
-        let mut failures = 0u32;
+        let (mut failures, mut free) = (0u32, false);
         loop {
             let err = match self.patch(dst, &url, start, data.clone()).await {
                 Ok(next) => return Ok(next),
@@ -310,11 +311,11 @@ impl Client {
                 Err(e) if e.is_transient() || e.status() == Some(416) => e,
                 Err(e) => return Err(e),
             };
-            failures += 1;
-            if failures >= retry.max_attempts {
+            if !free && !take_retry_or(&retry, &mut failures) {
                 return Err(err);
             }
-            let delay = retry.delay(failures, &err);
+            free = false;
+            let delay = retry.delay(failures.max(1), &err);
             tracing::warn!(
                 registry = %dst.registry,
                 offset_bytes = start,
@@ -345,9 +346,10 @@ impl Client {
                     ),
                 });
             }
-            if status.offset > start {
-                // Progress reached the registry: a fresh allowance of attempts for the rest.
+            if status.offset - start >= RESUME_PROGRESS.min(end - start) {
+                // The failed request moved bytes: continuing costs no retry.
                 failures = 0;
+                free = true;
             }
             data = data.slice((status.offset - start) as usize..);
             start = status.offset;
