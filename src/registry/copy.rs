@@ -850,13 +850,7 @@ impl Engine<'_> {
             self.client
                 .get_manifest(&self.dst, &d.to_string(), Some(d))
                 .await
-                .map_err(|e| match e {
-                    // A rate limit is no verdict on what was written: try again later.
-                    Error::RateLimited { .. } => e,
-                    e => Error::Verify {
-                        reason: format!("reading {d} back from {}: {e}", self.dst),
-                    },
-                })
+                .map_err(|e| read_back_error(d, &self.dst, e))
         }));
         let (read, tagged) = futures_util::future::join(read_back, self.verify_tag(top, tag)).await;
         read?;
@@ -873,6 +867,7 @@ impl Engine<'_> {
             };
             if served.as_ref() != Some(&top.digest) {
                 return Err(Error::Verify {
+                    transient: false,
                     reason: format!(
                         "{}:{tag} resolves to {} instead of {}",
                         self.dst,
@@ -885,5 +880,56 @@ impl Engine<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// A failure to read `d` back from `dst`: only what was read (a digest mismatch, a manifest that
+/// is not there or not valid) is a verdict; a 5xx, a timeout or a cut is worth another try, and a
+/// rate limit waits as such.
+fn read_back_error(d: &Digest, dst: &Repo, e: Error) -> Error {
+    match e {
+        Error::RateLimited { .. } => e,
+        e => Error::Verify {
+            transient: e.is_transient(),
+            reason: format!("reading {d} back from {dst}: {e}"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod read_back_tests {
+    use super::*;
+
+    #[test]
+    fn only_a_verdict_on_the_bytes_is_permanent() {
+        let d = Digest::sha256_of(b"m");
+        let dst = Repo {
+            registry: "r.example".into(),
+            name: "a/b".into(),
+        };
+        let status = |status| Error::Status {
+            method: "GET".into(),
+            url: "u".into(),
+            status,
+            code: None,
+            message: String::new(),
+            retry_after: None,
+        };
+        let unavailable = read_back_error(&d, &dst, status(503));
+        assert!(unavailable.is_transient(), "{unavailable}");
+        assert!(unavailable.to_string().contains("reading sha256:"));
+        let cut = Error::Truncated {
+            what: "m".into(),
+            received: 1,
+            expected: 2,
+        };
+        assert!(read_back_error(&d, &dst, cut).is_transient());
+        let mismatch = Error::DigestMismatch {
+            what: "m".into(),
+            expected: d.clone(),
+            actual: Digest::sha256_of(b"x"),
+        };
+        assert!(!read_back_error(&d, &dst, mismatch).is_transient());
+        assert!(!read_back_error(&d, &dst, status(404)).is_transient());
     }
 }
