@@ -6,6 +6,7 @@ mod drift;
 mod faults;
 mod github;
 mod queue;
+mod quirks;
 mod retries;
 mod service;
 mod ssrf;
