@@ -812,6 +812,19 @@ impl Engine<'_> {
                 self.repair(m).await?;
                 self.client.put_manifest(&self.dst, reference, m).await
             }
+            Err(e)
+                if (e.code() == Some("MANIFEST_INVALID") || e.status() == Some(415))
+                    && artifact_type(m).is_some() =>
+            {
+                Err(Error::Refused {
+                    reason: format!(
+                        "{} refused artifact {} of type {} ({e}): allow that artifact type on the registry (Quay: FEATURE_GENERAL_OCI_SUPPORT and ALLOWED_OCI_ARTIFACT_TYPES), or mirror without referrers (--no-referrers, \"referrers\": false)",
+                        self.dst.registry,
+                        m.digest,
+                        artifact_type(m).unwrap_or_default()
+                    ),
+                })
+            }
             other => other,
         }
     }
@@ -893,6 +906,24 @@ fn read_back_error(d: &Digest, dst: &Repo, e: Error) -> Error {
             transient: e.is_transient(),
             reason: format!("reading {d} back from {dst}: {e}"),
         },
+    }
+}
+
+/// The type of an artifact manifest (its config's media type when that is not an image config,
+/// or the artifact manifest's own type); `None` for container images and indexes.
+fn artifact_type(m: &Manifest) -> Option<String> {
+    const IMAGE_CONFIGS: [&str; 2] = [
+        "application/vnd.oci.image.config.v1+json",
+        "application/vnd.docker.container.image.v1+json",
+    ];
+    if m.media_type == super::manifest::OCI_ARTIFACT_MANIFEST {
+        return Some(m.media_type.clone());
+    }
+    match (m.kind, m.blobs.first()) {
+        (Kind::Image, Some(config)) if !IMAGE_CONFIGS.contains(&config.media_type.as_str()) => {
+            Some(config.media_type.clone())
+        }
+        _ => None,
     }
 }
 

@@ -149,3 +149,51 @@ async fn a_namespace_the_push_does_not_create_is_named_in_the_error() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_artifact_type_the_target_refuses_is_named_with_what_to_allow() {
+    let (src, dst) = (Registry::anonymous().await, Registry::anonymous().await);
+    let p = Pusher::new(&src);
+    let config = p.blob("art/sbom", b"{}").await;
+    let layer = p.blob("art/sbom", b"{\"spdxVersion\":\"SPDX-2.3\"}").await;
+    let bytes = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": crate::support::image::OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.example.sbom.config.v1+json", "digest": config, "size": 2},
+        "layers": [{"mediaType": "application/spdx+json", "digest": layer, "size": 26}],
+    }))
+    .unwrap();
+    let digest = p
+        .manifest(
+            "art/sbom",
+            "v1",
+            crate::support::image::OCI_MANIFEST,
+            &bytes,
+        )
+        .await;
+    // Quay without the artifact type allow-listed: 400 MANIFEST_INVALID.
+    let front = Front::start(&dst.host(), |r| {
+        if r.method == Method::PUT && r.path.contains("/manifests/") {
+            Action::Answer(400, "MANIFEST_INVALID")
+        } else {
+            Action::Pass
+        }
+    })
+    .await;
+    let err = copy_via(
+        &format!("{}/art/sbom@{digest}", src.host()),
+        &format!("{}/art/sbom:v1", front.host()),
+        false,
+    )
+    .await
+    .expect_err("the target refuses the artifact");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!(
+            "{} refused artifact {digest} of type application/vnd.example.sbom.config.v1+json",
+            front.host()
+        )) && msg.contains("ALLOWED_OCI_ARTIFACT_TYPES"),
+        "{msg}"
+    );
+    assert!(!err.is_transient());
+}
