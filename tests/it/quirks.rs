@@ -197,3 +197,35 @@ async fn an_artifact_type_the_target_refuses_is_named_with_what_to_allow() {
     );
     assert!(!err.is_transient());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mount_answered_401_falls_back_to_an_upload() {
+    let reg = Registry::anonymous().await;
+    let img = Pusher::new(&reg)
+        .image("mnt/a", 64, &[5000], false, Style::Compact)
+        .await;
+    // Harbor answers a cross-repository mount with 401 instead of 202.
+    let front = Front::start(&reg.host(), |r| {
+        if r.method == Method::POST && r.path.contains("mount=") {
+            Action::Answer(401, "UNAUTHORIZED")
+        } else {
+            Action::Pass
+        }
+    })
+    .await;
+    let r = copy_via(
+        &format!("{}/mnt/a@{}", front.host(), img.digest),
+        &format!("{}/mnt/b:v1", front.host()),
+        false,
+    )
+    .await
+    .expect("uploaded instead");
+    assert_eq!(r.target_digest.to_string(), img.digest);
+    assert_eq!((r.blobs_mounted, r.blobs_uploaded), (0, 2), "{r:?}");
+    let log = front.log();
+    assert!(
+        log.iter()
+            .any(|l| l.method == Method::POST && l.status == 401),
+        "a mount was tried: {log:?}"
+    );
+}
