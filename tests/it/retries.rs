@@ -63,6 +63,7 @@ async fn a_token_server_answering_503_is_asked_at_most_retries_times() {
     .await
     .expect_err("no token, no copy");
     let asked = issuer.requests() - before;
+    eprintln!("--retries 3, token server answering 503: asked {asked} times");
     assert!(err.to_string().contains("503"), "{err}");
     assert!(
         asked <= 3,
