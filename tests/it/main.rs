@@ -5,6 +5,7 @@ mod deploy;
 mod drift;
 mod faults;
 mod github;
+mod namespace;
 mod queue;
 mod service;
 mod ssrf;
