@@ -32,8 +32,19 @@ pub fn client(args: &RegistryArgs, network: NetworkPolicy) -> Result<Client> {
 pub async fn copy(args: CopyArgs) -> Result<()> {
     let source = ImageRef::parse_source(&args.source)
         .with_context(|| format!("source {:?} is not a valid image reference", args.source))?;
-    let target = ImageRef::parse(&args.target)
-        .with_context(|| format!("target {:?} is not a valid image reference", args.target))?;
+    let target = match args.layout {
+        None => ImageRef::parse(&args.target)
+            .with_context(|| format!("target {:?} is not a valid image reference", args.target))?,
+        Some(layout) => {
+            let prefix = crate::mapping::TargetPrefix::parse(&args.target)
+                .map_err(|e| anyhow::anyhow!("target prefix: {e}"))?
+                .with_layout(layout);
+            let repo = prefix.repo_for(&source).map_err(anyhow::Error::msg)?;
+            ImageRef::parse(&repo)
+                .with_context(|| format!("mapped target {repo:?} is not a valid reference"))?
+                .with_tag(source.tag().map(str::to_string))
+        }
+    };
     // The user names the registries here, as with crane: no address restriction.
     let client = client(&args.registry, NetworkPolicy::permissive())?;
     let options = CopyOptions {

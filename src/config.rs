@@ -97,6 +97,12 @@ pub struct CopyArgs {
     #[arg(long)]
     pub no_referrers: bool,
 
+    /// Treat DST as a repository prefix and name the image under it as `serve` does: `nested`
+    /// (`DST/registry/path`) or `flat` (`DST/registry__path`, for registries that take only
+    /// `namespace/repo`). The source's tag is kept.
+    #[arg(long)]
+    pub layout: Option<crate::mapping::Layout>,
+
     #[command(flatten)]
     pub registry: RegistryArgs,
 }
