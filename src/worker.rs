@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -99,10 +101,15 @@ impl Workers {
         tracing::debug!(worker = n, "worker started");
         self.alive.fetch_add(1, Ordering::SeqCst);
         while !stop.is_cancelled() {
+            // The lease runs from before the claim was sent: the worker's idea of its expiry is
+            // never later than the database's.
+            let claimed_at = Instant::now();
             match queue::claim(&self.db, self.config.lease).await {
                 Ok(Some(lease)) => {
                     let span = tracing::info_span!("job", job.id = lease.job.id, image.src = %lease.job.source);
-                    self.run_job(lease, &abort).instrument(span).await;
+                    self.run_job(lease, claimed_at, &abort)
+                        .instrument(span)
+                        .await;
                 }
                 Ok(None) => {
                     let wait = match queue::next_due(&self.db).await {
@@ -131,7 +138,7 @@ impl Workers {
         tracing::debug!(worker = n, "worker stopped");
     }
 
-    async fn run_job(&self, lease: Lease, abort: &CancellationToken) {
+    async fn run_job(&self, lease: Lease, claimed_at: Instant, abort: &CancellationToken) {
         let job = &lease.job;
         tracing::info!(
             attempt = job.attempts,
@@ -143,33 +150,14 @@ impl Workers {
         let progress = Arc::new(Progress::default());
         let started = std::time::Instant::now();
         let lost = CancellationToken::new();
-        let heartbeat = {
-            let (db, lease, progress, lost) = (
-                self.db.clone(),
-                lease.clone(),
-                progress.clone(),
-                lost.clone(),
-            );
-            let every = self.config.lease / 3;
-            let duration = self.config.lease;
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    match queue::heartbeat(&db, &lease, duration, progress_row(&progress)).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            tracing::warn!(
-                                "job {}: lease lost; abandoning the copy and writing nothing",
-                                lease.job.id
-                            );
-                            lost.cancel();
-                            return;
-                        }
-                        Err(e) => tracing::warn!("job {}: heartbeat failed: {e}", lease.job.id),
-                    }
-                }
-            })
-        };
+        let heartbeat = tokio::spawn(keep_lease(
+            self.db.clone(),
+            lease.clone(),
+            progress.clone(),
+            lost.clone(),
+            claimed_at,
+            self.config.lease,
+        ));
         let outcome = tokio::select! {
             r = self.copy(&lease, progress.clone()) => Some(r),
             _ = lost.cancelled() => None,
@@ -185,13 +173,19 @@ impl Workers {
         heartbeat.abort();
         let Some(outcome) = outcome else { return };
         let m = &crate::metrics::METRICS;
+        // What the metrics count once the result is written (and only then: a worker that lost
+        // its lease finished nothing).
+        let mut copied = None;
+        let mut finished = false;
         let (written, notice) = match outcome {
             Ok((record, result)) => {
-                m.bytes_copied.add(result.bytes_moved);
-                m.blobs_uploaded.add(result.blobs_uploaded as u64);
-                m.blobs_mounted.add(result.blobs_mounted as u64);
-                m.blobs_skipped.add(result.blobs_skipped as u64);
-                m.job_finished(started.elapsed().as_secs_f64());
+                copied = Some((
+                    result.bytes_moved,
+                    result.blobs_uploaded as u64,
+                    result.blobs_mounted as u64,
+                    result.blobs_skipped as u64,
+                ));
+                finished = true;
                 let r = queue::succeed(&self.db, &lease, &record, progress_row(&progress)).await;
                 if let Ok(true) = r {
                     tracing::info!(digest = %record.source_digest, "job {} succeeded: {}@{}", job.id, record.mirror_repo, record.source_digest);
@@ -236,7 +230,7 @@ impl Workers {
             }
             Err(JobError::Transient(msg) | JobError::Permanent(msg)) => {
                 tracing::error!("job {} failed: {msg}", job.id);
-                m.job_finished(started.elapsed().as_secs_f64());
+                finished = true;
                 let notice = serde_json::json!({
                     "event": "job",
                     "job_id": job.id,
@@ -252,6 +246,15 @@ impl Workers {
         };
         match written {
             Ok(true) => {
+                if let Some((bytes, uploaded, mounted, skipped)) = copied {
+                    m.bytes_copied.add(bytes);
+                    m.blobs_uploaded.add(uploaded);
+                    m.blobs_mounted.add(mounted);
+                    m.blobs_skipped.add(skipped);
+                }
+                if finished {
+                    m.job_finished(started.elapsed().as_secs_f64());
+                }
                 if let (Some(n), Some(notice)) = (&self.notifier, notice) {
                     n.send(notice);
                 }
@@ -345,6 +348,53 @@ impl Workers {
         };
         Ok((record, result))
     }
+}
+
+/// Renews `lease` every third of its length while the copy runs. When it cannot be renewed — the
+/// job was taken over (lost), or renewals keep failing or hanging until the lease runs out — it
+/// cancels `lost`, which stops the copy: a worker never copies or writes past its lease.
+async fn keep_lease(
+    db: Db,
+    lease: Lease,
+    progress: Arc<Progress>,
+    lost: CancellationToken,
+    claimed_at: Instant,
+    duration: Duration,
+) {
+    let every = duration / 3;
+    let mut valid_until = claimed_at + duration;
+    loop {
+        tokio::time::sleep_until((Instant::now() + every).min(valid_until)).await;
+        if Instant::now() >= valid_until {
+            break;
+        }
+        let sent = Instant::now();
+        let renewal = queue::heartbeat(&db, &lease, duration, progress_row(&progress));
+        match tokio::time::timeout_at(valid_until, renewal).await {
+            Ok(Ok(true)) => valid_until = sent + duration,
+            Ok(Ok(false)) => {
+                tracing::warn!(
+                    "job {}: lease lost; abandoning the copy and writing nothing",
+                    lease.job.id
+                );
+                lost.cancel();
+                return;
+            }
+            Ok(Err(e)) => tracing::warn!(
+                remaining_ms = valid_until
+                    .saturating_duration_since(Instant::now())
+                    .as_millis() as u64,
+                "job {}: renewing the lease failed (the copy stops when the lease runs out unless a renewal succeeds): {e}",
+                lease.job.id
+            ),
+            Err(_) => break,
+        }
+    }
+    tracing::warn!(
+        "job {}: the lease could not be renewed before it ran out; abandoning the copy and writing nothing",
+        lease.job.id
+    );
+    lost.cancel();
 }
 
 fn progress_row(p: &Progress) -> ProgressRow {
