@@ -92,14 +92,22 @@ impl Workers {
             .map(|n| {
                 let w = self.clone();
                 let (stop, abort) = (stop.clone(), abort.clone());
-                tokio::spawn(async move { w.run(n, stop, abort).await })
+                let supervisor = supervise(n, stop.clone(), RESTART_PAUSE, move || {
+                    let (w, stop, abort) = (w.clone(), stop.clone(), abort.clone());
+                    async move { w.run(n, stop, abort).await }
+                });
+                tokio::spawn(async move {
+                    supervisor.await;
+                })
             })
             .collect()
     }
 
     async fn run(&self, n: usize, stop: CancellationToken, abort: CancellationToken) {
         tracing::debug!(worker = n, "worker started");
-        self.alive.fetch_add(1, Ordering::SeqCst);
+        // Counted while this loop runs, and uncounted however it ends (a panic included), so
+        // `/readyz` sees a dead worker.
+        let _alive = Alive::new(&self.alive);
         while !stop.is_cancelled() {
             // The lease runs from before the claim was sent: the worker's idea of its expiry is
             // never later than the database's.
@@ -134,7 +142,6 @@ impl Workers {
                 }
             }
         }
-        self.alive.fetch_sub(1, Ordering::SeqCst);
         tracing::debug!(worker = n, "worker stopped");
     }
 
@@ -350,6 +357,61 @@ impl Workers {
     }
 }
 
+/// Pause before a panicked worker task is started again (so a panic on every claim does not spin).
+const RESTART_PAUSE: Duration = Duration::from_secs(1);
+
+/// One unit in a count of running tasks, taken back when dropped (also by a panic's unwinding).
+struct Alive(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Alive {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Alive {
+        count.fetch_add(1, Ordering::SeqCst);
+        Alive(count.clone())
+    }
+}
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Runs the task `start` makes, in a task of its own, until it returns or `stop` is cancelled;
+/// when it panics, logs the panic, counts it in `mirror_worker_restarts_total` and starts it
+/// again after `pause`. Returns how many times it was restarted.
+async fn supervise<F, Fut>(n: usize, stop: CancellationToken, pause: Duration, start: F) -> usize
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut restarts = 0;
+    loop {
+        match tokio::spawn(start()).await {
+            Ok(()) => return restarts,
+            Err(e) if e.is_panic() => {
+                let panic = e.into_panic();
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(no message)".into());
+                crate::metrics::METRICS.worker_restarts.add(1);
+                tracing::error!(
+                    worker = n,
+                    "worker {n} panicked: {msg}; its job (if any) goes back to the queue when its lease runs out; restarting the worker in {} ms",
+                    pause.as_millis()
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stop.cancelled() => return restarts,
+                }
+                restarts += 1;
+            }
+            Err(_) => return restarts,
+        }
+    }
+}
+
 /// Renews `lease` every third of its length while the copy runs. When it cannot be renewed — the
 /// job was taken over (lost), or renewals keep failing or hanging until the lease runs out — it
 /// cancels `lost`, which stops the copy: a worker never copies or writes past its lease.
@@ -423,5 +485,65 @@ impl From<registry::Error> for JobError {
         } else {
             JobError::Permanent(e.to_string())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[tokio::test]
+    async fn a_panicked_worker_is_uncounted_and_started_again() {
+        let alive = Arc::new(AtomicUsize::new(0));
+        let runs = Arc::new(AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let restarts_before = crate::metrics::METRICS.worker_restarts.get();
+        let (a, r, s) = (alive.clone(), runs.clone(), stop.clone());
+        let supervisor = tokio::spawn(supervise(
+            0,
+            stop.clone(),
+            Duration::from_millis(10),
+            move || {
+                let (alive, runs, stop) = (a.clone(), r.clone(), s.clone());
+                async move {
+                    let _alive = Alive::new(&alive);
+                    if runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                        panic!("injected");
+                    }
+                    stop.cancelled().await;
+                }
+            },
+        ));
+        // The first run panics: the count drops back, then the second run counts itself.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while runs.load(Ordering::SeqCst) < 2 || alive.load(Ordering::SeqCst) != 1 {
+            assert!(
+                Instant::now() < deadline,
+                "the worker was not started again"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(crate::metrics::METRICS.worker_restarts.get() > restarts_before);
+        stop.cancel();
+        assert_eq!(supervisor.await.unwrap(), 1, "restarted once");
+        assert_eq!(
+            alive.load(Ordering::SeqCst),
+            0,
+            "a stopped worker is uncounted"
+        );
+    }
+
+    #[test]
+    fn a_panic_unwinding_through_a_worker_lowers_the_running_count() {
+        let alive = Arc::new(AtomicUsize::new(0));
+        let a = alive.clone();
+        let r = std::panic::catch_unwind(move || {
+            let _alive = Alive::new(&a);
+            assert_eq!(a.load(Ordering::SeqCst), 1);
+            panic!("injected");
+        });
+        assert!(r.is_err());
+        assert_eq!(alive.load(Ordering::SeqCst), 0);
     }
 }

@@ -1,5 +1,5 @@
-//! The worker against a real service process: a lease that cannot be renewed stops the copy, and
-//! job metrics count only results that were written.
+//! Workers and readiness against a real service process: a lease that cannot be renewed stops the
+//! copy, job metrics count only results that were written, `/readyz` does not wait on a busy writer.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -148,4 +148,25 @@ async fn a_job_that_lost_its_lease_before_its_result_was_written_is_not_counted(
     );
     assert_eq!(metric(&svc, "mirror_job_duration_seconds_count").await, 0.0);
     assert_eq!(metric(&svc, "mirror_bytes_copied_total").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_answers_within_a_second_while_the_writer_is_busy() {
+    let (up, down) = (Registry::anonymous().await, Registry::anonymous().await);
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("m.db");
+    let svc = Service::start(&db, &format!("{}/mirror", down.host()), &up.host(), &[]).await;
+    let (status, body) = svc.get("/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    // A long write holds SQLite's lock: the pod is busy, not broken.
+    let mut lock = hold_writer(&db).await;
+    let asked = Instant::now();
+    let (status, body) = svc.get("/readyz").await;
+    let took = asked.elapsed();
+    eprintln!("figure: /readyz answered {status} in {took:?} while the writer was held");
+    assert!(took < Duration::from_secs(1), "/readyz took {took:?}");
+    assert_eq!((status, &body["writer"]), (200, &json!("busy")), "{body}");
+    sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+    let (status, body) = svc.get("/readyz").await;
+    assert_eq!((status, &body["writer"]), (200, &json!("idle")), "{body}");
 }
