@@ -28,7 +28,8 @@ pub enum Fault {
     Cut,
     /// Serve the body with one byte flipped (same size).
     Corrupt,
-    /// Send the first half of the body, then hold the rest until [`Stall::release`].
+    /// Send the first half of the body, then hold the rest until [`Stall::release`] (a HEAD:
+    /// hold the whole answer).
     Stall(Arc<Stall>),
 }
 
@@ -262,6 +263,17 @@ async fn respond(f: &Faulty, method: &Method, rest: &str) -> Response {
         return StatusCode::NOT_FOUND.into_response();
     };
     let fault = f.next_fault(route);
+    // A HEAD has no body to hold: it is held whole (a registry that stops answering).
+    if let Some(Fault::Stall(stall)) = &fault
+        && *method == Method::HEAD
+    {
+        let mut guard = StallGuard(stall.clone(), false);
+        stall
+            .reached
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        stall.go.notified().await;
+        guard.1 = true;
+    }
     if let Some(Fault::Status(code, ra)) = &fault {
         return status(*code, *ra);
     }

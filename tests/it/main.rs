@@ -6,6 +6,7 @@ mod drift;
 mod faults;
 mod github;
 mod queue;
+mod rounds;
 mod service;
 mod ssrf;
 mod support;
