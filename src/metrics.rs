@@ -64,6 +64,8 @@ pub struct Metrics {
     pub sync_runs: Counter,
     pub sync_errors: Counter,
     pub sync_jobs: Counter,
+    /// Worker tasks that panicked and were started again.
+    pub worker_restarts: Counter,
     /// Drift watch: problems newly found, by kind.
     pub drift_found: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -127,7 +129,12 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{labels} {v}");
             }
         }
-        let counters: [(&str, &str, &Counter); 12] = [
+        let counters: [(&str, &str, &Counter); 13] = [
+            (
+                "mirror_worker_restarts_total",
+                "Worker tasks that panicked and were started again.",
+                &self.worker_restarts,
+            ),
             (
                 "mirror_bytes_copied_total",
                 "Blob bytes that crossed the wire.",
