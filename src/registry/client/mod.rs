@@ -28,7 +28,7 @@ use crate::reference::{ImageRef, is_loopback};
 
 pub use manifests::{MAX_MANIFEST_BYTES, ManifestHead};
 pub use tags::{MAX_TAG_PAGE_BYTES, MAX_TAG_PAGES, MAX_TAGS};
-pub use uploads::{MountOutcome, UploadSession};
+pub use uploads::{MountOutcome, UploadLimits, UploadSession};
 
 /// A repository on a registry: where manifests and blobs live.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -84,6 +84,13 @@ pub struct ClientConfig {
     /// The longest a request waits for a registry's rate limit; beyond it the request fails with
     /// [`Error::RateLimited`] so the caller can reschedule.
     pub rate_limit_max_wait: Duration,
+    /// How blobs go up to a registry, by `host[:port]` as image references name it (`docker.io`
+    /// for Docker Hub): body limit and chunk size. Registries not named get
+    /// [`ClientConfig::default_upload_limits`].
+    pub upload_limits: HashMap<String, UploadLimits>,
+    /// Upload limits for every registry not in [`ClientConfig::upload_limits`] (the
+    /// `--chunk-size` shortcut); by default one `PUT` per blob, chunks after a `413`.
+    pub default_upload_limits: UploadLimits,
 }
 
 impl Default for ClientConfig {
@@ -95,6 +102,8 @@ impl Default for ClientConfig {
             read_timeout: Duration::from_secs(120),
             network: NetworkPolicy::permissive(),
             rate_limit_max_wait: Duration::from_secs(60),
+            upload_limits: HashMap::new(),
+            default_upload_limits: UploadLimits::default(),
         }
     }
 }
@@ -119,6 +128,11 @@ struct Inner {
     /// Per (target registry, blob): the repository this process last put it in, behind a lock
     /// that one transfer of that blob holds at a time.
     blob_slots: Mutex<HashMap<(String, Digest), BlobSlot>>,
+    /// Configured upload limits per registry, and the default.
+    upload_limits: HashMap<String, UploadLimits>,
+    default_upload_limits: UploadLimits,
+    /// Chunk sizes learned from registries that answered `413 Payload Too Large`.
+    learned_chunks: Mutex<HashMap<String, u64>>,
 }
 
 /// Where a blob is known to be on a target registry; locked while it is being moved there.
@@ -130,6 +144,15 @@ const MAX_BLOB_SLOTS: usize = 100_000;
 impl Client {
     /// A client with `config`, authenticating with `credentials`.
     pub fn new(config: ClientConfig, credentials: CredentialStore) -> Result<Client> {
+        for (registry, limits) in &config.upload_limits {
+            limits
+                .check()
+                .map_err(|e| Error::Invalid(format!("upload limits for {registry}: {e}")))?;
+        }
+        config
+            .default_upload_limits
+            .check()
+            .map_err(|e| Error::Invalid(format!("the default upload limits: {e}")))?;
         let network = Arc::new(config.network.clone());
         let hops = network.clone();
         let http = reqwest::Client::builder()
@@ -170,6 +193,9 @@ impl Client {
                 retry: config.retry,
                 network,
                 blob_slots: Mutex::new(HashMap::new()),
+                upload_limits: config.upload_limits,
+                default_upload_limits: config.default_upload_limits,
+                learned_chunks: Mutex::new(HashMap::new()),
             }),
         })
     }
