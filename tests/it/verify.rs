@@ -325,3 +325,47 @@ fn usage_errors_exit_2_with_one_line() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("give one digest"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mirror_serving_other_bytes_fails_as_a_mismatch() {
+    use crate::faults::{Fault, Faulty, Route};
+    // A mirror (in-process: a real registry will not serve wrong bytes) whose layer is corrupted.
+    let f = Faulty::default();
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let layer = bytes(11, 100_000);
+    let (c, l) = (f.blob(config), f.blob(&layer));
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": c, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": l, "size": layer.len()}],
+    })
+    .to_string();
+    let d = f.manifest(
+        "v1",
+        "application/vnd.oci.image.manifest.v1+json",
+        manifest.as_bytes(),
+    );
+    let mirror = f.start().await;
+    let good = format!("{mirror}/img:v1");
+    let (code, r) = verify_json(&[&good, "--digest", &d, "--retries", "1"]);
+    assert_eq!(code, 0, "{r:#}");
+    assert_eq!(r["blob_bytes"], json!(config.len() + layer.len()));
+
+    f.always(Route::Blob, Fault::Corrupt);
+    let (code, r) = verify_json(&[&good, "--digest", &d, "--retries", "1"]);
+    assert_eq!(code, 1, "{r:#}");
+    let kinds: Vec<&Value> = r["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| &p["kind"])
+        .collect();
+    assert_eq!(kinds, [&json!("mismatch"), &json!("mismatch")], "{r:#}");
+    assert!(
+        r["verdict"].as_str().unwrap().contains("digest mismatch"),
+        "{}",
+        r["verdict"]
+    );
+}
