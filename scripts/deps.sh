@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what mirror-mirror's tests, demo and benchmarks need when it is missing (Debian/Ubuntu):
-# the CNCF distribution registry, skopeo (an independent client), htpasswd, openssl; wrk and time for
-# the benchmark.
+# the CNCF distribution registry, skopeo (an independent client), htpasswd, openssl, jq (the GitHub
+# Action's script); wrk and time for the benchmark.
 set -euo pipefail
 
 declare -A want=(
@@ -10,6 +10,7 @@ declare -A want=(
   [htpasswd]=apache2-utils
   [openssl]=openssl
   [curl]=curl
+  [jq]=jq
   [wrk]=wrk
   [/usr/bin/time]=time
 )

@@ -1,5 +1,6 @@
 //! The one integration test binary: real registries, a real SQLite file, skopeo as an independent check.
 
+mod action;
 mod copy;
 mod deploy;
 mod drift;
