@@ -9,6 +9,7 @@ mod github;
 mod queue;
 mod service;
 mod ssrf;
+mod status;
 mod support;
 mod sync;
 mod verify;
