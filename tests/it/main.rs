@@ -1,5 +1,6 @@
 //! The one integration test binary: real registries, a real SQLite file, skopeo as an independent check.
 
+mod action;
 mod copy;
 mod deploy;
 mod drift;
@@ -11,7 +12,9 @@ mod retries;
 mod rounds;
 mod service;
 mod ssrf;
+mod status;
 mod support;
 mod sync;
 mod uploads;
+mod verify;
 mod worker;
