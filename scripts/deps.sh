@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what mirror-mirror's tests, demo and benchmarks need when it is missing (Debian/Ubuntu):
-# the CNCF distribution registry, skopeo (an independent client), htpasswd, openssl, nginx (a real
-# front before a registry); wrk and time for the benchmark.
+# the CNCF distribution registry, skopeo (an independent client), htpasswd, openssl; nginx (fronts
+# with other registries' rules), buildah and podman (realistic images, a user's pull); jq (the GitHub
+# Action's script), Chromium and a CJK font (the status page's test); wrk and time for the benchmark.
 set -euo pipefail
 
 declare -A want=(
@@ -11,6 +12,11 @@ declare -A want=(
   [openssl]=openssl
   [curl]=curl
   [nginx]=nginx-light
+  [podman]=podman
+  [buildah]=buildah
+  [jq]=jq
+  [chromium]=chromium
+  [fc-list]=fontconfig
   [wrk]=wrk
   [/usr/bin/time]=time
 )
@@ -18,6 +24,10 @@ missing=()
 for cmd in "${!want[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${want[$cmd]}")
 done
+# The status page's test looks at the Chinese page in Chromium: it needs a CJK font.
+if ! command -v fc-list >/dev/null 2>&1 || [ -z "$(fc-list :lang=zh 2>/dev/null)" ]; then
+  missing+=(fonts-noto-cjk)
+fi
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}" >&2
   sudo=""

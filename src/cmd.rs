@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
 
-use crate::config::{CopyArgs, RegistryArgs};
+use crate::config::{CopyArgs, RegistryArgs, VerifyArgs};
 use crate::reference::ImageRef;
 use crate::registry::client::UploadLimits;
 use crate::registry::credentials::CredentialStore;
@@ -41,8 +41,19 @@ pub fn client(args: &RegistryArgs, network: NetworkPolicy) -> Result<Client> {
 pub async fn copy(args: CopyArgs) -> Result<()> {
     let source = ImageRef::parse_source(&args.source)
         .with_context(|| format!("source {:?} is not a valid image reference", args.source))?;
-    let target = ImageRef::parse(&args.target)
-        .with_context(|| format!("target {:?} is not a valid image reference", args.target))?;
+    let target = match args.layout {
+        None => ImageRef::parse(&args.target)
+            .with_context(|| format!("target {:?} is not a valid image reference", args.target))?,
+        Some(layout) => {
+            let prefix = crate::mapping::TargetPrefix::parse(&args.target)
+                .map_err(|e| anyhow::anyhow!("target prefix: {e}"))?
+                .with_layout(layout);
+            let repo = prefix.repo_for(&source).map_err(anyhow::Error::msg)?;
+            ImageRef::parse(&repo)
+                .with_context(|| format!("mapped target {repo:?} is not a valid reference"))?
+                .with_tag(source.tag().map(str::to_string))
+        }
+    };
     // The user names the registries here, as with crane: no address restriction.
     let client = client(&args.registry, NetworkPolicy::permissive())?;
     let options = CopyOptions {
@@ -86,6 +97,45 @@ pub async fn copy(args: CopyArgs) -> Result<()> {
         writeln!(out, "{}", result.pull)?;
     }
     Ok(())
+}
+
+/// `mirror-mirror verify`: prints the verdict line (or the JSON report) on stdout, each problem
+/// on stderr; returns the exit status (0 verified, 1 missing or different, 3 could not check).
+pub async fn verify(args: VerifyArgs) -> Result<u8> {
+    let digest = match (&args.digest, args.mirror.digest()) {
+        (Some(d), Some(r)) if d != r => {
+            eprintln!("error: MIRROR_REF names {r} but --digest says {d}: give one digest");
+            return Ok(2);
+        }
+        (Some(d), _) | (None, Some(d)) => d.clone(),
+        (None, None) => {
+            eprintln!(
+                "error: give the official digest: --digest sha256:… (or MIRROR_REF@sha256:…)"
+            );
+            return Ok(2);
+        }
+    };
+    let client = client(&args.registry, NetworkPolicy::permissive())?;
+    let options = crate::verify::Options {
+        mirror: args.mirror.clone().with_digest(None),
+        digest,
+        source: args.source.clone(),
+        ledger: args.ledger.clone(),
+        ledger_token: args.ledger_token.as_ref().map(|t| t.0.clone()),
+        jobs: args.jobs as usize,
+    };
+    let report = crate::verify::verify(&client, &options).await;
+    for p in &report.problems {
+        eprintln!("problem: {}", p.message);
+    }
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        writeln!(out, "{}", report.verdict)?;
+    }
+    Ok(report.exit_code())
 }
 
 /// Redraws a one-line progress bar on the terminal until aborted.

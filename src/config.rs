@@ -50,6 +50,9 @@ pub enum Command {
     Copy(CopyArgs),
     /// Run the mirror service: REST API, durable SQLite queue, workers, and the digest ledger.
     Serve(Box<ServeArgs>),
+    /// Check that a mirror serves exactly the image of an official digest (exit 0 ok, 1 missing or
+    /// different, 2 usage, 3 could not check).
+    Verify(Box<VerifyArgs>),
 }
 
 /// Settings shared by everything that talks to registries.
@@ -126,8 +129,62 @@ pub struct CopyArgs {
     #[arg(long)]
     pub no_referrers: bool,
 
+    /// Treat DST as a repository prefix and name the image under it as `serve` does: `nested`
+    /// (`DST/registry/path`) or `flat` (`DST/registry__path`, for registries that take only
+    /// `namespace/repo`). The source's tag is kept.
+    #[arg(long)]
+    pub layout: Option<crate::mapping::Layout>,
+
     #[command(flatten)]
     pub registry: RegistryArgs,
+}
+
+/// `mirror-mirror verify MIRROR_REF --digest sha256:…`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The mirror reference users pull: `ghcr.io/acme/mirror/…:v1.8.1`, or `…@sha256:…`.
+    #[arg(value_parser = parse_image)]
+    pub mirror: crate::reference::ImageRef,
+
+    /// The official digest (from a trusted channel); optional when MIRROR_REF ends in `@sha256:…`.
+    #[arg(long, value_parser = parse_digest)]
+    pub digest: Option<crate::digest::Digest>,
+
+    /// The source the mirror was made from: it must serve the same digest (one HEAD).
+    #[arg(long, value_parser = parse_source)]
+    pub source: Option<crate::reference::ImageRef>,
+
+    /// Base URL of a running `mirror-mirror serve` whose ledger must record this mirror carrying
+    /// the digest (`GET /digests/{digest}`).
+    #[arg(long)]
+    pub ledger: Option<url::Url>,
+
+    /// Bearer token for the ledger, when it requires one for reads.
+    #[arg(long, env = "MIRROR_LEDGER_TOKEN", hide_env_values = true)]
+    pub ledger_token: Option<Secret>,
+
+    /// Manifests and blobs read at once.
+    #[arg(long, short = 'j', env = "MIRROR_COPY_JOBS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub jobs: u32,
+
+    /// Print the whole report as JSON on stdout instead of the verdict line.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+fn parse_image(s: &str) -> Result<crate::reference::ImageRef, String> {
+    crate::reference::ImageRef::parse(s).map_err(|e| format!("not an image reference: {e}"))
+}
+
+fn parse_source(s: &str) -> Result<crate::reference::ImageRef, String> {
+    crate::reference::ImageRef::parse_source(s).map_err(|e| format!("not an image reference: {e}"))
+}
+
+fn parse_digest(s: &str) -> Result<crate::digest::Digest, String> {
+    crate::digest::Digest::parse(s).map_err(|e| format!("not a digest (sha256:<64 hex>): {e}"))
 }
 
 /// `mirror-mirror serve`.
@@ -144,6 +201,11 @@ pub struct ServeArgs {
     /// Repository prefix mirrors are written under, such as `ghcr.io/acme/mirror`.
     #[arg(long, env = "MIRROR_TARGET")]
     pub target: Option<String>,
+
+    /// How sources are named under the target: `nested` (`prefix/registry/path`) or `flat` (one
+    /// name below the prefix, for registries that take only `namespace/repo`: Docker Hub, Quay, ACR).
+    #[arg(long, env = "MIRROR_TARGET_LAYOUT", default_value = "nested")]
+    pub target_layout: crate::mapping::Layout,
 
     /// Bearer tokens allowed to request mirrors: comma-separated `token` or `name=token`.
     #[arg(long, env = "MIRROR_API_TOKENS", hide_env_values = true)]

@@ -4,9 +4,8 @@
 
 pub mod front;
 pub mod image;
-// `TWO_LEVEL_NAMES` is for the layout tests.
-#[allow(dead_code)]
 pub mod nginx;
+pub mod podman;
 pub mod registry;
 pub mod service;
 pub mod skopeo;
