@@ -10,6 +10,8 @@ pub mod error;
 pub mod guard;
 pub mod manifest;
 pub mod retry;
+pub mod settings;
+pub mod tls;
 
 pub use client::{Client, ClientConfig, Repo};
 pub use copy::{CopyOptions, CopyResult, Progress, copy, resolve};
