@@ -83,7 +83,7 @@ impl NetworkPolicy {
         }
     }
 
-    fn trusted(&self, host: &str) -> bool {
+    pub(crate) fn trusted(&self, host: &str) -> bool {
         !self.public_only || self.trusted_hosts.contains(&host.to_ascii_lowercase())
     }
 

@@ -11,6 +11,7 @@ pub mod credentials;
 pub mod error;
 pub mod guard;
 pub mod manifest;
+pub mod proxy;
 pub mod retry;
 pub mod settings;
 pub mod tls;

@@ -10,3 +10,4 @@ mod service;
 mod ssrf;
 mod support;
 mod sync;
+mod tls;

@@ -6,6 +6,7 @@ pub mod image;
 pub mod registry;
 pub mod service;
 pub mod skopeo;
+pub mod tls;
 pub mod token;
 
 pub use image::Pusher;
