@@ -73,6 +73,20 @@ pub struct RegistryArgs {
     /// without spending an attempt).
     #[arg(long, env = "MIRROR_RATE_LIMIT_MAX_WAIT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=21600))]
     pub rate_limit_max_wait: u64,
+
+    /// A YAML file of per-registry settings (CA directory, client certificate, insecure, chunk
+    /// size, body limit, layout), keyed by HOST[:PORT]; see deploy/registries.example.yaml.
+    #[arg(long, env = "MIRROR_REGISTRIES_FILE")]
+    pub registries_file: Option<std::path::PathBuf>,
+
+    /// A directory laid out like /etc/docker/certs.d (HOST[:PORT]/ca.crt, client.cert,
+    /// client.key), such as a mounted Kubernetes Secret; its CAs are added to the system roots.
+    #[arg(long, env = "MIRROR_CERTS_DIR")]
+    pub certs_dir: Option<std::path::PathBuf>,
+
+    /// The Docker and containers certs.d directories looked in (comma-separated).
+    #[arg(long, env = "MIRROR_SYSTEM_CERTS_DIRS", default_value = crate::registry::tls::SYSTEM_CERTS_DIRS, value_delimiter = ',')]
+    pub system_certs_dirs: Vec<std::path::PathBuf>,
 }
 
 /// `mirror-mirror copy SRC DST`.
@@ -183,6 +197,12 @@ pub struct ServeArgs {
     /// Repositories allowed to trigger mirrors: `owner/repo` or `owner/*`, comma-separated. Unset: any.
     #[arg(long, env = "MIRROR_GITHUB_REPOSITORIES")]
     pub github_repositories: Option<String>,
+
+    /// Source repositories on the target's registry that the target's credentials may read
+    /// (`registry/path` prefixes, comma-separated). Any other repository there is read without
+    /// credentials, so a request cannot make the service copy a private repository with them.
+    #[arg(long, env = "MIRROR_TRUSTED_SOURCE_CREDENTIALS", value_delimiter = ',')]
+    pub trusted_source_credentials: Vec<String>,
 
     /// URL to POST a signed JSON notice to when a job succeeds or fails.
     #[arg(long, env = "MIRROR_NOTIFY_URL")]

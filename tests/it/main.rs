@@ -2,9 +2,11 @@
 
 mod copy;
 mod deploy;
+mod deputy;
 mod drift;
 mod faults;
 mod github;
+mod proxy;
 mod queue;
 mod service;
 mod ssrf;

@@ -3,6 +3,7 @@
 //! test, and skopeo as an independent client.
 
 pub mod image;
+pub mod proxy;
 pub mod registry;
 pub mod service;
 pub mod skopeo;

@@ -98,8 +98,8 @@ impl Registry {
                 )
             }
             Auth::Token { issuer } => format!(
-                "auth:\n  token:\n    realm: {}/token\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
-                issuer.url(),
+                "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                issuer.realm(),
                 issuer.service(),
                 issuer.issuer(),
                 issuer.cert_path().display()
