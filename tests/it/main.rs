@@ -6,6 +6,7 @@ mod deputy;
 mod drift;
 mod faults;
 mod github;
+mod namespace;
 mod proxy;
 mod queue;
 mod service;

@@ -3,6 +3,8 @@
 //! test, and skopeo as an independent client.
 
 pub mod image;
+pub mod nginx;
+pub mod podman;
 pub mod proxy;
 pub mod registry;
 pub mod service;
