@@ -7,21 +7,76 @@ use anyhow::{Context as _, Result};
 
 use crate::config::{CopyArgs, RegistryArgs};
 use crate::reference::ImageRef;
+use crate::registry::connect::TransportConfig;
 use crate::registry::credentials::CredentialStore;
 use crate::registry::guard::NetworkPolicy;
+use crate::registry::proxy::ProxyConfig;
 use crate::registry::retry::RetryPolicy;
+use crate::registry::settings::Registries;
+use crate::registry::tls::CertsDirs;
+use crate::registry::trust::CredentialReach;
 use crate::registry::{Client, ClientConfig, CopyOptions, Progress};
 
-/// Builds the registry client from the shared flags and the stored credentials.
-pub fn client(args: &RegistryArgs, network: NetworkPolicy) -> Result<Client> {
+/// An error and its causes on one line, each said once: a cause whose text is already in the
+/// line (registry errors carry their causes in their own message) is not repeated, nor is the
+/// URL that reqwest adds to its messages.
+pub fn error_line(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let mut s = cause.to_string();
+        if let Some(r) = cause.downcast_ref::<reqwest::Error>()
+            && let Some(url) = r.url()
+        {
+            s = s.replace(&format!(" for url ({url})"), "");
+        }
+        if out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
+}
+
+/// The registries file (`MIRROR_REGISTRIES_FILE`), checked whole; empty without one.
+pub fn registries(args: &RegistryArgs) -> Result<Arc<Registries>> {
+    match &args.registries_file {
+        None => Ok(Arc::default()),
+        Some(path) => Registries::load(path).map(Arc::new).map_err(|e| {
+            anyhow::anyhow!("MIRROR_REGISTRIES_FILE: the registries file was refused:\n{e}")
+        }),
+    }
+}
+
+/// Builds the registry client from the shared flags, the registries file, the proxy variables and
+/// the stored credentials (used where `reach` allows).
+pub fn client(
+    args: &RegistryArgs,
+    network: NetworkPolicy,
+    reach: CredentialReach,
+) -> Result<Client> {
     let credentials = CredentialStore::load().context("loading registry credentials")?;
+    let proxy = ProxyConfig::from_env();
+    proxy.check().map_err(anyhow::Error::msg)?;
+    let transport = TransportConfig {
+        certs: CertsDirs {
+            extra: args.certs_dir.clone(),
+            system: args.system_certs_dirs.clone(),
+        },
+        registries: registries(args)?,
+        insecure: Vec::new(),
+    };
     let config = ClientConfig {
+        transport,
+        credential_reach: reach,
         insecure_registries: args.insecure_registries.clone(),
         retry: RetryPolicy {
             max_attempts: args.retries,
             ..RetryPolicy::default()
         },
-        network,
+        network: network.with_proxy(proxy),
         rate_limit_max_wait: std::time::Duration::from_secs(args.rate_limit_max_wait),
         ..ClientConfig::default()
     };
@@ -35,7 +90,12 @@ pub async fn copy(args: CopyArgs) -> Result<()> {
     let target = ImageRef::parse(&args.target)
         .with_context(|| format!("target {:?} is not a valid image reference", args.target))?;
     // The user names the registries here, as with crane: no address restriction.
-    let client = client(&args.registry, NetworkPolicy::permissive())?;
+    // The one user owns both credentials and names both images: no credential reach either.
+    let client = client(
+        &args.registry,
+        NetworkPolicy::permissive(),
+        CredentialReach::unrestricted(),
+    )?;
     let options = CopyOptions {
         jobs: args.jobs as usize,
         referrers: !args.no_referrers,

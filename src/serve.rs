@@ -110,7 +110,21 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     // the target.
     let mut trusted = allowed_sources.exact_hosts();
     trusted.push(target.registry.clone());
-    let client = crate::cmd::client(&args.registry, NetworkPolicy::public_only(trusted))?;
+    // The target's credentials read the mirror namespace and the trusted sources only.
+    let reach = crate::registry::trust::CredentialReach::for_target(
+        &target.registry,
+        &target.path,
+        &args.trusted_source_credentials,
+    )
+    .map_err(anyhow::Error::msg)?;
+    if target.path.is_empty() {
+        tracing::warn!(
+            "MIRROR_TARGET has no path: the whole of {} is the mirror's namespace, so its credentials can read any source there; put the mirrors under a path (such as {}/acme/mirror) to keep its private repositories out of requests' reach",
+            target.registry,
+            target.registry
+        );
+    }
+    let client = crate::cmd::client(&args.registry, NetworkPolicy::public_only(trusted), reach)?;
     let workers = Workers::new(
         db.clone(),
         client.clone(),

@@ -110,7 +110,7 @@ impl ProxyConfig {
         &self,
         builder: reqwest::ClientBuilder,
         policy: &Arc<NetworkPolicy>,
-        relay: Option<&Relay>,
+        relay: Option<SocketAddr>,
     ) -> reqwest::ClientBuilder {
         // Our configuration replaces reqwest's own reading of the environment.
         let builder = builder.no_proxy();
@@ -123,7 +123,7 @@ impl ProxyConfig {
                 intercept(&matcher, url).map(|i| with_auth(&i))
             })),
             Some(relay) => {
-                let to = format!("http://{}", relay.addr);
+                let to = format!("http://{relay}");
                 builder.proxy(reqwest::Proxy::custom(move |url| {
                     intercept(&matcher, url).map(|_| to.clone())
                 }))
@@ -219,6 +219,11 @@ impl Drop for Relay {
 const MAX_HEAD: usize = 64 * 1024;
 
 impl Relay {
+    /// Where the relay listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     fn start(matcher: Arc<Matcher>, policy: Arc<NetworkPolicy>) -> std::io::Result<Relay> {
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         std_listener.set_nonblocking(true)?;

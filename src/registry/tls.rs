@@ -231,6 +231,10 @@ pub fn is_certificate_error(err: &(dyn std::error::Error + 'static)) -> bool {
         if let Some(rustls::Error::InvalidCertificate(_)) = e.downcast_ref::<rustls::Error>() {
             return true;
         }
+        // The verifier's error may reach us re-wrapped; its message is rustls's.
+        if e.to_string().starts_with("invalid peer certificate") {
+            return true;
+        }
         // hyper-rustls wraps the rustls error in an io::Error.
         if let Some(io) = e.downcast_ref::<std::io::Error>()
             && let Some(inner) = io.get_ref()

@@ -69,7 +69,8 @@ impl CredentialReach {
         match self.restricted.get(&registry.to_ascii_lowercase()) {
             None => true,
             Some(prefixes) => prefixes.iter().any(|p| {
-                name == p
+                p.is_empty()
+                    || name == p
                     || (name.len() > p.len()
                         && name.starts_with(p.as_str())
                         && name.as_bytes()[p.len()] == b'/')

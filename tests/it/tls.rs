@@ -101,7 +101,7 @@ async fn a_private_ca_in_certs_d_is_trusted_per_registry() {
     );
     assert_eq!(
         ok(&out),
-        format!("{}/mirror/app:v1@{}", dst.host(), img.digest)
+        format!("{}/mirror/app@{}", dst.host(), img.digest)
     );
     assert_on(&dst, "mirror/app", &img).await;
     // skopeo, with the same directory, sees the same digest on the target.
@@ -199,7 +199,7 @@ async fn a_registry_that_requires_a_client_certificate_gets_the_one_in_certs_d()
         &["copy", &reference, &target],
         &[("MIRROR_SYSTEM_CERTS_DIRS", &full)],
     );
-    assert_eq!(ok(&out), format!("{target}:v1@{}", img.digest));
+    assert_eq!(ok(&out), format!("{target}@{}", img.digest));
     assert_on(&dst, "mirror/app", &img).await;
     let seen = skopeo_inspect(&reference, Some(&dir));
     assert!(
@@ -246,7 +246,7 @@ async fn the_registries_file_names_a_ca_dir_and_a_client_certificate() {
     );
     assert_eq!(
         ok(&out),
-        format!("{}/mirror/app:v1@{}", dst.host(), img.digest)
+        format!("{}/mirror/app@{}", dst.host(), img.digest)
     );
     assert_on(&dst, "mirror/app", &img).await;
 
