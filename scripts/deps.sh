@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what mirror-mirror's tests, demo and benchmarks need when it is missing (Debian/Ubuntu):
 # the CNCF distribution registry, skopeo (an independent client), htpasswd, openssl; nginx (fronts
-# with other registries' rules), buildah and podman (realistic images, a user's pull); wrk and time
-# for the benchmark.
+# with other registries' rules), buildah and podman (realistic images, a user's pull), tinyproxy (a
+# real HTTP proxy); wrk and time for the benchmark.
 set -euo pipefail
 
 declare -A want=(
@@ -14,6 +14,7 @@ declare -A want=(
   [nginx]=nginx-light
   [podman]=podman
   [buildah]=buildah
+  [tinyproxy]=tinyproxy
   [wrk]=wrk
   [/usr/bin/time]=time
 )
