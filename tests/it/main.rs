@@ -6,6 +6,7 @@ mod deputy;
 mod drift;
 mod faults;
 mod github;
+mod helpers;
 mod namespace;
 mod proxy;
 mod queue;
