@@ -2,7 +2,7 @@
 # Installs what mirror-mirror's tests, demo and benchmarks need when it is missing (Debian/Ubuntu):
 # the CNCF distribution registry, skopeo (an independent client), htpasswd, openssl; nginx (fronts
 # with other registries' rules), buildah and podman (realistic images, a user's pull), tinyproxy (a
-# real HTTP proxy); wrk and time for the benchmark.
+# real HTTP proxy), docker-credential-pass with pass and gnupg (a real credential helper); wrk and time for the benchmark.
 set -euo pipefail
 
 declare -A want=(
@@ -15,6 +15,9 @@ declare -A want=(
   [podman]=podman
   [buildah]=buildah
   [tinyproxy]=tinyproxy
+  [docker-credential-pass]=golang-docker-credential-helpers
+  [pass]=pass
+  [gpg]=gnupg
   [wrk]=wrk
   [/usr/bin/time]=time
 )

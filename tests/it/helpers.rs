@@ -173,3 +173,104 @@ async fn a_missing_or_failing_helper_is_named_in_one_line() {
         );
     }
 }
+
+/// Runs `cmd` with `env`, asserting success.
+#[track_caller]
+fn sh(cmd: &str, args: &[&str], env: &[(&str, &Path)], stdin: Option<&str>) -> String {
+    use std::io::Write as _;
+    crate::support::require_tool(cmd);
+    let mut c = Command::new(cmd);
+    c.args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let mut child = c.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        input.write_all(s.as_bytes()).unwrap();
+    }
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn debians_docker_credential_pass_with_a_throwaway_gpg_key() {
+    let src = Registry::basic("dave", "dave-secret").await;
+    let dst = Registry::anonymous().await;
+    let digest = pushed(&src).await;
+    let (gnupg, store) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(gnupg.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let env = [
+        ("GNUPGHOME", gnupg.path()),
+        ("PASSWORD_STORE_DIR", store.path()),
+    ];
+    let gpg = |args: &[&str]| {
+        let mut a = vec!["--batch", "--pinentry-mode", "loopback", "--passphrase", ""];
+        a.extend(args);
+        sh("gpg", &a, &env, None)
+    };
+    gpg(&[
+        "--quick-gen-key",
+        "mirror-mirror test <test@example.invalid>",
+        "ed25519",
+        "cert",
+    ]);
+    let listed = sh("gpg", &["--list-keys", "--with-colons"], &env, None);
+    let fpr = listed
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("fpr:")
+                .map(|r| r.trim_matches(':').to_string())
+        })
+        .expect("a fingerprint");
+    gpg(&["--quick-add-key", &fpr, "cv25519", "encr"]);
+    sh("pass", &["init", &fpr], &env, None);
+    let stored = format!(
+        r#"{{"ServerURL":"{}","Username":"dave","Secret":"dave-secret"}}"#,
+        src.host()
+    );
+    sh("docker-credential-pass", &["store"], &env, Some(&stored));
+
+    let docker = tempfile::tempdir().unwrap();
+    std::fs::write(
+        docker.path().join("config.json"),
+        serde_json::json!({ "credsStore": "pass" }).to_string(),
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .args([
+            "copy",
+            &format!("{}/acme/app:v1", src.host()),
+            &format!("{}/mirror/app", dst.host()),
+        ])
+        .env("DOCKER_CONFIG", docker.path())
+        .env_remove("REGISTRY_AUTH_FILE")
+        .env("GNUPGHOME", gnupg.path())
+        .env("PASSWORD_STORE_DIR", store.path())
+        .output()
+        .unwrap();
+    // The agent gpg started for this home directory.
+    let _ = Command::new("gpgconf")
+        .args(["--kill", "gpg-agent"])
+        .env("GNUPGHOME", gnupg.path())
+        .status();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{}/mirror/app@{digest}", dst.host())
+    );
+}
