@@ -58,6 +58,11 @@ impl Connections {
         })
     }
 
+    /// What the registries file says about `registry` (chunk size, body limit, layout, …).
+    pub fn settings(&self, registry: &str) -> &super::settings::RegistrySettings {
+        self.config.registries.get(registry)
+    }
+
     /// The client for requests to `registry` (and its token server and redirects).
     pub fn for_registry(&self, registry: &str) -> Result<reqwest::Client> {
         if let Some((_, c)) = self

@@ -271,3 +271,52 @@ async fn the_registries_file_names_a_ca_dir_and_a_client_certificate() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_trusts_a_ca_mounted_like_a_kubernetes_secret() {
+    let pki = Pki::new();
+    let src = Registry::tls(&pki, true).await;
+    let dst = Registry::anonymous().await;
+    let img = image(&src, "acme/app").await;
+    // A Secret volume: the keys are symlinks into a timestamped directory behind `..data`.
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("certs");
+    let host_dir = secret.join(src.host());
+    let stamped = host_dir.join("..2026_12_01_07_00_00.000000001");
+    std::fs::create_dir_all(&stamped).unwrap();
+    std::fs::copy(pki.ca(), stamped.join("ca.crt")).unwrap();
+    let (c, k) = pki.client();
+    std::fs::copy(c, stamped.join("client.cert")).unwrap();
+    std::fs::copy(k, stamped.join("client.key")).unwrap();
+    std::os::unix::fs::symlink(stamped.file_name().unwrap(), host_dir.join("..data")).unwrap();
+    for f in ["ca.crt", "client.cert", "client.key"] {
+        std::os::unix::fs::symlink(format!("..data/{f}"), host_dir.join(f)).unwrap();
+    }
+    let svc = crate::support::service::Service::start(
+        &dir.path().join("m.db"),
+        &format!("{}/mirror", dst.host()),
+        &src.host(),
+        &[
+            ("MIRROR_CERTS_DIR", &secret.display().to_string()),
+            (
+                "MIRROR_SYSTEM_CERTS_DIRS",
+                &dir.path().join("none").display().to_string(),
+            ),
+        ],
+    )
+    .await;
+    let (status, job) = svc
+        .mirror(&serde_json::json!({ "image": format!("{}/acme/app:v1", src.host()) }))
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let job = svc
+        .wait_job(
+            job["id"].as_i64().unwrap(),
+            std::time::Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["mirror_digest"], img.digest.as_str());
+    let mirror = format!("mirror/{}/acme/app", src.host().replace(':', "_"));
+    assert_on(&dst, &mirror, &img).await;
+}

@@ -208,6 +208,15 @@ impl Client {
             .clone()
     }
 
+    /// What the registries file (`MIRROR_REGISTRIES_FILE`) says about `registry`: typed
+    /// `chunk_size()`, `max_body()`, `layout()` and the TLS and scheme settings already in force.
+    pub fn registry_settings(
+        &self,
+        registry: &str,
+    ) -> &crate::registry::settings::RegistrySettings {
+        self.inner.conn.settings(registry)
+    }
+
     /// The retry policy in force.
     pub fn retry_policy(&self) -> &RetryPolicy {
         &self.inner.retry
