@@ -202,8 +202,10 @@ impl Client {
         let what = format!("blob {}", digest.short());
         self.inner
             .network
-            .check_url(&session.0)
+            .check_before_sending(&session.0)
+            .await
             .map_err(Error::from)?;
+        let http = self.inner.conn.for_registry(&dst.registry)?;
         let mut put_url = session.0.clone();
         put_url
             .query_pairs_mut()
@@ -236,7 +238,7 @@ impl Client {
             self.inner
                 .auth
                 .authorization(
-                    &self.inner.http,
+                    &http,
                     &self.inner.retry,
                     &dst.registry,
                     &[dst.scope("pull,push")],
@@ -245,9 +247,7 @@ impl Client {
         } else {
             None
         };
-        let mut req = self
-            .inner
-            .http
+        let mut req = http
             .put(put_url.clone())
             .header(header::CONTENT_TYPE, "application/octet-stream")
             .header(header::CONTENT_LENGTH, size)
@@ -259,9 +259,10 @@ impl Client {
         if let Some(e) = failure.lock().expect("failure poisoned").take() {
             return Err(e);
         }
-        let resp = sent.map_err(|e| Error::Network {
-            context: format!("uploading {what} to {dst}"),
-            source: e,
+        let resp = sent.map_err(|e| {
+            self.inner
+                .conn
+                .error(&dst.registry, format!("uploading {what} to {dst}"), e)
         })?;
         crate::metrics::METRICS.registry_request(&dst.registry, resp.status().as_u16());
         observe(ticket, &resp, dst)?;
