@@ -470,3 +470,32 @@ async fn a_corrupt_blob_in_chunks_never_reaches_its_full_length_on_the_target() 
         "not committed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_limit_in_the_registries_file_chunks_from_the_first_blob() {
+    let (src, dst) = (Registry::anonymous().await, Registry::anonymous().await);
+    let front = Nginx::front(&dst.host(), "client_max_body_size 4m;");
+    let (img, _) = big_image(&src, "file/app", 12, 10 * MIB).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("registries.yaml");
+    std::fs::write(&file, format!("{}:\n  max_body: 4MiB\n", front.host())).unwrap();
+    let r = ok_json(
+        &mirror(&[
+            "copy",
+            &format!("{}/file/app@{}", src.host(), img.digest),
+            &format!("{}/file/app:v1", front.host()),
+            "--registries-file",
+            file.to_str().unwrap(),
+            "--json",
+        ])
+        .await,
+    );
+    assert_eq!(r["target_digest"], json!(img.digest));
+    let seen = nginx_requests(&front.access_log());
+    assert!(seen.iter().all(|(_, s, _)| *s != 413), "{seen:?}");
+    assert_eq!(
+        seen.iter().filter(|(m, _, _)| m == "PATCH").count(),
+        3,
+        "10 MiB in chunks of the 4 MiB limit: {seen:?}"
+    );
+}
