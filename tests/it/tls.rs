@@ -145,6 +145,7 @@ async fn an_unknown_ca_fails_at_once_in_one_line_naming_the_host_and_where_its_c
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(errors.len(), 1, "{stderr}");
     let e = errors[0];
+    println!("{e}");
     let host = src.host();
     assert!(e.contains(&format!("TLS to {host} failed")), "{e}");
     assert!(e.contains("UnknownIssuer"), "{e}");
