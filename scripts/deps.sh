@@ -2,7 +2,8 @@
 # Installs what mirror-mirror's tests, demo and benchmarks need when it is missing (Debian/Ubuntu):
 # the CNCF distribution registry, skopeo (an independent client), htpasswd, openssl; nginx (fronts
 # with other registries' rules), buildah and podman (realistic images, a user's pull), tinyproxy (a
-# real HTTP proxy), docker-credential-pass with pass and gnupg (a real credential helper); wrk and time for the benchmark.
+# real HTTP proxy), docker-credential-pass with pass and gnupg (a real credential helper); wrk and
+# time for the benchmark.
 set -euo pipefail
 
 declare -A want=(

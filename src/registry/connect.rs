@@ -119,6 +119,19 @@ impl Connections {
         Ok(tls)
     }
 
+    /// Whether `registry` has TLS files of its own (read once, then cached).
+    fn has_tls_files(&self, registry: &str) -> bool {
+        if self.for_registry(registry).is_err() {
+            // Unusable files: HTTPS, so the request fails naming them.
+            return true;
+        }
+        self.by_registry
+            .lock()
+            .expect("connections poisoned")
+            .get(registry)
+            .is_some_and(|(tls, _)| !tls.is_empty())
+    }
+
     /// `http` or `https` for `registry`: the registries file's `insecure` decides; else a
     /// registry named by `--insecure-registry` is plain HTTP; else a registry with TLS files is
     /// HTTPS; else loopback registries are plain HTTP and every other is HTTPS.
@@ -136,7 +149,7 @@ impl Connections {
         {
             return "http";
         }
-        if is_loopback(registry) && !self.tls_of(registry).is_ok_and(|t| !t.is_empty()) {
+        if is_loopback(registry) && !self.has_tls_files(registry) {
             "http"
         } else {
             "https"
