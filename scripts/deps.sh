@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what mirror-mirror's tests, demo and benchmarks need when it is missing (Debian/Ubuntu):
 # the CNCF distribution registry, skopeo (an independent client), htpasswd, openssl; nginx (fronts
-# with other registries' rules), buildah and podman (realistic images, a user's pull), tinyproxy (a
-# real HTTP proxy), docker-credential-pass with pass and gnupg (a real credential helper); wrk and
-# time for the benchmark.
+# with other registries' rules), buildah and podman (realistic images, a user's pull); jq (the GitHub
+# Action's script), Chromium and a CJK font (the status page's test); tinyproxy (a real HTTP proxy),
+# docker-credential-pass with pass and gnupg (a real credential helper); wrk and time for the
+# benchmark.
 set -euo pipefail
 
 declare -A want=(
@@ -19,6 +20,9 @@ declare -A want=(
   [docker-credential-pass]=golang-docker-credential-helpers
   [pass]=pass
   [gpg]=gnupg
+  [jq]=jq
+  [chromium]=chromium
+  [fc-list]=fontconfig
   [wrk]=wrk
   [/usr/bin/time]=time
 )
@@ -26,6 +30,10 @@ missing=()
 for cmd in "${!want[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${want[$cmd]}")
 done
+# The status page's test looks at the Chinese page in Chromium: it needs a CJK font.
+if ! command -v fc-list >/dev/null 2>&1 || [ -z "$(fc-list :lang=zh 2>/dev/null)" ]; then
+  missing+=(fonts-noto-cjk)
+fi
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}" >&2
   sudo=""

@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
 
-use crate::config::{CopyArgs, RegistryArgs};
+use crate::config::{CopyArgs, RegistryArgs, VerifyArgs};
 use crate::reference::ImageRef;
+use crate::registry::client::UploadLimits;
 use crate::registry::connect::TransportConfig;
 use crate::registry::credentials::CredentialStore;
 use crate::registry::guard::NetworkPolicy;
@@ -73,6 +74,28 @@ pub fn client(
         registries: registries(args)?,
         insecure: Vec::new(),
     };
+    // The registries file's chunk_size / max_body per registry; the flag serves the rest.
+    let upload_limits = transport
+        .registries
+        .iter()
+        .filter(|(_, s)| s.chunk_size().is_some() || s.max_body().is_some())
+        .map(|(host, s)| {
+            (
+                host.to_string(),
+                UploadLimits {
+                    chunk_size: s.chunk_size(),
+                    max_body: s.max_body(),
+                },
+            )
+        })
+        .collect();
+    let uploads = UploadLimits {
+        chunk_size: args.chunk_size,
+        max_body: None,
+    };
+    uploads
+        .check()
+        .map_err(|e| anyhow::anyhow!("--chunk-size (MIRROR_CHUNK_SIZE): {e}"))?;
     let config = ClientConfig {
         transport,
         credential_reach: reach,
@@ -83,6 +106,8 @@ pub fn client(
         },
         network: network.with_proxy(proxy),
         rate_limit_max_wait: std::time::Duration::from_secs(args.rate_limit_max_wait),
+        default_upload_limits: uploads,
+        upload_limits,
         ..ClientConfig::default()
     };
     Ok(Client::new(config, credentials)?)
@@ -92,8 +117,19 @@ pub fn client(
 pub async fn copy(args: CopyArgs) -> Result<()> {
     let source = ImageRef::parse_source(&args.source)
         .with_context(|| format!("source {:?} is not a valid image reference", args.source))?;
-    let target = ImageRef::parse(&args.target)
-        .with_context(|| format!("target {:?} is not a valid image reference", args.target))?;
+    let target = match args.layout {
+        None => ImageRef::parse(&args.target)
+            .with_context(|| format!("target {:?} is not a valid image reference", args.target))?,
+        Some(layout) => {
+            let prefix = crate::mapping::TargetPrefix::parse(&args.target)
+                .map_err(|e| anyhow::anyhow!("target prefix: {e}"))?
+                .with_layout(layout);
+            let repo = prefix.repo_for(&source).map_err(anyhow::Error::msg)?;
+            ImageRef::parse(&repo)
+                .with_context(|| format!("mapped target {repo:?} is not a valid reference"))?
+                .with_tag(source.tag().map(str::to_string))
+        }
+    };
     // The user names the registries here, as with crane: no address restriction.
     // The one user owns both credentials and names both images: no credential reach either.
     let client = client(
@@ -142,6 +178,49 @@ pub async fn copy(args: CopyArgs) -> Result<()> {
         writeln!(out, "{}", result.pull)?;
     }
     Ok(())
+}
+
+/// `mirror-mirror verify`: prints the verdict line (or the JSON report) on stdout, each problem
+/// on stderr; returns the exit status (0 verified, 1 missing or different, 3 could not check).
+pub async fn verify(args: VerifyArgs) -> Result<u8> {
+    let digest = match (&args.digest, args.mirror.digest()) {
+        (Some(d), Some(r)) if d != r => {
+            eprintln!("error: MIRROR_REF names {r} but --digest says {d}: give one digest");
+            return Ok(2);
+        }
+        (Some(d), _) | (None, Some(d)) => d.clone(),
+        (None, None) => {
+            eprintln!(
+                "error: give the official digest: --digest sha256:… (or MIRROR_REF@sha256:…)"
+            );
+            return Ok(2);
+        }
+    };
+    let client = client(
+        &args.registry,
+        NetworkPolicy::permissive(),
+        CredentialReach::unrestricted(),
+    )?;
+    let options = crate::verify::Options {
+        mirror: args.mirror.clone().with_digest(None),
+        digest,
+        source: args.source.clone(),
+        ledger: args.ledger.clone(),
+        ledger_token: args.ledger_token.as_ref().map(|t| t.0.clone()),
+        jobs: args.jobs as usize,
+    };
+    let report = crate::verify::verify(&client, &options).await;
+    for p in &report.problems {
+        eprintln!("problem: {}", p.message);
+    }
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        writeln!(out, "{}", report.verdict)?;
+    }
+    Ok(report.exit_code())
 }
 
 /// Redraws a one-line progress bar on the terminal until aborted.

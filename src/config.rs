@@ -50,6 +50,9 @@ pub enum Command {
     Copy(CopyArgs),
     /// Run the mirror service: REST API, durable SQLite queue, workers, and the digest ledger.
     Serve(Box<ServeArgs>),
+    /// Check that a mirror serves exactly the image of an official digest (exit 0 ok, 1 missing or
+    /// different, 2 usage, 3 could not check).
+    Verify(Box<VerifyArgs>),
 }
 
 /// Settings shared by everything that talks to registries.
@@ -74,6 +77,12 @@ pub struct RegistryArgs {
     #[arg(long, env = "MIRROR_RATE_LIMIT_MAX_WAIT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=21600))]
     pub rate_limit_max_wait: u64,
 
+    /// Upload blobs larger than this to every target in `PATCH` chunks of this size (`8MiB`,
+    /// `5M`, bytes; 256 KiB to 64 MiB; ECR needs at least 5 MiB, GHCR at most 4 MiB). Unset: one
+    /// `PUT` per blob, and 8 MiB chunks to a registry once it answers `413 Payload Too Large`.
+    #[arg(long, env = "MIRROR_CHUNK_SIZE", value_parser = parse_size)]
+    pub chunk_size: Option<u64>,
+
     /// A YAML file of per-registry settings (CA directory, client certificate, insecure, chunk
     /// size, body limit, layout), keyed by HOST[:PORT]; see deploy/registries.example.yaml.
     #[arg(long, env = "MIRROR_REGISTRIES_FILE")]
@@ -87,6 +96,29 @@ pub struct RegistryArgs {
     /// The Docker and containers certs.d directories looked in (comma-separated).
     #[arg(long, env = "MIRROR_SYSTEM_CERTS_DIRS", default_value = crate::registry::tls::SYSTEM_CERTS_DIRS, value_delimiter = ',')]
     pub system_certs_dirs: Vec<std::path::PathBuf>,
+}
+
+/// A byte size: `4194304`, `512k`/`512KiB`, `8M`/`8MiB`, `1G`/`1GiB` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => {
+            return Err(format!(
+                "{s:?} is not a size: use bytes or a number with K, M or G (8MiB)"
+            ));
+        }
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size: use bytes or a number with K, M or G (8MiB)"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// `mirror-mirror copy SRC DST`.
@@ -111,8 +143,62 @@ pub struct CopyArgs {
     #[arg(long)]
     pub no_referrers: bool,
 
+    /// Treat DST as a repository prefix and name the image under it as `serve` does: `nested`
+    /// (`DST/registry/path`) or `flat` (`DST/registry__path`, for registries that take only
+    /// `namespace/repo`). The source's tag is kept.
+    #[arg(long)]
+    pub layout: Option<crate::mapping::Layout>,
+
     #[command(flatten)]
     pub registry: RegistryArgs,
+}
+
+/// `mirror-mirror verify MIRROR_REF --digest sha256:…`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The mirror reference users pull: `ghcr.io/acme/mirror/…:v1.8.1`, or `…@sha256:…`.
+    #[arg(value_parser = parse_image)]
+    pub mirror: crate::reference::ImageRef,
+
+    /// The official digest (from a trusted channel); optional when MIRROR_REF ends in `@sha256:…`.
+    #[arg(long, value_parser = parse_digest)]
+    pub digest: Option<crate::digest::Digest>,
+
+    /// The source the mirror was made from: it must serve the same digest (one HEAD).
+    #[arg(long, value_parser = parse_source)]
+    pub source: Option<crate::reference::ImageRef>,
+
+    /// Base URL of a running `mirror-mirror serve` whose ledger must record this mirror carrying
+    /// the digest (`GET /digests/{digest}`).
+    #[arg(long)]
+    pub ledger: Option<url::Url>,
+
+    /// Bearer token for the ledger, when it requires one for reads.
+    #[arg(long, env = "MIRROR_LEDGER_TOKEN", hide_env_values = true)]
+    pub ledger_token: Option<Secret>,
+
+    /// Manifests and blobs read at once.
+    #[arg(long, short = 'j', env = "MIRROR_COPY_JOBS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub jobs: u32,
+
+    /// Print the whole report as JSON on stdout instead of the verdict line.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+fn parse_image(s: &str) -> Result<crate::reference::ImageRef, String> {
+    crate::reference::ImageRef::parse(s).map_err(|e| format!("not an image reference: {e}"))
+}
+
+fn parse_source(s: &str) -> Result<crate::reference::ImageRef, String> {
+    crate::reference::ImageRef::parse_source(s).map_err(|e| format!("not an image reference: {e}"))
+}
+
+fn parse_digest(s: &str) -> Result<crate::digest::Digest, String> {
+    crate::digest::Digest::parse(s).map_err(|e| format!("not a digest (sha256:<64 hex>): {e}"))
 }
 
 /// `mirror-mirror serve`.

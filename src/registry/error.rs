@@ -61,6 +61,10 @@ pub enum Error {
         expected: u64,
         actual: u64,
     },
+    /// A transfer cannot continue where it stopped and has to start again (a source that ignores
+    /// `Range`, an upload session that lost bytes).
+    #[error("{what}: {reason}; starting again")]
+    Restart { what: String, reason: String },
     /// A manifest was larger than the limit.
     #[error(
         "manifest {reference} is larger than {limit} bytes; registries refuse manifests this large"
@@ -122,7 +126,7 @@ impl Error {
                 !source.is_builder() && !source.is_redirect() && !super::guard::is_refusal(source)
             }
             Error::Blocked(_) | Error::Tls { .. } | Error::TlsFiles(_) => false,
-            Error::Truncated { .. } | Error::RateLimited { .. } => true,
+            Error::Truncated { .. } | Error::Restart { .. } | Error::RateLimited { .. } => true,
             Error::Auth { transient, .. } => *transient,
             Error::MissingHeader { .. } => false,
             Error::DigestMismatch { .. }

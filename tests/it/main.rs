@@ -1,5 +1,6 @@
 //! The one integration test binary: real registries, a real SQLite file, skopeo as an independent check.
 
+mod action;
 mod copy;
 mod deploy;
 mod deputy;
@@ -10,8 +11,14 @@ mod helpers;
 mod namespace;
 mod proxy;
 mod queue;
+mod retries;
+mod rounds;
 mod service;
 mod ssrf;
+mod status;
 mod support;
 mod sync;
 mod tls;
+mod uploads;
+mod verify;
+mod worker;

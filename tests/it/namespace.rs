@@ -345,21 +345,39 @@ async fn the_flat_layout_fits_a_registry_that_takes_only_two_levels() {
     );
     let mapped_up = up.host().replace(':', "_");
 
-    // The front refuses the nested name, as Docker Hub does.
-    let out = std::process::Command::new(bin())
-        .args([
-            "copy",
-            &format!("{}/field/hello:1", up.host()),
-            &format!("{}/acme/{mapped_up}/field/hello:1", front.host()),
-        ])
-        .output()
-        .unwrap();
+    // The front refuses the nested name, as Docker Hub does; the one-shot copy takes the flat one.
+    let copy = |layout: &str| {
+        std::process::Command::new(bin())
+            .args([
+                "copy",
+                &format!("{}/field/hello:1", up.host()),
+                &format!("{}/tools", front.host()),
+                "--layout",
+                layout,
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = copy("nested");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("NAME_INVALID") || stderr.contains("HTTP 400"),
+        stderr.contains(&format!("/v2/tools/{mapped_up}/field/hello/"))
+            && (stderr.contains("NAME_INVALID") || stderr.contains("HTTP 400")),
         "{stderr}"
     );
+    let out = copy("flat");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let flat = format!("{}/tools/{mapped_up}__field__hello", front.host());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{flat}@{digest}")
+    );
+    assert_eq!(digest_of(&format!("{flat}:1")), digest, "the tag is kept");
 
     let dir = tempfile::tempdir().unwrap();
     let svc = Service::start(

@@ -31,7 +31,7 @@ use crate::reference::ImageRef;
 
 pub use manifests::{MAX_MANIFEST_BYTES, ManifestHead};
 pub use tags::{MAX_TAG_PAGE_BYTES, MAX_TAG_PAGES, MAX_TAGS};
-pub use uploads::{MountOutcome, UploadSession};
+pub use uploads::{MountOutcome, UploadLimits, UploadSession};
 
 /// A repository on a registry: where manifests and blobs live.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -91,6 +91,13 @@ pub struct ClientConfig {
     pub transport: TransportConfig,
     /// Which repositories each registry's stored credentials may be used for.
     pub credential_reach: CredentialReach,
+    /// How blobs go up to a registry, by `host[:port]` as image references name it (`docker.io`
+    /// for Docker Hub): body limit and chunk size. Registries not named get
+    /// [`ClientConfig::default_upload_limits`].
+    pub upload_limits: HashMap<String, UploadLimits>,
+    /// Upload limits for every registry not in [`ClientConfig::upload_limits`] (the
+    /// `--chunk-size` shortcut); by default one `PUT` per blob, chunks after a `413`.
+    pub default_upload_limits: UploadLimits,
 }
 
 impl Default for ClientConfig {
@@ -104,6 +111,8 @@ impl Default for ClientConfig {
             rate_limit_max_wait: Duration::from_secs(60),
             transport: TransportConfig::default(),
             credential_reach: CredentialReach::unrestricted(),
+            upload_limits: HashMap::new(),
+            default_upload_limits: UploadLimits::default(),
         }
     }
 }
@@ -130,6 +139,11 @@ struct Inner {
     /// Per (target registry, blob): the repository this process last put it in, behind a lock
     /// that one transfer of that blob holds at a time.
     blob_slots: Mutex<HashMap<(String, Digest), BlobSlot>>,
+    /// Configured upload limits per registry, and the default.
+    upload_limits: HashMap<String, UploadLimits>,
+    default_upload_limits: UploadLimits,
+    /// Chunk sizes learned from registries that answered `413 Payload Too Large`.
+    learned_chunks: Mutex<HashMap<String, u64>>,
 }
 
 /// Where a blob is known to be on a target registry; locked while it is being moved there.
@@ -141,6 +155,15 @@ const MAX_BLOB_SLOTS: usize = 100_000;
 impl Client {
     /// A client with `config`, authenticating with `credentials`.
     pub fn new(config: ClientConfig, credentials: CredentialStore) -> Result<Client> {
+        for (registry, limits) in &config.upload_limits {
+            limits
+                .check()
+                .map_err(|e| Error::Invalid(format!("upload limits for {registry}: {e}")))?;
+        }
+        config
+            .default_upload_limits
+            .check()
+            .map_err(|e| Error::Invalid(format!("the default upload limits: {e}")))?;
         let network = Arc::new(config.network.clone());
         config.network.proxy.check().map_err(Error::Invalid)?;
         let relay = config
@@ -192,6 +215,9 @@ impl Client {
                 retry: config.retry,
                 network,
                 blob_slots: Mutex::new(HashMap::new()),
+                upload_limits: config.upload_limits,
+                default_upload_limits: config.default_upload_limits,
+                learned_chunks: Mutex::new(HashMap::new()),
             }),
         })
     }
