@@ -11,6 +11,7 @@ mod helpers;
 mod namespace;
 mod proxy;
 mod queue;
+mod registries;
 mod retries;
 mod rounds;
 mod service;
