@@ -3,8 +3,7 @@
 # the CNCF distribution registry, skopeo (an independent client), htpasswd, openssl; nginx (fronts
 # with other registries' rules), buildah and podman (realistic images, a user's pull); jq (the GitHub
 # Action's script), Chromium and a CJK font (the status page's test); tinyproxy (a real HTTP proxy),
-# docker-credential-pass with pass and gnupg (a real credential helper); wrk and time for the
-# benchmark.
+# docker-credential-pass with pass and gnupg (a real credential helper); wrk and time for the benchmark.
 set -euo pipefail
 
 declare -A want=(
@@ -16,13 +15,13 @@ declare -A want=(
   [nginx]=nginx-light
   [podman]=podman
   [buildah]=buildah
+  [jq]=jq
+  [chromium]=chromium
+  [fc-list]=fontconfig
   [tinyproxy]=tinyproxy
   [docker-credential-pass]=golang-docker-credential-helpers
   [pass]=pass
   [gpg]=gnupg
-  [jq]=jq
-  [chromium]=chromium
-  [fc-list]=fontconfig
   [wrk]=wrk
   [/usr/bin/time]=time
 )

@@ -59,8 +59,28 @@ pub fn client(
     reach: CredentialReach,
 ) -> Result<Client> {
     let credentials = CredentialStore::load().context("loading registry credentials")?;
+    let uploads = UploadLimits {
+        chunk_size: args.chunk_size,
+        max_body: None,
+    };
+    uploads
+        .check()
+        .map_err(|e| anyhow::anyhow!("--chunk-size (MIRROR_CHUNK_SIZE): {e}"))?;
     let proxy = ProxyConfig::from_env();
     proxy.check().map_err(anyhow::Error::msg)?;
+    let registries = registries(args)?;
+    // The registries file's chunk size and body limit per registry; the flag for the rest.
+    let upload_limits = registries
+        .iter()
+        .filter(|(_, s)| s.chunk_size().is_some() || s.max_body().is_some())
+        .map(|(host, s)| {
+            let limits = UploadLimits {
+                chunk_size: s.chunk_size().or(uploads.chunk_size),
+                max_body: s.max_body(),
+            };
+            (host.to_string(), limits)
+        })
+        .collect();
     let transport = TransportConfig {
         certs: CertsDirs {
             extra: args.certs_dir.clone(),
@@ -71,31 +91,9 @@ pub fn client(
                 .cloned()
                 .collect(),
         },
-        registries: registries(args)?,
+        registries,
         insecure: Vec::new(),
     };
-    // The registries file's chunk_size / max_body per registry; the flag serves the rest.
-    let upload_limits = transport
-        .registries
-        .iter()
-        .filter(|(_, s)| s.chunk_size().is_some() || s.max_body().is_some())
-        .map(|(host, s)| {
-            (
-                host.to_string(),
-                UploadLimits {
-                    chunk_size: s.chunk_size(),
-                    max_body: s.max_body(),
-                },
-            )
-        })
-        .collect();
-    let uploads = UploadLimits {
-        chunk_size: args.chunk_size,
-        max_body: None,
-    };
-    uploads
-        .check()
-        .map_err(|e| anyhow::anyhow!("--chunk-size (MIRROR_CHUNK_SIZE): {e}"))?;
     let config = ClientConfig {
         transport,
         credential_reach: reach,

@@ -218,8 +218,9 @@ pub struct ServeArgs {
 
     /// How sources are named under the target: `nested` (`prefix/registry/path`) or `flat` (one
     /// name below the prefix, for registries that take only `namespace/repo`: Docker Hub, Quay, ACR).
-    #[arg(long, env = "MIRROR_TARGET_LAYOUT", default_value = "nested")]
-    pub target_layout: crate::mapping::Layout,
+    /// Unset: the target registry's `layout` in the registries file, else `nested`.
+    #[arg(long, env = "MIRROR_TARGET_LAYOUT")]
+    pub target_layout: Option<crate::mapping::Layout>,
 
     /// Bearer tokens allowed to request mirrors: comma-separated `token` or `name=token`.
     #[arg(long, env = "MIRROR_API_TOKENS", hide_env_values = true)]

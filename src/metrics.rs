@@ -160,8 +160,8 @@ impl Metrics {
         }
         let counters: [(&str, &str, &Counter); 13] = [
             (
-                "mirror_worker_restarts_total",
-                "Worker tasks that panicked and were started again.",
+                "mirror_worker_restarts",
+                "Worker tasks that panicked and were started again",
                 &self.worker_restarts,
             ),
             (

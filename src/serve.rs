@@ -59,9 +59,15 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .target
         .as_deref()
         .context("MIRROR_TARGET is not set: name the repository prefix mirrors go under, such as ghcr.io/acme/mirror")?;
-    let target = TargetPrefix::parse(target)
-        .map_err(|e| anyhow::anyhow!("MIRROR_TARGET: {e}"))?
-        .with_layout(args.target_layout);
+    let target = TargetPrefix::parse(target).map_err(|e| anyhow::anyhow!("MIRROR_TARGET: {e}"))?;
+    let layout = match args.target_layout {
+        Some(l) => l,
+        None => crate::cmd::registries(&args.registry)?
+            .get(&target.registry)
+            .layout()
+            .unwrap_or_default(),
+    };
+    let target = target.with_layout(layout);
     let tokens = parse_tokens(args.api_tokens.as_deref().context(
         "MIRROR_API_TOKENS is not set: POST /mirror needs at least one bearer token (name=token,…)",
     )?)?;

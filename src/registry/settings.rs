@@ -20,25 +20,8 @@ pub const KEYS: [&str; 7] = [
     "layout",
 ];
 
-/// How mirror names are laid out on a target registry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Layout {
-    /// `prefix/<registry>/<path>` (the default mapping).
-    Nested,
-    /// One repository name below the prefix, for registries that take only `namespace/repo`.
-    Flat,
-}
-
-impl std::str::FromStr for Layout {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "nested" => Ok(Layout::Nested),
-            "flat" => Ok(Layout::Flat),
-            other => Err(format!("layout must be nested or flat, not {other:?}")),
-        }
-    }
-}
+/// How mirror names are laid out on a target registry (the one definition, in `mapping`).
+pub use crate::mapping::Layout;
 
 /// What the registries file says about one registry. Unset fields leave the defaults (and the
 /// flags and environment variables) in force.
@@ -492,7 +475,7 @@ c.example:
             "r.yaml:3: \"https://bad.example\" is not a registry name: write HOST or HOST:PORT, without a scheme",
             "r.yaml:6: a.example: insecure must be true (plain HTTP) or false (HTTPS), not \"maybe\"",
             "r.yaml:7: a.example: the chunk size (8388608 bytes) is larger than the body limit (4194304 bytes)",
-            "r.yaml:9: a.example: layout must be nested or flat, not \"deep\"",
+            "r.yaml:9: a.example: layout \"deep\" is not known",
             "r.yaml:10: a.example: client_cert needs client_key too",
             "r.yaml:11: \"b.example/path\" is not a registry name",
             "r.yaml:13: c.example: ca_dir",

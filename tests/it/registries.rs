@@ -23,7 +23,11 @@ async fn a_registrys_chunk_size_in_the_file_chunks_uploads_to_it_only() {
         .await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("registries.yaml");
-    std::fs::write(&file, format!("{}:\n  chunk_size: 256KiB\n", chunked.host())).unwrap();
+    std::fs::write(
+        &file,
+        format!("{}:\n  chunk_size: 256KiB\n", chunked.host()),
+    )
+    .unwrap();
     let empty = tempfile::tempdir().unwrap();
     for dst in [&chunked, &plain] {
         let out = Command::new(bin())

@@ -87,10 +87,6 @@ pub struct ClientConfig {
     /// The longest a request waits for a registry's rate limit; beyond it the request fails with
     /// [`Error::RateLimited`] so the caller can reschedule.
     pub rate_limit_max_wait: Duration,
-    /// Per-registry TLS (certs.d, `MIRROR_CERTS_DIR`) and the registries file.
-    pub transport: TransportConfig,
-    /// Which repositories each registry's stored credentials may be used for.
-    pub credential_reach: CredentialReach,
     /// How blobs go up to a registry, by `host[:port]` as image references name it (`docker.io`
     /// for Docker Hub): body limit and chunk size. Registries not named get
     /// [`ClientConfig::default_upload_limits`].
@@ -98,6 +94,10 @@ pub struct ClientConfig {
     /// Upload limits for every registry not in [`ClientConfig::upload_limits`] (the
     /// `--chunk-size` shortcut); by default one `PUT` per blob, chunks after a `413`.
     pub default_upload_limits: UploadLimits,
+    /// Per-registry TLS (certs.d, `MIRROR_CERTS_DIR`) and the registries file.
+    pub transport: TransportConfig,
+    /// Which repositories each registry's stored credentials may be used for.
+    pub credential_reach: CredentialReach,
 }
 
 impl Default for ClientConfig {
@@ -109,10 +109,10 @@ impl Default for ClientConfig {
             read_timeout: Duration::from_secs(120),
             network: NetworkPolicy::permissive(),
             rate_limit_max_wait: Duration::from_secs(60),
-            transport: TransportConfig::default(),
-            credential_reach: CredentialReach::unrestricted(),
             upload_limits: HashMap::new(),
             default_upload_limits: UploadLimits::default(),
+            transport: TransportConfig::default(),
+            credential_reach: CredentialReach::unrestricted(),
         }
     }
 }
