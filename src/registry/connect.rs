@@ -190,3 +190,44 @@ fn leaf(e: &(dyn std::error::Error + 'static)) -> String {
     }
     cur.to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scheme_follows_the_file_then_the_flag_then_the_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs.d");
+        std::fs::create_dir_all(certs.join("127.0.0.1:5443")).unwrap();
+        std::fs::write(certs.join("127.0.0.1:5443").join("ca.crt"), "x").unwrap();
+        let registries = super::super::settings::parse(
+            "r.yaml",
+            "plain.example:\n  insecure: true\n127.0.0.1:5000:\n  insecure: false\n",
+            dir.path(),
+        )
+        .unwrap();
+        let conn = Connections::new(
+            Arc::new(reqwest::Client::builder),
+            TransportConfig {
+                certs: CertsDirs {
+                    extra: None,
+                    system: vec![certs],
+                },
+                registries: Arc::new(registries),
+                insecure: vec!["Flagged.example".into()],
+            },
+        )
+        .unwrap();
+        assert_eq!(conn.scheme("plain.example"), "http");
+        assert_eq!(conn.scheme("127.0.0.1:5000"), "https", "insecure: false");
+        assert_eq!(
+            conn.scheme("flagged.example"),
+            "http",
+            "--insecure-registry"
+        );
+        assert_eq!(conn.scheme("127.0.0.1:5443"), "https", "has a CA file");
+        assert_eq!(conn.scheme("127.0.0.1:6000"), "http", "loopback");
+        assert_eq!(conn.scheme("ghcr.io"), "https");
+    }
+}
