@@ -250,6 +250,11 @@ pub(super) async fn status_error(method: &str, url: &url::Url, resp: reqwest::Re
                 .join("; ");
             (code, message)
         }
+        // A HEAD has no body to say why; a 400 to one is most often the name itself.
+        _ if method == "HEAD" && status == 400 => (
+            None,
+            "no reason given; a registry that takes only namespace/repo names (Docker Hub, Quay, ACR) answers this to a deeper name: use the flat layout (MIRROR_TARGET_LAYOUT=flat, copy --layout flat)".to_string(),
+        ),
         _ => (None, String::new()),
     };
     Error::Status {
