@@ -12,6 +12,7 @@ mod namespace;
 mod proxy;
 mod queue;
 mod quirks;
+mod registries;
 mod retries;
 mod rounds;
 mod service;
