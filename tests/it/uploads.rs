@@ -283,14 +283,22 @@ async fn a_source_that_ignores_range_starts_the_blob_again() {
         .filter(|l| l.method == Method::GET && l.path.ends_with(&layer))
         .map(|l| (l.range, l.status))
         .collect();
+    // The front cuts after 1 MiB; what reached the copy before the cut (and so where it asks
+    // to continue) depends on the load, never more than that.
+    let resumed_at = gets
+        .get(1)
+        .and_then(|(r, _)| r.as_deref()?.strip_prefix("bytes=")?.strip_suffix('-'))
+        .and_then(|n| n.parse::<usize>().ok());
+    assert!(
+        resumed_at.is_some_and(|n| n > 0 && n <= MIB as usize),
+        "{gets:?}"
+    );
     assert_eq!(
-        gets,
-        vec![
-            (None, 200),
-            (Some(format!("bytes={MIB}-")), 200),
-            (None, 200)
-        ],
-        "cut, a Range the source ignored, then the whole blob again"
+        gets.iter()
+            .map(|(r, s)| (r.is_some(), *s))
+            .collect::<Vec<_>>(),
+        vec![(false, 200), (true, 200), (false, 200)],
+        "cut, a Range the source ignored, then the whole blob again: {gets:?}"
     );
     assert!(Pusher::new(&dst).blob_exists("norange/app", &layer).await);
 }
@@ -435,6 +443,9 @@ async fn a_corrupt_blob_in_chunks_never_reaches_its_full_length_on_the_target() 
     f.always(Route::Blob, Fault::Corrupt);
     let up = f.start().await;
     let dst = Registry::anonymous().await;
+    // The (also corrupted) config is on the target already: only the layer moves, so its chunks
+    // start for sure, not cut short by the config's mismatch.
+    Pusher::new(&dst).blob("m/img", config).await;
     let front = Front::start(&dst.host(), |_| Action::Pass).await;
     let out = mirror(&[
         "copy",
