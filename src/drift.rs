@@ -17,6 +17,7 @@ use crate::db::{Db, now_ms};
 use crate::digest::Digest;
 use crate::ledger::{self, Drift, NewDrift, Record};
 use crate::notify::Notifier;
+use crate::outbox::{self, NewNotice, NoticeEvent};
 use crate::queue::{self, NewJob};
 use crate::reference::ImageRef;
 use crate::registry::{self, Client, Repo};
@@ -439,7 +440,19 @@ impl Watch {
             row.job_id = Some(j.id);
             queued = Some((j, created));
         }
+        // Announced once, when first seen: stored with the row, sent from the outbox.
+        let noticed = new && self.notifier.is_some();
+        if noticed {
+            let n = NewNotice {
+                event: NoticeEvent::Drift,
+                body: notice(&row).to_string(),
+            };
+            outbox::insert(&mut tx, &n).await?;
+        }
         tx.commit().await?;
+        if let (true, Some(n)) = (noticed, &self.notifier) {
+            n.wake();
+        }
         if let Some((j, created)) = queued {
             round.jobs_queued += 1;
             if created {
@@ -478,9 +491,6 @@ impl Watch {
                     .map(|o| format!(", upstream now {o}"))
                     .unwrap_or_default()
             );
-            if let Some(n) = &self.notifier {
-                n.send(notice(&row));
-            }
         }
         Ok(row.id)
     }

@@ -9,6 +9,7 @@ use sqlx::FromRow;
 
 use crate::db::{Db, now_ms};
 use crate::ledger::{self, NewRecord};
+use crate::outbox::{self, NewNotice};
 
 /// A job as stored.
 #[derive(Debug, Clone, FromRow, Serialize)]
@@ -226,13 +227,14 @@ pub async fn set_source_digest(db: &Db, lease: &Lease, digest: &str) -> sqlx::Re
     Ok(n == 1)
 }
 
-/// Marks the job succeeded and appends its ledger record, in one transaction. False (and nothing
-/// written) when the lease is lost.
+/// Marks the job succeeded and appends its ledger record (and its notice, if given, to the
+/// outbox), in one transaction. False (and nothing written) when the lease is lost.
 pub async fn succeed(
     db: &Db,
     lease: &Lease,
     record: &NewRecord,
     p: ProgressRow,
+    notice: Option<&NewNotice>,
 ) -> sqlx::Result<bool> {
     let now = now_ms();
     let mut tx = db.write.begin_with("BEGIN IMMEDIATE").await?;
@@ -256,6 +258,9 @@ pub async fn succeed(
         return Ok(false);
     }
     ledger::insert(&mut tx, record).await?;
+    if let Some(n) = notice {
+        outbox::insert(&mut tx, n).await?;
+    }
     // Whatever drift this job was queued to follow or repair is settled by it.
     sqlx::query("update drift set resolved_at = ?1 where job_id = ?2 and resolved_at is null")
         .bind(now)
@@ -314,9 +319,16 @@ async fn requeue(db: &Db, lease: &Lease, error: Option<&str>, run_at: i64) -> sq
     Ok(n == 1)
 }
 
-/// Marks the job failed for good, with the reason.
-pub async fn fail(db: &Db, lease: &Lease, error: &str) -> sqlx::Result<bool> {
+/// Marks the job failed for good, with the reason (and stores its notice, if given, in the same
+/// transaction). False (and nothing written) when the lease is lost.
+pub async fn fail(
+    db: &Db,
+    lease: &Lease,
+    error: &str,
+    notice: Option<&NewNotice>,
+) -> sqlx::Result<bool> {
     let now = now_ms();
+    let mut tx = db.write.begin_with("BEGIN IMMEDIATE").await?;
     let n = sqlx::query(
         "update job set state = 'failed', lease_token = null, lease_expires_at = null, last_error = ?1, finished_at = ?2, updated_at = ?2
          where id = ?3 and lease_token = ?4 and state = 'running'",
@@ -325,10 +337,18 @@ pub async fn fail(db: &Db, lease: &Lease, error: &str) -> sqlx::Result<bool> {
     .bind(now)
     .bind(lease.job.id)
     .bind(&lease.token)
-    .execute(&db.write)
+    .execute(&mut *tx)
     .await?
     .rows_affected();
-    Ok(n == 1)
+    if n != 1 {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    if let Some(n) = notice {
+        outbox::insert(&mut tx, n).await?;
+    }
+    tx.commit().await?;
+    Ok(true)
 }
 
 /// Gives a job back to the queue at shutdown without spending an attempt.

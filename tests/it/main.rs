@@ -5,6 +5,7 @@ mod deploy;
 mod drift;
 mod faults;
 mod github;
+mod notices;
 mod queue;
 mod rounds;
 mod service;

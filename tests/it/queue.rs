@@ -71,9 +71,15 @@ async fn fifty_identical_concurrent_requests_make_one_job() {
         .unwrap()
         .unwrap();
     assert!(
-        queue::succeed(&db, &lease, &record(lease.job.id), ProgressRow::default())
-            .await
-            .unwrap()
+        queue::succeed(
+            &db,
+            &lease,
+            &record(lease.job.id),
+            ProgressRow::default(),
+            None
+        )
+        .await
+        .unwrap()
     );
     let (again, created) = queue::enqueue(&db, &job("a")).await.unwrap();
     assert!(created);
@@ -134,11 +140,11 @@ async fn a_stale_lease_writes_nothing() {
             .unwrap()
     );
     assert!(
-        !queue::succeed(&db, &a, &record(a.job.id), ProgressRow::default())
+        !queue::succeed(&db, &a, &record(a.job.id), ProgressRow::default(), None)
             .await
             .unwrap()
     );
-    assert!(!queue::fail(&db, &a, "x").await.unwrap());
+    assert!(!queue::fail(&db, &a, "x", None).await.unwrap());
     assert!(
         !queue::retry_later(&db, &a, "x", Duration::ZERO)
             .await
@@ -150,7 +156,7 @@ async fn a_stale_lease_writes_nothing() {
     );
     // B's writes land.
     assert!(
-        queue::succeed(&db, &b, &record(b.job.id), ProgressRow::default())
+        queue::succeed(&db, &b, &record(b.job.id), ProgressRow::default(), None)
             .await
             .unwrap()
     );
