@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what mirror-mirror's tests, demo and benchmarks need when it is missing (Debian/Ubuntu):
-# the CNCF distribution registry, skopeo (an independent client), htpasswd, openssl; wrk and time for
-# the benchmark.
+# the CNCF distribution registry, skopeo (an independent client), htpasswd, openssl; nginx (fronts
+# with other registries' rules), buildah and podman (realistic images, a user's pull); wrk and time
+# for the benchmark.
 set -euo pipefail
 
 declare -A want=(
@@ -10,6 +11,9 @@ declare -A want=(
   [htpasswd]=apache2-utils
   [openssl]=openssl
   [curl]=curl
+  [nginx]=nginx-light
+  [podman]=podman
+  [buildah]=buildah
   [wrk]=wrk
   [/usr/bin/time]=time
 )

@@ -359,6 +359,9 @@ impl Watch {
             Some(job) => job.referrers,
             None => true,
         };
+        // The tag keeps the policy its request chose; none stays none (the service default
+        // then), so a change of MIRROR_DRIFT_POLICY still applies to it.
+        let chosen = r.policy.as_deref().and_then(|p| p.parse().ok());
         let job = |source: String, repair: bool| NewJob {
             source,
             target_repo: r.mirror_repo.clone(),
@@ -366,7 +369,7 @@ impl Watch {
             requested_by: String::new(),
             max_attempts: self.config.max_attempts,
             referrers,
-            policy: Some(policy),
+            policy: chosen,
             repair,
         };
         let followed = f.moved_to.is_some() && policy == Policy::Follow;
@@ -435,10 +438,20 @@ impl Watch {
         if let Some(mut job) = job {
             job.requested_by =
                 json!({ "kind": "drift", "drift_id": row.id, "reason": d.kind }).to_string();
-            let (j, created) = queue::enqueue_in(&mut tx, &job).await?;
-            ledger::set_drift_job(&mut tx, row.id, j.id).await?;
-            row.job_id = Some(j.id);
-            queued = Some((j, created));
+            match queue::enqueue_in(&mut tx, &job).await {
+                Ok(q) => {
+                    ledger::set_drift_job(&mut tx, row.id, q.job.id).await?;
+                    row.job_id = Some(q.job.id);
+                    let created = q.created();
+                    queued = Some((q.job, created));
+                }
+                Err(queue::EnqueueError::Db(e)) => return Err(e),
+                Err(refused) => tracing::warn!(
+                    drift.id = row.id,
+                    "drift {}: no job queued: {refused}",
+                    row.id
+                ),
+            }
         }
         // Announced once, when first seen: stored with the row, sent from the outbox.
         let noticed = new && self.notifier.is_some();

@@ -217,8 +217,7 @@ impl Sync {
                 return Ok(Ok(()));
             }
             let job = self.job(entry, source.to_string(), &target_repo, source.tag());
-            self.enqueue(job, report).await?;
-            return Ok(Ok(()));
+            return self.enqueue(job, report).await;
         }
         let tags = if entry.needs_listing() {
             match self.client.list_tags(&repo, TAG_PAGE).await {
@@ -271,7 +270,9 @@ impl Sync {
             }
             let reference = source.clone().with_tag(Some(tag.clone()));
             let job = self.job(entry, reference.to_string(), &target_repo, Some(&tag));
-            self.enqueue(job, report).await?;
+            if let Err(e) = self.enqueue(job, report).await? {
+                problems.push(e);
+            }
         }
         Ok(if problems.is_empty() {
             Ok(())
@@ -298,8 +299,14 @@ impl Sync {
         }
     }
 
-    async fn enqueue(&self, job: NewJob, report: &mut Report) -> sqlx::Result<()> {
-        let (j, created) = queue::enqueue(&self.db, &job).await?;
+    /// Queues `job`; a refusal (its mirror name belongs to another source) is reported, not fatal.
+    async fn enqueue(&self, job: NewJob, report: &mut Report) -> sqlx::Result<Result<(), String>> {
+        let queued = match queue::enqueue(&self.db, &job).await {
+            Ok(q) => q,
+            Err(queue::EnqueueError::Db(e)) => return Err(e),
+            Err(refused) => return Ok(Err(refused.to_string())),
+        };
+        let (j, created) = (queued.job.clone(), queued.created());
         report.queued += 1;
         if created {
             crate::metrics::METRICS.sync_jobs.add(1);
@@ -312,7 +319,7 @@ impl Sync {
                 j.target_repo
             );
         }
-        Ok(())
+        Ok(Ok(()))
     }
 }
 
