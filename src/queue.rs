@@ -44,6 +44,37 @@ pub struct Job {
     pub policy: Option<String>,
     /// Re-check every manifest on the target (drift repair), not only the top one.
     pub repair: bool,
+    /// `copied` or `failed` once the job succeeded with referrers on (see [`ReferrersState`]).
+    pub referrers_state: Option<String>,
+    /// What could not be looked up or copied, as JSON.
+    pub referrers_failed: Option<String>,
+}
+
+/// How a succeeded job's referrers went; the image's success stands either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReferrersState {
+    /// Every referrer found was copied (none found counts).
+    Copied,
+    /// Some could not be looked up or copied; drift watch tries again.
+    Failed,
+}
+
+impl ReferrersState {
+    /// The name in the database and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReferrersState::Copied => "copied",
+            ReferrersState::Failed => "failed",
+        }
+    }
+}
+
+/// A succeeded job's referrers: the state and, as JSON, what failed.
+#[derive(Debug, Clone)]
+pub struct JobReferrers {
+    pub state: ReferrersState,
+    pub failed: String,
 }
 
 /// Job states.
@@ -398,12 +429,14 @@ pub async fn succeed(
     record: &NewRecord,
     p: ProgressRow,
     notice: Option<&NewNotice>,
+    referrers: Option<&JobReferrers>,
 ) -> sqlx::Result<bool> {
     let now = now_ms();
     let mut tx = db.write.begin_with("BEGIN IMMEDIATE").await?;
     let n = sqlx::query(
         "update job set state = 'succeeded', lease_token = null, lease_expires_at = null, last_error = null,
-             bytes_done = ?1, bytes_total = ?2, blobs_done = ?3, blobs_total = ?4, finished_at = ?5, updated_at = ?5
+             bytes_done = ?1, bytes_total = ?2, blobs_done = ?3, blobs_total = ?4, finished_at = ?5, updated_at = ?5,
+             referrers_state = ?8, referrers_failed = ?9
          where id = ?6 and lease_token = ?7 and state = 'running'",
     )
     .bind(p.bytes_done)
@@ -413,6 +446,8 @@ pub async fn succeed(
     .bind(now)
     .bind(lease.job.id)
     .bind(&lease.token)
+    .bind(referrers.map(|r| r.state.as_str()))
+    .bind(referrers.map(|r| r.failed.as_str()))
     .execute(&mut *tx)
     .await?
     .rows_affected();

@@ -126,6 +126,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
                 referrers: args.referrers,
                 jobs: args.jobs as usize,
                 repair: false,
+                // A retried job still copies what refers to the image.
+                referrers_when_up_to_date: true,
             },
             ..WorkerConfig::default()
         },
@@ -139,6 +141,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             policy: args.drift_policy,
             concurrency: 4,
             max_attempts: args.max_attempts as i64,
+            referrers: args.referrers,
         },
         workers.wake.clone(),
         notifier.clone(),

@@ -209,12 +209,33 @@ impl Workers {
                     "pull": { "by_tag": pull_tag, "by_digest": format!("{}@{}", record.mirror_repo, record.mirror_digest) },
                     "error": null,
                 }));
+                // Referrers are their own step: whatever happened to them, the image stands.
+                let referrers = (self.config.copy.referrers && job.referrers).then(|| {
+                    if !result.referrers_failed.is_empty() {
+                        tracing::warn!(
+                            failed = result.referrers_failed.len(),
+                            "job {}: the image is mirrored; {} referrer(s) could not be copied (drift watch tries again)",
+                            job.id,
+                            result.referrers_failed.len()
+                        );
+                    }
+                    queue::JobReferrers {
+                        state: if result.referrers_failed.is_empty() {
+                            queue::ReferrersState::Copied
+                        } else {
+                            queue::ReferrersState::Failed
+                        },
+                        failed: serde_json::to_string(&result.referrers_failed)
+                            .unwrap_or_else(|_| "[]".into()),
+                    }
+                });
                 let r = queue::succeed(
                     &self.db,
                     &lease,
                     &record,
                     progress_row(&progress),
                     notice.as_ref(),
+                    referrers.as_ref(),
                 )
                 .await;
                 if let Ok(true) = r {
@@ -362,7 +383,10 @@ impl Workers {
                     .iter()
                     .map(|m| serde_json::to_value(m).unwrap_or_default())
                     .chain(result.referrers.iter().map(|r| {
-                        serde_json::json!({ "digest": r.digest, "referrer_of": r.subject, "tag": r.tag })
+                        serde_json::json!({ "digest": r.digest, "referrer_of": r.subject, "tag": r.tag, "state": "copied" })
+                    }))
+                    .chain(result.referrers_failed.iter().map(|f| {
+                        serde_json::json!({ "referrer_of": f.subject, "reference": f.reference, "state": "failed", "error": f.error })
                     }))
                     .collect::<Vec<_>>(),
             )

@@ -33,6 +33,8 @@ pub fn view(job: &Job) -> Value {
         "attempts": job.attempts,
         "max_attempts": job.max_attempts,
         "referrers": job.referrers,
+        "referrers_state": job.referrers_state,
+        "referrers_failed": job.referrers_failed.as_deref().and_then(|f| serde_json::from_str::<Value>(f).ok()),
         "policy": job.policy,
         "repair": job.repair,
         "last_error": job.last_error,

@@ -8,6 +8,7 @@ mod github;
 mod namespace;
 mod notices;
 mod queue;
+mod referrers;
 mod retries;
 mod rounds;
 mod service;

@@ -76,6 +76,7 @@ async fn fifty_identical_concurrent_requests_make_one_job() {
             &lease,
             &record(lease.job.id),
             ProgressRow::default(),
+            None,
             None
         )
         .await
@@ -140,9 +141,16 @@ async fn a_stale_lease_writes_nothing() {
             .unwrap()
     );
     assert!(
-        !queue::succeed(&db, &a, &record(a.job.id), ProgressRow::default(), None)
-            .await
-            .unwrap()
+        !queue::succeed(
+            &db,
+            &a,
+            &record(a.job.id),
+            ProgressRow::default(),
+            None,
+            None
+        )
+        .await
+        .unwrap()
     );
     assert!(!queue::fail(&db, &a, "x", None).await.unwrap());
     assert!(
@@ -156,9 +164,16 @@ async fn a_stale_lease_writes_nothing() {
     );
     // B's writes land.
     assert!(
-        queue::succeed(&db, &b, &record(b.job.id), ProgressRow::default(), None)
-            .await
-            .unwrap()
+        queue::succeed(
+            &db,
+            &b,
+            &record(b.job.id),
+            ProgressRow::default(),
+            None,
+            None
+        )
+        .await
+        .unwrap()
     );
     let j = queue::get(&db, b.job.id).await.unwrap().unwrap();
     assert_eq!(j.state, "succeeded");
@@ -314,6 +329,7 @@ async fn a_request_for_a_running_pinned_job_waits_its_turn_on_the_tag() {
             &lease,
             &record(lease.job.id),
             ProgressRow::default(),
+            None,
             None
         )
         .await

@@ -16,3 +16,10 @@ create table notice (
     delivered_at integer
 );
 create index notice_due on notice (state, next_attempt_at);
+
+-- Referrers are their own step: the image's copy stands when a referrer fails. Per job: 'copied'
+-- (everything found was copied), 'failed' (something could not be looked up or copied; drift watch
+-- tries again), null (referrers off, or the job has not succeeded); and what failed, as JSON
+-- [{"subject", "reference", "error", "transient"}].
+alter table job add column referrers_state text check (referrers_state in ('copied', 'failed'));
+alter table job add column referrers_failed text;
