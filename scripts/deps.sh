@@ -21,6 +21,8 @@ missing=()
 for cmd in "${!want[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${want[$cmd]}")
 done
+# schemathesis (scripts/api-contract.sh) installs from PyPI into a venv.
+python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}" >&2
   sudo=""

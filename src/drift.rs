@@ -24,7 +24,9 @@ use crate::registry::{self, Client, Repo};
 use crate::rounds::{RoundStatus, Rounds, Trigger};
 
 /// What to do when a source tag moves upstream after it was mirrored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Policy {
     /// Mirror the tag's new digest (a drift record is kept of the move).

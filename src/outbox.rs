@@ -30,7 +30,7 @@ impl NoticeEvent {
 }
 
 /// Where a notice is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum NoticeState {
     /// To be sent (again) at `next_attempt_at`.

@@ -36,8 +36,8 @@ pub struct ListQuery {
 
 /// `GET /notices?state=…&limit=…&before=…`: notices newest first.
 #[utoipa::path(get, path = "/notices", tag = "notices",
-    params(("state" = Option<String>, Query, description = "pending, delivered or failed"),
-        ("limit" = Option<i64>, Query, description = "1 to 500, default 50"),
+    params(("state" = Option<NoticeState>, Query, description = "pending, delivered or failed"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "1 to 500, default 50"),
         ("before" = Option<i64>, Query, description = "only ids below this: the `next` of the previous page")),
     responses((status = 200, description = "notices newest first (event, state, attempts, last error, body), and `next`"),
         (status = 400, description = "bad filter")))]
