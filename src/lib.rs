@@ -39,5 +39,7 @@ pub mod rounds;
 pub mod serve;
 /// The mirror list kept in sync through the queue: on start, on a schedule, on `POST /sync`.
 pub mod sync;
+/// `verify`: does a mirror serve exactly the image of an official digest?
+pub mod verify;
 /// The worker loop that runs copies under a lease.
 pub mod worker;

@@ -239,14 +239,18 @@ async fn notices_the_receiver_keeps_refusing_are_shown_as_failed() {
     assert_eq!(n["last_error"], "the receiver answered HTTP 500", "{n}");
     assert_eq!(receiver.got().len(), 2, "tried twice, then given up");
     let (_, metrics) = svc.get_text("/metrics").await;
-    assert!(
-        metrics.contains("mirror_notices{state=\"failed\"} 1\n"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("mirror_notices{state=\"pending\"} 0\n"),
-        "{metrics}"
-    );
+    let gauge = |state: &str| -> f64 {
+        let prefix = format!("mirror_notices{{state=\"{state}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {prefix}in {metrics}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(gauge("failed"), 1.0, "{metrics}");
+    assert_eq!(gauge("pending"), 0.0, "{metrics}");
     let (status, bad) = svc.get("/notices?state=lost").await;
     assert_eq!(status, 400, "{bad}");
     assert!(

@@ -50,12 +50,17 @@ impl Client {
         build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response> {
         let inner = &self.inner;
-        inner.network.check_url(url).map_err(Error::from)?;
+        inner
+            .network
+            .check_before_sending(url)
+            .await
+            .map_err(Error::from)?;
+        let http = inner.conn.for_registry(&repo.registry)?;
         let same_host = same_host(url, repo.api_host());
         let mut authz = if same_host {
             inner
                 .auth
-                .authorization(&inner.http, &inner.retry, &repo.registry, scopes)
+                .authorization(&http, &inner.retry, &repo.registry, scopes)
                 .await?
         } else {
             None
@@ -63,16 +68,29 @@ impl Client {
         let mut retried_auth = false;
         loop {
             let ticket = inner.budgets.acquire(&repo.registry, metered).await?;
-            let mut req = build(&inner.http);
+            let mut req = build(&http);
             if let Some(a) = &authz {
                 req = req.header(header::AUTHORIZATION, a);
             }
-            let resp = req.send().await.map_err(|e| Error::Network {
-                context: format!("{} {}", repo, redact_query(url)),
-                source: e,
+            let resp = req.send().await.map_err(|e| {
+                inner
+                    .conn
+                    .error(&repo.registry, format!("{} {}", repo, redact_query(url)), e)
             })?;
             crate::metrics::METRICS.registry_request(&repo.registry, resp.status().as_u16());
             observe(ticket, &resp, repo)?;
+            if resp.status() == StatusCode::UNAUTHORIZED
+                && same_host
+                && retried_auth
+                && let Some(reason) = inner.auth.refusal(&repo.registry, scopes)
+            {
+                // Read as a stranger because the stored credentials are the target's: say so.
+                return Err(Error::Auth {
+                    registry: repo.registry.clone(),
+                    reason,
+                    transient: false,
+                });
+            }
             if resp.status() != StatusCode::UNAUTHORIZED || retried_auth || !same_host {
                 return Ok(resp);
             }
@@ -89,7 +107,7 @@ impl Client {
             inner.auth.invalidate(&repo.registry, scopes).await;
             authz = inner
                 .auth
-                .authorization(&inner.http, &inner.retry, &repo.registry, scopes)
+                .authorization(&http, &inner.retry, &repo.registry, scopes)
                 .await?;
             if authz.is_none() {
                 return Ok(resp);
@@ -232,6 +250,11 @@ pub(super) async fn status_error(method: &str, url: &url::Url, resp: reqwest::Re
                 .join("; ");
             (code, message)
         }
+        // A HEAD has no body to say why; a 400 to one is most often the name itself.
+        _ if method == "HEAD" && status == 400 => (
+            None,
+            "no reason given; a registry that takes only namespace/repo names (Docker Hub, Quay, ACR) answers this to a deeper name: use the flat layout (MIRROR_TARGET_LAYOUT=flat, copy --layout flat)".to_string(),
+        ),
         _ => (None, String::new()),
     };
     Error::Status {
@@ -241,5 +264,49 @@ pub(super) async fn status_error(method: &str, url: &url::Url, resp: reqwest::Re
         code,
         message,
         retry_after,
+    }
+}
+
+/// A write to `repo` refused because the repository or its namespace does not exist (ECR
+/// repositories, Harbor projects, ACR and GAR namespaces are not created by a push; Docker Hub
+/// and others then answer "requested access to the resource is denied") says to create it;
+/// other errors pass unchanged.
+pub(super) fn refused_write(repo: &Repo, err: Error) -> Error {
+    let text = err.to_string().to_ascii_lowercase();
+    // Missing content is another story (the copy writes it again).
+    if err
+        .code()
+        .is_some_and(|c| c.starts_with("BLOB_") || c.starts_with("MANIFEST_"))
+    {
+        return err;
+    }
+    let names_a_place = ["repository", "project", "namespace"]
+        .iter()
+        .any(|w| text.contains(w));
+    let missing = match err.status() {
+        Some(404) => {
+            err.code() == Some("NAME_UNKNOWN")
+                || (names_a_place
+                    && (text.contains("does not exist") || text.contains("not found")))
+        }
+        Some(401 | 403) => {
+            matches!(err.code(), Some("DENIED" | "UNAUTHORIZED" | "NAME_UNKNOWN"))
+                || text.contains("denied")
+                || text.contains("does not exist")
+        }
+        _ => false,
+    };
+    if !missing {
+        return err;
+    }
+    let create = match repo.name.split_once('/') {
+        Some((namespace, _)) => format!("namespace {namespace} (or repository {})", repo.name),
+        None => format!("repository {}", repo.name),
+    };
+    Error::Refused {
+        reason: format!(
+            "{} refused to write {repo} ({err}): create {create} on {} first (ECR, Harbor, ACR and GAR do not create it on push), and check that the credentials for {} may push there",
+            repo.registry, repo.registry, repo.registry
+        ),
     }
 }
