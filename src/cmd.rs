@@ -139,6 +139,7 @@ pub async fn copy(args: CopyArgs) -> Result<()> {
         jobs: args.jobs as usize,
         referrers: !args.no_referrers,
         repair: false,
+        referrers_when_up_to_date: false,
     };
     let progress = Arc::new(Progress::default());
     let bar = std::io::stderr()
