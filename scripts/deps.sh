@@ -2,7 +2,8 @@
 # Installs what mirror-mirror's tests, demo and benchmarks need when it is missing (Debian/Ubuntu):
 # the CNCF distribution registry, skopeo (an independent client), htpasswd, openssl; nginx (fronts
 # with other registries' rules), buildah and podman (realistic images, a user's pull); wrk and time
-# for the benchmark.
+# for the benchmark; PostgreSQL (the store's second backend: the harness runs initdb and postgres from
+# /usr/lib/postgresql/*/bin itself, pg_ctlcluster only marks the server package as installed).
 set -euo pipefail
 
 declare -A want=(
@@ -16,6 +17,7 @@ declare -A want=(
   [buildah]=buildah
   [wrk]=wrk
   [/usr/bin/time]=time
+  [pg_ctlcluster]=postgresql
 )
 missing=()
 for cmd in "${!want[@]}"; do

@@ -33,6 +33,8 @@ pub mod reference;
 pub mod registry;
 /// `serve`: the service's start-up and orderly shutdown.
 pub mod serve;
+/// The one place with SQL and transactions: units of work over SQLite or PostgreSQL.
+pub mod store;
 /// The mirror list kept in sync through the queue: on start, on a schedule, on `POST /sync`.
 pub mod sync;
 /// The worker loop that runs copies under a lease.

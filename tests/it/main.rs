@@ -9,5 +9,6 @@ mod namespace;
 mod queue;
 mod service;
 mod ssrf;
+mod store;
 mod support;
 mod sync;

@@ -5,6 +5,7 @@
 pub mod image;
 pub mod nginx;
 pub mod podman;
+pub mod postgres;
 pub mod registry;
 pub mod service;
 pub mod skopeo;
