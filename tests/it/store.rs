@@ -82,6 +82,7 @@ conformance!(
     a_github_delivery_is_handled_once,
     an_enqueue_wakes_the_workers_of_another_replica,
     group_commit_enqueues_many_durably,
+    one_batch_dedupes_within_itself_as_if_one_by_one,
 );
 
 fn job(source: &str) -> NewJob {
@@ -699,4 +700,52 @@ async fn a_bad_database_url_names_mirror_database_and_what_to_do() {
         .unwrap_err()
         .to_string();
     assert!(!err.contains("hunter2"), "{err}");
+}
+
+async fn one_batch_dedupes_within_itself_as_if_one_by_one(backend: Backend) {
+    let db = Database::new(backend).await;
+    let s = db.open().await;
+    let a = job("docker.io/library/a:1");
+    let mut pinned = a.clone();
+    pinned.policy = Some(Policy::Pin);
+    let mut intruder = job("docker.io/library/b:1");
+    intruder.target_repo = a.target_repo.clone();
+    let out = s
+        .enqueue_many(&[
+            a.clone(),
+            a.clone(),
+            pinned,
+            intruder,
+            job("docker.io/library/c:1"),
+        ])
+        .await
+        .unwrap();
+    let words: Vec<&str> = out
+        .iter()
+        .map(|r| match r {
+            Ok(q) => q.dedupe.as_str(),
+            Err(EnqueueError::Owned { .. }) => "owned",
+            Err(e) => panic!("{e}"),
+        })
+        .collect();
+    assert_eq!(words, ["new", "joined", "merged", "owned", "new"]);
+    let id = out[0].as_ref().unwrap().job.id;
+    assert!(out[..3].iter().all(|r| r.as_ref().unwrap().job.id == id));
+    let j = s.get(id).await.unwrap().unwrap();
+    assert_eq!((j.state, j.policy), (JobState::Queued, Some(Policy::Pin)));
+    assert_eq!(
+        s.stats().await.unwrap().by_state,
+        vec![(JobState::Queued, 2)]
+    );
+    // A running job and a request for it in the next batch: queued after it, once.
+    let l = s.claim(Duration::from_secs(30)).await.unwrap().unwrap();
+    assert_eq!(l.job.id, id);
+    assert!(s.set_source_digest(&l, "sha256:aa").await.unwrap());
+    let out = s.enqueue_many(&[a.clone(), a]).await.unwrap();
+    assert_eq!(out[0].as_ref().unwrap().dedupe, Dedupe::QueuedAfter(id));
+    assert_eq!(out[1].as_ref().unwrap().dedupe, Dedupe::Joined);
+    assert_eq!(
+        out[0].as_ref().unwrap().job.id,
+        out[1].as_ref().unwrap().job.id
+    );
 }

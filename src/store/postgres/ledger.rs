@@ -9,7 +9,8 @@ use super::super::{
     ProgressRow, Record, corrupt, parse_json, parse_policy,
 };
 use super::PgStore;
-use super::queue::{enqueue_in, job_keys, lock, notify};
+use super::enqueue::enqueue_all;
+use super::queue::{job_keys, lock, notify};
 
 macro_rules! record_columns {
     () => {
@@ -335,7 +336,8 @@ impl PgStore {
                 "kind": "drift", "drift_id": drift.id, "reason": d.kind.as_str()
             })
             .to_string();
-            match enqueue_in(&mut tx, &job).await {
+            let mut answers = enqueue_all(&mut tx, std::slice::from_ref(&job)).await?;
+            match answers.pop().expect("one answer per request") {
                 Ok(q) => {
                     sqlx::query("update drift set job_id = $1 where id = $2")
                         .bind(q.job.id)

@@ -20,11 +20,11 @@ use sha2::Digest as _;
 use sqlx::{FromRow, PgConnection};
 
 use super::super::{
-    Decision, Delivery, EnqueueError, Enqueued, Error, Job, JobState, JobStats, Lease, NewJob,
-    ProgressRow, corrupt, decide, parse_json, parse_policy, source_repo,
+    Delivery, EnqueueError, Enqueued, Error, Job, JobState, JobStats, Lease, NewJob, ProgressRow,
+    corrupt, parse_json, parse_policy,
 };
+use super::enqueue::enqueue_all;
 use super::{CHANNEL, PgStore};
-use crate::queue::Dedupe;
 
 /// The job columns, JSON as text (decoded at the edge, in [`JobRow::into_job`]).
 macro_rules! job_columns {
@@ -34,6 +34,7 @@ macro_rules! job_columns {
     created_at, updated_at, started_at, finished_at, referrers, policy, repair"
     };
 }
+pub(super) use job_columns;
 
 #[derive(FromRow)]
 pub(super) struct JobRow {
@@ -143,99 +144,6 @@ pub(super) async fn notify(tx: &mut PgConnection, created: usize) -> sqlx::Resul
     Ok(())
 }
 
-/// One enqueue inside the caller's transaction, which holds the target repository's lock.
-pub(super) async fn enqueue_in(
-    tx: &mut PgConnection,
-    new: &NewJob,
-) -> Result<Enqueued, EnqueueError> {
-    let source = source_repo(&new.source);
-    let owner: String = sqlx::query_scalar(
-        "with claimed as (
-             insert into mirror_owner (mirror_repo, source_repo, created_at) values ($1, $2, mm_now_ms())
-             on conflict (mirror_repo) do nothing returning source_repo)
-         select source_repo from claimed
-         union all select source_repo from mirror_owner where mirror_repo = $1
-         limit 1",
-    )
-    .bind(&new.target_repo)
-    .bind(&source)
-    .fetch_one(&mut *tx)
-    .await?;
-    if owner != source {
-        return Err(EnqueueError::Owned {
-            mirror_repo: new.target_repo.clone(),
-            owner,
-            requested: source,
-        });
-    }
-    let live = sqlx::query_as::<_, JobRow>(concat!(
-        "select ",
-        job_columns!(),
-        " from job
-         where source = $1 and target_repo = $2 and coalesce(target_tag, '') = coalesce($3, '')
-           and state in ('queued', 'running')
-         order by id desc"
-    ))
-    .bind(&new.source)
-    .bind(&new.target_repo)
-    .bind(&new.target_tag)
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .map(JobRow::into_job)
-    .collect::<Result<Vec<_>, _>>()?;
-    match decide(&live, new) {
-        Decision::Join(i) => Ok(Enqueued {
-            job: live[i].clone(),
-            dedupe: Dedupe::Joined,
-        }),
-        Decision::Merge {
-            index,
-            referrers,
-            policy,
-            repair,
-        } => {
-            let job = sqlx::query_as::<_, JobRow>(concat!(
-                "update job set referrers = $1, policy = $2, repair = $3, updated_at = mm_now_ms()
-                 where id = $4 returning ",
-                job_columns!()
-            ))
-            .bind(referrers)
-            .bind(policy.map(|p| p.as_str()))
-            .bind(repair)
-            .bind(live[index].id)
-            .fetch_one(&mut *tx)
-            .await?
-            .into_job()?;
-            Ok(Enqueued {
-                job,
-                dedupe: Dedupe::Merged,
-            })
-        }
-        Decision::Insert { after } => {
-            let job = sqlx::query_as::<_, JobRow>(concat!("insert into job (source, target_repo, target_tag, state, max_attempts, run_at, requested_by,
-                     created_at, updated_at, referrers, policy, repair)
-                 values ($1, $2, $3, 'queued', $4, mm_now_ms(), $5::jsonb, mm_now_ms(), mm_now_ms(), $6, $7, $8)
-                 returning ", job_columns!()))
-            .bind(&new.source)
-            .bind(&new.target_repo)
-            .bind(&new.target_tag)
-            .bind(new.max_attempts)
-            .bind(&new.requested_by)
-            .bind(new.referrers)
-            .bind(new.policy.map(|p| p.as_str()))
-            .bind(new.repair)
-            .fetch_one(&mut *tx)
-            .await?
-            .into_job()?;
-            Ok(Enqueued {
-                job,
-                dedupe: after.map_or(Dedupe::New, Dedupe::QueuedAfter),
-            })
-        }
-    }
-}
-
 fn lease_token() -> String {
     hex::encode(rand::rng().random::<[u8; 16]>())
 }
@@ -251,13 +159,7 @@ impl PgStore {
     ) -> Result<Vec<Result<Enqueued, EnqueueError>>, Error> {
         let mut tx = self.pool.begin().await?;
         lock(&mut tx, job_keys(new)).await?;
-        let mut out = Vec::with_capacity(new.len());
-        for n in new {
-            match enqueue_in(&mut tx, n).await {
-                Err(EnqueueError::Store(e)) => return Err(e),
-                r => out.push(r),
-            }
-        }
+        let out = enqueue_all(&mut tx, new).await?;
         let created = out.iter().flatten().filter(|q| q.created()).count();
         notify(&mut tx, created).await?;
         tx.commit().await?;
@@ -540,10 +442,11 @@ impl PgStore {
                 response: parse_json("delivery response", &response)?,
             });
         }
-        let mut out = Vec::with_capacity(jobs.len());
-        for j in jobs {
-            out.push(enqueue_in(&mut tx, j).await?);
-        }
+        // All or nothing: the first refusal fails the delivery (the transaction rolls back).
+        let out = enqueue_all(&mut tx, jobs)
+            .await?
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
         let response = respond(&out);
         sqlx::query(
             "insert into github_delivery (delivery_id, status, response, created_at)
