@@ -321,6 +321,39 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Whether this replica runs the `kind` round of the current slot (floor(database clock /
+    /// `interval`)): exactly one caller per slot across every replica gets it. `replica` names
+    /// the caller in the record.
+    pub async fn claim_round(
+        &self,
+        kind: RoundKind,
+        interval: Duration,
+        replica: &str,
+    ) -> Result<Option<RoundSlot>, Error> {
+        each!(self.claim_round(kind, interval, replica))
+    }
+
+    /// How long until the next slot of `interval` begins (by the database's clock).
+    pub async fn next_round_in(&self, interval: Duration) -> Result<Duration, Error> {
+        each!(self.next_round_in(interval))
+    }
+
+    /// Records what the round of `slot` found.
+    pub async fn finish_round(
+        &self,
+        slot: RoundSlot,
+        result: &serde_json::Value,
+    ) -> Result<(), Error> {
+        each!(self.finish_round(slot, result))
+    }
+
+    /// The newest round of `kind`, on whichever replica it ran.
+    pub async fn last_round(&self, kind: RoundKind) -> Result<Option<Round>, Error> {
+        each!(self.last_round(kind))
+    }
+}
+
 /// The source repository of a job's source reference (`docker.io/library/nginx`).
 pub(crate) fn source_repo(source: &str) -> String {
     ImageRef::parse_source(source)

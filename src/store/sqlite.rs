@@ -10,8 +10,8 @@ use tokio::sync::Notify;
 
 use super::{
     Delivery, Drift, DriftKind, DriftRecorded, EnqueueError, Enqueued, Error, Job, JobState,
-    JobStats, Lease, NewDrift, NewJob, NewRecord, ProgressRow, Record, corrupt, parse_json,
-    parse_policy,
+    JobStats, Lease, NewDrift, NewJob, NewRecord, ProgressRow, Record, Round, RoundKind, RoundSlot,
+    corrupt, parse_json, parse_policy,
 };
 use crate::db::{Db, now_ms};
 use crate::{ledger, queue};
@@ -22,6 +22,10 @@ pub struct SqliteStore {
     db: Db,
     /// Rung after an enqueue that created a job (one process: no one else to tell).
     pub(super) wake: Arc<Notify>,
+    /// The rounds of this process. One process owns a SQLite file, so "once per slot across
+    /// replicas" is once per slot here; kept in memory until migration 0008 (round_slot) lands
+    /// for SQLite, so a restart forgets the last results.
+    rounds: Arc<std::sync::Mutex<std::collections::HashMap<RoundKind, Round>>>,
 }
 
 impl From<queue::EnqueueError> for EnqueueError {
@@ -180,6 +184,7 @@ impl SqliteStore {
         SqliteStore {
             db,
             wake: Arc::new(Notify::new()),
+            rounds: Arc::default(),
         }
     }
 
@@ -487,5 +492,53 @@ impl SqliteStore {
             .into_iter()
             .map(|(k, n)| Ok((k.parse().map_err(|_| corrupt("drift kind", k))?, n)))
             .collect()
+    }
+
+    pub(super) async fn claim_round(
+        &self,
+        kind: RoundKind,
+        interval: Duration,
+        replica: &str,
+    ) -> Result<Option<RoundSlot>, Error> {
+        let now = now_ms();
+        let slot = now / (interval.as_millis() as i64).max(1);
+        let mut rounds = self.rounds.lock().expect("rounds lock");
+        if rounds.get(&kind).is_some_and(|r| r.slot >= slot) {
+            return Ok(None);
+        }
+        rounds.insert(
+            kind,
+            Round {
+                kind,
+                slot,
+                replica: replica.to_string(),
+                started_at: now,
+                finished_at: None,
+                result: None,
+            },
+        );
+        Ok(Some(RoundSlot { kind, slot }))
+    }
+
+    pub(super) async fn next_round_in(&self, interval: Duration) -> Result<Duration, Error> {
+        let every = (interval.as_millis() as i64).max(1);
+        Ok(Duration::from_millis((every - now_ms() % every) as u64))
+    }
+
+    pub(super) async fn finish_round(
+        &self,
+        slot: RoundSlot,
+        result: &serde_json::Value,
+    ) -> Result<(), Error> {
+        let mut rounds = self.rounds.lock().expect("rounds lock");
+        if let Some(r) = rounds.get_mut(&slot.kind).filter(|r| r.slot == slot.slot) {
+            r.finished_at = Some(now_ms());
+            r.result = Some(result.clone());
+        }
+        Ok(())
+    }
+
+    pub(super) async fn last_round(&self, kind: RoundKind) -> Result<Option<Round>, Error> {
+        Ok(self.rounds.lock().expect("rounds lock").get(&kind).cloned())
     }
 }

@@ -268,3 +268,42 @@ pub enum Delivery {
         response: Value,
     },
 }
+
+/// A periodic round that runs once per interval across replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoundKind {
+    /// Drift watch.
+    Drift,
+    /// The mirror-list sync.
+    Sync,
+}
+
+impl RoundKind {
+    /// The name used in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoundKind::Drift => "drift",
+            RoundKind::Sync => "sync",
+        }
+    }
+}
+
+/// A round this replica won the right to run (see `Store::claim_round`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundSlot {
+    pub kind: RoundKind,
+    /// floor(database clock in ms / interval in ms).
+    pub slot: i64,
+}
+
+/// A round as recorded: who ran it, when, what it found.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Round {
+    pub kind: RoundKind,
+    pub slot: i64,
+    pub replica: String,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    pub result: Option<Value>,
+}

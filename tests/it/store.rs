@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use mirror_mirror::store::{
     Dedupe, Delivery, DriftKind, EnqueueError, JobState, NewDrift, NewJob, NewRecord, Policy,
-    ProgressRow, Store,
+    ProgressRow, RoundKind, Store,
 };
 use serde_json::json;
 
@@ -83,6 +83,7 @@ conformance!(
     an_enqueue_wakes_the_workers_of_another_replica,
     group_commit_enqueues_many_durably,
     one_batch_dedupes_within_itself_as_if_one_by_one,
+    a_round_runs_once_per_interval_across_replicas,
 );
 
 fn job(source: &str) -> NewJob {
@@ -747,5 +748,65 @@ async fn one_batch_dedupes_within_itself_as_if_one_by_one(backend: Backend) {
     assert_eq!(
         out[0].as_ref().unwrap().job.id,
         out[1].as_ref().unwrap().job.id
+    );
+}
+
+async fn a_round_runs_once_per_interval_across_replicas(backend: Backend) {
+    let db = Database::new(backend).await;
+    // SQLite: one process per file, so the replicas are clones of one store.
+    let first = db.open().await;
+    let mut replicas = vec![first.clone()];
+    for _ in 0..2 {
+        replicas.push(match backend {
+            Backend::Sqlite => first.clone(),
+            Backend::Postgres => db.open().await,
+        });
+    }
+    let interval = Duration::from_secs(1);
+    let mut slots = Vec::new();
+    for _ in 0..3 {
+        // Start just after a boundary so the whole race falls within one slot.
+        let wait = first.next_round_in(interval).await.unwrap();
+        tokio::time::sleep(wait + Duration::from_millis(20)).await;
+        let tasks: Vec<_> = (0..12)
+            .map(|i| {
+                let s = replicas[i % 3].clone();
+                tokio::spawn(async move {
+                    s.claim_round(RoundKind::Drift, interval, &format!("replica-{}", i % 3))
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut won = Vec::new();
+        for t in tasks {
+            won.extend(t.await.unwrap());
+        }
+        assert_eq!(won.len(), 1, "one round per interval in all: {won:?}");
+        let slot = won[0];
+        replicas[2]
+            .finish_round(slot, &json!({"checked": slot.slot}))
+            .await
+            .unwrap();
+        let last = replicas[1]
+            .last_round(RoundKind::Drift)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (last.slot, last.result),
+            (slot.slot, Some(json!({"checked": slot.slot})))
+        );
+        assert!(last.finished_at.is_some());
+        slots.push(slot.slot);
+    }
+    assert!(slots.windows(2).all(|w| w[1] > w[0]), "{slots:?}");
+    // Kinds are independent.
+    assert!(
+        first
+            .claim_round(RoundKind::Sync, interval, "replica-0")
+            .await
+            .unwrap()
+            .is_some()
     );
 }

@@ -7,6 +7,7 @@
 mod enqueue;
 mod ledger;
 mod queue;
+mod rounds;
 
 use std::str::FromStr as _;
 use std::sync::Arc;
