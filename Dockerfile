@@ -16,11 +16,13 @@ RUN mkdir src \
  && cargo build --release --locked \
  && rm -rf src
 
-# The real sources. `sqlx::migrate!` embeds migrations/ at compile time, so it must be here too.
+# The real sources. `sqlx::migrate!` embeds migrations/ and askama embeds templates/ at compile
+# time, so they must be here too.
 # COPY keeps the context's modification times, which can be older than the stubs above: touch the
 # crate roots so cargo rebuilds the crate instead of shipping the stub binary.
 COPY src ./src
 COPY migrations ./migrations
+COPY templates ./templates
 RUN touch src/main.rs src/lib.rs \
  && cargo build --release --locked \
  && ./target/release/mirror-mirror --version | grep -q '^mirror-mirror '

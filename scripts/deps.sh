@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # Installs what mirror-mirror's tests, demo and benchmarks need when it is missing (Debian/Ubuntu):
 # the CNCF distribution registry, skopeo (an independent client), htpasswd, openssl; nginx (fronts
+<<<<<<< HEAD
 # with other registries' rules), buildah and podman (realistic images, a user's pull); wrk and time
 # for the benchmark; PostgreSQL (the store's second backend: the harness runs initdb and postgres from
 # /usr/lib/postgresql/*/bin itself, pg_ctlcluster only marks the server package as installed).
+=======
+# with other registries' rules), buildah and podman (realistic images, a user's pull); jq (the GitHub
+# Action's script), Chromium and a CJK font (the status page's test); tinyproxy (a real HTTP proxy),
+# docker-credential-pass with pass and gnupg (a real credential helper); wrk and time for the benchmark.
+>>>>>>> main
 set -euo pipefail
 
 declare -A want=(
@@ -15,6 +21,13 @@ declare -A want=(
   [nginx]=nginx-light
   [podman]=podman
   [buildah]=buildah
+  [jq]=jq
+  [chromium]=chromium
+  [fc-list]=fontconfig
+  [tinyproxy]=tinyproxy
+  [docker-credential-pass]=golang-docker-credential-helpers
+  [pass]=pass
+  [gpg]=gnupg
   [wrk]=wrk
   [/usr/bin/time]=time
   [pg_ctlcluster]=postgresql
@@ -23,6 +36,10 @@ missing=()
 for cmd in "${!want[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${want[$cmd]}")
 done
+# The status page's test looks at the Chinese page in Chromium: it needs a CJK font.
+if ! command -v fc-list >/dev/null 2>&1 || [ -z "$(fc-list :lang=zh 2>/dev/null)" ]; then
+  missing+=(fonts-noto-cjk)
+fi
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}" >&2
   sudo=""

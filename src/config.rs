@@ -50,6 +50,9 @@ pub enum Command {
     Copy(CopyArgs),
     /// Run the mirror service: REST API, durable SQLite queue, workers, and the digest ledger.
     Serve(Box<ServeArgs>),
+    /// Check that a mirror serves exactly the image of an official digest (exit 0 ok, 1 missing or
+    /// different, 2 usage, 3 could not check).
+    Verify(Box<VerifyArgs>),
 }
 
 /// Settings shared by everything that talks to registries.
@@ -73,6 +76,49 @@ pub struct RegistryArgs {
     /// without spending an attempt).
     #[arg(long, env = "MIRROR_RATE_LIMIT_MAX_WAIT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=21600))]
     pub rate_limit_max_wait: u64,
+
+    /// Upload blobs larger than this to every target in `PATCH` chunks of this size (`8MiB`,
+    /// `5M`, bytes; 256 KiB to 64 MiB; ECR needs at least 5 MiB, GHCR at most 4 MiB). Unset: one
+    /// `PUT` per blob, and 8 MiB chunks to a registry once it answers `413 Payload Too Large`.
+    #[arg(long, env = "MIRROR_CHUNK_SIZE", value_parser = parse_size)]
+    pub chunk_size: Option<u64>,
+
+    /// A YAML file of per-registry settings (CA directory, client certificate, insecure, chunk
+    /// size, body limit, layout), keyed by HOST[:PORT]; see deploy/registries.example.yaml.
+    #[arg(long, env = "MIRROR_REGISTRIES_FILE")]
+    pub registries_file: Option<std::path::PathBuf>,
+
+    /// A directory laid out like /etc/docker/certs.d (HOST[:PORT]/ca.crt, client.cert,
+    /// client.key), such as a mounted Kubernetes Secret; its CAs are added to the system roots.
+    #[arg(long, env = "MIRROR_CERTS_DIR")]
+    pub certs_dir: Option<std::path::PathBuf>,
+
+    /// The Docker and containers certs.d directories looked in (comma-separated).
+    #[arg(long, env = "MIRROR_SYSTEM_CERTS_DIRS", default_value = crate::registry::tls::SYSTEM_CERTS_DIRS, value_delimiter = ',')]
+    pub system_certs_dirs: Vec<std::path::PathBuf>,
+}
+
+/// A byte size: `4194304`, `512k`/`512KiB`, `8M`/`8MiB`, `1G`/`1GiB` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => {
+            return Err(format!(
+                "{s:?} is not a size: use bytes or a number with K, M or G (8MiB)"
+            ));
+        }
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size: use bytes or a number with K, M or G (8MiB)"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// `mirror-mirror copy SRC DST`.
@@ -107,6 +153,54 @@ pub struct CopyArgs {
     pub registry: RegistryArgs,
 }
 
+/// `mirror-mirror verify MIRROR_REF --digest sha256:…`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The mirror reference users pull: `ghcr.io/acme/mirror/…:v1.8.1`, or `…@sha256:…`.
+    #[arg(value_parser = parse_image)]
+    pub mirror: crate::reference::ImageRef,
+
+    /// The official digest (from a trusted channel); optional when MIRROR_REF ends in `@sha256:…`.
+    #[arg(long, value_parser = parse_digest)]
+    pub digest: Option<crate::digest::Digest>,
+
+    /// The source the mirror was made from: it must serve the same digest (one HEAD).
+    #[arg(long, value_parser = parse_source)]
+    pub source: Option<crate::reference::ImageRef>,
+
+    /// Base URL of a running `mirror-mirror serve` whose ledger must record this mirror carrying
+    /// the digest (`GET /digests/{digest}`).
+    #[arg(long)]
+    pub ledger: Option<url::Url>,
+
+    /// Bearer token for the ledger, when it requires one for reads.
+    #[arg(long, env = "MIRROR_LEDGER_TOKEN", hide_env_values = true)]
+    pub ledger_token: Option<Secret>,
+
+    /// Manifests and blobs read at once.
+    #[arg(long, short = 'j', env = "MIRROR_COPY_JOBS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub jobs: u32,
+
+    /// Print the whole report as JSON on stdout instead of the verdict line.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+fn parse_image(s: &str) -> Result<crate::reference::ImageRef, String> {
+    crate::reference::ImageRef::parse(s).map_err(|e| format!("not an image reference: {e}"))
+}
+
+fn parse_source(s: &str) -> Result<crate::reference::ImageRef, String> {
+    crate::reference::ImageRef::parse_source(s).map_err(|e| format!("not an image reference: {e}"))
+}
+
+fn parse_digest(s: &str) -> Result<crate::digest::Digest, String> {
+    crate::digest::Digest::parse(s).map_err(|e| format!("not a digest (sha256:<64 hex>): {e}"))
+}
+
 /// `mirror-mirror serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -124,8 +218,9 @@ pub struct ServeArgs {
 
     /// How sources are named under the target: `nested` (`prefix/registry/path`) or `flat` (one
     /// name below the prefix, for registries that take only `namespace/repo`: Docker Hub, Quay, ACR).
-    #[arg(long, env = "MIRROR_TARGET_LAYOUT", default_value = "nested")]
-    pub target_layout: crate::mapping::Layout,
+    /// Unset: the target registry's `layout` in the registries file, else `nested`.
+    #[arg(long, env = "MIRROR_TARGET_LAYOUT")]
+    pub target_layout: Option<crate::mapping::Layout>,
 
     /// Bearer tokens allowed to request mirrors: comma-separated `token` or `name=token`.
     #[arg(long, env = "MIRROR_API_TOKENS", hide_env_values = true)]
@@ -194,6 +289,12 @@ pub struct ServeArgs {
     /// Repositories allowed to trigger mirrors: `owner/repo` or `owner/*`, comma-separated. Unset: any.
     #[arg(long, env = "MIRROR_GITHUB_REPOSITORIES")]
     pub github_repositories: Option<String>,
+
+    /// Source repositories on the target's registry that the target's credentials may read
+    /// (`registry/path` prefixes, comma-separated). Any other repository there is read without
+    /// credentials, so a request cannot make the service copy a private repository with them.
+    #[arg(long, env = "MIRROR_TRUSTED_SOURCE_CREDENTIALS", value_delimiter = ',')]
+    pub trusted_source_credentials: Vec<String>,
 
     /// URL to POST a signed JSON notice to when a job succeeds or fails.
     #[arg(long, env = "MIRROR_NOTIFY_URL")]

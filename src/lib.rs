@@ -31,11 +31,15 @@ pub mod queue;
 pub mod reference;
 /// The registry transport and the digest-preserving copy engine.
 pub mod registry;
+/// Background rounds (drift watch, mirror-list sync): queued, one at a time, stopped at shutdown.
+pub mod rounds;
 /// `serve`: the service's start-up and orderly shutdown.
 pub mod serve;
 /// The one place with SQL and transactions: units of work over SQLite or PostgreSQL.
 pub mod store;
 /// The mirror list kept in sync through the queue: on start, on a schedule, on `POST /sync`.
 pub mod sync;
+/// `verify`: does a mirror serve exactly the image of an official digest?
+pub mod verify;
 /// The worker loop that runs copies under a lease.
 pub mod worker;

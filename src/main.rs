@@ -21,13 +21,18 @@ async fn main() -> ExitCode {
         builder.with_ansi(std::io::stderr().is_terminal()).init();
     }
     let result = match cli.command {
-        Command::Copy(args) => mirror_mirror::cmd::copy(args).await,
-        Command::Serve(args) => mirror_mirror::serve::run(*args).await,
+        Command::Copy(args) => mirror_mirror::cmd::copy(args)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Serve(args) => mirror_mirror::serve::run(*args)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Verify(args) => mirror_mirror::cmd::verify(*args).await.map(ExitCode::from),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", mirror_mirror::cmd::error_line(&err));
             ExitCode::FAILURE
         }
     }

@@ -1,26 +1,32 @@
-//! Process-wide counters and the Prometheus text rendering behind `/metrics`.
+//! Process-wide counters, exposed at `/metrics` through `prometheus-client` (the Prometheus
+//! project's Rust client) in the Prometheus text format.
 //!
-//! Counters are plain atomics (and one map for labelled registry requests), cheap to bump on hot
-//! paths; gauges that live in the database (jobs by state, queue depth) are read at scrape time.
+//! Counters are the client's atomics, cheap to bump on hot paths; gauges that live in the database
+//! (jobs by state, queue depth) or in the rate-limit budgets are read at scrape time.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{LazyLock, Mutex};
 use std::time::SystemTime;
 
+use prometheus_client::metrics::counter::Counter as PromCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge as PromGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
 /// A monotonically increasing counter.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
+#[derive(Debug, Default, Clone)]
+pub struct Counter(PromCounter<u64, AtomicU64>);
 
 impl Counter {
     /// Adds `n`.
     pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
+        self.0.inc_by(n);
     }
     /// The current value.
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.get()
     }
 }
 
@@ -28,15 +34,21 @@ impl Counter {
 pub const DURATION_BUCKETS: [f64; 10] =
     [0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0];
 
-/// A gauge read at scrape time: name, help, and samples as (`{label="…"}` or empty, value).
-pub type Gauge<'a> = (&'a str, &'a str, Vec<(String, f64)>);
+/// Label pairs of one sample.
+pub type Labels = Vec<(String, String)>;
+
+type CounterFamily = Family<Labels, PromCounter<u64, AtomicU64>>;
+type GaugeFamily = Family<Labels, PromGauge<f64, AtomicU64>>;
+
+/// A gauge read at scrape time: name, help, and samples as (label pairs, possibly none; value).
+pub type Gauge<'a> = (&'a str, &'a str, Vec<(Labels, f64)>);
 
 /// A registry's rate-limit budget as `/metrics` shows it: the allowance left, if the registry
 /// says, and until when requests to it wait.
 pub type RateLimitState = (Option<u64>, Option<SystemTime>);
 
 /// Every counter the process keeps.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     /// Blob bytes that crossed the wire in copies.
     pub bytes_copied: Counter,
@@ -51,11 +63,11 @@ pub struct Metrics {
     /// Rate-limit budgets by registry.
     pub rate_limits: Mutex<BTreeMap<String, RateLimitState>>,
     /// Registry requests by (registry, HTTP status).
-    pub registry_requests: Mutex<BTreeMap<(String, u16), u64>>,
+    registry_requests: CounterFamily,
     /// Webhook deliveries by outcome.
-    pub webhook_deliveries: Mutex<BTreeMap<&'static str, u64>>,
-    /// Finished jobs' durations: bucket counts, sum, count.
-    job_durations: Mutex<([u64; DURATION_BUCKETS.len()], f64, u64)>,
+    webhook_deliveries: CounterFamily,
+    /// Finished jobs' durations.
+    job_durations: Histogram,
     /// Drift watch: mirrored tags checked, checks that failed, jobs queued to follow or repair.
     pub drift_checks: Counter,
     pub drift_check_errors: Counter,
@@ -64,22 +76,53 @@ pub struct Metrics {
     pub sync_runs: Counter,
     pub sync_errors: Counter,
     pub sync_jobs: Counter,
+    /// Worker tasks that panicked and were started again.
+    pub worker_restarts: Counter,
     /// Drift watch: problems newly found, by kind.
     pub drift_found: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            bytes_copied: Counter::default(),
+            blobs_uploaded: Counter::default(),
+            blobs_mounted: Counter::default(),
+            blobs_skipped: Counter::default(),
+            retries: Counter::default(),
+            rate_limit_waits: Counter::default(),
+            rate_limits: Mutex::default(),
+            registry_requests: CounterFamily::default(),
+            webhook_deliveries: CounterFamily::default(),
+            job_durations: Histogram::new(DURATION_BUCKETS),
+            drift_checks: Counter::default(),
+            drift_check_errors: Counter::default(),
+            drift_jobs: Counter::default(),
+            sync_runs: Counter::default(),
+            sync_errors: Counter::default(),
+            sync_jobs: Counter::default(),
+            worker_restarts: Counter::default(),
+            drift_found: Mutex::default(),
+        }
+    }
 }
 
 /// The process's metrics.
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::default);
 
+fn label(k: &str, v: impl Into<String>) -> Labels {
+    vec![(k.to_string(), v.into())]
+}
+
 impl Metrics {
     /// Counts one registry answer.
     pub fn registry_request(&self, registry: &str, status: u16) {
-        *self
-            .registry_requests
-            .lock()
-            .expect("metrics poisoned")
-            .entry((registry.to_string(), status))
-            .or_default() += 1;
+        self.registry_requests
+            .get_or_create(&vec![
+                ("registry".to_string(), registry.to_string()),
+                ("status".to_string(), status.to_string()),
+            ])
+            .inc();
     }
 
     /// Records a registry's rate-limit budget: the allowance left (if it says) and until when
@@ -98,202 +141,400 @@ impl Metrics {
 
     /// Counts one webhook delivery.
     pub fn webhook(&self, outcome: &'static str) {
-        *self
-            .webhook_deliveries
-            .lock()
-            .expect("metrics poisoned")
-            .entry(outcome)
-            .or_default() += 1;
+        self.webhook_deliveries
+            .get_or_create(&label("outcome", outcome))
+            .inc();
     }
 
     /// Records a finished job's duration.
     pub fn job_finished(&self, seconds: f64) {
-        let mut h = self.job_durations.lock().expect("metrics poisoned");
-        for (i, le) in DURATION_BUCKETS.iter().enumerate() {
-            if seconds <= *le {
-                h.0[i] += 1;
-            }
-        }
-        h.1 += seconds;
-        h.2 += 1;
+        self.job_durations.observe(seconds);
     }
 
-    /// Renders the counters (plus `gauges`, read by the caller) in the Prometheus text format.
+    /// Renders the counters (plus `gauges`, read by the caller) in the Prometheus text format
+    /// (version 0.0.4), through `prometheus-client`'s encoder.
     pub fn render(&self, gauges: &[Gauge]) -> String {
-        let mut out = String::new();
+        let mut reg = Registry::default();
         for (name, help, samples) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-            for (labels, v) in samples {
-                let _ = writeln!(out, "{name}{labels} {v}");
-            }
+            register_gauges(&mut reg, name, help, samples);
         }
-        let counters: [(&str, &str, &Counter); 12] = [
+        let counters: [(&str, &str, &Counter); 13] = [
             (
-                "mirror_bytes_copied_total",
-                "Blob bytes that crossed the wire.",
+                "mirror_worker_restarts",
+                "Worker tasks that panicked and were started again",
+                &self.worker_restarts,
+            ),
+            (
+                "mirror_bytes_copied",
+                "Blob bytes that crossed the wire",
                 &self.bytes_copied,
             ),
             (
-                "mirror_blobs_uploaded_total",
-                "Blobs streamed to a target.",
+                "mirror_blobs_uploaded",
+                "Blobs streamed to a target",
                 &self.blobs_uploaded,
             ),
             (
-                "mirror_blobs_mounted_total",
-                "Blobs linked by cross-repository mount.",
+                "mirror_blobs_mounted",
+                "Blobs linked by cross-repository mount",
                 &self.blobs_mounted,
             ),
             (
-                "mirror_blobs_skipped_total",
-                "Blobs the target already had.",
+                "mirror_blobs_skipped",
+                "Blobs the target already had",
                 &self.blobs_skipped,
             ),
             (
-                "mirror_registry_retries_total",
-                "Retries of transient registry failures.",
+                "mirror_registry_retries",
+                "Retries of transient registry failures",
                 &self.retries,
             ),
             (
-                "mirror_registry_rate_limit_waits_total",
-                "Waits for a registry's rate limit (Retry-After, a 429, a paused or spent budget).",
+                "mirror_registry_rate_limit_waits",
+                "Waits for a registry's rate limit (Retry-After, a 429, a paused or spent budget)",
                 &self.rate_limit_waits,
             ),
+            ("mirror_sync_runs", "Mirror list syncs run", &self.sync_runs),
             (
-                "mirror_sync_runs_total",
-                "Mirror list syncs run.",
-                &self.sync_runs,
-            ),
-            (
-                "mirror_sync_errors_total",
-                "Mirror list entries (or unreadable files) that could not be synced.",
+                "mirror_sync_errors",
+                "Mirror list entries (or unreadable files) that could not be synced",
                 &self.sync_errors,
             ),
             (
-                "mirror_sync_jobs_total",
-                "Jobs queued by the mirror list.",
+                "mirror_sync_jobs",
+                "Jobs queued by the mirror list",
                 &self.sync_jobs,
             ),
             (
-                "mirror_drift_checks_total",
-                "Mirrored tags (or digests) re-checked by drift watch.",
+                "mirror_drift_checks",
+                "Mirrored tags (or digests) re-checked by drift watch",
                 &self.drift_checks,
             ),
             (
-                "mirror_drift_check_errors_total",
-                "Drift checks that could not reach a registry.",
+                "mirror_drift_check_errors",
+                "Drift checks that could not reach a registry",
                 &self.drift_check_errors,
             ),
             (
-                "mirror_drift_jobs_total",
-                "Jobs queued by drift watch to follow a moved tag or repair a mirror.",
+                "mirror_drift_jobs",
+                "Jobs queued by drift watch to follow a moved tag or repair a mirror",
                 &self.drift_jobs,
             ),
         ];
         for (name, help, c) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                c.get()
-            );
+            reg.register(name, help, c.0.clone());
         }
-        let _ = writeln!(
-            out,
-            "# HELP mirror_registry_requests_total Registry answers by registry and HTTP status.\n# TYPE mirror_registry_requests_total counter"
+        reg.register(
+            "mirror_registry_requests",
+            "Registry answers by registry and HTTP status",
+            self.registry_requests.clone(),
         );
-        for ((registry, status), n) in self
-            .registry_requests
-            .lock()
-            .expect("metrics poisoned")
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "mirror_registry_requests_total{{registry=\"{}\",status=\"{status}\"}} {n}",
-                escape(registry)
-            );
-        }
-        let limits = self.rate_limits.lock().expect("metrics poisoned");
-        let _ = writeln!(
-            out,
-            "# HELP mirror_registry_rate_limit_remaining Requests the registry last said are left in its rate-limit window, less those sent since.\n# TYPE mirror_registry_rate_limit_remaining gauge"
-        );
-        for (registry, (remaining, _)) in limits.iter() {
-            if let Some(n) = remaining {
-                let _ = writeln!(
-                    out,
-                    "mirror_registry_rate_limit_remaining{{registry=\"{}\"}} {n}",
-                    escape(registry)
-                );
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP mirror_registry_rate_limit_paused_seconds Seconds until requests to the registry resume after a rate limit (0: not paused).\n# TYPE mirror_registry_rate_limit_paused_seconds gauge"
-        );
+        let (remaining, paused) = (GaugeFamily::default(), GaugeFamily::default());
         let now = SystemTime::now();
-        for (registry, (_, until)) in limits.iter() {
-            let left = until
+        for (registry, (left, until)) in self.rate_limits.lock().expect("metrics poisoned").iter() {
+            if let Some(n) = left {
+                remaining
+                    .get_or_create(&label("registry", registry.as_str()))
+                    .set(*n as f64);
+            }
+            let wait = until
                 .and_then(|u| u.duration_since(now).ok())
                 .unwrap_or_default();
-            let _ = writeln!(
-                out,
-                "mirror_registry_rate_limit_paused_seconds{{registry=\"{}\"}} {}",
-                escape(registry),
-                left.as_secs_f64().ceil()
-            );
+            paused
+                .get_or_create(&label("registry", registry.as_str()))
+                .set(wait.as_secs_f64().ceil());
         }
-        drop(limits);
-        let _ = writeln!(
-            out,
-            "# HELP mirror_webhook_deliveries_total GitHub webhook deliveries by outcome.\n# TYPE mirror_webhook_deliveries_total counter"
+        reg.register(
+            "mirror_registry_rate_limit_remaining",
+            "Requests the registry last said are left in its rate-limit window, less those sent since",
+            remaining,
         );
-        for (outcome, n) in self
-            .webhook_deliveries
-            .lock()
-            .expect("metrics poisoned")
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "mirror_webhook_deliveries_total{{outcome=\"{outcome}\"}} {n}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP mirror_drift_found_total Drift newly found, by kind.\n# TYPE mirror_drift_found_total counter"
+        reg.register(
+            "mirror_registry_rate_limit_paused_seconds",
+            "Seconds until requests to the registry resume after a rate limit (0: not paused)",
+            paused,
         );
+        reg.register(
+            "mirror_webhook_deliveries",
+            "GitHub webhook deliveries by outcome",
+            self.webhook_deliveries.clone(),
+        );
+        let found = CounterFamily::default();
         for (kind, n) in self.drift_found.lock().expect("metrics poisoned").iter() {
-            let _ = writeln!(out, "mirror_drift_found_total{{kind=\"{kind}\"}} {n}");
+            found.get_or_create(&label("kind", *kind)).inc_by(*n);
         }
-        let h = self.job_durations.lock().expect("metrics poisoned");
-        let _ = writeln!(
-            out,
-            "# HELP mirror_job_duration_seconds Time from claim to result of finished jobs.\n# TYPE mirror_job_duration_seconds histogram"
+        reg.register("mirror_drift_found", "Drift newly found, by kind", found);
+        reg.register(
+            "mirror_job_duration_seconds",
+            "Time from claim to result of finished jobs",
+            self.job_durations.clone(),
         );
-        for (i, le) in DURATION_BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "mirror_job_duration_seconds_bucket{{le=\"{le}\"}} {}",
-                h.0[i]
-            );
-        }
-        let _ = writeln!(
-            out,
-            "mirror_job_duration_seconds_bucket{{le=\"+Inf\"}} {}",
-            h.2
-        );
-        let _ = writeln!(
-            out,
-            "mirror_job_duration_seconds_sum {}\nmirror_job_duration_seconds_count {}",
-            h.1, h.2
-        );
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &reg)
+            .expect("writing to a String cannot fail");
         out
     }
 }
 
-/// Escapes a Prometheus label value.
-pub fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// Registers a gauge read at scrape time: unlabelled when its one sample has no labels.
+fn register_gauges(reg: &mut Registry, name: &str, help: &str, samples: &[(Labels, f64)]) {
+    let help = help.trim_end_matches('.');
+    if let [(labels, v)] = samples
+        && labels.is_empty()
+    {
+        let g = PromGauge::<f64, AtomicU64>::default();
+        g.set(*v);
+        reg.register(name, help, g);
+        return;
+    }
+    let family = GaugeFamily::default();
+    for (labels, v) in samples {
+        family.get_or_create(labels).set(*v);
+    }
+    reg.register(name, help, family);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// One sample: name, labels (unescaped), value.
+    type Sample = (String, Vec<(String, String)>, f64);
+
+    /// A strict parser of the Prometheus text format 0.0.4: `# HELP` and `# TYPE` once per family
+    /// and before its samples, sample names of the declared family (`_bucket`, `_sum`, `_count` for
+    /// histograms), label names `[a-zA-Z_][a-zA-Z0-9_]*`, label values quoted with only `\\`,
+    /// `\"` and `\n` escapes, values that parse as floats, nothing else.
+    fn parse(text: &str) -> Result<Vec<Sample>, String> {
+        let name_ok = |n: &str| {
+            let mut c = n.chars();
+            c.next()
+                .is_some_and(|f| f.is_ascii_alphabetic() || f == '_' || f == ':')
+                && c.all(|x| x.is_ascii_alphanumeric() || x == '_' || x == ':')
+        };
+        let mut types: HashMap<String, String> = HashMap::new();
+        let mut helps: HashMap<String, String> = HashMap::new();
+        let mut samples = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let at = |m: &str| format!("line {}: {m}: {line:?}", i + 1);
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, help) = rest
+                    .split_once(' ')
+                    .ok_or_else(|| at("HELP without text"))?;
+                if !name_ok(name) || helps.insert(name.into(), help.into()).is_some() {
+                    return Err(at("bad or repeated HELP"));
+                }
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, t) = rest
+                    .split_once(' ')
+                    .ok_or_else(|| at("TYPE without type"))?;
+                if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&t)
+                    || !helps.contains_key(name)
+                    || types.insert(name.into(), t.into()).is_some()
+                {
+                    return Err(at("bad, repeated or HELP-less TYPE"));
+                }
+                continue;
+            }
+            if line.starts_with('#') || line.is_empty() {
+                return Err(at("unexpected comment or blank line"));
+            }
+            let name_end = line.find(['{', ' ']).ok_or_else(|| at("no value"))?;
+            let name = &line[..name_end];
+            let family = [
+                name,
+                name.strip_suffix("_bucket").unwrap_or(""),
+                name.strip_suffix("_sum").unwrap_or(""),
+                name.strip_suffix("_count").unwrap_or(""),
+            ]
+            .into_iter()
+            .find(|f| !f.is_empty() && types.contains_key(*f))
+            .ok_or_else(|| at("sample of an undeclared family"))?;
+            if family != name && types[family] != "histogram" {
+                return Err(at("suffix on a non-histogram"));
+            }
+            let mut rest = &line[name_end..];
+            let mut labels = Vec::new();
+            if let Some(r) = rest.strip_prefix('{') {
+                rest = r;
+                loop {
+                    if let Some(r) = rest.strip_prefix('}') {
+                        rest = r;
+                        break;
+                    }
+                    let (k, r) = rest.split_once("=\"").ok_or_else(|| at("bad label"))?;
+                    if !name_ok(k) || k.contains(':') {
+                        return Err(at("bad label name"));
+                    }
+                    let mut value = String::new();
+                    let mut chars = r.char_indices();
+                    let end = loop {
+                        match chars.next() {
+                            Some((_, '\\')) => match chars.next() {
+                                Some((_, '\\')) => value.push('\\'),
+                                Some((_, '"')) => value.push('"'),
+                                Some((_, 'n')) => value.push('\n'),
+                                _ => return Err(at("bad escape")),
+                            },
+                            Some((j, '"')) => break j,
+                            Some((_, c)) => value.push(c),
+                            None => return Err(at("unterminated label value")),
+                        }
+                    };
+                    labels.push((k.to_string(), value));
+                    rest = &r[end + 1..];
+                    rest = rest.strip_prefix(',').unwrap_or(rest);
+                }
+            }
+            let v = rest
+                .strip_prefix(' ')
+                .ok_or_else(|| at("no space before the value"))?;
+            let v: f64 = match v {
+                "+Inf" => f64::INFINITY,
+                "-Inf" => f64::NEG_INFINITY,
+                v => v.parse().map_err(|_| at("value is not a float"))?,
+            };
+            samples.push((name.to_string(), labels, v));
+        }
+        Ok(samples)
+    }
+
+    fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        samples
+            .iter()
+            .find(|(n, l, _)| {
+                n == name
+                    && l.len() == labels.len()
+                    && l.iter()
+                        .zip(labels)
+                        .all(|((a, b), (c, d))| a == c && b == d)
+            })
+            .map(|s| s.2)
+    }
+
+    #[test]
+    fn the_exposition_parses_strictly_with_every_metric_and_hostile_labels() {
+        let m = Metrics::default();
+        let evil = "evil\"host\\\n:5000";
+        m.registry_request(evil, 429);
+        m.registry_request("127.0.0.1:5000", 201);
+        m.registry_request("127.0.0.1:5000", 201);
+        m.webhook("accepted");
+        m.job_finished(0.7);
+        m.bytes_copied.add(42);
+        m.rate_limit(
+            "docker.io",
+            Some(3),
+            Some(SystemTime::now() + std::time::Duration::from_secs(10)),
+        );
+        m.drift_found.lock().unwrap().insert("upstream_moved", 2);
+        let text = m.render(&[
+            (
+                "mirror_jobs",
+                "Jobs by state.",
+                vec![
+                    (vec![("state".into(), "queued".into())], 2.0),
+                    (vec![("state".into(), "failed".into())], 0.0),
+                ],
+            ),
+            ("mirror_queue_depth", "Jobs waiting.", vec![(vec![], 2.0)]),
+        ]);
+        let s = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert!(
+            !text.contains(".."),
+            "help ends with one full stop:\n{text}"
+        );
+        assert_eq!(
+            value(
+                &s,
+                "mirror_registry_requests_total",
+                &[("registry", evil), ("status", "429")]
+            ),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(
+            value(
+                &s,
+                "mirror_registry_requests_total",
+                &[("registry", "127.0.0.1:5000"), ("status", "201")]
+            ),
+            Some(2.0)
+        );
+        assert_eq!(value(&s, "mirror_bytes_copied_total", &[]), Some(42.0));
+        assert_eq!(value(&s, "mirror_jobs", &[("state", "queued")]), Some(2.0));
+        assert_eq!(value(&s, "mirror_queue_depth", &[]), Some(2.0));
+        assert_eq!(
+            value(
+                &s,
+                "mirror_registry_rate_limit_remaining",
+                &[("registry", "docker.io")]
+            ),
+            Some(3.0)
+        );
+        let paused = value(
+            &s,
+            "mirror_registry_rate_limit_paused_seconds",
+            &[("registry", "docker.io")],
+        )
+        .unwrap();
+        assert!((9.0..=10.0).contains(&paused), "{paused}");
+        assert_eq!(
+            value(
+                &s,
+                "mirror_webhook_deliveries_total",
+                &[("outcome", "accepted")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &s,
+                "mirror_drift_found_total",
+                &[("kind", "upstream_moved")]
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(&s, "mirror_job_duration_seconds_bucket", &[("le", "0.5")]),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(&s, "mirror_job_duration_seconds_bucket", &[("le", "1")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&s, "mirror_job_duration_seconds_bucket", &[("le", "+Inf")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&s, "mirror_job_duration_seconds_count", &[]),
+            Some(1.0)
+        );
+        assert_eq!(value(&s, "mirror_job_duration_seconds_sum", &[]), Some(0.7));
+        // Every counter the README lists is there, under its old name.
+        for name in [
+            "mirror_blobs_uploaded_total",
+            "mirror_blobs_mounted_total",
+            "mirror_blobs_skipped_total",
+            "mirror_registry_retries_total",
+            "mirror_registry_rate_limit_waits_total",
+            "mirror_sync_runs_total",
+            "mirror_sync_errors_total",
+            "mirror_sync_jobs_total",
+            "mirror_drift_checks_total",
+            "mirror_drift_check_errors_total",
+            "mirror_drift_jobs_total",
+        ] {
+            assert_eq!(value(&s, name, &[]), Some(0.0), "{name}:\n{text}");
+        }
+        // The parser is strict: it refuses what is not the format.
+        assert!(parse("mirror_x 1").is_err());
+        assert!(parse("# HELP a b\n# TYPE a gauge\na{l=\"x} 1").is_err());
+        assert!(parse("# HELP a b\n# TYPE a gauge\na{l=\"\\t\"} 1").is_err());
+        assert!(parse("# HELP a b\n# TYPE a gauge\na one").is_err());
+    }
 }

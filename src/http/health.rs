@@ -18,24 +18,32 @@ pub async fn health() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// 200 when the database takes writes with every migration applied and the workers run; 503 with
-/// the failing checks otherwise.
+/// 200 when the database takes writes with every migration applied and every worker runs; 503 with
+/// the failing checks otherwise. A writer busy with a write is ready (`"writer": "busy"`): the
+/// answer never waits more than about a second for it.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, description = "ready"), (status = 503, description = "not ready, with the failing checks")))]
 pub async fn ready(State(state): State<AppState>) -> Response {
     let mut failing = Vec::new();
-    if let Err(e) = state.db.ready().await {
-        failing.push(format!("database: {e:#}"));
+    let mut writer = "idle";
+    match state.db.ready().await {
+        Ok(crate::db::WriterState::Idle) => {}
+        Ok(crate::db::WriterState::Busy) => writer = "busy",
+        Err(e) => failing.push(format!("database: {e:#}")),
     }
     let alive = state.workers_alive.load(Ordering::SeqCst);
     if alive < state.workers_expected {
         failing.push(format!(
-            "workers: {alive} of {} running",
+            "workers: {alive} of {} running (a worker that panicked is started again within 1 s; see mirror_worker_restarts_total)",
             state.workers_expected
         ));
     }
     if failing.is_empty() {
-        (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response()
+        (
+            StatusCode::OK,
+            Json(json!({ "status": "ready", "writer": writer })),
+        )
+            .into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -50,7 +58,7 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let (by_state, oldest_ms) = crate::queue::stats(&state.db).await?;
-    let jobs: Vec<(String, f64)> = crate::queue::state::ALL
+    let jobs: Vec<(crate::metrics::Labels, f64)> = crate::queue::state::ALL
         .iter()
         .map(|s| {
             let n = by_state
@@ -58,22 +66,26 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
                 .find(|(st, _)| st == s)
                 .map(|(_, n)| *n)
                 .unwrap_or(0);
-            (format!("{{state=\"{s}\"}}"), n as f64)
+            (vec![("state".to_string(), s.to_string())], n as f64)
         })
         .collect();
     let depth = jobs
         .iter()
-        .find(|(l, _)| l.contains("queued"))
+        .find(|(l, _)| l[0].1 == "queued")
         .map(|(_, n)| *n)
         .unwrap_or(0.0);
     let open = crate::ledger::open_drift_counts(&state.db).await?;
-    let drift_open: Vec<(String, f64)> = ["upstream_moved", "upstream_gone", "missing"]
-        .iter()
-        .map(|k| {
-            let n = open.iter().find(|(kind, _)| kind == k).map(|(_, n)| *n);
-            (format!("{{kind=\"{k}\"}}"), n.unwrap_or(0) as f64)
-        })
-        .collect();
+    let drift_open: Vec<(crate::metrics::Labels, f64)> =
+        ["upstream_moved", "upstream_gone", "missing"]
+            .iter()
+            .map(|k| {
+                let n = open.iter().find(|(kind, _)| kind == k).map(|(_, n)| *n);
+                (
+                    vec![("kind".to_string(), k.to_string())],
+                    n.unwrap_or(0) as f64,
+                )
+            })
+            .collect();
     let last_round = state
         .drift
         .last_round()
@@ -85,26 +97,23 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
         (
             "mirror_drift_last_round_timestamp_seconds",
             "Start of the last finished drift round (0: none yet).",
-            vec![(String::new(), last_round)],
+            vec![(vec![], last_round)],
         ),
         ("mirror_jobs", "Jobs by state.", jobs),
         (
             "mirror_queue_depth",
             "Jobs waiting to be copied.",
-            vec![(String::new(), depth)],
+            vec![(vec![], depth)],
         ),
         (
             "mirror_queue_oldest_age_seconds",
             "Age of the oldest queued job.",
-            vec![(String::new(), oldest_ms.unwrap_or(0) as f64 / 1000.0)],
+            vec![(vec![], oldest_ms.unwrap_or(0) as f64 / 1000.0)],
         ),
         (
             "mirror_workers_running",
             "Worker tasks running.",
-            vec![(
-                String::new(),
-                state.workers_alive.load(Ordering::SeqCst) as f64,
-            )],
+            vec![(vec![], state.workers_alive.load(Ordering::SeqCst) as f64)],
         ),
     ]);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())

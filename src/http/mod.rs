@@ -189,6 +189,7 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let (schemas, paths, webhook) = routes!(webhook::github);
     let (router, mut api) = OpenApiRouter::with_openapi(<ApiDoc as utoipa::OpenApi>::openapi())
         .routes(routes!(status::page))
+        .routes(routes!(status::image))
         .routes(routes!(mirror::create))
         .routes(routes!(jobs::list))
         .routes(routes!(jobs::show))

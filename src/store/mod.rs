@@ -15,6 +15,8 @@ use std::time::Duration;
 
 pub use types::*;
 
+pub use crate::db::WriterState;
+
 use crate::reference::ImageRef;
 
 /// What went wrong in the store.
@@ -121,8 +123,10 @@ impl Store {
         }
     }
 
-    /// Whether the database takes queries and has every migration applied (for `/readyz`).
-    pub async fn ready(&self) -> Result<(), Error> {
+    /// Whether the database has every migration applied and takes writes (for `/readyz`),
+    /// answering within about a second: a busy writer (SQLite) or a pool in full use
+    /// (PostgreSQL) is [`WriterState::Busy`], load rather than a fault.
+    pub async fn ready(&self) -> Result<WriterState, Error> {
         each!(self.ready())
     }
 

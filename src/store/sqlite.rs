@@ -13,7 +13,7 @@ use super::{
     JobStats, Lease, NewDrift, NewJob, NewRecord, ProgressRow, Record, Round, RoundKind, RoundSlot,
     corrupt, parse_json, parse_policy,
 };
-use crate::db::{Db, now_ms};
+use crate::db::{Db, WriterState, now_ms};
 use crate::{ledger, queue};
 
 /// SQLite through the existing `Db` pools.
@@ -193,7 +193,7 @@ impl SqliteStore {
         &self.db
     }
 
-    pub(super) async fn ready(&self) -> Result<(), Error> {
+    pub(super) async fn ready(&self) -> Result<WriterState, Error> {
         self.db
             .ready()
             .await

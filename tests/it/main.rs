@@ -1,14 +1,25 @@
 //! The one integration test binary: real registries, a real SQLite file, skopeo as an independent check.
 
+mod action;
 mod copy;
 mod deploy;
+mod deputy;
 mod drift;
 mod faults;
 mod github;
+mod helpers;
 mod namespace;
+mod proxy;
 mod queue;
+mod retries;
+mod rounds;
 mod service;
 mod ssrf;
+mod status;
 mod store;
 mod support;
 mod sync;
+mod tls;
+mod uploads;
+mod verify;
+mod worker;

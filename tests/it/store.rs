@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use mirror_mirror::store::{
     Dedupe, Delivery, DriftKind, EnqueueError, JobState, NewDrift, NewJob, NewRecord, Policy,
-    ProgressRow, RoundKind, Store,
+    ProgressRow, RoundKind, Store, WriterState,
 };
 use serde_json::json;
 
@@ -84,6 +84,8 @@ conformance!(
     group_commit_enqueues_many_durably,
     one_batch_dedupes_within_itself_as_if_one_by_one,
     a_round_runs_once_per_interval_across_replicas,
+    racing_workers_write_a_tag_one_at_a_time_in_request_order,
+    claims_and_completions_keep_up,
 );
 
 fn job(source: &str) -> NewJob {
@@ -441,6 +443,7 @@ async fn a_mirror_repository_has_one_owner(backend: Backend) {
 async fn records_are_found_by_every_digest_they_name(backend: Backend) {
     let db = Database::new(backend).await;
     let s = db.open().await;
+    assert_eq!(s.ready().await.unwrap(), WriterState::Idle);
     s.enqueue(&job("docker.io/library/x:1")).await.unwrap();
     let l = s.claim(Duration::from_secs(30)).await.unwrap().unwrap();
     let want = record(l.job.id, "m/x");
@@ -809,4 +812,178 @@ async fn a_round_runs_once_per_interval_across_replicas(backend: Backend) {
             .unwrap()
             .is_some()
     );
+}
+
+async fn racing_workers_write_a_tag_one_at_a_time_in_request_order(backend: Backend) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let db = Database::new(backend).await;
+    let (a, b) = (db.open().await, db.open().await);
+    // Ten requests for one target tag (each pinned to another digest: none joins another),
+    // arriving on two replicas at once.
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move {
+                let mut j = job(&format!("docker.io/library/f:1@sha256:{i:064}"));
+                j.target_repo = "127.0.0.1:1/mirror/docker.io/library/f".into();
+                s.enqueue(&j).await.unwrap().job.id
+            })
+        })
+        .collect();
+    let mut requested = Vec::new();
+    for t in tasks {
+        requested.push(t.await.unwrap());
+    }
+    requested.sort();
+    // Six workers on two replicas race for them; each job is written alone on the tag.
+    let running = Arc::new(AtomicUsize::new(0));
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let workers: Vec<_> = (0..6)
+        .map(|w| {
+            let s = if w % 2 == 0 { a.clone() } else { b.clone() };
+            let (running, order) = (running.clone(), order.clone());
+            tokio::spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while order.lock().unwrap().len() < 10 {
+                    assert!(Instant::now() < deadline, "the tag's jobs did not all run");
+                    let Some(l) = s.claim(Duration::from_secs(30)).await.unwrap() else {
+                        tokio::task::yield_now().await;
+                        continue;
+                    };
+                    assert_eq!(
+                        running.fetch_add(1, Ordering::SeqCst),
+                        0,
+                        "two writers on one tag"
+                    );
+                    order.lock().unwrap().push(l.job.id);
+                    tokio::task::yield_now().await;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    let r = record(l.job.id, &l.job.target_repo);
+                    assert!(
+                        s.succeed_with_record(&l, &r, ProgressRow::default())
+                            .await
+                            .unwrap()
+                    );
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    assert_eq!(
+        *order.lock().unwrap(),
+        requested,
+        "claimed in request order"
+    );
+}
+
+async fn claims_and_completions_keep_up(backend: Backend) {
+    const N: usize = 400;
+    let db = Database::new(backend).await;
+    let (a, b) = (db.open().await, db.open().await);
+    let jobs: Vec<NewJob> = (0..N)
+        .map(|i| job(&format!("docker.io/library/c{i}:1")))
+        .collect();
+    for chunk in jobs.chunks(100) {
+        assert!(
+            a.enqueue_many(chunk)
+                .await
+                .unwrap()
+                .iter()
+                .all(|r| r.is_ok())
+        );
+    }
+    let t0 = Instant::now();
+    let workers: Vec<_> = (0..8)
+        .map(|w| {
+            let s = if w % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move {
+                let mut done = 0;
+                while let Some(l) = s.claim(Duration::from_secs(30)).await.unwrap() {
+                    let r = record(l.job.id, &l.job.target_repo);
+                    assert!(
+                        s.succeed_with_record(&l, &r, ProgressRow::default())
+                            .await
+                            .unwrap()
+                    );
+                    done += 1;
+                }
+                done
+            })
+        })
+        .collect();
+    let mut done = 0;
+    for w in workers {
+        done += w.await.unwrap();
+    }
+    let took = t0.elapsed();
+    eprintln!(
+        "{backend:?}: {N} jobs claimed and succeeded (with their record) by 8 workers on 2 replicas in {took:?}: {:.0} jobs/s",
+        N as f64 / took.as_secs_f64()
+    );
+    assert_eq!(done, N);
+    assert_eq!(
+        a.stats().await.unwrap().by_state,
+        vec![(JobState::Succeeded, N as i64)]
+    );
+    assert_eq!(
+        a.latest(None, 1000).await.unwrap().len(),
+        N,
+        "one record each"
+    );
+}
+
+/// On PostgreSQL, wake-ups survive the LISTEN connection being cut (a failover, a proxy
+/// timeout): the listener reconnects and re-subscribes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_wake_ups_survive_a_cut_listen_connection() {
+    use sqlx::Connection as _;
+    let db = Database::new(Backend::Postgres).await;
+    let (a, b) = (db.open().await, db.open().await);
+    let mut admin = sqlx::PgConnection::connect(&db.location).await.unwrap();
+    let cut: Vec<bool> = sqlx::query_scalar(
+        "select pg_terminate_backend(pid) from pg_stat_activity
+         where datname = current_database() and query like 'LISTEN%'",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert!(
+        cut.len() >= 2 && cut.iter().all(|c| *c),
+        "both replicas' LISTEN cut: {cut:?}"
+    );
+    // Until the listener is back, a NOTIFY can be lost (the workers poll for that); enqueue
+    // until one wakes B, which must happen once it re-subscribed.
+    let wake = b.wake();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut i = 0;
+    loop {
+        let woken = wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        a.enqueue(&job(&format!("docker.io/library/l{i}:1")))
+            .await
+            .unwrap();
+        i += 1;
+        if tokio::time::timeout(Duration::from_millis(500), woken)
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B is never woken again after the cut"
+        );
+    }
+    // And it stays subscribed: the next enqueue wakes it at once.
+    let woken = wake.notified();
+    tokio::pin!(woken);
+    woken.as_mut().enable();
+    a.enqueue(&job("docker.io/library/after:1")).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), woken)
+        .await
+        .expect("woken after the listener came back");
 }

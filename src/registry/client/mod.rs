@@ -13,22 +13,25 @@ mod requests;
 mod tags;
 mod uploads;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::auth::Authenticator;
 use super::budget::{BudgetPolicy, Budgets};
+use super::connect::{Connections, TransportConfig};
 use super::credentials::CredentialStore;
 use super::error::{Error, Result};
 use super::guard::{GuardedResolver, NetworkPolicy};
+use super::proxy::Relay;
 use super::retry::RetryPolicy;
+use super::trust::CredentialReach;
 use crate::digest::Digest;
-use crate::reference::{ImageRef, is_loopback};
+use crate::reference::ImageRef;
 
 pub use manifests::{MAX_MANIFEST_BYTES, ManifestHead};
 pub use tags::{MAX_TAG_PAGE_BYTES, MAX_TAG_PAGES, MAX_TAGS};
-pub use uploads::{MountOutcome, UploadSession};
+pub use uploads::{MountOutcome, UploadLimits, UploadSession};
 
 /// A repository on a registry: where manifests and blobs live.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -84,6 +87,17 @@ pub struct ClientConfig {
     /// The longest a request waits for a registry's rate limit; beyond it the request fails with
     /// [`Error::RateLimited`] so the caller can reschedule.
     pub rate_limit_max_wait: Duration,
+    /// How blobs go up to a registry, by `host[:port]` as image references name it (`docker.io`
+    /// for Docker Hub): body limit and chunk size. Registries not named get
+    /// [`ClientConfig::default_upload_limits`].
+    pub upload_limits: HashMap<String, UploadLimits>,
+    /// Upload limits for every registry not in [`ClientConfig::upload_limits`] (the
+    /// `--chunk-size` shortcut); by default one `PUT` per blob, chunks after a `413`.
+    pub default_upload_limits: UploadLimits,
+    /// Per-registry TLS (certs.d, `MIRROR_CERTS_DIR`) and the registries file.
+    pub transport: TransportConfig,
+    /// Which repositories each registry's stored credentials may be used for.
+    pub credential_reach: CredentialReach,
 }
 
 impl Default for ClientConfig {
@@ -95,6 +109,10 @@ impl Default for ClientConfig {
             read_timeout: Duration::from_secs(120),
             network: NetworkPolicy::permissive(),
             rate_limit_max_wait: Duration::from_secs(60),
+            upload_limits: HashMap::new(),
+            default_upload_limits: UploadLimits::default(),
+            transport: TransportConfig::default(),
+            credential_reach: CredentialReach::unrestricted(),
         }
     }
 }
@@ -109,9 +127,11 @@ pub struct Client {
 }
 
 struct Inner {
-    http: reqwest::Client,
+    /// The HTTP client of each registry (its TLS), and the scheme.
+    conn: Connections,
+    /// The relay proxied requests go through when the policy restricts addresses.
+    _relay: Option<Relay>,
     auth: Authenticator,
-    insecure: HashSet<String>,
     retry: RetryPolicy,
     network: Arc<NetworkPolicy>,
     /// Rate-limit budgets per registry and credential, shared by every copy.
@@ -119,6 +139,11 @@ struct Inner {
     /// Per (target registry, blob): the repository this process last put it in, behind a lock
     /// that one transfer of that blob holds at a time.
     blob_slots: Mutex<HashMap<(String, Digest), BlobSlot>>,
+    /// Configured upload limits per registry, and the default.
+    upload_limits: HashMap<String, UploadLimits>,
+    default_upload_limits: UploadLimits,
+    /// Chunk sizes learned from registries that answered `413 Payload Too Large`.
+    learned_chunks: Mutex<HashMap<String, u64>>,
 }
 
 /// Where a blob is known to be on a target registry; locked while it is being moved there.
@@ -130,29 +155,48 @@ const MAX_BLOB_SLOTS: usize = 100_000;
 impl Client {
     /// A client with `config`, authenticating with `credentials`.
     pub fn new(config: ClientConfig, credentials: CredentialStore) -> Result<Client> {
+        for (registry, limits) in &config.upload_limits {
+            limits
+                .check()
+                .map_err(|e| Error::Invalid(format!("upload limits for {registry}: {e}")))?;
+        }
+        config
+            .default_upload_limits
+            .check()
+            .map_err(|e| Error::Invalid(format!("the default upload limits: {e}")))?;
         let network = Arc::new(config.network.clone());
-        let hops = network.clone();
-        let http = reqwest::Client::builder()
-            .dns_resolver(Arc::new(GuardedResolver(network.clone())))
-            .user_agent(concat!("mirror-mirror/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(config.connect_timeout)
-            .read_timeout(config.read_timeout)
-            // Blob GETs redirect to object storage; reqwest drops Authorization on a cross-host hop.
-            // Each hop meets the network policy; at most 5.
-            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
-                if attempt.previous().len() >= 5 {
-                    attempt.error("more than 5 redirects")
-                } else if let Err(refused) = hops.check_url(attempt.url()) {
-                    attempt.error(refused)
-                } else {
-                    attempt.follow()
-                }
-            }))
-            .build()
-            .map_err(|e| Error::Network {
-                context: "building the HTTP client".into(),
-                source: e,
-            })?;
+        config.network.proxy.check().map_err(Error::Invalid)?;
+        let relay = config
+            .network
+            .proxy
+            .relay(&network)
+            .map_err(|e| Error::Invalid(format!("starting the proxy relay: {e}")))?;
+        let relay_addr = relay.as_ref().map(Relay::addr);
+        let (connect_timeout, read_timeout) = (config.connect_timeout, config.read_timeout);
+        let policy = network.clone();
+        let builder = Arc::new(move || {
+            let hops = policy.clone();
+            let b = reqwest::Client::builder()
+                .dns_resolver(Arc::new(GuardedResolver(policy.clone())))
+                .user_agent(concat!("mirror-mirror/", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(connect_timeout)
+                .read_timeout(read_timeout)
+                // Blob GETs redirect to object storage; reqwest drops Authorization on a
+                // cross-host hop. Each hop meets the network policy; at most 5.
+                .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                    if attempt.previous().len() >= 5 {
+                        attempt.error("more than 5 redirects")
+                    } else if let Err(refused) = hops.check_url(attempt.url()) {
+                        attempt.error(refused)
+                    } else {
+                        attempt.follow()
+                    }
+                }));
+            policy.proxy.apply(b, &policy, relay_addr)
+        });
+        let mut transport = config.transport.clone();
+        transport.insecure.extend(config.insecure_registries);
+        let conn = Connections::new(builder, transport)?;
         let budgets = Arc::new(Budgets::for_credentials(
             BudgetPolicy {
                 max_wait: config.rate_limit_max_wait,
@@ -163,13 +207,17 @@ impl Client {
         ));
         Ok(Client {
             inner: Arc::new(Inner {
-                http,
-                auth: Authenticator::new(credentials, network.clone(), budgets.clone()),
+                conn,
+                _relay: relay,
+                auth: Authenticator::new(credentials, network.clone(), budgets.clone())
+                    .with_reach(config.credential_reach),
                 budgets,
-                insecure: config.insecure_registries.into_iter().collect(),
                 retry: config.retry,
                 network,
                 blob_slots: Mutex::new(HashMap::new()),
+                upload_limits: config.upload_limits,
+                default_upload_limits: config.default_upload_limits,
+                learned_chunks: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -186,17 +234,22 @@ impl Client {
             .clone()
     }
 
+    /// What the registries file (`MIRROR_REGISTRIES_FILE`) says about `registry`: typed
+    /// `chunk_size()`, `max_body()`, `layout()` and the TLS and scheme settings already in force.
+    pub fn registry_settings(
+        &self,
+        registry: &str,
+    ) -> &crate::registry::settings::RegistrySettings {
+        self.inner.conn.settings(registry)
+    }
+
     /// The retry policy in force.
     pub fn retry_policy(&self) -> &RetryPolicy {
         &self.inner.retry
     }
 
     fn scheme(&self, registry: &str) -> &'static str {
-        if is_loopback(registry) || self.inner.insecure.contains(registry) {
-            "http"
-        } else {
-            "https"
-        }
+        self.inner.conn.scheme(registry)
     }
 
     fn url(&self, repo: &Repo, tail: &str) -> Result<url::Url> {

@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::Error;
+use crate::db::WriterState;
 
 /// The migrations in `migrations/postgres/`, embedded at build time. sqlx holds an advisory
 /// lock while it migrates, so replicas starting at once on an empty database migrate it once.
@@ -93,18 +94,29 @@ impl PgStore {
         })
     }
 
-    pub(in crate::store) async fn ready(&self) -> Result<(), Error> {
-        let applied: i64 =
+    /// Every migration applied and a query answered within a second. All connections in use
+    /// is load, not a fault: [`WriterState::Busy`].
+    pub(in crate::store) async fn ready(&self) -> Result<WriterState, Error> {
+        if self.pool.is_closed() {
+            return Err(Error::Closed);
+        }
+        let Some(mut conn) = self.pool.try_acquire() else {
+            return Ok(WriterState::Busy);
+        };
+        let applied: i64 = tokio::time::timeout(
+            Duration::from_secs(1),
             sqlx::query_scalar("select count(*) from _sqlx_migrations where success")
-                .fetch_one(&self.pool)
-                .await?;
+                .fetch_one(&mut *conn),
+        )
+        .await
+        .map_err(|_| Error::NotReady("reading the migrations table took over 1 s".into()))??;
         let want = MIGRATOR.iter().count() as i64;
         if applied < want {
             return Err(Error::NotReady(format!(
                 "{applied} of {want} migrations applied"
             )));
         }
-        Ok(())
+        Ok(WriterState::Idle)
     }
 
     pub(in crate::store) async fn close(&self) {
