@@ -694,10 +694,27 @@ async fn a_bad_database_url_names_mirror_database_and_what_to_do() {
         ("postgres://u@127.0.0.1:notaport/db", "postgres://USER"),
     ] {
         let err = Store::open(url).await.unwrap_err().to_string();
+        eprintln!("{url}: {err}");
         assert!(err.starts_with("MIRROR_DATABASE "), "{err}");
         assert!(err.contains(says), "{err}");
         assert!(!err.contains('\n'), "one line: {err}");
     }
+    // The server is up, the database is not there.
+    let url = pg::shared().admin_url().replace("/postgres", "/no_such_db");
+    let err = Store::open(&url).await.unwrap_err().to_string();
+    assert!(
+        err.starts_with("MIRROR_DATABASE ") && err.contains("no_such_db"),
+        "{err}"
+    );
+    assert!(err.contains("does not exist"), "{err}");
+    // SQLite: a path that cannot be created.
+    let err = Store::open("/proc/no/such/dir/x.db")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("MIRROR_DATABASE "), "{err}");
+    assert!(err.contains("give a writable file path"), "{err}");
+    assert!(!err.contains('\n'), "one line: {err}");
     // A password never appears in the message.
     let err = Store::open("postgres://u:hunter2@127.0.0.1:1/db")
         .await

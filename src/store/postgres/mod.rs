@@ -63,6 +63,15 @@ impl PgStore {
                 "not a PostgreSQL URL ({e}); write it as postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE"
             ),
         })?;
+        // One connection first: its error says why (refused, no such database, authentication),
+        // where the pool's would only say it timed out.
+        let probe = <sqlx::PgConnection as sqlx::Connection>::connect_with(&options)
+            .await
+            .map_err(|source| Error::Unreachable {
+                location: shown.clone(),
+                source,
+            })?;
+        let _ = sqlx::Connection::close(probe).await;
         let pool = PgPoolOptions::new()
             .max_connections(connections.max(2))
             .acquire_timeout(Duration::from_secs(10))
