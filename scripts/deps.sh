@@ -1,15 +1,11 @@
 #!/usr/bin/env bash
 # Installs what mirror-mirror's tests, demo and benchmarks need when it is missing (Debian/Ubuntu):
 # the CNCF distribution registry, skopeo (an independent client), htpasswd, openssl; nginx (fronts
-<<<<<<< HEAD
-# with other registries' rules), buildah and podman (realistic images, a user's pull); wrk and time
-# for the benchmark; PostgreSQL (the store's second backend: the harness runs initdb and postgres from
-# /usr/lib/postgresql/*/bin itself, pg_ctlcluster only marks the server package as installed).
-=======
 # with other registries' rules), buildah and podman (realistic images, a user's pull); jq (the GitHub
 # Action's script), Chromium and a CJK font (the status page's test); tinyproxy (a real HTTP proxy),
-# docker-credential-pass with pass and gnupg (a real credential helper); wrk and time for the benchmark.
->>>>>>> main
+# docker-credential-pass with pass and gnupg (a real credential helper); wrk and time for the benchmark;
+# PostgreSQL (the store's second backend: the harness runs initdb and postgres from
+# /usr/lib/postgresql/*/bin itself; pg_ctlcluster only shows the server package is installed).
 set -euo pipefail
 
 declare -A want=(

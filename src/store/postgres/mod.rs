@@ -33,6 +33,8 @@ pub struct PgStore {
     pool: PgPool,
     /// Rung when a job was queued here or on another replica.
     pub(in crate::store) wake: Arc<Notify>,
+    /// Stops the LISTEN task (at `close`).
+    stop: CancellationToken,
     /// Stops the LISTEN task when the last clone goes.
     _listening: Arc<DropGuard>,
 }
@@ -99,6 +101,7 @@ impl PgStore {
         Ok(PgStore {
             pool,
             wake,
+            stop: stop.clone(),
             _listening: Arc::new(stop.drop_guard()),
         })
     }
@@ -129,6 +132,7 @@ impl PgStore {
     }
 
     pub(in crate::store) async fn close(&self) {
+        self.stop.cancel();
         self.pool.close().await;
     }
 
