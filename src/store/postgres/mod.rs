@@ -106,15 +106,18 @@ impl PgStore {
         })
     }
 
-    /// Every migration applied and a query answered within a second. All connections in use
-    /// is load, not a fault: [`WriterState::Busy`].
+    /// Every migration applied and a query answered within a second. Every connection in use
+    /// for a second is load, not a fault: [`WriterState::Busy`].
     pub(in crate::store) async fn ready(&self) -> Result<WriterState, Error> {
         if self.pool.is_closed() {
             return Err(Error::Closed);
         }
-        let Some(mut conn) = self.pool.try_acquire() else {
+        // An idle connection, or a new one; none within a second: every connection is in use.
+        let Ok(conn) = tokio::time::timeout(Duration::from_secs(1), self.pool.acquire()).await
+        else {
             return Ok(WriterState::Busy);
         };
+        let mut conn = conn?;
         let applied: i64 = tokio::time::timeout(
             Duration::from_secs(1),
             sqlx::query_scalar("select count(*) from _sqlx_migrations where success")
