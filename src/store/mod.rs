@@ -358,6 +358,35 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Notes that `digests` are in `repo` on the target `registry` (written or found there by a
+    /// copy), for copies on any replica to mount from.
+    pub async fn record_blobs(
+        &self,
+        registry: &str,
+        repo: &str,
+        digests: &[String],
+    ) -> Result<(), Error> {
+        each!(self.record_blobs(registry, repo, digests))
+    }
+
+    /// Repositories on `registry` known to hold `digest`, most recently seen first (at most
+    /// `limit`): where a copy tries a cross-repository mount before uploading.
+    pub async fn blob_repos(
+        &self,
+        registry: &str,
+        digest: &str,
+        limit: i64,
+    ) -> Result<Vec<String>, Error> {
+        each!(self.blob_repos(registry, digest, limit))
+    }
+
+    /// Forgets that `repo` holds `digest` (a mount from it failed: garbage collection removed it).
+    pub async fn forget_blob(&self, registry: &str, repo: &str, digest: &str) -> Result<(), Error> {
+        each!(self.forget_blob(registry, repo, digest))
+    }
+}
+
 /// The source repository of a job's source reference (`docker.io/library/nginx`).
 pub(crate) fn source_repo(source: &str) -> String {
     ImageRef::parse_source(source)

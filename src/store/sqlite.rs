@@ -26,7 +26,13 @@ pub struct SqliteStore {
     /// replicas" is once per slot here; kept in memory until migration 0008 (round_slot) lands
     /// for SQLite, so a restart forgets the last results.
     rounds: Arc<std::sync::Mutex<std::collections::HashMap<RoundKind, Round>>>,
+    /// Where blobs are on targets: (registry, digest) → repository → when seen (ms). In memory
+    /// until migration 0009 (blob_location) lands for SQLite: one process, like the copy
+    /// engine's own per-process knowledge.
+    blobs: Arc<std::sync::Mutex<BlobMap>>,
 }
+
+type BlobMap = std::collections::HashMap<(String, String), std::collections::HashMap<String, i64>>;
 
 impl From<queue::EnqueueError> for EnqueueError {
     fn from(e: queue::EnqueueError) -> Self {
@@ -185,6 +191,7 @@ impl SqliteStore {
             db,
             wake: Arc::new(Notify::new()),
             rounds: Arc::default(),
+            blobs: Arc::default(),
         }
     }
 
@@ -540,5 +547,54 @@ impl SqliteStore {
 
     pub(super) async fn last_round(&self, kind: RoundKind) -> Result<Option<Round>, Error> {
         Ok(self.rounds.lock().expect("rounds lock").get(&kind).cloned())
+    }
+
+    pub(super) async fn record_blobs(
+        &self,
+        registry: &str,
+        repo: &str,
+        digests: &[String],
+    ) -> Result<(), Error> {
+        let now = now_ms();
+        let mut blobs = self.blobs.lock().expect("blobs lock");
+        for d in digests {
+            blobs
+                .entry((registry.to_string(), d.clone()))
+                .or_default()
+                .insert(repo.to_string(), now);
+        }
+        Ok(())
+    }
+
+    pub(super) async fn blob_repos(
+        &self,
+        registry: &str,
+        digest: &str,
+        limit: i64,
+    ) -> Result<Vec<String>, Error> {
+        let blobs = self.blobs.lock().expect("blobs lock");
+        let mut repos: Vec<(&String, &i64)> = blobs
+            .get(&(registry.to_string(), digest.to_string()))
+            .map(|m| m.iter().collect())
+            .unwrap_or_default();
+        repos.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        Ok(repos
+            .into_iter()
+            .take(limit.max(0) as usize)
+            .map(|(r, _)| r.clone())
+            .collect())
+    }
+
+    pub(super) async fn forget_blob(
+        &self,
+        registry: &str,
+        repo: &str,
+        digest: &str,
+    ) -> Result<(), Error> {
+        let mut blobs = self.blobs.lock().expect("blobs lock");
+        if let Some(m) = blobs.get_mut(&(registry.to_string(), digest.to_string())) {
+            m.remove(repo);
+        }
+        Ok(())
     }
 }

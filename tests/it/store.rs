@@ -86,6 +86,7 @@ conformance!(
     a_round_runs_once_per_interval_across_replicas,
     racing_workers_write_a_tag_one_at_a_time_in_request_order,
     claims_and_completions_keep_up,
+    a_blob_written_by_one_replica_is_found_by_another,
 );
 
 fn job(source: &str) -> NewJob {
@@ -1003,4 +1004,49 @@ async fn postgres_wake_ups_survive_a_cut_listen_connection() {
     tokio::time::timeout(Duration::from_secs(5), woken)
         .await
         .expect("woken after the listener came back");
+}
+
+async fn a_blob_written_by_one_replica_is_found_by_another(backend: Backend) {
+    let db = Database::new(backend).await;
+    let a = db.open().await;
+    let b = match backend {
+        Backend::Sqlite => a.clone(),
+        Backend::Postgres => db.open().await,
+    };
+    let (reg, base) = ("ghcr.io", "sha256:base".to_string());
+    assert!(b.blob_repos(reg, &base, 5).await.unwrap().is_empty());
+    a.record_blobs(
+        reg,
+        "acme/mirror/one",
+        &[base.clone(), "sha256:top1".into()],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        b.blob_repos(reg, &base, 5).await.unwrap(),
+        ["acme/mirror/one"]
+    );
+    // Per registry: the same digest elsewhere is another blob to move.
+    assert!(b.blob_repos("quay.io", &base, 5).await.unwrap().is_empty());
+    // Recorded again (idempotent) and in a second repository.
+    a.record_blobs(reg, "acme/mirror/one", std::slice::from_ref(&base))
+        .await
+        .unwrap();
+    b.record_blobs(reg, "acme/mirror/two", std::slice::from_ref(&base))
+        .await
+        .unwrap();
+    let mut repos = a.blob_repos(reg, &base, 5).await.unwrap();
+    repos.sort();
+    assert_eq!(repos, ["acme/mirror/one", "acme/mirror/two"]);
+    assert_eq!(a.blob_repos(reg, &base, 1).await.unwrap().len(), 1);
+    // A mount from "one" failed (garbage collected there): only "two" is left to try.
+    b.forget_blob(reg, "acme/mirror/one", &base).await.unwrap();
+    assert_eq!(
+        a.blob_repos(reg, &base, 5).await.unwrap(),
+        ["acme/mirror/two"]
+    );
+    assert_eq!(
+        a.blob_repos(reg, "sha256:top1", 5).await.unwrap(),
+        ["acme/mirror/one"]
+    );
 }

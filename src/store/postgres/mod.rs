@@ -4,6 +4,7 @@
 //! transaction-scoped advisory locks, wake-ups by `LISTEN/NOTIFY` (with the workers' poll as the
 //! fallback).
 
+mod blobs;
 mod enqueue;
 mod ledger;
 mod queue;
