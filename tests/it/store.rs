@@ -1050,3 +1050,54 @@ async fn a_blob_written_by_one_replica_is_found_by_another(backend: Backend) {
         ["acme/mirror/one"]
     );
 }
+
+/// Replicas starting at once on an empty PostgreSQL database: the migrations run once (sqlx
+/// holds an advisory lock while it migrates), every replica starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_replicas_starting_at_once_migrate_once() {
+    use sqlx::Connection as _;
+    let db = Database::new(Backend::Postgres).await;
+    let opens: Vec<_> = (0..3)
+        .map(|_| {
+            let location = db.location.clone();
+            tokio::spawn(async move { Store::open(&location).await })
+        })
+        .collect();
+    let mut stores = Vec::new();
+    for o in opens {
+        stores.push(o.await.unwrap().expect("every replica starts"));
+    }
+    let mut conn = sqlx::PgConnection::connect(&db.location).await.unwrap();
+    let applied: Vec<(i64, bool)> =
+        sqlx::query_as("select version, success from _sqlx_migrations order by version")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "sql")
+        })
+        .count();
+    assert_eq!(applied.len(), files, "each migration once: {applied:?}");
+    assert!(applied.iter().all(|(_, ok)| *ok));
+    for s in &stores {
+        assert_eq!(s.ready().await.unwrap(), WriterState::Idle);
+    }
+    // They work on one queue.
+    stores[0]
+        .enqueue(&job("docker.io/library/m:1"))
+        .await
+        .unwrap();
+    assert!(
+        stores[2]
+            .claim(Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
