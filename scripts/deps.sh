@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what mirror-mirror's tests, demo and benchmarks need when it is missing (Debian/Ubuntu):
-# the CNCF distribution registry, skopeo (an independent client), htpasswd, openssl, jq (the GitHub
+# the CNCF distribution registry, skopeo (an independent client), htpasswd, openssl; nginx (fronts
+# with other registries' rules), buildah and podman (realistic images, a user's pull); jq (the GitHub
 # Action's script), Chromium and a CJK font (the status page's test); wrk and time for the benchmark.
 set -euo pipefail
 
@@ -10,6 +11,9 @@ declare -A want=(
   [htpasswd]=apache2-utils
   [openssl]=openssl
   [curl]=curl
+  [nginx]=nginx-light
+  [podman]=podman
+  [buildah]=buildah
   [jq]=jq
   [chromium]=chromium
   [fc-list]=fontconfig

@@ -7,6 +7,7 @@ use anyhow::{Context as _, Result};
 
 use crate::config::{CopyArgs, RegistryArgs, VerifyArgs};
 use crate::reference::ImageRef;
+use crate::registry::client::UploadLimits;
 use crate::registry::credentials::CredentialStore;
 use crate::registry::guard::NetworkPolicy;
 use crate::registry::retry::RetryPolicy;
@@ -15,6 +16,13 @@ use crate::registry::{Client, ClientConfig, CopyOptions, Progress};
 /// Builds the registry client from the shared flags and the stored credentials.
 pub fn client(args: &RegistryArgs, network: NetworkPolicy) -> Result<Client> {
     let credentials = CredentialStore::load().context("loading registry credentials")?;
+    let uploads = UploadLimits {
+        chunk_size: args.chunk_size,
+        max_body: None,
+    };
+    uploads
+        .check()
+        .map_err(|e| anyhow::anyhow!("--chunk-size (MIRROR_CHUNK_SIZE): {e}"))?;
     let config = ClientConfig {
         insecure_registries: args.insecure_registries.clone(),
         retry: RetryPolicy {
@@ -23,6 +31,7 @@ pub fn client(args: &RegistryArgs, network: NetworkPolicy) -> Result<Client> {
         },
         network,
         rate_limit_max_wait: std::time::Duration::from_secs(args.rate_limit_max_wait),
+        default_upload_limits: uploads,
         ..ClientConfig::default()
     };
     Ok(Client::new(config, credentials)?)
@@ -32,8 +41,19 @@ pub fn client(args: &RegistryArgs, network: NetworkPolicy) -> Result<Client> {
 pub async fn copy(args: CopyArgs) -> Result<()> {
     let source = ImageRef::parse_source(&args.source)
         .with_context(|| format!("source {:?} is not a valid image reference", args.source))?;
-    let target = ImageRef::parse(&args.target)
-        .with_context(|| format!("target {:?} is not a valid image reference", args.target))?;
+    let target = match args.layout {
+        None => ImageRef::parse(&args.target)
+            .with_context(|| format!("target {:?} is not a valid image reference", args.target))?,
+        Some(layout) => {
+            let prefix = crate::mapping::TargetPrefix::parse(&args.target)
+                .map_err(|e| anyhow::anyhow!("target prefix: {e}"))?
+                .with_layout(layout);
+            let repo = prefix.repo_for(&source).map_err(anyhow::Error::msg)?;
+            ImageRef::parse(&repo)
+                .with_context(|| format!("mapped target {repo:?} is not a valid reference"))?
+                .with_tag(source.tag().map(str::to_string))
+        }
+    };
     // The user names the registries here, as with crane: no address restriction.
     let client = client(&args.registry, NetworkPolicy::permissive())?;
     let options = CopyOptions {

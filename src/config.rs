@@ -76,6 +76,35 @@ pub struct RegistryArgs {
     /// without spending an attempt).
     #[arg(long, env = "MIRROR_RATE_LIMIT_MAX_WAIT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=21600))]
     pub rate_limit_max_wait: u64,
+
+    /// Upload blobs larger than this to every target in `PATCH` chunks of this size (`8MiB`,
+    /// `5M`, bytes; 256 KiB to 64 MiB; ECR needs at least 5 MiB, GHCR at most 4 MiB). Unset: one
+    /// `PUT` per blob, and 8 MiB chunks to a registry once it answers `413 Payload Too Large`.
+    #[arg(long, env = "MIRROR_CHUNK_SIZE", value_parser = parse_size)]
+    pub chunk_size: Option<u64>,
+}
+
+/// A byte size: `4194304`, `512k`/`512KiB`, `8M`/`8MiB`, `1G`/`1GiB` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => {
+            return Err(format!(
+                "{s:?} is not a size: use bytes or a number with K, M or G (8MiB)"
+            ));
+        }
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size: use bytes or a number with K, M or G (8MiB)"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// `mirror-mirror copy SRC DST`.
@@ -99,6 +128,12 @@ pub struct CopyArgs {
     /// Do not copy signatures, attestations and other referrers with the image.
     #[arg(long)]
     pub no_referrers: bool,
+
+    /// Treat DST as a repository prefix and name the image under it as `serve` does: `nested`
+    /// (`DST/registry/path`) or `flat` (`DST/registry__path`, for registries that take only
+    /// `namespace/repo`). The source's tag is kept.
+    #[arg(long)]
+    pub layout: Option<crate::mapping::Layout>,
 
     #[command(flatten)]
     pub registry: RegistryArgs,
@@ -166,6 +201,11 @@ pub struct ServeArgs {
     /// Repository prefix mirrors are written under, such as `ghcr.io/acme/mirror`.
     #[arg(long, env = "MIRROR_TARGET")]
     pub target: Option<String>,
+
+    /// How sources are named under the target: `nested` (`prefix/registry/path`) or `flat` (one
+    /// name below the prefix, for registries that take only `namespace/repo`: Docker Hub, Quay, ACR).
+    #[arg(long, env = "MIRROR_TARGET_LAYOUT", default_value = "nested")]
+    pub target_layout: crate::mapping::Layout,
 
     /// Bearer tokens allowed to request mirrors: comma-separated `token` or `name=token`.
     #[arg(long, env = "MIRROR_API_TOKENS", hide_env_values = true)]

@@ -21,25 +21,67 @@ pub struct Db {
     pub write: SqlitePool,
 }
 
+/// How the writer answered a readiness probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriterState {
+    /// It took a write transaction at once.
+    Idle,
+    /// It is held by a write in progress (a worker's result, a batch of enqueues): busy, not
+    /// broken.
+    Busy,
+}
+
 impl Db {
-    /// Whether the database takes writes and has every migration applied (for `/readyz`).
-    pub async fn ready(&self) -> Result<()> {
-        let mut tx = self
-            .write
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .context("the database takes no writes")?;
-        let applied: i64 =
+    /// Whether the database has every migration applied and takes writes (for `/readyz`). Answers
+    /// within about a second even when the writer is busy: a write in progress holds the one
+    /// writer connection (or SQLite's lock), and that is load, not a fault, so it reports
+    /// [`WriterState::Busy`] instead of waiting for it. Errors are real faults: a closed pool, a
+    /// database that refuses writes, missing migrations.
+    pub async fn ready(&self) -> Result<WriterState> {
+        let applied: i64 = tokio::time::timeout(
+            Duration::from_secs(1),
             sqlx::query_scalar("select count(*) from _sqlx_migrations where success")
-                .fetch_one(&mut *tx)
-                .await
-                .context("reading the migrations table")?;
-        tx.rollback().await?;
+                .fetch_one(&self.read),
+        )
+        .await
+        .context("reading the migrations table took over 1 s")?
+        .context("reading the migrations table")?;
         let want = MIGRATOR.iter().count() as i64;
         anyhow::ensure!(applied == want, "{applied} of {want} migrations applied");
-        Ok(())
+        anyhow::ensure!(!self.write.is_closed(), "the writer connection is closed");
+        // The one writer connection in use: a write is running.
+        let Some(mut conn) = self.write.try_acquire() else {
+            return Ok(WriterState::Busy);
+        };
+        // SQLite's lock held (by another connection or process): wait for it 500 ms, not the
+        // whole busy timeout (restored after: 10000 ms = BUSY_TIMEOUT). Never cancelled mid-statement: SQLite answers busy itself.
+        sqlx::query("PRAGMA busy_timeout = 500")
+            .execute(&mut *conn)
+            .await?;
+        let probe = match sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await {
+            Ok(_) => sqlx::query("ROLLBACK")
+                .execute(&mut *conn)
+                .await
+                .map(|_| WriterState::Idle),
+            Err(sqlx::Error::Database(e)) if is_busy(e.as_ref()) => Ok(WriterState::Busy),
+            Err(e) => Err(e),
+        };
+        sqlx::query("PRAGMA busy_timeout = 10000")
+            .execute(&mut *conn)
+            .await?;
+        probe.context("the database takes no writes")
     }
 }
+
+/// Whether SQLite answered `SQLITE_BUSY` (any of its extended codes).
+fn is_busy(e: &dyn sqlx::error::DatabaseError) -> bool {
+    e.code()
+        .and_then(|c| c.parse::<i64>().ok())
+        .is_some_and(|c| c & 0xff == 5)
+}
+
+/// How long a statement waits for SQLite's lock before it answers busy.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The current time as unix milliseconds, the unit every time column uses.
 pub fn now_ms() -> i64 {
@@ -63,7 +105,7 @@ impl Db {
             .journal_mode(SqliteJournalMode::Wal)
             // FULL: a 202 means the job is on disk, even across a power loss.
             .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10))
+            .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
         let write = SqlitePoolOptions::new()
             .max_connections(1)

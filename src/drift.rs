@@ -20,6 +20,7 @@ use crate::notify::Notifier;
 use crate::queue::{self, NewJob};
 use crate::reference::ImageRef;
 use crate::registry::{self, Client, Repo};
+use crate::rounds::{RoundStatus, Rounds, Trigger};
 
 /// What to do when a source tag moves upstream after it was mirrored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -78,6 +79,8 @@ pub struct DriftConfig {
 /// What one round found.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Round {
+    /// The round's id (as `POST /drift/check` answered it).
+    pub id: u64,
     /// Start, RFC 3339.
     pub started_at: String,
     pub duration_ms: u64,
@@ -102,8 +105,8 @@ pub struct Watch {
     config: Arc<DriftConfig>,
     wake: Arc<Notify>,
     notifier: Option<Notifier>,
-    /// Held while a round runs, so rounds never overlap.
-    running: Arc<tokio::sync::Mutex<()>>,
+    /// Rounds asked for and running: one at a time, in the background, stopped at shutdown.
+    rounds: Rounds,
     /// False only when no drift is open: lookups (`GET /images`) then skip the drift query. Only
     /// rounds open drift, so it is set before a round records any and cleared after one that
     /// leaves none open.
@@ -136,7 +139,7 @@ impl Watch {
             config: Arc::new(config),
             wake,
             notifier,
-            running: Arc::default(),
+            rounds: Rounds::default(),
             last: Arc::default(),
             maybe_open: Arc::new(AtomicBool::new(true)),
         }
@@ -164,37 +167,68 @@ impl Watch {
         self.last.lock().expect("drift state poisoned").clone()
     }
 
-    /// Runs a round every interval until `stop` is cancelled (nothing when the interval is off).
+    /// The round running now and the one queued behind it.
+    pub fn current_rounds(&self) -> (Option<RoundStatus>, Option<RoundStatus>) {
+        (self.rounds.running(), self.rounds.queued())
+    }
+
+    /// Asks for a round now; returns at once with its id and state (a round already queued is
+    /// joined). It runs in the background after the running one; `GET /drift` shows it.
+    pub fn request_round(
+        &self,
+        trigger: Trigger,
+    ) -> (RoundStatus, Option<tokio::task::JoinHandle<()>>) {
+        let watch = self.clone();
+        self.rounds.request(trigger, move |id| async move {
+            if let Err(e) = watch.round(id).await {
+                tracing::error!(round.id = id, "drift round {id} failed: {e}");
+            }
+        })
+    }
+
+    /// Runs a round every interval (if set) until `stop` is cancelled, which also stops the round
+    /// running then and any asked for by `POST /drift/check`. Always `Some`.
     pub fn spawn(&self, stop: CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
-        let every = self.config.interval?;
+        let every = self.config.interval;
         let watch = self.clone();
         Some(tokio::spawn(async move {
+            let Some(every) = every else {
+                stop.cancelled().await;
+                watch.rounds.shutdown();
+                return;
+            };
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(every) => {}
-                    _ = stop.cancelled() => return,
+                    _ = stop.cancelled() => break,
                 }
-                tokio::select! {
-                    r = watch.round() => if let Err(e) = r {
-                        tracing::error!("drift round failed: {e}");
-                    },
-                    _ = stop.cancelled() => return,
+                if let (_, Some(round)) = watch.request_round(Trigger::Schedule) {
+                    tokio::select! {
+                        _ = round => {}
+                        _ = stop.cancelled() => break,
+                    }
                 }
             }
+            watch.rounds.shutdown();
         }))
     }
 
     /// Re-checks every mirrored tag now: HEAD the source tag, HEAD each mirrored manifest on the
-    /// target; records drift and queues the jobs the policy asks for.
-    pub async fn round(&self) -> sqlx::Result<Round> {
-        let _one_at_a_time = self.running.lock().await;
+    /// target; records drift and queues the jobs the policy asks for. Callers go through
+    /// [`Watch::request_round`], which runs one at a time.
+    async fn round(&self, id: u64) -> sqlx::Result<Round> {
         let started = std::time::Instant::now();
         let mut round = Round {
+            id,
             started_at: crate::http::rfc3339(now_ms()),
             ..Round::default()
         };
         let watched = ledger::watched(&self.db).await?;
-        tracing::info!(images = watched.len(), "drift round started");
+        tracing::info!(
+            round.id = id,
+            images = watched.len(),
+            "drift round {id} started"
+        );
         let checks = futures_util::stream::iter(watched.into_iter().map(|r| async move {
             let found = self.check(&r).await;
             (r, found)
@@ -324,6 +358,9 @@ impl Watch {
             Some(job) => job.referrers,
             None => true,
         };
+        // The tag keeps the policy its request chose; none stays none (the service default
+        // then), so a change of MIRROR_DRIFT_POLICY still applies to it.
+        let chosen = r.policy.as_deref().and_then(|p| p.parse().ok());
         let job = |source: String, repair: bool| NewJob {
             source,
             target_repo: r.mirror_repo.clone(),
@@ -331,7 +368,7 @@ impl Watch {
             requested_by: String::new(),
             max_attempts: self.config.max_attempts,
             referrers,
-            policy: Some(policy),
+            policy: chosen,
             repair,
         };
         let followed = f.moved_to.is_some() && policy == Policy::Follow;
@@ -400,10 +437,20 @@ impl Watch {
         if let Some(mut job) = job {
             job.requested_by =
                 json!({ "kind": "drift", "drift_id": row.id, "reason": d.kind }).to_string();
-            let (j, created) = queue::enqueue_in(&mut tx, &job).await?;
-            ledger::set_drift_job(&mut tx, row.id, j.id).await?;
-            row.job_id = Some(j.id);
-            queued = Some((j, created));
+            match queue::enqueue_in(&mut tx, &job).await {
+                Ok(q) => {
+                    ledger::set_drift_job(&mut tx, row.id, q.job.id).await?;
+                    row.job_id = Some(q.job.id);
+                    let created = q.created();
+                    queued = Some((q.job, created));
+                }
+                Err(queue::EnqueueError::Db(e)) => return Err(e),
+                Err(refused) => tracing::warn!(
+                    drift.id = row.id,
+                    "drift {}: no job queued: {refused}",
+                    row.id
+                ),
+            }
         }
         tx.commit().await?;
         if let Some((j, created)) = queued {

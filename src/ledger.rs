@@ -84,10 +84,12 @@ pub async fn by_repo(db: &Db, repo: &str) -> sqlx::Result<Vec<Record>> {
     .await
 }
 
-/// Every record of one tag of a repository, newest first: the first is what the tag is now.
+/// Every record of one tag, newest first: the first is what the tag is now. `repo` is a source
+/// repository (then `tag` is the source tag) or a mirror repository (then it is the tag on the
+/// mirror, which a request may have named differently).
 pub async fn by_repo_tag(db: &Db, repo: &str, tag: &str) -> sqlx::Result<Vec<Record>> {
     sqlx::query_as(
-        "select * from mirror_record where (source_repo = ?1 or mirror_repo = ?1) and tag = ?2
+        "select * from mirror_record where (source_repo = ?1 and tag = ?2) or (mirror_repo = ?1 and mirror_tag = ?2)
          order by verified_at desc, id desc",
     )
     .bind(repo)
@@ -108,13 +110,14 @@ pub async fn by_digest(db: &Db, digest: &str) -> sqlx::Result<Vec<Record>> {
     .await
 }
 
-/// The newest record of each mirrored tag (or digest-only image), newest first; `query` filters
-/// by a substring of the source or mirror repository.
+/// The newest record of each mirrored tag (or digest-only image) on each mirror, newest first;
+/// `query` filters by a substring of the source or mirror repository.
 pub async fn latest(db: &Db, query: Option<&str>, limit: i64) -> sqlx::Result<Vec<Record>> {
     sqlx::query_as(
         "select * from mirror_record r
          where r.id = (select max(id) from mirror_record x
-                       where x.source_repo = r.source_repo and ifnull(x.tag, x.source_digest) = ifnull(r.tag, r.source_digest))
+                       where x.mirror_repo = r.mirror_repo
+                         and ifnull(x.mirror_tag, '@' || x.source_digest) = ifnull(r.mirror_tag, '@' || r.source_digest))
            and (?1 is null or instr(r.source_repo, ?1) > 0 or instr(r.mirror_repo, ?1) > 0)
          order by r.verified_at desc, r.id desc limit ?2",
     )
@@ -130,7 +133,7 @@ pub async fn watched(db: &Db) -> sqlx::Result<Vec<Record>> {
     sqlx::query_as(
         "select r.* from mirror_record r
          join (select max(id) as id from mirror_record
-               group by mirror_repo, coalesce(mirror_tag, tag, '@' || source_digest)) newest
+               group by mirror_repo, coalesce(mirror_tag, '@' || source_digest)) newest
            on newest.id = r.id
          order by r.mirror_repo, r.id",
     )

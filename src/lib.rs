@@ -31,6 +31,8 @@ pub mod queue;
 pub mod reference;
 /// The registry transport and the digest-preserving copy engine.
 pub mod registry;
+/// Background rounds (drift watch, mirror-list sync): queued, one at a time, stopped at shutdown.
+pub mod rounds;
 /// `serve`: the service's start-up and orderly shutdown.
 pub mod serve;
 /// The mirror list kept in sync through the queue: on start, on a schedule, on `POST /sync`.

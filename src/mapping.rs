@@ -4,8 +4,61 @@
 //! `ghcr.io/acme/mirror` becomes `ghcr.io/acme/mirror/gcr.io/kaniko-project/executor:v1.8.1`. A registry
 //! port, which cannot appear in a path, is written with `_` (`localhost:5000` → `localhost_5000`);
 //! host names cannot contain `_`, so the mapping reverses exactly.
+//!
+//! Registries that take only `namespace/repo` (Docker Hub, Quay, Aliyun ACR) get the `flat` layout:
+//! the whole source becomes one path component below the prefix, with `__` between the source's
+//! components (`registry.example.cn/acme` + `gcr.io/kaniko-project/executor` →
+//! `registry.example.cn/acme/gcr.io__kaniko-project__executor`). Host names contain no `_`, so the
+//! port is `_` there too (`localhost_5000__a`); a source whose own path has a `__` cannot be
+//! flattened without ambiguity and is refused. Both layouts reverse exactly ([`TargetPrefix::source_of`]).
+
+use std::fmt;
+use std::str::FromStr;
 
 use crate::reference::ImageRef;
+
+/// How a source's name is written under the target prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layout {
+    /// `prefix/<registry>/<path>`: the source's path kept as it is (GHCR, GAR, Harbor, distribution).
+    #[default]
+    Nested,
+    /// `prefix/<registry>__<path with __ between components>`: one component (Docker Hub, Quay, ACR).
+    Flat,
+}
+
+impl Layout {
+    /// The name used in configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layout::Nested => "nested",
+            Layout::Flat => "flat",
+        }
+    }
+}
+
+impl fmt::Display for Layout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Layout {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "nested" => Ok(Layout::Nested),
+            "flat" => Ok(Layout::Flat),
+            other => Err(format!(
+                "layout {other:?} is not known: use \"nested\" (prefix/registry/path) or \"flat\" (one name below the prefix, for registries that take only namespace/repo)"
+            )),
+        }
+    }
+}
+
+/// Longest repository name (registry path) distribution accepts.
+const MAX_NAME: usize = 255;
 
 /// The repository prefix mirrors are written under (`ghcr.io/acme/mirror`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,6 +67,8 @@ pub struct TargetPrefix {
     pub registry: String,
     /// Path under it (`acme/mirror`); may be empty.
     pub path: String,
+    /// How sources are written below it.
+    pub layout: Layout,
 }
 
 impl TargetPrefix {
@@ -43,7 +98,14 @@ impl TargetPrefix {
         Ok(TargetPrefix {
             registry: probe.registry().to_string(),
             path,
+            layout: Layout::Nested,
         })
+    }
+
+    /// The same prefix with sources written in `layout`.
+    pub fn with_layout(mut self, layout: Layout) -> TargetPrefix {
+        self.layout = layout;
+        self
     }
 
     /// `registry/path`.
@@ -63,19 +125,60 @@ impl TargetPrefix {
                 "source registry {host} is an IPv6 literal, which cannot be written as a repository path; use a host name"
             ));
         }
-        let mapped = format!("{}/{}", host.replace(':', "_"), source.repository());
+        let host = host.replace(':', "_");
+        let mapped = match self.layout {
+            Layout::Nested => format!("{host}/{}", source.repository()),
+            Layout::Flat => {
+                if let Some(part) = source.repository().split('/').find(|c| c.contains("__")) {
+                    return Err(format!(
+                        "source {} has \"__\" in its path component {part:?}, which the flat layout writes between components; name a target for it or use the nested layout",
+                        source.repo_name()
+                    ));
+                }
+                format!("{host}__{}", source.repository().replace('/', "__"))
+            }
+        };
         let full = if self.path.is_empty() {
             mapped
         } else {
             format!("{}/{mapped}", self.path)
         };
-        if full.len() > 255 {
+        if full.len() > MAX_NAME {
             return Err(format!(
-                "the mirror repository {}/{full} would be longer than 255 characters",
+                "the mirror repository {}/{full} would be longer than {MAX_NAME} characters; name a shorter target for it",
                 self.registry
             ));
         }
         Ok(format!("{}/{full}", self.registry))
+    }
+
+    /// The source repository whose mapping is `repo`, if `repo` has the shape of one: the reverse
+    /// of [`TargetPrefix::repo_for`]. Such names are reserved for that source.
+    pub fn source_of(&self, repo: &str) -> Option<String> {
+        let rest = repo.strip_prefix(&self.repo())?.strip_prefix('/')?;
+        let (host, path) = match self.layout {
+            Layout::Nested => rest.split_once('/')?,
+            Layout::Flat => {
+                if rest.contains('/') {
+                    return None;
+                }
+                rest.split_once("__")?
+            }
+        };
+        // Only a registry host has a `.`, a port (`_` here) or is `localhost`; `tools/kaniko` is a
+        // name of the operator's choosing, not a mapped source.
+        if !(host.contains('.') || host.contains('_') || host == "localhost") {
+            return None;
+        }
+        let host = host.replacen('_', ":", 1);
+        let path = match self.layout {
+            Layout::Nested => path.to_string(),
+            Layout::Flat => path.replace("__", "/"),
+        };
+        let source = ImageRef::parse(&format!("{host}/{path}")).ok()?;
+        let name = source.repo_name();
+        // Exact round trip only: anything else is not a mapped name.
+        (self.repo_for(&source).ok()? == repo).then_some(name)
     }
 
     /// Whether `repo` (registry/path) lies under this prefix.
@@ -183,6 +286,116 @@ mod tests {
         );
         assert!(TargetPrefix::parse("ghcr.io/acme/mirror:tag").is_err());
         assert!(TargetPrefix::parse("mirror").is_err());
+    }
+
+    #[test]
+    fn flat_layout_writes_one_component() {
+        let p = TargetPrefix::parse("registry.example.cn/acme")
+            .unwrap()
+            .with_layout(Layout::Flat);
+        assert_eq!(
+            p.repo_for(&src("gcr.io/kaniko-project/executor:v1.8.1"))
+                .unwrap(),
+            "registry.example.cn/acme/gcr.io__kaniko-project__executor"
+        );
+        assert_eq!(
+            p.repo_for(&src("nginx")).unwrap(),
+            "registry.example.cn/acme/docker.io__library__nginx"
+        );
+        assert_eq!(
+            p.repo_for(&src("localhost:5000/a_b/c")).unwrap(),
+            "registry.example.cn/acme/localhost_5000__a_b__c"
+        );
+        let err = p.repo_for(&src("quay.io/a__b/c")).unwrap_err();
+        assert!(
+            err.contains("\"__\"") && err.contains("nested layout"),
+            "{err}"
+        );
+        let long = format!("quay.io/{}", ["abcdefghij"; 22].join("/"));
+        let err = p.repo_for(&src(&long)).unwrap_err();
+        assert!(err.contains("longer than 255"), "{err}");
+        assert_eq!("FLAT".parse::<Layout>().unwrap(), Layout::Flat);
+        assert!("deep".parse::<Layout>().unwrap_err().contains("nested"));
+    }
+
+    #[test]
+    fn reverse_mapping_names_the_owner_only_for_mapped_names() {
+        for layout in [Layout::Nested, Layout::Flat] {
+            let p = TargetPrefix::parse("127.0.0.1:5001/acme")
+                .unwrap()
+                .with_layout(layout);
+            let mapped = p.repo_for(&src("127.0.0.1:5000/bench/wide")).unwrap();
+            assert_eq!(
+                p.source_of(&mapped).as_deref(),
+                Some("127.0.0.1:5000/bench/wide")
+            );
+            // Names of the operator's choosing are not reserved for anyone.
+            assert_eq!(p.source_of("127.0.0.1:5001/acme/tools/kaniko"), None);
+            assert_eq!(p.source_of("127.0.0.1:5001/acme/kaniko"), None);
+            assert_eq!(p.source_of("127.0.0.1:5001/other/gcr.io/x"), None);
+        }
+    }
+
+    /// Random valid sources, both layouts: the mapping is valid, reverses exactly and never
+    /// maps two sources to one name.
+    #[test]
+    fn both_layouts_reverse_exactly_and_never_collide() {
+        use rand::{Rng as _, SeedableRng as _};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let alnum = |rng: &mut rand::rngs::StdRng, n: usize| -> String {
+            (0..n)
+                .map(|_| b"abz09"[rng.random_range(0..5)] as char)
+                .collect()
+        };
+        let seps = [".", "_", "__", "-", "--"];
+        for layout in [Layout::Nested, Layout::Flat] {
+            let p = TargetPrefix::parse("registry.example.cn/acme")
+                .unwrap()
+                .with_layout(layout);
+            let mut seen = std::collections::HashMap::new();
+            for _ in 0..5000 {
+                let host = match rng.random_range(0..4) {
+                    0 => "gcr.io".to_string(),
+                    1 => format!("{}.io", alnum(&mut rng, 2)),
+                    2 => format!("localhost:{}", rng.random_range(1..99)),
+                    _ => format!("10.0.0.{}:5000", rng.random_range(1..9)),
+                };
+                let parts: Vec<String> = (0..rng.random_range(1..4))
+                    .map(|_| {
+                        let n = rng.random_range(1..3);
+                        let mut c = alnum(&mut rng, n);
+                        if rng.random_bool(0.5) {
+                            c.push_str(seps[rng.random_range(0..seps.len())]);
+                            c.push_str(&alnum(&mut rng, 1));
+                        }
+                        c
+                    })
+                    .collect();
+                let Ok(source) = ImageRef::parse(&format!("{host}/{}", parts.join("/"))) else {
+                    continue;
+                };
+                let name = source.repo_name();
+                match p.repo_for(&source) {
+                    Ok(repo) => {
+                        let parsed = ImageRef::parse(&repo)
+                            .unwrap_or_else(|e| panic!("{repo} is not a valid name: {e}"));
+                        assert_eq!(parsed.repo_name(), repo);
+                        if layout == Layout::Flat {
+                            assert_eq!(repo.matches('/').count(), 2, "{repo}");
+                        }
+                        assert_eq!(p.source_of(&repo).as_deref(), Some(name.as_str()), "{repo}");
+                        if let Some(other) = seen.insert(repo.clone(), name.clone()) {
+                            assert_eq!(other, name, "{other} and {name} both map to {repo}");
+                        }
+                    }
+                    Err(e) => {
+                        assert_eq!(layout, Layout::Flat, "{name}: {e}");
+                        assert!(name.contains("__"), "{name}: {e}");
+                    }
+                }
+            }
+            assert!(seen.len() > 1000, "{}", seen.len());
+        }
     }
 
     #[test]

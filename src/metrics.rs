@@ -76,6 +76,8 @@ pub struct Metrics {
     pub sync_runs: Counter,
     pub sync_errors: Counter,
     pub sync_jobs: Counter,
+    /// Worker tasks that panicked and were started again.
+    pub worker_restarts: Counter,
     /// Drift watch: problems newly found, by kind.
     pub drift_found: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -99,6 +101,7 @@ impl Default for Metrics {
             sync_runs: Counter::default(),
             sync_errors: Counter::default(),
             sync_jobs: Counter::default(),
+            worker_restarts: Counter::default(),
             drift_found: Mutex::default(),
         }
     }
@@ -155,7 +158,12 @@ impl Metrics {
         for (name, help, samples) in gauges {
             register_gauges(&mut reg, name, help, samples);
         }
-        let counters: [(&str, &str, &Counter); 12] = [
+        let counters: [(&str, &str, &Counter); 13] = [
+            (
+                "mirror_worker_restarts",
+                "Worker tasks that panicked and were started again",
+                &self.worker_restarts,
+            ),
             (
                 "mirror_bytes_copied",
                 "Blob bytes that crossed the wire",
@@ -520,6 +528,7 @@ mod tests {
             "mirror_drift_checks_total",
             "mirror_drift_check_errors_total",
             "mirror_drift_jobs_total",
+            "mirror_worker_restarts_total",
         ] {
             assert_eq!(value(&s, name, &[]), Some(0.0), "{name}:\n{text}");
         }

@@ -579,15 +579,18 @@ fn entry(
             }
         }
     });
-    let policy = map
-        .get_node("policy")
-        .and_then(|n| policy(n, p))
-        .unwrap_or(default_policy);
+    let named_policy = map.get_node("policy").and_then(|n| policy(n, p));
     let referrers = map
         .get_node("referrers")
         .and_then(|n| boolean(n, "referrers", p))
         .unwrap_or(default_referrers);
     let source = source?;
+    // A digest names one image: its entry keeps it unless it says `policy: follow`.
+    let policy = named_policy.unwrap_or(if source.digest().is_some() {
+        Policy::Pin
+    } else {
+        default_policy
+    });
     let selects = map.get_node("tags").is_some()
         || map.get_node("tag_regex").is_some()
         || map.get_node("semver").is_some();

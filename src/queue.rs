@@ -1,5 +1,6 @@
-//! Every SQL statement about jobs: enqueue (with dedupe), claim with a lease, heartbeat, finish,
-//! retry, release, rescue. Writes of a claimed job are guarded by its lease token.
+//! Every SQL statement about jobs: enqueue (with ownership of the mirror name and dedupe), claim
+//! with a lease (one writer per target tag), heartbeat, finish, retry, release, rescue. Writes of
+//! a claimed job are guarded by its lease token.
 
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use sqlx::FromRow;
 
 use crate::db::{Db, now_ms};
 use crate::ledger::{self, NewRecord};
+use crate::reference::ImageRef;
 
 /// A job as stored.
 #[derive(Debug, Clone, FromRow, Serialize)]
@@ -84,31 +86,177 @@ pub struct ProgressRow {
     pub blobs_total: i64,
 }
 
-/// Stores a job, or returns the queued or running job for the same source and target.
-/// The bool is true when a new job was created.
-pub async fn enqueue(db: &Db, new: &NewJob) -> sqlx::Result<(Job, bool)> {
+/// Why a request was not stored as a job.
+#[derive(Debug, thiserror::Error)]
+pub enum EnqueueError {
+    /// The mirror repository already belongs to another source repository.
+    #[error(
+        "mirror repository {mirror_repo} belongs to {owner}; {requested} cannot be written there (name another target)"
+    )]
+    Owned {
+        mirror_repo: String,
+        owner: String,
+        requested: String,
+    },
+    /// The database failed.
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// How a request met the jobs already live for the same source and target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dedupe {
+    /// No live job: a new one was stored.
+    New,
+    /// Joined a live job that will copy what the request asked for, options unchanged.
+    Joined,
+    /// Joined the queued job and widened its options (referrers on, the request's policy).
+    Merged,
+    /// The live job is running and already pinned to the digest it resolved, or was asked for
+    /// less: a new job was queued to run after it (one writer per target tag).
+    QueuedAfter(i64),
+}
+
+impl Dedupe {
+    /// The word used in API answers.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Dedupe::New => "new",
+            Dedupe::Joined => "joined",
+            Dedupe::Merged => "merged",
+            Dedupe::QueuedAfter(_) => "queued_after",
+        }
+    }
+}
+
+/// A request stored, or joined to a live job.
+#[derive(Debug, Clone)]
+pub struct Enqueued {
+    pub job: Job,
+    pub dedupe: Dedupe,
+}
+
+impl Enqueued {
+    /// Whether a new job row was written (workers should be woken).
+    pub fn created(&self) -> bool {
+        matches!(self.dedupe, Dedupe::New | Dedupe::QueuedAfter(_))
+    }
+}
+
+/// Stores a job, or joins the live job for the same source and target (see [`Dedupe`]).
+pub async fn enqueue(db: &Db, new: &NewJob) -> Result<Enqueued, EnqueueError> {
     let mut tx = db.write.begin_with("BEGIN IMMEDIATE").await?;
     let out = enqueue_in(&mut tx, new).await?;
     tx.commit().await?;
     Ok(out)
 }
 
+/// The source repository of a job's source reference (`docker.io/library/nginx`).
+fn source_repo(source: &str) -> String {
+    ImageRef::parse_source(source)
+        .map(|r| r.repo_name())
+        .unwrap_or_else(|_| source.to_string())
+}
+
+/// The owner of `mirror_repo`, claiming it for `source_repo` if it has none yet.
+async fn claim_owner(
+    tx: &mut sqlx::SqliteConnection,
+    mirror_repo: &str,
+    source_repo: &str,
+) -> sqlx::Result<String> {
+    sqlx::query(
+        "insert into mirror_owner (mirror_repo, source_repo, created_at) values (?1, ?2, ?3)
+         on conflict (mirror_repo) do nothing",
+    )
+    .bind(mirror_repo)
+    .bind(source_repo)
+    .bind(now_ms())
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query_scalar("select source_repo from mirror_owner where mirror_repo = ?1")
+        .bind(mirror_repo)
+        .fetch_one(&mut *tx)
+        .await
+}
+
+/// The source repository a mirror repository belongs to, if it was ever used.
+pub async fn owner(db: &Db, mirror_repo: &str) -> sqlx::Result<Option<String>> {
+    sqlx::query_scalar("select source_repo from mirror_owner where mirror_repo = ?1")
+        .bind(mirror_repo)
+        .fetch_optional(&db.read)
+        .await
+}
+
 /// [`enqueue`] inside the caller's (immediate) transaction, to store other rows with the jobs.
 pub async fn enqueue_in(
     tx: &mut sqlx::SqliteConnection,
     new: &NewJob,
-) -> sqlx::Result<(Job, bool)> {
-    let existing: Option<Job> = sqlx::query_as(
+) -> Result<Enqueued, EnqueueError> {
+    let source = source_repo(&new.source);
+    let owner = claim_owner(tx, &new.target_repo, &source).await?;
+    if owner != source {
+        return Err(EnqueueError::Owned {
+            mirror_repo: new.target_repo.clone(),
+            owner,
+            requested: source,
+        });
+    }
+    let live: Vec<Job> = sqlx::query_as(
         "select * from job where source = ?1 and target_repo = ?2 and ifnull(target_tag, '') = ifnull(?3, '')
-         and state in ('queued', 'running')",
+         and state in ('queued', 'running') order by id desc",
     )
     .bind(&new.source)
     .bind(&new.target_repo)
     .bind(&new.target_tag)
-    .fetch_optional(&mut *tx)
+    .fetch_all(&mut *tx)
     .await?;
-    if let Some(job) = existing {
-        return Ok((job, false));
+    let mut after = None;
+    if let Some(queued) = live.iter().find(|j| j.state == state::QUEUED) {
+        // Not started: it will resolve the tag when it runs, so this request's wish is met by
+        // it; widen its options to cover both requests.
+        let referrers = queued.referrers || new.referrers;
+        let policy = new
+            .policy
+            .map(|p| p.as_str().to_string())
+            .or(queued.policy.clone());
+        let repair = queued.repair || new.repair;
+        if (referrers, &policy, repair) == (queued.referrers, &queued.policy, queued.repair) {
+            return Ok(Enqueued {
+                job: queued.clone(),
+                dedupe: Dedupe::Joined,
+            });
+        }
+        let job: Job = sqlx::query_as(
+            "update job set referrers = ?1, policy = ?2, repair = ?3, updated_at = ?4 where id = ?5 returning *",
+        )
+        .bind(referrers)
+        .bind(&policy)
+        .bind(repair)
+        .bind(now_ms())
+        .bind(queued.id)
+        .fetch_one(&mut *tx)
+        .await?;
+        return Ok(Enqueued {
+            job,
+            dedupe: Dedupe::Merged,
+        });
+    }
+    if let Some(running) = live.first() {
+        // Running: joining is right only if it copies what this request names now (a digest,
+        // or a tag it has not resolved yet) with at least the options asked for.
+        let same_content = new.source.contains('@') || running.source_digest.is_none();
+        let covers = (running.referrers || !new.referrers)
+            && (running.repair || !new.repair)
+            && new
+                .policy
+                .is_none_or(|p| running.policy.as_deref() == Some(p.as_str()));
+        if same_content && covers {
+            return Ok(Enqueued {
+                job: running.clone(),
+                dedupe: Dedupe::Joined,
+            });
+        }
+        after = Some(running.id);
     }
     let now = now_ms();
     let job: Job = sqlx::query_as(
@@ -126,7 +274,20 @@ pub async fn enqueue_in(
     .bind(new.repair)
     .fetch_one(&mut *tx)
     .await?;
-    Ok((job, true))
+    Ok(Enqueued {
+        job,
+        dedupe: after.map_or(Dedupe::New, Dedupe::QueuedAfter),
+    })
+}
+
+/// A queued job `j` waits while an older live job writes the same target tag: one writer per
+/// tag, in the order the requests came, so the tag ends at the newest request's digest.
+macro_rules! not_waiting {
+    () => {
+        "(j.target_tag is null or not exists (
+            select 1 from job o where o.target_repo = j.target_repo and ifnull(o.target_tag, '') = ifnull(j.target_tag, '')
+                and o.state in ('queued', 'running') and o.id < j.id))"
+    };
 }
 
 fn lease_token() -> String {
@@ -140,15 +301,17 @@ pub async fn claim(db: &Db, lease: Duration) -> sqlx::Result<Option<Lease>> {
     let token = lease_token();
     let mut tx = db.write.begin_with("BEGIN IMMEDIATE").await?;
     rescue(&mut tx, now).await?;
-    let job: Option<Job> = sqlx::query_as(
-        "update job set state = 'running', attempts = attempts + 1, lease_token = ?1, lease_expires_at = ?2,
-             started_at = ifnull(started_at, ?3), updated_at = ?3
-         where id = (select id from job where state = 'queued' and run_at <= ?3 order by run_at, id limit 1)
-         returning *",
-    )
+    let job: Option<Job> = sqlx::query_as(concat!(
+        "update job set state = 'running', attempts = attempts + 1, lease_token = ?2, lease_expires_at = ?3,
+             started_at = ifnull(started_at, ?1), updated_at = ?1
+         where id = (select j.id from job j where j.state = 'queued' and j.run_at <= ?1 and ",
+        not_waiting!(),
+        " order by j.run_at, j.id limit 1)
+         returning *"
+    ))
+    .bind(now)
     .bind(&token)
     .bind(now + lease.as_millis() as i64)
-    .bind(now)
     .fetch_optional(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -374,11 +537,16 @@ pub async fn stats(db: &Db) -> sqlx::Result<(Vec<(String, i64)>, Option<i64>)> {
     Ok((by_state, oldest.map(|t| now_ms() - t)))
 }
 
-/// When the next queued job is due (unix ms), to sleep exactly until then.
+/// When the next queued job is due (unix ms), to sleep exactly until then. A job waiting for
+/// an older one on the same target tag is not counted: the worker that finishes the older one
+/// claims again at once.
 pub async fn next_due(db: &Db) -> sqlx::Result<Option<i64>> {
-    sqlx::query_scalar("select min(run_at) from job where state = 'queued'")
-        .fetch_one(&db.read)
-        .await
+    sqlx::query_scalar(concat!(
+        "select min(j.run_at) from job j where j.state = 'queued' and ",
+        not_waiting!()
+    ))
+    .fetch_one(&db.read)
+    .await
 }
 
 /// The answer given to a GitHub delivery, if it was handled before.
@@ -409,7 +577,7 @@ pub async fn store_delivery(
     Ok(())
 }
 
-type EnqueueReply = tokio::sync::oneshot::Sender<sqlx::Result<(Job, bool)>>;
+type EnqueueReply = tokio::sync::oneshot::Sender<Result<Enqueued, EnqueueError>>;
 
 /// Group commit for enqueues: requests arriving together share one transaction and one fsync, so
 /// a `202` still means "on disk" without paying a disk flush per request.
@@ -437,7 +605,7 @@ impl Enqueuer {
                 match enqueue_batch(&db, &batch).await {
                     Ok(results) => {
                         for ((_, reply), r) in batch.into_iter().zip(results) {
-                            let _ = reply.send(Ok(r));
+                            let _ = reply.send(r);
                         }
                     }
                     // One bad request must not fail its neighbours: fall back to one by one.
@@ -453,7 +621,7 @@ impl Enqueuer {
     }
 
     /// Enqueues `new` durably (see [`enqueue`]).
-    pub async fn enqueue(&self, new: NewJob) -> sqlx::Result<(Job, bool)> {
+    pub async fn enqueue(&self, new: NewJob) -> Result<Enqueued, EnqueueError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.tx
             .send((new, reply))
@@ -463,14 +631,20 @@ impl Enqueuer {
     }
 }
 
+/// One transaction for the batch. A request refused for its target (another source owns it)
+/// gets its refusal without failing its neighbours; a database error fails the batch, which is
+/// then retried one by one.
 async fn enqueue_batch(
     db: &Db,
     batch: &[(NewJob, EnqueueReply)],
-) -> sqlx::Result<Vec<(Job, bool)>> {
+) -> sqlx::Result<Vec<Result<Enqueued, EnqueueError>>> {
     let mut tx = db.write.begin_with("BEGIN IMMEDIATE").await?;
     let mut out = Vec::with_capacity(batch.len());
     for (new, _) in batch {
-        out.push(enqueue_in(&mut tx, new).await?);
+        match enqueue_in(&mut tx, new).await {
+            Err(EnqueueError::Db(e)) => return Err(e),
+            r => out.push(r),
+        }
     }
     tx.commit().await?;
     Ok(out)

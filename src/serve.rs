@@ -59,7 +59,9 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .target
         .as_deref()
         .context("MIRROR_TARGET is not set: name the repository prefix mirrors go under, such as ghcr.io/acme/mirror")?;
-    let target = TargetPrefix::parse(target).map_err(|e| anyhow::anyhow!("MIRROR_TARGET: {e}"))?;
+    let target = TargetPrefix::parse(target)
+        .map_err(|e| anyhow::anyhow!("MIRROR_TARGET: {e}"))?
+        .with_layout(args.target_layout);
     let tokens = parse_tokens(args.api_tokens.as_deref().context(
         "MIRROR_API_TOKENS is not set: POST /mirror needs at least one bearer token (name=token,…)",
     )?)?;

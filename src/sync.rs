@@ -18,6 +18,7 @@ use crate::mapping::{AllowList, TargetPrefix};
 use crate::mirrorlist::{self, Entry, MirrorList};
 use crate::queue::{self, NewJob};
 use crate::registry::{Client, Repo};
+use crate::rounds::{RoundStatus, Rounds, Trigger};
 
 /// Tags asked for per page when listing a source's tags.
 const TAG_PAGE: usize = 1000;
@@ -39,6 +40,8 @@ pub struct SyncConfig {
 /// What one sync did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
+    /// The sync's id (as `POST /sync` answered it).
+    pub id: u64,
     /// Start, RFC 3339.
     pub started_at: String,
     pub duration_ms: u64,
@@ -61,7 +64,8 @@ pub struct Sync {
     client: Client,
     config: Arc<SyncConfig>,
     wake: Arc<Notify>,
-    running: Arc<tokio::sync::Mutex<()>>,
+    /// Syncs asked for and running: one at a time, in the background, stopped at shutdown.
+    rounds: Rounds,
     last: Arc<std::sync::Mutex<Option<Report>>>,
 }
 
@@ -80,7 +84,7 @@ impl Sync {
             client,
             config: Arc::new(config),
             wake,
-            running: Arc::default(),
+            rounds: Rounds::default(),
             last: Arc::default(),
         })
     }
@@ -95,34 +99,56 @@ impl Sync {
         self.last.lock().expect("sync state poisoned").clone()
     }
 
-    /// Syncs now, then every interval, until `stop` is cancelled.
-    pub fn spawn(&self, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    /// The sync running now and the one queued behind it.
+    pub fn current_rounds(&self) -> (Option<RoundStatus>, Option<RoundStatus>) {
+        (self.rounds.running(), self.rounds.queued())
+    }
+
+    /// Asks for a sync now; returns at once with its id and state (a sync already queued is
+    /// joined). It runs in the background after the running one; `GET /sync` shows it.
+    pub fn request(&self, trigger: Trigger) -> (RoundStatus, Option<tokio::task::JoinHandle<()>>) {
         let sync = self.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    r = sync.run() => if let Err(e) = r {
-                        tracing::error!("mirror list sync failed: {e}");
-                    },
-                    _ = stop.cancelled() => return,
-                }
-                let Some(every) = sync.config.interval else {
-                    return;
-                };
-                tokio::select! {
-                    _ = tokio::time::sleep(every) => {}
-                    _ = stop.cancelled() => return,
-                }
+        self.rounds.request(trigger, move |id| async move {
+            if let Err(e) = sync.run(id).await {
+                tracing::error!(round.id = id, "mirror list sync {id} failed: {e}");
             }
         })
     }
 
+    /// Syncs now, then every interval, until `stop` is cancelled, which also stops the sync
+    /// running then and any asked for by `POST /sync`.
+    pub fn spawn(&self, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let sync = self.clone();
+        tokio::spawn(async move {
+            let mut trigger = Trigger::Start;
+            loop {
+                if let (_, Some(round)) = sync.request(trigger) {
+                    tokio::select! {
+                        _ = round => {}
+                        _ = stop.cancelled() => break,
+                    }
+                }
+                trigger = Trigger::Schedule;
+                let Some(every) = sync.config.interval else {
+                    stop.cancelled().await;
+                    break;
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stop.cancelled() => break,
+                }
+            }
+            sync.rounds.shutdown();
+        })
+    }
+
     /// Reads the file again and queues whatever is not mirrored as upstream has it. A file that
-    /// no longer parses is reported (with its lines) and nothing is queued.
-    pub async fn run(&self) -> sqlx::Result<Report> {
-        let _one_at_a_time = self.running.lock().await;
+    /// no longer parses is reported (with its lines) and nothing is queued. Callers go through
+    /// [`Sync::request`], which runs one at a time.
+    async fn run(&self, id: u64) -> sqlx::Result<Report> {
         let started = std::time::Instant::now();
         let mut report = Report {
+            id,
             started_at: crate::http::rfc3339(now_ms()),
             ..Report::default()
         };
@@ -191,8 +217,7 @@ impl Sync {
                 return Ok(Ok(()));
             }
             let job = self.job(entry, source.to_string(), &target_repo, source.tag());
-            self.enqueue(job, report).await?;
-            return Ok(Ok(()));
+            return self.enqueue(job, report).await;
         }
         let tags = if entry.needs_listing() {
             match self.client.list_tags(&repo, TAG_PAGE).await {
@@ -245,7 +270,9 @@ impl Sync {
             }
             let reference = source.clone().with_tag(Some(tag.clone()));
             let job = self.job(entry, reference.to_string(), &target_repo, Some(&tag));
-            self.enqueue(job, report).await?;
+            if let Err(e) = self.enqueue(job, report).await? {
+                problems.push(e);
+            }
         }
         Ok(if problems.is_empty() {
             Ok(())
@@ -272,8 +299,14 @@ impl Sync {
         }
     }
 
-    async fn enqueue(&self, job: NewJob, report: &mut Report) -> sqlx::Result<()> {
-        let (j, created) = queue::enqueue(&self.db, &job).await?;
+    /// Queues `job`; a refusal (its mirror name belongs to another source) is reported, not fatal.
+    async fn enqueue(&self, job: NewJob, report: &mut Report) -> sqlx::Result<Result<(), String>> {
+        let queued = match queue::enqueue(&self.db, &job).await {
+            Ok(q) => q,
+            Err(queue::EnqueueError::Db(e)) => return Err(e),
+            Err(refused) => return Ok(Err(refused.to_string())),
+        };
+        let (j, created) = (queued.job.clone(), queued.created());
         report.queued += 1;
         if created {
             crate::metrics::METRICS.sync_jobs.add(1);
@@ -286,7 +319,7 @@ impl Sync {
                 j.target_repo
             );
         }
-        Ok(())
+        Ok(Ok(()))
     }
 }
 

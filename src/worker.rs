@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -90,19 +92,32 @@ impl Workers {
             .map(|n| {
                 let w = self.clone();
                 let (stop, abort) = (stop.clone(), abort.clone());
-                tokio::spawn(async move { w.run(n, stop, abort).await })
+                let supervisor = supervise(n, stop.clone(), RESTART_PAUSE, move || {
+                    let (w, stop, abort) = (w.clone(), stop.clone(), abort.clone());
+                    async move { w.run(n, stop, abort).await }
+                });
+                tokio::spawn(async move {
+                    supervisor.await;
+                })
             })
             .collect()
     }
 
     async fn run(&self, n: usize, stop: CancellationToken, abort: CancellationToken) {
         tracing::debug!(worker = n, "worker started");
-        self.alive.fetch_add(1, Ordering::SeqCst);
+        // Counted while this loop runs, and uncounted however it ends (a panic included), so
+        // `/readyz` sees a dead worker.
+        let _alive = Alive::new(&self.alive);
         while !stop.is_cancelled() {
+            // The lease runs from before the claim was sent: the worker's idea of its expiry is
+            // never later than the database's.
+            let claimed_at = Instant::now();
             match queue::claim(&self.db, self.config.lease).await {
                 Ok(Some(lease)) => {
                     let span = tracing::info_span!("job", job.id = lease.job.id, image.src = %lease.job.source);
-                    self.run_job(lease, &abort).instrument(span).await;
+                    self.run_job(lease, claimed_at, &abort)
+                        .instrument(span)
+                        .await;
                 }
                 Ok(None) => {
                     let wait = match queue::next_due(&self.db).await {
@@ -127,11 +142,10 @@ impl Workers {
                 }
             }
         }
-        self.alive.fetch_sub(1, Ordering::SeqCst);
         tracing::debug!(worker = n, "worker stopped");
     }
 
-    async fn run_job(&self, lease: Lease, abort: &CancellationToken) {
+    async fn run_job(&self, lease: Lease, claimed_at: Instant, abort: &CancellationToken) {
         let job = &lease.job;
         tracing::info!(
             attempt = job.attempts,
@@ -143,33 +157,14 @@ impl Workers {
         let progress = Arc::new(Progress::default());
         let started = std::time::Instant::now();
         let lost = CancellationToken::new();
-        let heartbeat = {
-            let (db, lease, progress, lost) = (
-                self.db.clone(),
-                lease.clone(),
-                progress.clone(),
-                lost.clone(),
-            );
-            let every = self.config.lease / 3;
-            let duration = self.config.lease;
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    match queue::heartbeat(&db, &lease, duration, progress_row(&progress)).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            tracing::warn!(
-                                "job {}: lease lost; abandoning the copy and writing nothing",
-                                lease.job.id
-                            );
-                            lost.cancel();
-                            return;
-                        }
-                        Err(e) => tracing::warn!("job {}: heartbeat failed: {e}", lease.job.id),
-                    }
-                }
-            })
-        };
+        let heartbeat = tokio::spawn(keep_lease(
+            self.db.clone(),
+            lease.clone(),
+            progress.clone(),
+            lost.clone(),
+            claimed_at,
+            self.config.lease,
+        ));
         let outcome = tokio::select! {
             r = self.copy(&lease, progress.clone()) => Some(r),
             _ = lost.cancelled() => None,
@@ -185,13 +180,19 @@ impl Workers {
         heartbeat.abort();
         let Some(outcome) = outcome else { return };
         let m = &crate::metrics::METRICS;
+        // What the metrics count once the result is written (and only then: a worker that lost
+        // its lease finished nothing).
+        let mut copied = None;
+        let mut finished = false;
         let (written, notice) = match outcome {
             Ok((record, result)) => {
-                m.bytes_copied.add(result.bytes_moved);
-                m.blobs_uploaded.add(result.blobs_uploaded as u64);
-                m.blobs_mounted.add(result.blobs_mounted as u64);
-                m.blobs_skipped.add(result.blobs_skipped as u64);
-                m.job_finished(started.elapsed().as_secs_f64());
+                copied = Some((
+                    result.bytes_moved,
+                    result.blobs_uploaded as u64,
+                    result.blobs_mounted as u64,
+                    result.blobs_skipped as u64,
+                ));
+                finished = true;
                 let r = queue::succeed(&self.db, &lease, &record, progress_row(&progress)).await;
                 if let Ok(true) = r {
                     tracing::info!(digest = %record.source_digest, "job {} succeeded: {}@{}", job.id, record.mirror_repo, record.source_digest);
@@ -236,7 +237,7 @@ impl Workers {
             }
             Err(JobError::Transient(msg) | JobError::Permanent(msg)) => {
                 tracing::error!("job {} failed: {msg}", job.id);
-                m.job_finished(started.elapsed().as_secs_f64());
+                finished = true;
                 let notice = serde_json::json!({
                     "event": "job",
                     "job_id": job.id,
@@ -252,6 +253,15 @@ impl Workers {
         };
         match written {
             Ok(true) => {
+                if let Some((bytes, uploaded, mounted, skipped)) = copied {
+                    m.bytes_copied.add(bytes);
+                    m.blobs_uploaded.add(uploaded);
+                    m.blobs_mounted.add(mounted);
+                    m.blobs_skipped.add(skipped);
+                }
+                if finished {
+                    m.job_finished(started.elapsed().as_secs_f64());
+                }
                 if let (Some(n), Some(notice)) = (&self.notifier, notice) {
                     n.send(notice);
                 }
@@ -347,6 +357,108 @@ impl Workers {
     }
 }
 
+/// Pause before a panicked worker task is started again (so a panic on every claim does not spin).
+const RESTART_PAUSE: Duration = Duration::from_secs(1);
+
+/// One unit in a count of running tasks, taken back when dropped (also by a panic's unwinding).
+struct Alive(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Alive {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Alive {
+        count.fetch_add(1, Ordering::SeqCst);
+        Alive(count.clone())
+    }
+}
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Runs the task `start` makes, in a task of its own, until it returns or `stop` is cancelled;
+/// when it panics, logs the panic, counts it in `mirror_worker_restarts_total` and starts it
+/// again after `pause`. Returns how many times it was restarted.
+async fn supervise<F, Fut>(n: usize, stop: CancellationToken, pause: Duration, start: F) -> usize
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut restarts = 0;
+    loop {
+        match tokio::spawn(start()).await {
+            Ok(()) => return restarts,
+            Err(e) if e.is_panic() => {
+                let panic = e.into_panic();
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(no message)".into());
+                crate::metrics::METRICS.worker_restarts.add(1);
+                tracing::error!(
+                    worker = n,
+                    "worker {n} panicked: {msg}; its job (if any) goes back to the queue when its lease runs out; restarting the worker in {} ms",
+                    pause.as_millis()
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stop.cancelled() => return restarts,
+                }
+                restarts += 1;
+            }
+            Err(_) => return restarts,
+        }
+    }
+}
+
+/// Renews `lease` every third of its length while the copy runs. When it cannot be renewed — the
+/// job was taken over (lost), or renewals keep failing or hanging until the lease runs out — it
+/// cancels `lost`, which stops the copy: a worker never copies or writes past its lease.
+async fn keep_lease(
+    db: Db,
+    lease: Lease,
+    progress: Arc<Progress>,
+    lost: CancellationToken,
+    claimed_at: Instant,
+    duration: Duration,
+) {
+    let every = duration / 3;
+    let mut valid_until = claimed_at + duration;
+    loop {
+        tokio::time::sleep_until((Instant::now() + every).min(valid_until)).await;
+        if Instant::now() >= valid_until {
+            break;
+        }
+        let sent = Instant::now();
+        let renewal = queue::heartbeat(&db, &lease, duration, progress_row(&progress));
+        match tokio::time::timeout_at(valid_until, renewal).await {
+            Ok(Ok(true)) => valid_until = sent + duration,
+            Ok(Ok(false)) => {
+                tracing::warn!(
+                    "job {}: lease lost; abandoning the copy and writing nothing",
+                    lease.job.id
+                );
+                lost.cancel();
+                return;
+            }
+            Ok(Err(e)) => tracing::warn!(
+                remaining_ms = valid_until
+                    .saturating_duration_since(Instant::now())
+                    .as_millis() as u64,
+                "job {}: renewing the lease failed (the copy stops when the lease runs out unless a renewal succeeds): {e}",
+                lease.job.id
+            ),
+            Err(_) => break,
+        }
+    }
+    tracing::warn!(
+        "job {}: the lease could not be renewed before it ran out; abandoning the copy and writing nothing",
+        lease.job.id
+    );
+    lost.cancel();
+}
+
 fn progress_row(p: &Progress) -> ProgressRow {
     ProgressRow {
         bytes_done: p.bytes_done.load(Ordering::Relaxed) as i64,
@@ -373,5 +485,65 @@ impl From<registry::Error> for JobError {
         } else {
             JobError::Permanent(e.to_string())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[tokio::test]
+    async fn a_panicked_worker_is_uncounted_and_started_again() {
+        let alive = Arc::new(AtomicUsize::new(0));
+        let runs = Arc::new(AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let restarts_before = crate::metrics::METRICS.worker_restarts.get();
+        let (a, r, s) = (alive.clone(), runs.clone(), stop.clone());
+        let supervisor = tokio::spawn(supervise(
+            0,
+            stop.clone(),
+            Duration::from_millis(10),
+            move || {
+                let (alive, runs, stop) = (a.clone(), r.clone(), s.clone());
+                async move {
+                    let _alive = Alive::new(&alive);
+                    if runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                        panic!("injected");
+                    }
+                    stop.cancelled().await;
+                }
+            },
+        ));
+        // The first run panics: the count drops back, then the second run counts itself.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while runs.load(Ordering::SeqCst) < 2 || alive.load(Ordering::SeqCst) != 1 {
+            assert!(
+                Instant::now() < deadline,
+                "the worker was not started again"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(crate::metrics::METRICS.worker_restarts.get() > restarts_before);
+        stop.cancel();
+        assert_eq!(supervisor.await.unwrap(), 1, "restarted once");
+        assert_eq!(
+            alive.load(Ordering::SeqCst),
+            0,
+            "a stopped worker is uncounted"
+        );
+    }
+
+    #[test]
+    fn a_panic_unwinding_through_a_worker_lowers_the_running_count() {
+        let alive = Arc::new(AtomicUsize::new(0));
+        let a = alive.clone();
+        let r = std::panic::catch_unwind(move || {
+            let _alive = Alive::new(&a);
+            assert_eq!(a.load(Ordering::SeqCst), 1);
+            panic!("injected");
+        });
+        assert!(r.is_err());
+        assert_eq!(alive.load(Ordering::SeqCst), 0);
     }
 }

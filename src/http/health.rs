@@ -18,24 +18,32 @@ pub async fn health() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// 200 when the database takes writes with every migration applied and the workers run; 503 with
-/// the failing checks otherwise.
+/// 200 when the database takes writes with every migration applied and every worker runs; 503 with
+/// the failing checks otherwise. A writer busy with a write is ready (`"writer": "busy"`): the
+/// answer never waits more than about a second for it.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, description = "ready"), (status = 503, description = "not ready, with the failing checks")))]
 pub async fn ready(State(state): State<AppState>) -> Response {
     let mut failing = Vec::new();
-    if let Err(e) = state.db.ready().await {
-        failing.push(format!("database: {e:#}"));
+    let mut writer = "idle";
+    match state.db.ready().await {
+        Ok(crate::db::WriterState::Idle) => {}
+        Ok(crate::db::WriterState::Busy) => writer = "busy",
+        Err(e) => failing.push(format!("database: {e:#}")),
     }
     let alive = state.workers_alive.load(Ordering::SeqCst);
     if alive < state.workers_expected {
         failing.push(format!(
-            "workers: {alive} of {} running",
+            "workers: {alive} of {} running (a worker that panicked is started again within 1 s; see mirror_worker_restarts_total)",
             state.workers_expected
         ));
     }
     if failing.is_empty() {
-        (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response()
+        (
+            StatusCode::OK,
+            Json(json!({ "status": "ready", "writer": writer })),
+        )
+            .into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,

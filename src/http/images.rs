@@ -37,6 +37,7 @@ fn entry(r: &Record, drift: &[Drift]) -> Value {
         .unwrap_or_default();
     json!({
         "tag": r.tag,
+        "mirror_tag": mirror_tag(r),
         "referrers": referrers,
         "digest": r.source_digest,
         "source": match &r.tag { Some(t) => format!("{}:{t}", r.source_repo), None => format!("{}@{}", r.source_repo, r.source_digest) },
@@ -104,6 +105,14 @@ pub async fn show(
             };
             let mut body = entry(current, &drift);
             body["name"] = json!(repo);
+            // A source tag may be mirrored under several names: each one's current record.
+            let mut mirrors: BTreeMap<(String, Option<String>), Value> = BTreeMap::new();
+            for r in &records {
+                mirrors
+                    .entry((r.mirror_repo.clone(), mirror_tag(r).map(str::to_string)))
+                    .or_insert_with(|| entry(r, &drift));
+            }
+            body["mirrors"] = mirrors.into_values().collect();
             body["history"] = records.iter().map(|r| entry(r, &[])).collect();
             Ok(Json(body))
         }
@@ -114,13 +123,15 @@ pub async fn show(
                     "{repo} has never been mirrored"
                 )));
             }
-            // Newest first: the first record of each tag is what the tag is now.
-            let mut tags: BTreeMap<String, Value> = BTreeMap::new();
+            // Newest first: the first record of each tag on each mirror is what that tag is now
+            // (one source tag mirrored under two names is two entries).
+            let mut tags: BTreeMap<(String, String), Value> = BTreeMap::new();
             let mut digests = Vec::new();
             for r in &records {
-                match &r.tag {
+                match mirror_tag(r) {
                     Some(t) => {
-                        tags.entry(t.clone()).or_insert_with(|| entry(r, &drift));
+                        tags.entry((t.to_string(), r.mirror_repo.clone()))
+                            .or_insert_with(|| entry(r, &drift));
                     }
                     None => digests.push(entry(r, &drift)),
                 }

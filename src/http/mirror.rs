@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, ApiJson, AppState, Caller};
-use crate::queue::NewJob;
+use crate::queue::{Dedupe, NewJob};
 use crate::reference::ImageRef;
 
 /// The request body.
@@ -70,6 +70,15 @@ pub fn plan(
                     config.target.repo()
                 )));
             }
+            // A name of the default mapping is reserved for its own source, used or not.
+            if let Some(owner) = config.target.source_of(&repo)
+                && owner != source.repo_name()
+            {
+                return Err(ApiError::Conflict(format!(
+                    "target {repo} is where {owner} is mirrored; {} cannot be written there (name another target)",
+                    source.repo_name()
+                )));
+            }
             let tag = t_ref
                 .tag()
                 .map(str::to_string)
@@ -84,7 +93,9 @@ pub fn plan(
         requested_by: requested_by.to_string(),
         max_attempts: config.max_attempts,
         referrers: true,
-        policy: None,
+        // A request that names a digest asked for that image: drift watch keeps it there
+        // unless the request says `"policy": "follow"`.
+        policy: source.digest().map(|_| crate::drift::Policy::Pin),
         repair: false,
     })
 }
@@ -97,6 +108,7 @@ pub fn plan(
         (status = 400, description = "invalid reference, saying which part"),
         (status = 401, description = "missing or unknown bearer token"),
         (status = 403, description = "source not in MIRROR_ALLOWED_SOURCES, or target outside MIRROR_TARGET"),
+        (status = 409, description = "the target repository belongs to another source (it was used for it first, or it is where the default mapping puts that source)"),
         (status = 413, description = "body over 64 KiB"),
         (status = 415, description = "not JSON")))]
 pub async fn create(
@@ -111,8 +123,9 @@ pub async fn create(
         json!({ "kind": "token", "name": who }),
     )?;
     new.referrers = req.referrers.unwrap_or(true);
-    new.policy = req.policy;
-    let (job, created) = state.enqueuer.enqueue(new).await?;
+    new.policy = req.policy.or(new.policy);
+    let queued = state.enqueuer.enqueue(new).await?;
+    let (job, created) = (&queued.job, queued.created());
     if created {
         state.wake.notify_one();
         tracing::info!(
@@ -123,8 +136,15 @@ pub async fn create(
             job.target_repo
         );
     }
-    let mut body = super::jobs::view(&job);
-    body["deduplicated"] = json!(!created);
+    let mut body = super::jobs::view(job);
+    body["deduplicated"] = json!(!matches!(queued.dedupe, Dedupe::New));
+    // How the request met the live jobs: `new`, `joined` (same job, same options), `merged`
+    // (same queued job, options widened: referrers on, this request's policy), `queued_after`
+    // (the running job was already pinned to an older digest or asked for less).
+    body["dedupe"] = json!(queued.dedupe.as_str());
+    if let Dedupe::QueuedAfter(id) = queued.dedupe {
+        body["queued_after"] = json!(id);
+    }
     Ok((
         StatusCode::ACCEPTED,
         [(header::LOCATION, format!("/jobs/{}", job.id))],

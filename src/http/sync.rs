@@ -2,10 +2,12 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse as _, Response};
 use serde_json::{Value, json};
 
 use super::{ApiError, AppState, Caller};
+use crate::rounds::Trigger;
 
 fn configured(state: &AppState) -> Result<&crate::sync::Sync, ApiError> {
     state.sync.as_ref().ok_or_else(|| {
@@ -18,7 +20,7 @@ fn configured(state: &AppState) -> Result<&crate::sync::Sync, ApiError> {
 
 /// `GET /sync`: the mirror list's file, schedule and last sync.
 #[utoipa::path(get, path = "/sync", tag = "sync",
-    responses((status = 200, description = "file, interval, and the last sync: entries, tags selected, up to date, queued, errors by line"),
+    responses((status = 200, description = "file, interval, the running and queued syncs (or null), and the last sync: entries, tags selected, up to date, queued, errors by line"),
         (status = 404, description = "no MIRROR_SYNC_FILE")))]
 pub async fn show(
     State(state): State<AppState>,
@@ -27,25 +29,31 @@ pub async fn show(
     state.authenticate_read(&headers)?;
     let sync = configured(&state)?;
     let config = sync.config();
+    let (running, queued) = sync.current_rounds();
     Ok(Json(json!({
         "file": config.file.display().to_string(),
         "interval_seconds": config.interval.map(|i| i.as_secs()),
+        "running_sync": running,
+        "queued_sync": queued,
         "last_sync": sync.last_report(),
     })))
 }
 
-/// `POST /sync`: reads the mirror list again and queues what is not mirrored as upstream has it
-/// (waits for a running sync to finish first).
+/// `POST /sync`: asks for a sync of the mirror list (read again) and answers at once (`202`) with
+/// its id and state; it runs in the background after a running one, and `GET /sync` shows it
+/// (while it runs as `running_sync`, then as `last_sync` with the same id).
 #[utoipa::path(post, path = "/sync", tag = "sync", security(("bearer" = [])),
-    responses((status = 200, description = "the sync: entries, tags selected, up to date, queued, errors by line"),
+    responses((status = 202, description = "the sync asked for: `id`, `state` (`queued` or `running`), `trigger`, `requested_at`; `Location: /sync`"),
         (status = 401, description = "missing or unknown bearer token"),
         (status = 404, description = "no MIRROR_SYNC_FILE")))]
-pub async fn run(
-    State(state): State<AppState>,
-    Caller(who): Caller,
-) -> Result<Json<Value>, ApiError> {
+pub async fn run(State(state): State<AppState>, Caller(who): Caller) -> Result<Response, ApiError> {
     let sync = configured(&state)?;
-    tracing::info!(caller = %who, "mirror list sync requested");
-    let report = sync.run().await?;
-    Ok(Json(serde_json::to_value(report).unwrap_or(Value::Null)))
+    let (round, _) = sync.request(Trigger::Request);
+    tracing::info!(caller = %who, round.id = round.id, "mirror list sync {} requested", round.id);
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, "/sync")],
+        Json(serde_json::to_value(round).unwrap_or(Value::Null)),
+    )
+        .into_response())
 }

@@ -199,8 +199,10 @@ async fn handle(
     }
     let mut jobs = Vec::new();
     for plan in &plans {
-        let (job, _) = queue::enqueue_in(&mut tx, plan).await?;
-        jobs.push(super::jobs::view(&job));
+        let queued = queue::enqueue_in(&mut tx, plan).await?;
+        let mut view = super::jobs::view(&queued.job);
+        view["dedupe"] = serde_json::json!(queued.dedupe.as_str());
+        jobs.push(view);
     }
     let response = json!({ "delivery": delivery, "jobs": jobs });
     queue::store_delivery(&mut tx, &delivery, 202, &response.to_string()).await?;

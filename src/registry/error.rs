@@ -51,6 +51,10 @@ pub enum Error {
         expected: u64,
         actual: u64,
     },
+    /// A transfer cannot continue where it stopped and has to start again (a source that ignores
+    /// `Range`, an upload session that lost bytes).
+    #[error("{what}: {reason}; starting again")]
+    Restart { what: String, reason: String },
     /// A manifest was larger than the limit.
     #[error(
         "manifest {reference} is larger than {limit} bytes; registries refuse manifests this large"
@@ -112,7 +116,7 @@ impl Error {
                 !source.is_builder() && !source.is_redirect() && !super::guard::is_refusal(source)
             }
             Error::Blocked(_) => false,
-            Error::Truncated { .. } | Error::RateLimited { .. } => true,
+            Error::Truncated { .. } | Error::Restart { .. } | Error::RateLimited { .. } => true,
             Error::Auth { transient, .. } => *transient,
             Error::MissingHeader { .. } => false,
             Error::DigestMismatch { .. }

@@ -1,11 +1,62 @@
 //! Bounded retries with jittered exponential backoff that honour `Retry-After`.
+//!
+//! One budget per operation: the outermost [`RetryPolicy::run`] opens a budget of
+//! `max_attempts - 1` retries that every retry inside it draws from (a blob's retry, the request
+//! retries within it, the token retries within those), so `--retries` bounds the attempts of the
+//! whole operation instead of multiplying per layer.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
 
 use rand::Rng;
 
 use super::error::Error;
+
+tokio::task_local! {
+    /// Retries left to the operation being run (see the module documentation).
+    static BUDGET: Arc<AtomicU32>;
+}
+
+/// Takes one retry from the budget of the operation in progress: `Some(false)` when it is spent,
+/// `None` outside any [`RetryPolicy::run`].
+pub fn take_retry() -> Option<bool> {
+    BUDGET
+        .try_with(|left| {
+            left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        })
+        .ok()
+}
+
+/// The retry budget of an operation, carried into work another task does for it (a request body
+/// that the HTTP connection's task polls).
+#[derive(Clone, Debug)]
+pub struct Budget(Arc<AtomicU32>);
+
+impl Budget {
+    /// The budget of the operation in progress, if any.
+    pub fn current() -> Option<Budget> {
+        BUDGET.try_with(|b| Budget(b.clone())).ok()
+    }
+
+    /// Runs `fut` within this budget.
+    pub async fn scope<F: Future>(self, fut: F) -> F::Output {
+        BUDGET.scope(self.0, fut).await
+    }
+}
+
+/// A transfer that continues where a cut left it may do so without spending a retry when the
+/// cut connection moved at least this many bytes (or all that was left).
+pub const RESUME_PROGRESS: u64 = 1024 * 1024;
+
+/// Takes one retry for a failure that made no progress: from the operation's budget or, outside
+/// any operation, counting in `local` (the caller's failures in a row) against `max_attempts`.
+pub fn take_retry_or(policy: &RetryPolicy, local: &mut u32) -> bool {
+    *local += 1;
+    take_retry().unwrap_or(*local < policy.max_attempts)
+}
 
 /// How often and how patiently to retry transient failures.
 #[derive(Debug, Clone)]
@@ -40,9 +91,23 @@ impl RetryPolicy {
         }
     }
 
-    /// Runs `op` until it succeeds, fails permanently, or the attempts run out.
+    /// Runs `op` until it succeeds, fails permanently, or the operation's retries run out (the
+    /// budget of an enclosing `run`, or `max_attempts` in all when there is none).
     /// `op` gets the attempt number, starting at 1.
-    pub async fn run<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, Error>
+    pub async fn run<T, F, Fut>(&self, what: &str, op: F) -> Result<T, Error>
+    where
+        F: FnMut(u32) -> Fut,
+        Fut: Future<Output = Result<T, Error>>,
+    {
+        if BUDGET.try_with(|_| ()).is_ok() {
+            self.run_within(what, op).await
+        } else {
+            let left = Arc::new(AtomicU32::new(self.max_attempts.saturating_sub(1)));
+            BUDGET.scope(left, self.run_within(what, op)).await
+        }
+    }
+
+    async fn run_within<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, Error>
     where
         F: FnMut(u32) -> Fut,
         Fut: Future<Output = Result<T, Error>>,
@@ -53,7 +118,7 @@ impl RetryPolicy {
                 Ok(v) => return Ok(v),
                 // A rate-limited budget already waited as long as a request may: give it back.
                 Err(err @ Error::RateLimited { .. }) => return Err(err),
-                Err(err) if err.is_transient() && attempt < self.max_attempts => {
+                Err(err) if err.is_transient() && take_retry() == Some(true) => {
                     let delay = self.delay(attempt, &err);
                     let m = &crate::metrics::METRICS;
                     m.retries.add(1);
@@ -98,6 +163,68 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fast(attempts: u32) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: attempts,
+            base: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(1),
+            max_retry_after: Duration::from_millis(1),
+        }
+    }
+
+    fn unavailable() -> Error {
+        Error::Status {
+            method: "GET".into(),
+            url: "u".into(),
+            status: 503,
+            code: None,
+            message: String::new(),
+            retry_after: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn nested_runs_share_one_budget() {
+        let policy = fast(5);
+        let calls = AtomicU32::new(0);
+        let innermost = || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>(unavailable())
+        };
+        // A blob's retry around request retries around token retries.
+        let r = policy
+            .run("blob", |_| async {
+                policy
+                    .run("request", |_| async {
+                        policy.run("token", |_| innermost()).await
+                    })
+                    .await
+            })
+            .await;
+        assert!(r.is_err());
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            5,
+            "5 attempts in all, not 5 × 5 × 5"
+        );
+    }
+
+    #[tokio::test]
+    async fn operations_side_by_side_have_their_own_budgets() {
+        let policy = fast(3);
+        let calls = AtomicU32::new(0);
+        let op = || {
+            policy.run("op", |_| async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err::<(), _>(unavailable())
+            })
+        };
+        let (a, b) = futures_util::future::join(op(), op()).await;
+        assert!(a.is_err() && b.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 6);
+        assert_eq!(take_retry(), None, "no budget outside an operation");
+    }
 
     #[test]
     fn retry_after_seconds_and_dates() {

@@ -28,6 +28,45 @@ pub enum Fault {
     Cut,
     /// Serve the body with one byte flipped (same size).
     Corrupt,
+    /// Send the first half of the body, then hold the rest until [`Stall::release`] (a HEAD:
+    /// hold the whole answer).
+    Stall(Arc<Stall>),
+}
+
+/// A body held halfway: when the client read that far, whether it hung up, and the release.
+#[derive(Debug, Default)]
+pub struct Stall {
+    reached: std::sync::atomic::AtomicBool,
+    dropped: std::sync::atomic::AtomicBool,
+    go: tokio::sync::Notify,
+}
+
+impl Stall {
+    /// Whether the client has read the first half and waits for the rest.
+    pub fn reached(&self) -> bool {
+        self.reached.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    /// Whether the client hung up (the body was dropped before its end).
+    pub fn dropped(&self) -> bool {
+        self.dropped.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    /// Sends the rest of the body.
+    pub fn release(&self) {
+        self.go.notify_one();
+    }
+}
+
+/// Marks the stall dropped unless the body was sent to its end.
+struct StallGuard(Arc<Stall>, bool);
+
+impl Drop for StallGuard {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0
+                .dropped
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
 }
 
 /// Which requests a fault applies to.
@@ -224,6 +263,17 @@ async fn respond(f: &Faulty, method: &Method, rest: &str) -> Response {
         return StatusCode::NOT_FOUND.into_response();
     };
     let fault = f.next_fault(route);
+    // A HEAD has no body to hold: it is held whole (a registry that stops answering).
+    if let Some(Fault::Stall(stall)) = &fault
+        && *method == Method::HEAD
+    {
+        let mut guard = StallGuard(stall.clone(), false);
+        stall
+            .reached
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        stall.go.notified().await;
+        guard.1 = true;
+    }
     if let Some(Fault::Status(code, ra)) = &fault {
         return status(*code, *ra);
     }
@@ -279,13 +329,36 @@ async fn respond(f: &Faulty, method: &Method, rest: &str) -> Response {
             ]);
             Body::from_stream(stream)
         }
+        Some(Fault::Stall(stall)) => {
+            let (half, rest) = (
+                bytes.slice(..bytes.len() / 2),
+                bytes.slice(bytes.len() / 2..),
+            );
+            let guard = StallGuard(stall, false);
+            let stream = futures_util::stream::unfold((0u8, guard), move |(step, mut g)| {
+                let (half, rest) = (half.clone(), rest.clone());
+                async move {
+                    match step {
+                        0 => Some((Ok::<Bytes, std::io::Error>(half), (1, g))),
+                        1 => {
+                            g.0.reached.store(true, std::sync::atomic::Ordering::SeqCst);
+                            g.0.go.notified().await;
+                            g.1 = true;
+                            Some((Ok(rest), (2, g)))
+                        }
+                        _ => None,
+                    }
+                }
+            });
+            Body::from_stream(stream)
+        }
         _ => Body::from(bytes),
     };
     (StatusCode::OK, headers, body).into_response()
 }
 
 /// A small image on the faulty registry: one config, two layers (one of 1 MiB), a manifest tagged `v1`.
-fn seed(f: &Faulty) -> (String, Vec<String>) {
+pub(crate) fn seed(f: &Faulty) -> (String, Vec<String>) {
     let config =
         br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
     let big: Vec<u8> = (0..1024 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
@@ -692,7 +765,7 @@ async fn a_layer_longer_than_its_descriptor_is_cut_off() {
 }
 
 /// Waits (at most `limit`) until `cond` holds; panics naming `what` otherwise.
-async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+pub(crate) async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !cond() {
         assert!(Instant::now() < deadline, "{what} within {limit:?}");

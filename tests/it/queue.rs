@@ -59,9 +59,9 @@ async fn fifty_identical_concurrent_requests_make_one_job() {
     let mut ids = HashSet::new();
     let mut created = 0;
     for t in tasks {
-        let (j, c) = t.await.unwrap();
-        ids.insert(j.id);
-        created += c as usize;
+        let q = t.await.unwrap();
+        ids.insert(q.job.id);
+        created += q.created() as usize;
     }
     assert_eq!(ids.len(), 1, "all 50 requests return the same job");
     assert_eq!(created, 1);
@@ -75,9 +75,9 @@ async fn fifty_identical_concurrent_requests_make_one_job() {
             .await
             .unwrap()
     );
-    let (again, created) = queue::enqueue(&db, &job("a")).await.unwrap();
-    assert!(created);
-    assert_ne!(again.id, lease.job.id);
+    let again = queue::enqueue(&db, &job("a")).await.unwrap();
+    assert!(again.created());
+    assert_ne!(again.job.id, lease.job.id);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -262,5 +262,77 @@ async fn a_deferred_job_waits_for_its_time_and_keeps_its_attempts() {
             j.last_error.as_deref()
         ),
         ("queued", 0, later, Some("rate-limited until later"))
+    );
+}
+
+#[tokio::test]
+async fn a_request_for_a_running_pinned_job_waits_its_turn_on_the_tag() {
+    let (_dir, db) = db().await;
+    let first = queue::enqueue(&db, &job("t")).await.unwrap();
+    let lease = queue::claim(&db, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        queue::set_source_digest(&db, &lease, "sha256:aa")
+            .await
+            .unwrap()
+    );
+    // The running job already copies the digest the tag had: a new request for the tag is a new
+    // job, queued after it.
+    let second = queue::enqueue(&db, &job("t")).await.unwrap();
+    assert_eq!(second.dedupe, queue::Dedupe::QueuedAfter(first.job.id));
+    // A digest-only job of another tag is not held up, but the second job waits for the first.
+    let mut other = job("u");
+    other.target_tag = None;
+    let other = queue::enqueue(&db, &other).await.unwrap();
+    let next = queue::claim(&db, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.job.id, other.job.id);
+    assert!(
+        queue::claim(&db, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_none(),
+        "one writer per target tag"
+    );
+    assert!(
+        queue::next_due(&db).await.unwrap().is_none(),
+        "nothing to wake for"
+    );
+    assert!(
+        queue::succeed(&db, &lease, &record(lease.job.id), ProgressRow::default())
+            .await
+            .unwrap()
+    );
+    let turn = queue::claim(&db, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(turn.job.id, second.job.id);
+}
+
+#[tokio::test]
+async fn a_mirror_repository_has_one_owner() {
+    let (_dir, db) = db().await;
+    let mine = job("docker.io/library/a:1");
+    queue::enqueue(&db, &mine).await.unwrap();
+    let mut theirs = job("docker.io/library/b:1");
+    theirs.target_repo = mine.target_repo.clone();
+    let err = queue::enqueue(&db, &theirs).await.unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "belongs to docker.io/library/a; docker.io/library/b cannot be written there"
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        queue::owner(&db, &mine.target_repo)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("docker.io/library/a")
     );
 }

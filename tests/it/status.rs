@@ -155,8 +155,7 @@ async fn the_page_per_image_shows_tags_platforms_signatures_history_and_drift_in
     let job = mirror(&svc, &src).await;
     // It moves once more; pinned, drift watch records the move and leaves the mirror.
     let (third, _) = signed_index(&up, "team/app", "1.0", 30).await;
-    let (status, round) = svc.post("/drift/check").await;
-    assert_eq!(status, 200, "{round}");
+    let round = svc.drift_round().await;
     assert_eq!(round["upstream_moved"], 1, "{round}");
 
     let path = format!("/ui/images/{}/team/app", up.host());

@@ -335,8 +335,7 @@ async fn the_mirror_list_is_synced_at_start_and_on_demand() {
     assert_eq!(state["last_sync"]["queued"], 7, "{state}");
 
     // Nothing changed upstream: nothing to do.
-    let (status, again) = svc.post("/sync").await;
-    assert_eq!(status, 200, "{again}");
+    let again = svc.sync_round().await;
     assert_eq!(
         (
             again["selected"].clone(),
@@ -352,7 +351,7 @@ async fn the_mirror_list_is_synced_at_start_and_on_demand() {
     tagged(&up, "lib/app", 5, &["1.4.0"]).await;
     let moved = tagged(&up, "lib/pause", 6, &["3.9"]).await;
     tagged(&up, "lib/web", 7, &["1.27.1-alpine"]).await;
-    let (_, third) = svc.post("/sync").await;
+    let third = svc.sync_round().await;
     assert_eq!(
         third["queued"], 2,
         "1.4.0 and the moved 3.9; the pinned tag stays: {third}"
@@ -373,7 +372,7 @@ async fn the_mirror_list_is_synced_at_start_and_on_demand() {
         format!("images:\n  - source: {h}/lib/app\n    semver: \"=>1\"\n"),
     )
     .unwrap();
-    let (_, bad) = svc.post("/sync").await;
+    let bad = svc.sync_round().await;
     let errors = bad["errors"].to_string();
     assert!(errors.contains("mirrors.yaml:3:13: semver"), "{bad}");
     assert_eq!(bad["queued"], 0);

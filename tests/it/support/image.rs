@@ -35,6 +35,24 @@ pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// `len` deterministic bytes in 1 MiB pieces: a pseudo-random block for `seed`, each piece
+/// stamped with its index (so no two pieces are alike), generated as they are read.
+pub fn generated(
+    seed: u64,
+    len: u64,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static {
+    const PIECE: u64 = 1 << 20;
+    let block = bytes::Bytes::from(bytes(seed, PIECE as usize));
+    futures_util::stream::iter((0..len.div_ceil(PIECE)).map(move |i| {
+        let n = PIECE.min(len - i * PIECE) as usize;
+        let mut piece = block[..n].to_vec();
+        for (b, s) in piece.iter_mut().zip((i as u32).to_le_bytes()) {
+            *b = s;
+        }
+        Ok(bytes::Bytes::from(piece))
+    }))
+}
+
 /// Pushes to one registry, authenticating as its harness user.
 pub struct Pusher {
     http: reqwest::Client,
@@ -104,6 +122,46 @@ impl Pusher {
             r.status(),
             201,
             "put blob: {}",
+            r.text().await.unwrap_or_default()
+        );
+        digest
+    }
+
+    /// Uploads `len` bytes of [`generated`] data for `seed` without holding them in memory
+    /// (hashed in a first pass, streamed in a second); returns the digest.
+    pub async fn generated_blob(&self, repo: &str, seed: u64, len: u64) -> String {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        let mut chunks = generated(seed, len);
+        while let Some(c) = futures_util::StreamExt::next(&mut chunks).await {
+            h.update(c.unwrap());
+        }
+        let digest = format!("sha256:{}", hex::encode(h.finalize()));
+        let r = self
+            .req(
+                reqwest::Method::POST,
+                repo,
+                format!("{}/v2/{repo}/blobs/uploads/", self.base),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "start upload");
+        let loc = r.headers()["location"].to_str().unwrap().to_string();
+        let mut url = url::Url::parse(&self.base).unwrap().join(&loc).unwrap();
+        url.query_pairs_mut().append_pair("digest", &digest);
+        let r = self
+            .req(reqwest::Method::PUT, repo, url.to_string())
+            .header("content-type", "application/octet-stream")
+            .header("content-length", len)
+            .body(reqwest::Body::wrap_stream(generated(seed, len)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            201,
+            "put generated blob: {}",
             r.text().await.unwrap_or_default()
         );
         digest

@@ -2,7 +2,10 @@
 //! bearer token with an in-process token issuer), an image pusher independent of the code under
 //! test, and skopeo as an independent client.
 
+pub mod front;
 pub mod image;
+pub mod nginx;
+pub mod podman;
 pub mod registry;
 pub mod service;
 pub mod skopeo;

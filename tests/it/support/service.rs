@@ -112,6 +112,38 @@ impl Service {
         (status, r.text().await.unwrap_or_default())
     }
 
+    /// `POST /drift/check`, then waits (bounded) for that round to finish; returns its counts.
+    pub async fn drift_round(&self) -> Value {
+        self.round("/drift/check", "/drift", "last_round").await
+    }
+
+    /// `POST /sync`, then waits (bounded) for that sync to finish; returns its report.
+    pub async fn sync_round(&self) -> Value {
+        self.round("/sync", "/sync", "last_sync").await
+    }
+
+    /// Asks for a background round at `post` (answered `202` with its id), then polls `get`
+    /// until `key` is the round with that id.
+    async fn round(&self, post: &str, get: &str, key: &str) -> Value {
+        let (status, asked) = self.post(post).await;
+        assert_eq!(status, 202, "POST {post}: {asked}");
+        let id = asked["id"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no round id: {asked}"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, state) = self.get(get).await;
+            if state[key]["id"].as_u64() == Some(id) {
+                return state[key].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {id} of {post} did not finish in 60 s: {state}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits until job `id` is in a final state (bounded), and returns it.
     pub async fn wait_job(&self, id: i64, limit: Duration) -> Value {
         let deadline = Instant::now() + limit;

@@ -1,0 +1,238 @@
+//! The Registry HTTP API v2 transport: one HTTP client for every registry, with authentication,
+//! retries and size limits. Each operation is one protocol step; the copy engine composes them.
+//!
+//! This module holds the client, its settings and URLs; each concern lives in its own file:
+//! `requests` (sending, authentication, budgets, retries, error answers), `manifests`,
+//! `blobs` (size, streaming with verification), `uploads` (sessions and mounts), `tags` and
+//! `referrers`.
+
+mod blobs;
+mod manifests;
+mod referrers;
+mod requests;
+mod tags;
+mod uploads;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::auth::Authenticator;
+use super::budget::{BudgetPolicy, Budgets};
+use super::credentials::CredentialStore;
+use super::error::{Error, Result};
+use super::guard::{GuardedResolver, NetworkPolicy};
+use super::retry::RetryPolicy;
+use crate::digest::Digest;
+use crate::reference::{ImageRef, is_loopback};
+
+pub use manifests::{MAX_MANIFEST_BYTES, ManifestHead};
+pub use tags::{MAX_TAG_PAGE_BYTES, MAX_TAG_PAGES, MAX_TAGS};
+pub use uploads::{MountOutcome, UploadLimits, UploadSession};
+
+/// A repository on a registry: where manifests and blobs live.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Repo {
+    /// The normalised registry name (`docker.io`, `ghcr.io`, `127.0.0.1:5000`).
+    pub registry: String,
+    /// The repository path (`library/nginx`).
+    pub name: String,
+}
+
+impl Repo {
+    /// The repository an image reference lives in.
+    pub fn of(image: &ImageRef) -> Repo {
+        Repo {
+            registry: image.registry().to_string(),
+            name: image.repository().to_string(),
+        }
+    }
+
+    /// The host to send HTTP requests to (Docker Hub's API lives on `registry-1.docker.io`).
+    pub fn api_host(&self) -> &str {
+        if self.registry == "docker.io" {
+            "registry-1.docker.io"
+        } else {
+            &self.registry
+        }
+    }
+
+    fn scope(&self, actions: &str) -> String {
+        format!("repository:{}:{actions}", self.name)
+    }
+}
+
+impl std::fmt::Display for Repo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.registry, self.name)
+    }
+}
+
+/// Settings for [`Client`].
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Registries (host or host:port) to talk to over plain HTTP. Loopback registries always are.
+    pub insecure_registries: Vec<String>,
+    /// Retry policy for every request.
+    pub retry: RetryPolicy,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Longest wait for the next bytes of an answer before the connection counts as stalled.
+    pub read_timeout: Duration,
+    /// Which addresses connections may reach.
+    pub network: NetworkPolicy,
+    /// The longest a request waits for a registry's rate limit; beyond it the request fails with
+    /// [`Error::RateLimited`] so the caller can reschedule.
+    pub rate_limit_max_wait: Duration,
+    /// How blobs go up to a registry, by `host[:port]` as image references name it (`docker.io`
+    /// for Docker Hub): body limit and chunk size. Registries not named get
+    /// [`ClientConfig::default_upload_limits`].
+    pub upload_limits: HashMap<String, UploadLimits>,
+    /// Upload limits for every registry not in [`ClientConfig::upload_limits`] (the
+    /// `--chunk-size` shortcut); by default one `PUT` per blob, chunks after a `413`.
+    pub default_upload_limits: UploadLimits,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            insecure_registries: Vec::new(),
+            retry: RetryPolicy::default(),
+            connect_timeout: Duration::from_secs(30),
+            read_timeout: Duration::from_secs(120),
+            network: NetworkPolicy::permissive(),
+            rate_limit_max_wait: Duration::from_secs(60),
+            upload_limits: HashMap::new(),
+            default_upload_limits: UploadLimits::default(),
+        }
+    }
+}
+
+/// Counts bytes as they stream, shared with whoever reports progress.
+pub type ByteCounter = Arc<std::sync::atomic::AtomicU64>;
+
+/// The registry client: cheap to clone, shared by every copy in the process.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    auth: Authenticator,
+    insecure: HashSet<String>,
+    retry: RetryPolicy,
+    network: Arc<NetworkPolicy>,
+    /// Rate-limit budgets per registry and credential, shared by every copy.
+    budgets: Arc<Budgets>,
+    /// Per (target registry, blob): the repository this process last put it in, behind a lock
+    /// that one transfer of that blob holds at a time.
+    blob_slots: Mutex<HashMap<(String, Digest), BlobSlot>>,
+    /// Configured upload limits per registry, and the default.
+    upload_limits: HashMap<String, UploadLimits>,
+    default_upload_limits: UploadLimits,
+    /// Chunk sizes learned from registries that answered `413 Payload Too Large`.
+    learned_chunks: Mutex<HashMap<String, u64>>,
+}
+
+/// Where a blob is known to be on a target registry; locked while it is being moved there.
+pub type BlobSlot = Arc<tokio::sync::Mutex<Option<String>>>;
+
+/// Entries kept in the blob record before idle ones are dropped.
+const MAX_BLOB_SLOTS: usize = 100_000;
+
+impl Client {
+    /// A client with `config`, authenticating with `credentials`.
+    pub fn new(config: ClientConfig, credentials: CredentialStore) -> Result<Client> {
+        for (registry, limits) in &config.upload_limits {
+            limits
+                .check()
+                .map_err(|e| Error::Invalid(format!("upload limits for {registry}: {e}")))?;
+        }
+        config
+            .default_upload_limits
+            .check()
+            .map_err(|e| Error::Invalid(format!("the default upload limits: {e}")))?;
+        let network = Arc::new(config.network.clone());
+        let hops = network.clone();
+        let http = reqwest::Client::builder()
+            .dns_resolver(Arc::new(GuardedResolver(network.clone())))
+            .user_agent(concat!("mirror-mirror/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(config.connect_timeout)
+            .read_timeout(config.read_timeout)
+            // Blob GETs redirect to object storage; reqwest drops Authorization on a cross-host hop.
+            // Each hop meets the network policy; at most 5.
+            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                if attempt.previous().len() >= 5 {
+                    attempt.error("more than 5 redirects")
+                } else if let Err(refused) = hops.check_url(attempt.url()) {
+                    attempt.error(refused)
+                } else {
+                    attempt.follow()
+                }
+            }))
+            .build()
+            .map_err(|e| Error::Network {
+                context: "building the HTTP client".into(),
+                source: e,
+            })?;
+        let budgets = Arc::new(Budgets::for_credentials(
+            BudgetPolicy {
+                max_wait: config.rate_limit_max_wait,
+                backoff: config.retry.base,
+                max_backoff: config.retry.max_backoff,
+            },
+            &credentials,
+        ));
+        Ok(Client {
+            inner: Arc::new(Inner {
+                http,
+                auth: Authenticator::new(credentials, network.clone(), budgets.clone()),
+                budgets,
+                insecure: config.insecure_registries.into_iter().collect(),
+                retry: config.retry,
+                network,
+                blob_slots: Mutex::new(HashMap::new()),
+                upload_limits: config.upload_limits,
+                default_upload_limits: config.default_upload_limits,
+                learned_chunks: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The slot of `digest` on `registry` (see [`BlobSlot`]).
+    pub fn blob_slot(&self, registry: &str, digest: &Digest) -> BlobSlot {
+        let mut slots = self.inner.blob_slots.lock().expect("blob slots poisoned");
+        if slots.len() >= MAX_BLOB_SLOTS {
+            slots.retain(|_, s| Arc::strong_count(s) > 1);
+        }
+        slots
+            .entry((registry.to_string(), digest.clone()))
+            .or_default()
+            .clone()
+    }
+
+    /// The retry policy in force.
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        &self.inner.retry
+    }
+
+    fn scheme(&self, registry: &str) -> &'static str {
+        if is_loopback(registry) || self.inner.insecure.contains(registry) {
+            "http"
+        } else {
+            "https"
+        }
+    }
+
+    fn url(&self, repo: &Repo, tail: &str) -> Result<url::Url> {
+        let s = format!(
+            "{}://{}/v2/{}/{}",
+            self.scheme(&repo.registry),
+            repo.api_host(),
+            repo.name,
+            tail
+        );
+        url::Url::parse(&s).map_err(|e| Error::Invalid(format!("cannot build URL {s}: {e}")))
+    }
+}

@@ -1,0 +1,120 @@
+//! nginx (Debian `nginx-light`) as a real front before a real registry, with a rule of another
+//! registry in its config: names only two levels deep (Docker Hub, Quay, ACR), body limits.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Registries that take only `namespace/repo` answer a deeper name with `400 NAME_INVALID`, as
+/// Docker Hub does. Put in the front's server block.
+pub const TWO_LEVEL_NAMES: &str = r#"
+    location ~ "^/v2/([^/]+/){3,}(manifests|blobs|tags)/" {
+        default_type application/json;
+        return 400 '{"errors":[{"code":"NAME_INVALID","message":"invalid repository name","detail":"repository name must have at most 2 components"}]}';
+    }
+"#;
+
+/// A running nginx, stopped when dropped.
+pub struct Nginx {
+    child: Child,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Nginx {
+    /// A front on a free loopback port that passes every request to `upstream` (`host:port`),
+    /// streaming bodies both ways, with `rules` (server-block directives, e.g.
+    /// [`TWO_LEVEL_NAMES`] or `client_max_body_size 64m;`) before the catch-all location.
+    #[track_caller]
+    pub fn front(upstream: &str, rules: &str) -> Nginx {
+        super::require_tool("nginx");
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let d = dir.path().display();
+        let conf = format!(
+            r#"daemon off;
+master_process off;
+worker_processes 1;
+error_log {d}/error.log info;
+pid {d}/nginx.pid;
+events {{ worker_connections 512; }}
+http {{
+    access_log {d}/access.log;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    client_max_body_size 0;
+    proxy_request_buffering off;
+    proxy_buffering off;
+    proxy_http_version 1.1;
+    server {{
+        listen 127.0.0.1:{port};
+        {rules}
+        location / {{
+            proxy_pass http://{upstream};
+            proxy_set_header Host $http_host;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"#
+        );
+        let path = dir.path().join("nginx.conf");
+        std::fs::write(&path, conf).unwrap();
+        let child = Command::new("nginx")
+            .arg("-c")
+            .arg(&path)
+            .arg("-p")
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
+            .spawn()
+            .expect("starting nginx");
+        let mut front = Nginx { child, dir, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = front.child.try_wait() {
+                panic!("nginx exited with {status}:\n{}", front.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nginx did not listen within 10 s:\n{}",
+                front.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        front
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Its error log, stderr and access log, for failure messages.
+    pub fn log(&self) -> String {
+        ["stderr.log", "error.log", "access.log"]
+            .iter()
+            .map(|f| std::fs::read_to_string(self.dir.path().join(f)).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The access log: one line per request the front answered.
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,172 @@
+//! Workers and readiness against a real service process: a lease that cannot be renewed stops the
+//! copy, job metrics count only results that were written, `/readyz` does not wait on a busy writer.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sqlx::Connection as _;
+
+use crate::faults::{Fault, Faulty, Route, Stall, seed, wait_for};
+use crate::support::service::Service;
+use crate::support::{Pusher, Registry};
+
+/// Takes SQLite's write lock on the service's database from outside, as a stuck writer would.
+pub(crate) async fn hold_writer(db: &Path) -> sqlx::SqliteConnection {
+    let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    c
+}
+
+/// The value of the unlabelled sample `name` in the service's `/metrics`.
+pub(crate) async fn metric(svc: &Service, name: &str) -> f64 {
+    let (status, text) = svc.get_text("/metrics").await;
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("{name} is not in /metrics:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A service with one worker, a 3 s lease and one attempt per job, mirroring from a faulty
+/// source whose first blob stalls halfway; the job is running when this returns.
+async fn stalled_job(dir: &Path) -> (Service, Registry, Arc<Stall>, i64, String) {
+    let f = Faulty::default();
+    seed(&f);
+    let stall = Arc::new(Stall::default());
+    f.then(Route::Blob, &[Fault::Stall(stall.clone())]);
+    let up = f.start().await;
+    let down = Registry::anonymous().await;
+    let svc = Service::start(
+        &dir.join("m.db"),
+        &format!("{}/mirror", down.host()),
+        &up,
+        &[
+            ("MIRROR_LEASE", "3"),
+            ("MIRROR_WORKERS", "1"),
+            ("MIRROR_MAX_ATTEMPTS", "1"),
+        ],
+    )
+    .await;
+    let (status, job) = svc
+        .mirror(&json!({ "image": format!("{up}/app:v1") }))
+        .await;
+    assert_eq!(status, 202, "{job}");
+    wait_for(
+        "the copy to reach the stalled blob",
+        Duration::from_secs(30),
+        || stall.reached(),
+    )
+    .await;
+    let repo = format!("mirror/{}/app", up.replace(':', "_"));
+    (svc, down, stall, job["id"].as_i64().unwrap(), repo)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_cannot_renew_its_lease_stops_copying_within_the_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("m.db");
+    let (svc, down, stall, id, repo) = stalled_job(dir.path()).await;
+    // Renewals now hang on the write lock and then fail: the lease cannot be renewed.
+    let mut lock = hold_writer(&db).await;
+    let locked = Instant::now();
+    wait_for(
+        "the copy to stop reading the source once its lease ran out",
+        Duration::from_secs(5),
+        || stall.dropped(),
+    )
+    .await;
+    let stopped = locked.elapsed();
+    eprintln!(
+        "figure: the copy stopped {stopped:?} after lease renewals began to fail (lease 3 s)"
+    );
+    assert!(
+        stopped <= Duration::from_millis(3_500),
+        "the copy stopped {stopped:?} after renewals began to fail; the lease is 3 s"
+    );
+    // The database works again and the source would send the rest: the abandoned copy writes
+    // nothing — the job's expired lease is rescued (no attempts left: failed), the tag never lands.
+    sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+    stall.release();
+    let job = svc.wait_job(id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert!(
+        job["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("stopped and no attempts are left"),
+        "{job}"
+    );
+    assert!(
+        Pusher::new(&down).get_manifest(&repo, "v1").await.is_none(),
+        "the abandoned copy wrote the tag"
+    );
+    assert!(
+        svc.log()
+            .contains("the lease could not be renewed before it ran out"),
+        "{}",
+        svc.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_that_lost_its_lease_before_its_result_was_written_is_not_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("m.db");
+    let (svc, down, stall, id, repo) = stalled_job(dir.path()).await;
+    // Another worker takes the job over while this one's copy ends: its result cannot be written.
+    let mut lock = hold_writer(&db).await;
+    sqlx::query("update job set lease_token = 'taken-over' where id = ?1")
+        .bind(id)
+        .execute(&mut lock)
+        .await
+        .unwrap();
+    stall.release();
+    let pusher = Pusher::new(&down);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pusher.get_manifest(&repo, "v1").await.is_none() {
+        assert!(Instant::now() < deadline, "the copy did not finish");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sqlx::query("COMMIT").execute(&mut lock).await.unwrap();
+    // The lease runs out and no attempts are left: the job fails, and nothing was counted finished.
+    let job: Value = svc.wait_job(id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert!(
+        svc.log()
+            .contains("lease lost before the result was written"),
+        "{}",
+        svc.log()
+    );
+    assert_eq!(metric(&svc, "mirror_job_duration_seconds_count").await, 0.0);
+    assert_eq!(metric(&svc, "mirror_bytes_copied_total").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_answers_within_a_second_while_the_writer_is_busy() {
+    let (up, down) = (Registry::anonymous().await, Registry::anonymous().await);
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("m.db");
+    let svc = Service::start(&db, &format!("{}/mirror", down.host()), &up.host(), &[]).await;
+    let (status, body) = svc.get("/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    // A long write holds SQLite's lock: the pod is busy, not broken.
+    let mut lock = hold_writer(&db).await;
+    let asked = Instant::now();
+    let (status, body) = svc.get("/readyz").await;
+    let took = asked.elapsed();
+    eprintln!("figure: /readyz answered {status} in {took:?} while the writer was held");
+    assert!(took < Duration::from_secs(1), "/readyz took {took:?}");
+    assert_eq!((status, &body["writer"]), (200, &json!("busy")), "{body}");
+    sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+    let (status, body) = svc.get("/readyz").await;
+    assert_eq!((status, &body["writer"]), (200, &json!("idle")), "{body}");
+}
