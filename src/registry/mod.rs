@@ -12,5 +12,5 @@ pub mod manifest;
 pub mod retry;
 
 pub use client::{Client, ClientConfig, Repo};
-pub use copy::{CopyOptions, CopyResult, Progress, copy, resolve};
+pub use copy::{CopyOptions, CopyResult, Progress, copy, dry_run, resolve};
 pub use error::Error;

@@ -4,6 +4,7 @@ mod action;
 mod copy;
 mod deploy;
 mod drift;
+mod dryrun;
 mod faults;
 mod github;
 mod namespace;
