@@ -506,6 +506,7 @@ fn entry(t: &'static Words, current: &Record, history: &[&Record], drift: &[Drif
 #[utoipa::path(get, path = "/ui/images/{*name}", tag = "status",
     params(("name" = String, Path, description = "source or mirror repository")),
     responses((status = 200, description = "the image's page (HTML): tags, platforms with their digests, referrers and signatures, history, drift", content_type = "text/html"),
+        (status = 400, description = "not an image name"),
         (status = 404, description = "never mirrored (an HTML page saying so)", content_type = "text/html")))]
 pub async fn image(
     State(state): State<AppState>,
