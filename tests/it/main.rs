@@ -7,6 +7,7 @@ mod drift;
 mod dryrun;
 mod faults;
 mod github;
+mod metrics;
 mod namespace;
 mod queue;
 mod retries;

@@ -6,6 +6,7 @@ pub mod front;
 pub mod image;
 pub mod nginx;
 pub mod podman;
+pub mod prom;
 pub mod registry;
 pub mod service;
 pub mod skopeo;
