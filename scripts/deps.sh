@@ -2,7 +2,8 @@
 # Installs what mirror-mirror's tests, demo and benchmarks need when it is missing (Debian/Ubuntu):
 # the CNCF distribution registry, skopeo (an independent client), htpasswd, openssl; nginx (fronts
 # with other registries' rules), buildah and podman (realistic images, a user's pull); jq (the GitHub
-# Action's script), Chromium and a CJK font (the status page's test); wrk and time for the benchmark.
+# Action's script), Chromium and a CJK font (the status page's test); tinyproxy (a real HTTP proxy),
+# docker-credential-pass with pass and gnupg (a real credential helper); wrk and time for the benchmark.
 set -euo pipefail
 
 declare -A want=(
@@ -17,6 +18,10 @@ declare -A want=(
   [jq]=jq
   [chromium]=chromium
   [fc-list]=fontconfig
+  [tinyproxy]=tinyproxy
+  [docker-credential-pass]=golang-docker-credential-helpers
+  [pass]=pass
+  [gpg]=gnupg
   [wrk]=wrk
   [/usr/bin/time]=time
 )

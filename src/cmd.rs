@@ -8,13 +8,56 @@ use anyhow::{Context as _, Result};
 use crate::config::{CopyArgs, RegistryArgs, VerifyArgs};
 use crate::reference::ImageRef;
 use crate::registry::client::UploadLimits;
+use crate::registry::connect::TransportConfig;
 use crate::registry::credentials::CredentialStore;
 use crate::registry::guard::NetworkPolicy;
+use crate::registry::proxy::ProxyConfig;
 use crate::registry::retry::RetryPolicy;
+use crate::registry::settings::Registries;
+use crate::registry::tls::CertsDirs;
+use crate::registry::trust::CredentialReach;
 use crate::registry::{Client, ClientConfig, CopyOptions, Progress};
 
-/// Builds the registry client from the shared flags and the stored credentials.
-pub fn client(args: &RegistryArgs, network: NetworkPolicy) -> Result<Client> {
+/// An error and its causes on one line, each said once: a cause whose text is already in the
+/// line (registry errors carry their causes in their own message) is not repeated, nor is the
+/// URL that reqwest adds to its messages.
+pub fn error_line(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let mut s = cause.to_string();
+        if let Some(r) = cause.downcast_ref::<reqwest::Error>()
+            && let Some(url) = r.url()
+        {
+            s = s.replace(&format!(" for url ({url})"), "");
+        }
+        if out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
+}
+
+/// The registries file (`MIRROR_REGISTRIES_FILE`), checked whole; empty without one.
+pub fn registries(args: &RegistryArgs) -> Result<Arc<Registries>> {
+    match &args.registries_file {
+        None => Ok(Arc::default()),
+        Some(path) => Registries::load(path).map(Arc::new).map_err(|e| {
+            anyhow::anyhow!("MIRROR_REGISTRIES_FILE: the registries file was refused:\n{e}")
+        }),
+    }
+}
+
+/// Builds the registry client from the shared flags, the registries file, the proxy variables and
+/// the stored credentials (used where `reach` allows).
+pub fn client(
+    args: &RegistryArgs,
+    network: NetworkPolicy,
+    reach: CredentialReach,
+) -> Result<Client> {
     let credentials = CredentialStore::load().context("loading registry credentials")?;
     let uploads = UploadLimits {
         chunk_size: args.chunk_size,
@@ -23,15 +66,41 @@ pub fn client(args: &RegistryArgs, network: NetworkPolicy) -> Result<Client> {
     uploads
         .check()
         .map_err(|e| anyhow::anyhow!("--chunk-size (MIRROR_CHUNK_SIZE): {e}"))?;
+    let proxy = ProxyConfig::from_env();
+    proxy.check().map_err(anyhow::Error::msg)?;
+    let registries = registries(args)?;
+    // The registries file's chunk size and body limit per registry; the flag for the rest.
+    let upload_limits = registries
+        .iter()
+        .filter(|(_, s)| s.chunk_size().is_some() || s.max_body().is_some())
+        .map(|(host, s)| {
+            let limits = UploadLimits {
+                chunk_size: s.chunk_size().or(uploads.chunk_size),
+                max_body: s.max_body(),
+            };
+            (host.to_string(), limits)
+        })
+        .collect();
+    let transport = TransportConfig {
+        certs: CertsDirs {
+            extra: args.certs_dir.clone(),
+            system: args.system_certs_dirs.clone(),
+        },
+        registries,
+        insecure: Vec::new(),
+    };
     let config = ClientConfig {
+        transport,
+        credential_reach: reach,
         insecure_registries: args.insecure_registries.clone(),
         retry: RetryPolicy {
             max_attempts: args.retries,
             ..RetryPolicy::default()
         },
-        network,
+        network: network.with_proxy(proxy),
         rate_limit_max_wait: std::time::Duration::from_secs(args.rate_limit_max_wait),
         default_upload_limits: uploads,
+        upload_limits,
         ..ClientConfig::default()
     };
     Ok(Client::new(config, credentials)?)
@@ -55,7 +124,12 @@ pub async fn copy(args: CopyArgs) -> Result<()> {
         }
     };
     // The user names the registries here, as with crane: no address restriction.
-    let client = client(&args.registry, NetworkPolicy::permissive())?;
+    // The one user owns both credentials and names both images: no credential reach either.
+    let client = client(
+        &args.registry,
+        NetworkPolicy::permissive(),
+        CredentialReach::unrestricted(),
+    )?;
     let options = CopyOptions {
         jobs: args.jobs as usize,
         referrers: !args.no_referrers,
@@ -128,7 +202,11 @@ pub async fn verify(args: VerifyArgs) -> Result<u8> {
             return Ok(2);
         }
     };
-    let client = client(&args.registry, NetworkPolicy::permissive())?;
+    let client = client(
+        &args.registry,
+        NetworkPolicy::permissive(),
+        CredentialReach::unrestricted(),
+    )?;
     let options = crate::verify::Options {
         mirror: args.mirror.clone().with_digest(None),
         digest,

@@ -82,6 +82,20 @@ pub struct RegistryArgs {
     /// `PUT` per blob, and 8 MiB chunks to a registry once it answers `413 Payload Too Large`.
     #[arg(long, env = "MIRROR_CHUNK_SIZE", value_parser = parse_size)]
     pub chunk_size: Option<u64>,
+
+    /// A YAML file of per-registry settings (CA directory, client certificate, insecure, chunk
+    /// size, body limit, layout), keyed by HOST[:PORT]; see deploy/registries.example.yaml.
+    #[arg(long, env = "MIRROR_REGISTRIES_FILE")]
+    pub registries_file: Option<std::path::PathBuf>,
+
+    /// A directory laid out like /etc/docker/certs.d (HOST[:PORT]/ca.crt, client.cert,
+    /// client.key), such as a mounted Kubernetes Secret; its CAs are added to the system roots.
+    #[arg(long, env = "MIRROR_CERTS_DIR")]
+    pub certs_dir: Option<std::path::PathBuf>,
+
+    /// The Docker and containers certs.d directories looked in (comma-separated).
+    #[arg(long, env = "MIRROR_SYSTEM_CERTS_DIRS", default_value = crate::registry::tls::SYSTEM_CERTS_DIRS, value_delimiter = ',')]
+    pub system_certs_dirs: Vec<std::path::PathBuf>,
 }
 
 /// A byte size: `4194304`, `512k`/`512KiB`, `8M`/`8MiB`, `1G`/`1GiB` (binary units).
@@ -209,8 +223,9 @@ pub struct ServeArgs {
 
     /// How sources are named under the target: `nested` (`prefix/registry/path`) or `flat` (one
     /// name below the prefix, for registries that take only `namespace/repo`: Docker Hub, Quay, ACR).
-    #[arg(long, env = "MIRROR_TARGET_LAYOUT", default_value = "nested")]
-    pub target_layout: crate::mapping::Layout,
+    /// Unset: the target registry's `layout` in the registries file, else `nested`.
+    #[arg(long, env = "MIRROR_TARGET_LAYOUT")]
+    pub target_layout: Option<crate::mapping::Layout>,
 
     /// Bearer tokens allowed to request mirrors: comma-separated `token` or `name=token`.
     #[arg(long, env = "MIRROR_API_TOKENS", hide_env_values = true)]
@@ -279,6 +294,12 @@ pub struct ServeArgs {
     /// Repositories allowed to trigger mirrors: `owner/repo` or `owner/*`, comma-separated. Unset: any.
     #[arg(long, env = "MIRROR_GITHUB_REPOSITORIES")]
     pub github_repositories: Option<String>,
+
+    /// Source repositories on the target's registry that the target's credentials may read
+    /// (`registry/path` prefixes, comma-separated). Any other repository there is read without
+    /// credentials, so a request cannot make the service copy a private repository with them.
+    #[arg(long, env = "MIRROR_TRUSTED_SOURCE_CREDENTIALS", value_delimiter = ',')]
+    pub trusted_source_credentials: Vec<String>,
 
     /// URL to POST a signed JSON notice to when a job succeeds or fails.
     #[arg(long, env = "MIRROR_NOTIFY_URL")]

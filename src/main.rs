@@ -32,7 +32,7 @@ async fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", mirror_mirror::cmd::error_line(&err));
             ExitCode::FAILURE
         }
     }

@@ -59,9 +59,15 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .target
         .as_deref()
         .context("MIRROR_TARGET is not set: name the repository prefix mirrors go under, such as ghcr.io/acme/mirror")?;
-    let target = TargetPrefix::parse(target)
-        .map_err(|e| anyhow::anyhow!("MIRROR_TARGET: {e}"))?
-        .with_layout(args.target_layout);
+    let target = TargetPrefix::parse(target).map_err(|e| anyhow::anyhow!("MIRROR_TARGET: {e}"))?;
+    let layout = match args.target_layout {
+        Some(l) => l,
+        None => crate::cmd::registries(&args.registry)?
+            .get(&target.registry)
+            .layout()
+            .unwrap_or_default(),
+    };
+    let target = target.with_layout(layout);
     let tokens = parse_tokens(args.api_tokens.as_deref().context(
         "MIRROR_API_TOKENS is not set: POST /mirror needs at least one bearer token (name=token,…)",
     )?)?;
@@ -110,7 +116,21 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     // the target.
     let mut trusted = allowed_sources.exact_hosts();
     trusted.push(target.registry.clone());
-    let client = crate::cmd::client(&args.registry, NetworkPolicy::public_only(trusted))?;
+    // The target's credentials read the mirror namespace and the trusted sources only.
+    let reach = crate::registry::trust::CredentialReach::for_target(
+        &target.registry,
+        &target.path,
+        &args.trusted_source_credentials,
+    )
+    .map_err(anyhow::Error::msg)?;
+    if target.path.is_empty() {
+        tracing::warn!(
+            "MIRROR_TARGET has no path: the whole of {} is the mirror's namespace, so its credentials can read any source there; put the mirrors under a path (such as {}/acme/mirror) to keep its private repositories out of requests' reach",
+            target.registry,
+            target.registry
+        );
+    }
+    let client = crate::cmd::client(&args.registry, NetworkPolicy::public_only(trusted), reach)?;
     let workers = Workers::new(
         db.clone(),
         client.clone(),

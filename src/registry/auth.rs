@@ -12,6 +12,7 @@ use super::budget::Budgets;
 use super::credentials::{Credential, CredentialStore};
 use super::error::{Error, Result};
 use super::retry::RetryPolicy;
+use super::trust::CredentialReach;
 
 /// Token and error bodies are small; a larger one is refused rather than buffered.
 pub const MAX_SMALL_BODY: usize = 64 * 1024;
@@ -132,6 +133,8 @@ pub struct Authenticator {
     budgets: Arc<Budgets>,
     challenges: Mutex<HashMap<String, Challenge>>,
     tokens: Mutex<HashMap<(String, String), TokenSlot>>,
+    /// Which repositories each registry's credentials may be used for.
+    reach: CredentialReach,
 }
 
 impl Authenticator {
@@ -147,7 +150,45 @@ impl Authenticator {
             budgets,
             challenges: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
+            reach: CredentialReach::unrestricted(),
         }
+    }
+
+    /// Uses stored credentials only where `reach` allows (see [`CredentialReach`]).
+    pub fn with_reach(mut self, reach: CredentialReach) -> Self {
+        self.reach = reach;
+        self
+    }
+
+    /// The credential for a request to `registry` needing `scopes` (the first scope's
+    /// repository decides): none where the reach does not allow it. A credential helper is
+    /// asked the first time.
+    async fn credential(&self, registry: &str, scopes: &[String]) -> Result<Option<Credential>> {
+        if let Some(repo) = CredentialReach::repository_of(scopes)
+            && !self.reach.allows(registry, repo)
+        {
+            return Ok(None);
+        }
+        self.credentials
+            .resolve(registry)
+            .await
+            .map_err(|e| Error::Auth {
+                registry: registry.to_string(),
+                reason: e.to_string(),
+                transient: false,
+            })
+    }
+
+    /// Why a request to `registry` needing `scopes` goes without the stored credentials, when
+    /// that is because of the reach (they exist but are the target's).
+    pub fn refusal(&self, registry: &str, scopes: &[String]) -> Option<String> {
+        let repo = CredentialReach::repository_of(scopes)?;
+        if self.credentials.get(registry).is_none()
+            && self.credentials.helper_for(registry).is_none()
+        {
+            return None;
+        }
+        self.reach.refusal(registry, repo)
     }
 
     /// Records the challenge a registry answered a 401 with.
@@ -198,8 +239,8 @@ impl Authenticator {
             .cloned();
         match challenge {
             None => Ok(None),
-            Some(Challenge::Basic) => match self.credentials.get(registry) {
-                Some(Credential::Basic { username, password }) => Ok(Some(basic(username, password))),
+            Some(Challenge::Basic) => match self.credential(registry, scopes).await? {
+                Some(Credential::Basic { username, password }) => Ok(Some(basic(&username, &password))),
                 Some(Credential::IdentityToken { .. }) => Err(Error::Auth {
                     registry: registry.to_string(),
                     reason: "the registry asks for basic auth but the stored credential is an identity token; store a username and password for it".into(),
@@ -207,7 +248,7 @@ impl Authenticator {
                 }),
                 None => Err(Error::Auth {
                     registry: registry.to_string(),
-                    reason: "the registry requires credentials and none are stored for it; add them to the Docker config (docker login / auths) or REGISTRY_AUTH_FILE".into(),
+                    reason: self.refusal(registry, scopes).unwrap_or_else(|| "the registry requires credentials and none are stored for it; add them to the Docker config (docker login / auths) or REGISTRY_AUTH_FILE".into()),
                     transient: false,
                 }),
             },
@@ -244,7 +285,7 @@ impl Authenticator {
             reason: format!("the token realm {realm:?} is not a URL: {e}"),
             transient: false,
         })?;
-        self.network.check_url(&url)?;
+        self.network.check_before_sending(&url).await?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(Error::Auth {
                 registry: registry.to_string(),
@@ -253,7 +294,8 @@ impl Authenticator {
             });
         }
         let started = Instant::now();
-        let request = match self.credentials.get(registry) {
+        let cred = self.credential(registry, scopes).await?;
+        let request = match cred.as_ref() {
             Some(Credential::IdentityToken { token, .. }) => {
                 let mut form: Vec<(&str, &str)> = vec![
                     ("grant_type", "refresh_token"),
@@ -323,10 +365,12 @@ impl Authenticator {
                     retry_after,
                 });
             }
-            let hint = if self.credentials.get(registry).is_some() {
-                "check the credentials stored for it"
+            let hint = if let Some(why) = self.refusal(registry, scopes) {
+                why
+            } else if cred.is_some() {
+                "check the credentials stored for it".to_string()
             } else {
-                "no credentials are stored for it; add them to the Docker config or REGISTRY_AUTH_FILE"
+                "no credentials are stored for it; add them to the Docker config or REGISTRY_AUTH_FILE".to_string()
             };
             return Err(Error::Auth {
                 registry: registry.to_string(),

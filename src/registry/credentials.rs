@@ -2,8 +2,11 @@
 //! (`$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`), looked up by normalised registry
 //! host (`docker.io` for Docker Hub).
 //!
-//! Only `auths` entries are read. Credential helpers (`credsStore`, `credHelpers`) are not run;
-//! a registry configured to use one gets a warning at load time naming it.
+//! `auths` entries are read at load time. A registry named in `credHelpers`, or any registry
+//! without an `auths` entry when `credsStore` is set, gets its credential from that credential
+//! helper (`docker-credential-<name> get`, see [`super::credential_helper`]) the first time it
+//! is needed, cached for the process. Within one file `credHelpers` wins over `auths`; across
+//! files the first file that names a registry wins.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
@@ -102,6 +105,21 @@ pub enum CredentialsError {
         /// The JSON type it must have, e.g. `a string`.
         expected: &'static str,
     },
+    /// A credential helper failed.
+    #[error(
+        "registry {registry}: the credential helper named by {setting} in {}: {reason}",
+        .path.display()
+    )]
+    Helper {
+        /// The registry asked about.
+        registry: String,
+        /// `credHelpers` or `credsStore`.
+        setting: &'static str,
+        /// The file that names the helper.
+        path: PathBuf,
+        /// What went wrong, naming the program.
+        reason: String,
+    },
     /// An `auth` value is not the base64 of `username:password`.
     #[error(
         "in the credentials file {}, auths.{key:?}.auth {problem}; it must be the base64 of \
@@ -139,8 +157,11 @@ pub enum AuthProblem {
 #[derive(Debug, Clone, Default)]
 pub struct CredentialStore {
     by_registry: BTreeMap<String, Credential>,
-    /// Registries whose credentials live in a helper we do not run: host → what to say about it.
-    unsupported: BTreeMap<String, Helper>,
+    /// Registries whose credentials live in a credential helper: host → the helper (`*`: every
+    /// registry without an entry of its own, from a `credsStore`).
+    helpers: BTreeMap<String, Helper>,
+    /// What the helpers answered, per registry (`None`: they have nothing for it).
+    from_helpers: std::sync::Arc<tokio::sync::Mutex<BTreeMap<String, Option<Credential>>>>,
 }
 
 /// A credential helper configured for a registry.
@@ -272,45 +293,94 @@ impl CredentialStore {
 
     /// Adds a later (lower-precedence) file: registries already known keep their credential.
     fn merge(&mut self, contents: FileContents) {
-        for (registry, (_, _, credential)) in contents.credentials {
-            self.by_registry.entry(registry).or_insert(credential);
-        }
+        let claimed =
+            |s: &Self, r: &str| s.by_registry.contains_key(r) || s.helpers.contains_key(r);
+        let mut add_helpers = Vec::new();
         for (registry, helper) in contents.helpers {
-            self.unsupported.entry(registry).or_insert(helper);
+            // `credHelpers` wins over `auths` within a file; a `credsStore` only serves the rest.
+            if !claimed(self, &registry)
+                && (helper.setting == "credHelpers"
+                    || !contents.credentials.contains_key(&registry))
+            {
+                add_helpers.push((registry, helper));
+            }
         }
+        for (registry, (_, _, credential)) in contents.credentials {
+            if !claimed(self, &registry) && !add_helpers.iter().any(|(r, _)| *r == registry) {
+                self.by_registry.insert(registry, credential);
+            }
+        }
+        self.helpers.extend(add_helpers);
     }
 
-    /// One warning per registry configured to use a credential helper.
+    /// The credential for `registry`: from `auths`, else from its credential helper (run once per
+    /// registry; the answer is kept). A helper that fails is an error naming it, in one line.
+    pub async fn resolve(&self, registry: &str) -> Result<Option<Credential>, CredentialsError> {
+        let key = normalise_key(registry).0;
+        if let Some(c) = self.by_registry.get(&key) {
+            return Ok(Some(c.clone()));
+        }
+        let Some(helper) = self
+            .helpers
+            .get(&key)
+            .or_else(|| self.helpers.get(ANY_REGISTRY))
+        else {
+            return Ok(None);
+        };
+        let mut cache = self.from_helpers.lock().await;
+        if let Some(c) = cache.get(&key) {
+            return Ok(c.clone());
+        }
+        let found = super::credential_helper::get(
+            &helper.name,
+            &key,
+            super::credential_helper::HELPER_TIMEOUT,
+        )
+        .await
+        .map_err(|reason| CredentialsError::Helper {
+            registry: key.clone(),
+            setting: helper.setting,
+            path: helper.path.clone(),
+            reason,
+        })?;
+        tracing::debug!(
+            registry = %key,
+            helper = %helper.name,
+            found = found.is_some(),
+            "asked docker-credential-{} for {key}'s credentials",
+            helper.name
+        );
+        cache.insert(key, found.clone());
+        Ok(found)
+    }
+
+    /// Whether `registry`'s credential comes from a helper (not known before it is asked).
+    pub fn helper_for(&self, registry: &str) -> Option<String> {
+        let key = normalise_key(registry).0;
+        if self.by_registry.contains_key(&key) {
+            return None;
+        }
+        self.helpers
+            .get(&key)
+            .or_else(|| self.helpers.get(ANY_REGISTRY))
+            .map(|h| format!("docker-credential-{}", h.name))
+    }
+
+    /// One line per registry whose credentials come from a helper.
     fn warn_unsupported(&self) {
-        for (registry, helper) in &self.unsupported {
-            if registry == ANY_REGISTRY {
-                tracing::warn!(
-                    helper = %helper.name,
-                    file = %helper.path.display(),
-                    "{}: credsStore keeps credentials in the credential helper \
-                     docker-credential-{}, and credential helpers are not supported, so registries \
-                     whose credentials are kept there will be accessed anonymously; put their \
-                     credentials in `auths` or in the file named by REGISTRY_AUTH_FILE",
-                    helper.path.display(),
-                    helper.name,
-                );
-                continue;
-            }
-            let fallback = if self.by_registry.contains_key(registry) {
-                "its `auths` entry is used instead"
+        for (registry, helper) in &self.helpers {
+            let which = if registry == ANY_REGISTRY {
+                "registries without an `auths` entry".to_string()
             } else {
-                "it will be accessed anonymously"
+                format!("registry {registry}")
             };
-            tracing::warn!(
-                registry = %registry,
+            tracing::info!(
                 helper = %helper.name,
                 file = %helper.path.display(),
-                "registry {registry}: {} in {} sends it to the credential helper \
-                 docker-credential-{}, and credential helpers are not supported, so {fallback}; \
-                 put its credentials in `auths` or in the file named by REGISTRY_AUTH_FILE",
+                "{which}: credentials from docker-credential-{} ({} in {})",
+                helper.name,
                 helper.setting,
                 helper.path.display(),
-                helper.name,
             );
         }
     }
@@ -983,14 +1053,14 @@ mod tests {
     }
 
     #[test]
-    fn credential_helpers_are_warned_about_once_per_registry() {
+    fn credential_helpers_win_within_a_file_and_the_first_file_wins() {
         let dir = tempfile::tempdir().unwrap();
         let first = dir.path().join("auth.json");
         let second = dir.path().join("config.json");
         std::fs::write(
             &first,
             serde_json::json!({
-                "auths": { "gcr.io": { "auth": b64("oauth2:first-secret") } },
+                "auths": { "gcr.io": { "auth": b64("oauth2:first-secret") }, "quay.io": { "auth": b64("q:first") } },
                 "credHelpers": { "gcr.io": "gcloud", "us-docker.pkg.dev": "gcloud" }
             })
             .to_string(),
@@ -1000,7 +1070,7 @@ mod tests {
             &second,
             serde_json::json!({
                 "auths": { "https://index.docker.io/v1/": {}, "ghcr.io": { "auth": b64("me:second-secret") } },
-                "credHelpers": { "gcr.io": "gcloud" },
+                "credHelpers": { "gcr.io": "other", "quay.io": "other" },
                 "credsStore": "desktop"
             })
             .to_string(),
@@ -1008,47 +1078,42 @@ mod tests {
         .unwrap();
         let (store, log) = capture_logs(|| CredentialStore::from_files(&[first, second.clone()]));
         let store = store.unwrap();
-        let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
-        assert_eq!(warnings.len(), 3, "{log}");
-        let about = |host: &str| {
-            warnings
-                .iter()
-                .filter(|l| l.contains(&format!("registry {host}:")))
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(about("gcr.io").len(), 1, "{log}");
-        assert!(about("gcr.io")[0].contains("not supported"), "{log}");
+        assert_eq!(
+            store.helper_for("gcr.io").as_deref(),
+            Some("docker-credential-gcloud")
+        );
+        assert_eq!(
+            store.helper_for("us-docker.pkg.dev").as_deref(),
+            Some("docker-credential-gcloud")
+        );
+        assert_eq!(
+            store.helper_for("docker.io").as_deref(),
+            Some("docker-credential-desktop")
+        );
+        assert_eq!(
+            store.helper_for("quay.io"),
+            None,
+            "the first file's auths entry wins"
+        );
+        assert_eq!(store.get("quay.io"), Some(&basic("q", "first")));
+        assert_eq!(store.helper_for("ghcr.io"), None);
+        assert_eq!(store.get("ghcr.io"), Some(&basic("me", "second-secret")));
+        assert_eq!(
+            store.get("gcr.io"),
+            None,
+            "credHelpers wins over auths in a file"
+        );
         assert!(
-            about("gcr.io")[0].contains("`auths` entry is used instead"),
+            log.contains("registry gcr.io: credentials from docker-credential-gcloud"),
             "{log}"
         );
-        assert_eq!(about("us-docker.pkg.dev").len(), 1, "{log}");
-        assert!(
-            about("us-docker.pkg.dev")[0].contains("accessed anonymously"),
-            "{log}"
-        );
-        let hub = about("docker.io");
-        assert_eq!(hub.len(), 1, "{log}");
-        assert!(
-            hub[0].contains("credsStore") && hub[0].contains("docker-credential-desktop"),
-            "{log}"
-        );
-        assert!(hub[0].contains(&second.display().to_string()), "{log}");
         assert!(!log.contains("secret"), "{log}");
-        assert_eq!(store.get("gcr.io"), Some(&basic("oauth2", "first-secret")));
-        assert_eq!(store.get("docker.io"), None);
 
-        // A credsStore with no registry left behind in `auths`: one general warning.
-        let (store, log) =
-            capture_logs(|| CredentialStore::from_json(r#"{"credsStore": "osxkeychain"}"#));
-        assert!(store.unwrap().is_empty());
-        let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
-        assert_eq!(warnings.len(), 1, "{log}");
-        assert!(
-            warnings[0].contains("docker-credential-osxkeychain"),
-            "{log}"
+        // A credsStore with no registry left behind in `auths` serves every registry.
+        let store = CredentialStore::from_json(r#"{"credsStore": "osxkeychain"}"#).unwrap();
+        assert_eq!(
+            store.helper_for("any.example").as_deref(),
+            Some("docker-credential-osxkeychain")
         );
-        assert!(warnings[0].contains("accessed anonymously"), "{log}");
-        assert!(!warnings[0].contains("registry *"), "{log}");
     }
 }

@@ -28,6 +28,16 @@ pub enum Error {
         #[source]
         source: reqwest::Error,
     },
+    /// The registry's TLS certificate could not be verified: says which registry and where its CA goes.
+    #[error("TLS to {registry} failed: {reason}; {hint}")]
+    Tls {
+        registry: String,
+        reason: String,
+        hint: String,
+    },
+    /// The registry's certificate files (certs.d, `ca_dir`) cannot be used.
+    #[error(transparent)]
+    TlsFiles(#[from] super::tls::TlsError),
     /// A body ended before its announced size (a cut connection).
     #[error("{what}: the connection was cut after {received} of {expected} bytes")]
     Truncated {
@@ -115,7 +125,7 @@ impl Error {
             Error::Network { source, .. } => {
                 !source.is_builder() && !source.is_redirect() && !super::guard::is_refusal(source)
             }
-            Error::Blocked(_) => false,
+            Error::Blocked(_) | Error::Tls { .. } | Error::TlsFiles(_) => false,
             Error::Truncated { .. } | Error::Restart { .. } | Error::RateLimited { .. } => true,
             Error::Auth { transient, .. } => *transient,
             Error::MissingHeader { .. } => false,
@@ -156,9 +166,13 @@ impl Error {
     }
 }
 
-/// An error and its causes, joined: reqwest's own message hides the cause (refused, reset, …).
-fn causes(e: &reqwest::Error) -> String {
+/// An error and its causes, joined once each: reqwest's own message hides the cause (refused,
+/// reset, …). The URL reqwest adds (`… for url (https://…)`) is left out: the context names it.
+pub(crate) fn causes(e: &reqwest::Error) -> String {
     let mut out = e.to_string();
+    if let Some(url) = e.url() {
+        out = out.replace(&format!(" for url ({url})"), "");
+    }
     let mut cur = std::error::Error::source(e);
     while let Some(c) = cur {
         let s = c.to_string();

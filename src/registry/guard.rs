@@ -15,6 +15,8 @@ pub struct NetworkPolicy {
     pub public_only: bool,
     /// Hosts (names or IP literals, lowercase, without port) exempt from the rule.
     pub trusted_hosts: HashSet<String>,
+    /// The HTTP(S) proxies requests go through; with `public_only`, through the pinning relay.
+    pub proxy: super::proxy::ProxyConfig,
 }
 
 /// A connection the policy refused.
@@ -80,10 +82,38 @@ impl NetworkPolicy {
                 .into_iter()
                 .map(|h| strip_port(&h).to_ascii_lowercase())
                 .collect(),
+            proxy: Default::default(),
         }
     }
 
-    fn trusted(&self, host: &str) -> bool {
+    /// The same policy, with requests going through `proxy`.
+    pub fn with_proxy(mut self, proxy: super::proxy::ProxyConfig) -> Self {
+        self.proxy = proxy;
+        self
+    }
+
+    /// [`NetworkPolicy::check_url`], and for a name that a proxy would resolve (so the resolver
+    /// never sees it), resolves it here and checks every address: the refusal then names the
+    /// host. (The relay checks again when it connects, and connects to the checked address.)
+    pub async fn check_before_sending(&self, url: &url::Url) -> Result<(), Refused> {
+        self.check_url(url)?;
+        if !self.public_only || !self.proxy.proxies(url) {
+            return Ok(());
+        }
+        if let Some(url::Host::Domain(name)) = url.host()
+            && !self.trusted(name)
+        {
+            let port = url.port_or_known_default().unwrap_or(443);
+            if let Err(super::proxy::PinError::Refused(r)) =
+                super::proxy::pin(self, name, port).await
+            {
+                return Err(r);
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn trusted(&self, host: &str) -> bool {
         !self.public_only || self.trusted_hosts.contains(&host.to_ascii_lowercase())
     }
 

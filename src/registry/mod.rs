@@ -4,12 +4,18 @@
 pub mod auth;
 pub mod budget;
 pub mod client;
+pub mod connect;
 pub mod copy;
+pub mod credential_helper;
 pub mod credentials;
 pub mod error;
 pub mod guard;
 pub mod manifest;
+pub mod proxy;
 pub mod retry;
+pub mod settings;
+pub mod tls;
+pub mod trust;
 
 pub use client::{Client, ClientConfig, Repo};
 pub use copy::{CopyOptions, CopyResult, Progress, copy, dry_run, resolve};

@@ -303,8 +303,12 @@ async fn a_digest_pinned_request_stays_pinned_and_drift_keeps_the_default() {
     // Both tags move upstream; a drift round follows the one asked without a policy only.
     tagged(&s.up, "p/q", "1", 8, 1000).await;
     let moved = tagged(&s.up, "p/r", "1", 9, 1000).await;
-    let (status, round) = s.svc.post("/drift/check").await;
-    assert!(status < 300, "{round}");
+    let round = s.svc.drift_round().await;
+    assert_eq!(round["upstream_moved"], 2, "{round}");
+    assert_eq!(
+        round["jobs_queued"], 1,
+        "only the followed tag gets a job: {round}"
+    );
     let q = format!("{}/{}/p/q", s.prefix, s.mapped_up);
     let r = format!("{}/{}/p/r", s.prefix, s.mapped_up);
     // Wait for the followed tag's job, then check both.

@@ -330,3 +330,70 @@ async fn foreign_layer_urls_are_never_fetched() {
         "the layer's urls were not fetched"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redirect_to_a_name_resolving_to_a_private_address_is_refused_through_a_proxy() {
+    // The redirect hop is followed inside the HTTP client, so only the proxy relay sees it: it
+    // resolves `localhost` itself and refuses, before the real proxy (tinyproxy) could.
+    let proxy = crate::support::proxy::Proxy::start().await;
+    let (inside, hits) = sink("127.0.0.1").await;
+    let port = inside.rsplit(':').next().unwrap();
+    let down = Registry::anonymous().await;
+    let (up, _) = Upstream {
+        redirect_blobs_to: Some(format!("localhost:{port}")),
+        ..Upstream::default()
+    }
+    .with_image("");
+    let up = up.start("127.0.0.1").await;
+    let proxied = |policy: NetworkPolicy| {
+        let config = ClientConfig {
+            network: policy.with_proxy(mirror_mirror::registry::proxy::ProxyConfig {
+                http: Some(proxy.url()),
+                ..Default::default()
+            }),
+            retry: RetryPolicy {
+                max_attempts: 2,
+                base: Duration::from_millis(10),
+                max_backoff: Duration::from_millis(50),
+                max_retry_after: Duration::from_secs(1),
+            },
+            ..ClientConfig::default()
+        };
+        Client::new(config, CredentialStore::empty()).unwrap()
+    };
+    let c = proxied(NetworkPolicy::public_only(["127.0.0.1".to_string()]));
+    let e = go(
+        &c,
+        &format!("{up}/x:v1"),
+        &format!("{}/m/x:v1", down.host()),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("localhost") && e.to_string().contains("not a public address"),
+        "{e}"
+    );
+    assert!(!e.is_transient(), "{e}");
+    assert_eq!(
+        hits.hits.load(Ordering::SeqCst),
+        0,
+        "the sink was not reached"
+    );
+    let reqs = proxy.requests();
+    assert!(reqs.iter().any(|r| r.contains(&up)), "{reqs:?}");
+    assert!(!reqs.iter().any(|r| r.contains("localhost")), "{reqs:?}");
+
+    // The same client without the policy: the proxy resolves the name and reaches the sink.
+    let c = proxied(NetworkPolicy::permissive());
+    let _ = go(
+        &c,
+        &format!("{up}/x:v1"),
+        &format!("{}/m/x:v1", down.host()),
+    )
+    .await;
+    assert!(
+        hits.hits.load(Ordering::SeqCst) > 0,
+        "{:?}",
+        proxy.requests()
+    );
+}

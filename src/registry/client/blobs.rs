@@ -46,6 +46,78 @@ impl Client {
         ))
     }
 
+    /// GETs blob `digest` from `repo` and hashes it as it streams, keeping nothing: `Ok(None)` when
+    /// the repository does not have it, [`Error::DigestMismatch`], [`Error::SizeMismatch`] or
+    /// [`Error::Truncated`] when its bytes are not exactly the `size` bytes of `digest`. Cut bodies
+    /// are retried.
+    pub async fn hash_blob(&self, repo: &Repo, digest: &Digest, size: u64) -> Result<Option<u64>> {
+        let what = format!("blob {}@{}", repo, digest.short());
+        let url = self.url(repo, &format!("blobs/{digest}"))?;
+        self.inner
+            .retry
+            .run(&format!("GET {what}"), |_| {
+                let (url, what) = (url.clone(), what.clone());
+                async move {
+                    let resp = self
+                        .send(repo, &[repo.scope("pull")], &url, |http| {
+                            http.get(url.clone())
+                        })
+                        .await?;
+                    if resp.status() == StatusCode::NOT_FOUND {
+                        return Ok(None);
+                    }
+                    if resp.status() != StatusCode::OK {
+                        return Err(status_error("GET", &url, resp).await);
+                    }
+                    if let Some(len) = resp.content_length()
+                        && len != size
+                    {
+                        return Err(Error::SizeMismatch {
+                            what,
+                            expected: size,
+                            actual: len,
+                        });
+                    }
+                    let mut hasher = DigestHasher::new(digest.algorithm());
+                    let mut seen = 0u64;
+                    let mut body = resp.bytes_stream();
+                    while let Some(chunk) = body.next().await {
+                        let chunk = chunk.map_err(|_| Error::Truncated {
+                            what: what.clone(),
+                            received: seen,
+                            expected: size,
+                        })?;
+                        seen += chunk.len() as u64;
+                        if seen > size {
+                            return Err(Error::SizeMismatch {
+                                what,
+                                expected: size,
+                                actual: seen,
+                            });
+                        }
+                        hasher.update(&chunk);
+                    }
+                    if seen < size {
+                        return Err(Error::Truncated {
+                            what,
+                            received: seen,
+                            expected: size,
+                        });
+                    }
+                    let actual = hasher.finish();
+                    if &actual != digest {
+                        return Err(Error::DigestMismatch {
+                            what,
+                            expected: digest.clone(),
+                            actual,
+                        });
+                    }
+                    Ok(Some(seen))
+                }
+            })
+            .await
+    }
+
     /// Streams blob `digest` (`size` bytes) from `src` into `session` on `dst`, hashing and
     /// counting on the way: a body that is cut, too long, or hashes wrong is never committed.
     ///
@@ -130,8 +202,10 @@ impl Client {
         let what = format!("blob {}", digest.short());
         self.inner
             .network
-            .check_url(&session.0)
+            .check_before_sending(&session.0)
+            .await
             .map_err(Error::from)?;
+        let http = self.inner.conn.for_registry(&dst.registry)?;
         let mut put_url = session.0.clone();
         put_url
             .query_pairs_mut()
@@ -164,7 +238,7 @@ impl Client {
             self.inner
                 .auth
                 .authorization(
-                    &self.inner.http,
+                    &http,
                     &self.inner.retry,
                     &dst.registry,
                     &[dst.scope("pull,push")],
@@ -173,9 +247,7 @@ impl Client {
         } else {
             None
         };
-        let mut req = self
-            .inner
-            .http
+        let mut req = http
             .put(put_url.clone())
             .header(header::CONTENT_TYPE, "application/octet-stream")
             .header(header::CONTENT_LENGTH, size)
@@ -187,9 +259,10 @@ impl Client {
         if let Some(e) = failure.lock().expect("failure poisoned").take() {
             return Err(e);
         }
-        let resp = sent.map_err(|e| Error::Network {
-            context: format!("uploading {what} to {dst}"),
-            source: e,
+        let resp = sent.map_err(|e| {
+            self.inner
+                .conn
+                .error(&dst.registry, format!("uploading {what} to {dst}"), e)
         })?;
         crate::metrics::METRICS.registry_request(&dst.registry, resp.status().as_u16());
         observe(ticket, &resp, dst)?;
@@ -464,78 +537,4 @@ fn error_chain(e: &reqwest::Error) -> String {
         cur = c.source();
     }
     out
-}
-
-impl Client {
-    /// GETs blob `digest` from `repo` and hashes it as it streams, keeping nothing: `Ok(None)` when
-    /// the repository does not have it, [`Error::DigestMismatch`], [`Error::SizeMismatch`] or
-    /// [`Error::Truncated`] when its bytes are not exactly the `size` bytes of `digest`. Cut bodies
-    /// are retried.
-    pub async fn hash_blob(&self, repo: &Repo, digest: &Digest, size: u64) -> Result<Option<u64>> {
-        let what = format!("blob {}@{}", repo, digest.short());
-        let url = self.url(repo, &format!("blobs/{digest}"))?;
-        self.inner
-            .retry
-            .run(&format!("GET {what}"), |_| {
-                let (url, what) = (url.clone(), what.clone());
-                async move {
-                    let resp = self
-                        .send(repo, &[repo.scope("pull")], &url, |http| {
-                            http.get(url.clone())
-                        })
-                        .await?;
-                    if resp.status() == StatusCode::NOT_FOUND {
-                        return Ok(None);
-                    }
-                    if resp.status() != StatusCode::OK {
-                        return Err(status_error("GET", &url, resp).await);
-                    }
-                    if let Some(len) = resp.content_length()
-                        && len != size
-                    {
-                        return Err(Error::SizeMismatch {
-                            what,
-                            expected: size,
-                            actual: len,
-                        });
-                    }
-                    let mut hasher = DigestHasher::new(digest.algorithm());
-                    let mut seen = 0u64;
-                    let mut body = resp.bytes_stream();
-                    while let Some(chunk) = body.next().await {
-                        let chunk = chunk.map_err(|_| Error::Truncated {
-                            what: what.clone(),
-                            received: seen,
-                            expected: size,
-                        })?;
-                        seen += chunk.len() as u64;
-                        if seen > size {
-                            return Err(Error::SizeMismatch {
-                                what,
-                                expected: size,
-                                actual: seen,
-                            });
-                        }
-                        hasher.update(&chunk);
-                    }
-                    if seen < size {
-                        return Err(Error::Truncated {
-                            what,
-                            received: seen,
-                            expected: size,
-                        });
-                    }
-                    let actual = hasher.finish();
-                    if &actual != digest {
-                        return Err(Error::DigestMismatch {
-                            what,
-                            expected: digest.clone(),
-                            actual,
-                        });
-                    }
-                    Ok(Some(seen))
-                }
-            })
-            .await
-    }
 }

@@ -13,18 +13,21 @@ mod requests;
 mod tags;
 mod uploads;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::auth::Authenticator;
 use super::budget::{BudgetPolicy, Budgets};
+use super::connect::{Connections, TransportConfig};
 use super::credentials::CredentialStore;
 use super::error::{Error, Result};
 use super::guard::{GuardedResolver, NetworkPolicy};
+use super::proxy::Relay;
 use super::retry::RetryPolicy;
+use super::trust::CredentialReach;
 use crate::digest::Digest;
-use crate::reference::{ImageRef, is_loopback};
+use crate::reference::ImageRef;
 
 pub use manifests::{MAX_MANIFEST_BYTES, ManifestHead};
 pub use tags::{MAX_TAG_PAGE_BYTES, MAX_TAG_PAGES, MAX_TAGS};
@@ -91,6 +94,10 @@ pub struct ClientConfig {
     /// Upload limits for every registry not in [`ClientConfig::upload_limits`] (the
     /// `--chunk-size` shortcut); by default one `PUT` per blob, chunks after a `413`.
     pub default_upload_limits: UploadLimits,
+    /// Per-registry TLS (certs.d, `MIRROR_CERTS_DIR`) and the registries file.
+    pub transport: TransportConfig,
+    /// Which repositories each registry's stored credentials may be used for.
+    pub credential_reach: CredentialReach,
 }
 
 impl Default for ClientConfig {
@@ -104,6 +111,8 @@ impl Default for ClientConfig {
             rate_limit_max_wait: Duration::from_secs(60),
             upload_limits: HashMap::new(),
             default_upload_limits: UploadLimits::default(),
+            transport: TransportConfig::default(),
+            credential_reach: CredentialReach::unrestricted(),
         }
     }
 }
@@ -118,9 +127,11 @@ pub struct Client {
 }
 
 struct Inner {
-    http: reqwest::Client,
+    /// The HTTP client of each registry (its TLS), and the scheme.
+    conn: Connections,
+    /// The relay proxied requests go through when the policy restricts addresses.
+    _relay: Option<Relay>,
     auth: Authenticator,
-    insecure: HashSet<String>,
     retry: RetryPolicy,
     network: Arc<NetworkPolicy>,
     /// Rate-limit budgets per registry and credential, shared by every copy.
@@ -154,28 +165,38 @@ impl Client {
             .check()
             .map_err(|e| Error::Invalid(format!("the default upload limits: {e}")))?;
         let network = Arc::new(config.network.clone());
-        let hops = network.clone();
-        let http = reqwest::Client::builder()
-            .dns_resolver(Arc::new(GuardedResolver(network.clone())))
-            .user_agent(concat!("mirror-mirror/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(config.connect_timeout)
-            .read_timeout(config.read_timeout)
-            // Blob GETs redirect to object storage; reqwest drops Authorization on a cross-host hop.
-            // Each hop meets the network policy; at most 5.
-            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
-                if attempt.previous().len() >= 5 {
-                    attempt.error("more than 5 redirects")
-                } else if let Err(refused) = hops.check_url(attempt.url()) {
-                    attempt.error(refused)
-                } else {
-                    attempt.follow()
-                }
-            }))
-            .build()
-            .map_err(|e| Error::Network {
-                context: "building the HTTP client".into(),
-                source: e,
-            })?;
+        config.network.proxy.check().map_err(Error::Invalid)?;
+        let relay = config
+            .network
+            .proxy
+            .relay(&network)
+            .map_err(|e| Error::Invalid(format!("starting the proxy relay: {e}")))?;
+        let relay_addr = relay.as_ref().map(Relay::addr);
+        let (connect_timeout, read_timeout) = (config.connect_timeout, config.read_timeout);
+        let policy = network.clone();
+        let builder = Arc::new(move || {
+            let hops = policy.clone();
+            let b = reqwest::Client::builder()
+                .dns_resolver(Arc::new(GuardedResolver(policy.clone())))
+                .user_agent(concat!("mirror-mirror/", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(connect_timeout)
+                .read_timeout(read_timeout)
+                // Blob GETs redirect to object storage; reqwest drops Authorization on a
+                // cross-host hop. Each hop meets the network policy; at most 5.
+                .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                    if attempt.previous().len() >= 5 {
+                        attempt.error("more than 5 redirects")
+                    } else if let Err(refused) = hops.check_url(attempt.url()) {
+                        attempt.error(refused)
+                    } else {
+                        attempt.follow()
+                    }
+                }));
+            policy.proxy.apply(b, &policy, relay_addr)
+        });
+        let mut transport = config.transport.clone();
+        transport.insecure.extend(config.insecure_registries);
+        let conn = Connections::new(builder, transport)?;
         let budgets = Arc::new(Budgets::for_credentials(
             BudgetPolicy {
                 max_wait: config.rate_limit_max_wait,
@@ -186,10 +207,11 @@ impl Client {
         ));
         Ok(Client {
             inner: Arc::new(Inner {
-                http,
-                auth: Authenticator::new(credentials, network.clone(), budgets.clone()),
+                conn,
+                _relay: relay,
+                auth: Authenticator::new(credentials, network.clone(), budgets.clone())
+                    .with_reach(config.credential_reach),
                 budgets,
-                insecure: config.insecure_registries.into_iter().collect(),
                 retry: config.retry,
                 network,
                 blob_slots: Mutex::new(HashMap::new()),
@@ -212,17 +234,22 @@ impl Client {
             .clone()
     }
 
+    /// What the registries file (`MIRROR_REGISTRIES_FILE`) says about `registry`: typed
+    /// `chunk_size()`, `max_body()`, `layout()` and the TLS and scheme settings already in force.
+    pub fn registry_settings(
+        &self,
+        registry: &str,
+    ) -> &crate::registry::settings::RegistrySettings {
+        self.inner.conn.settings(registry)
+    }
+
     /// The retry policy in force.
     pub fn retry_policy(&self) -> &RetryPolicy {
         &self.inner.retry
     }
 
     fn scheme(&self, registry: &str) -> &'static str {
-        if is_loopback(registry) || self.inner.insecure.contains(registry) {
-            "http"
-        } else {
-            "https"
-        }
+        self.inner.conn.scheme(registry)
     }
 
     fn url(&self, repo: &Repo, tail: &str) -> Result<url::Url> {

@@ -50,12 +50,17 @@ impl Client {
         build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response> {
         let inner = &self.inner;
-        inner.network.check_url(url).map_err(Error::from)?;
+        inner
+            .network
+            .check_before_sending(url)
+            .await
+            .map_err(Error::from)?;
+        let http = inner.conn.for_registry(&repo.registry)?;
         let same_host = same_host(url, repo.api_host());
         let mut authz = if same_host {
             inner
                 .auth
-                .authorization(&inner.http, &inner.retry, &repo.registry, scopes)
+                .authorization(&http, &inner.retry, &repo.registry, scopes)
                 .await?
         } else {
             None
@@ -63,16 +68,29 @@ impl Client {
         let mut retried_auth = false;
         loop {
             let ticket = inner.budgets.acquire(&repo.registry, metered).await?;
-            let mut req = build(&inner.http);
+            let mut req = build(&http);
             if let Some(a) = &authz {
                 req = req.header(header::AUTHORIZATION, a);
             }
-            let resp = req.send().await.map_err(|e| Error::Network {
-                context: format!("{} {}", repo, redact_query(url)),
-                source: e,
+            let resp = req.send().await.map_err(|e| {
+                inner
+                    .conn
+                    .error(&repo.registry, format!("{} {}", repo, redact_query(url)), e)
             })?;
             crate::metrics::METRICS.registry_request(&repo.registry, resp.status().as_u16());
             observe(ticket, &resp, repo)?;
+            if resp.status() == StatusCode::UNAUTHORIZED
+                && same_host
+                && retried_auth
+                && let Some(reason) = inner.auth.refusal(&repo.registry, scopes)
+            {
+                // Read as a stranger because the stored credentials are the target's: say so.
+                return Err(Error::Auth {
+                    registry: repo.registry.clone(),
+                    reason,
+                    transient: false,
+                });
+            }
             if resp.status() != StatusCode::UNAUTHORIZED || retried_auth || !same_host {
                 return Ok(resp);
             }
@@ -89,7 +107,7 @@ impl Client {
             inner.auth.invalidate(&repo.registry, scopes).await;
             authz = inner
                 .auth
-                .authorization(&inner.http, &inner.retry, &repo.registry, scopes)
+                .authorization(&http, &inner.retry, &repo.registry, scopes)
                 .await?;
             if authz.is_none() {
                 return Ok(resp);

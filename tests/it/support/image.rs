@@ -63,7 +63,7 @@ pub struct Pusher {
 impl Pusher {
     pub fn new(reg: &Registry) -> Pusher {
         Pusher {
-            http: reqwest::Client::new(),
+            http: reg.http(),
             base: reg.url(),
             auth: reg.auth.clone(),
         }

@@ -7,9 +7,11 @@ pub mod image;
 pub mod nginx;
 pub mod podman;
 pub mod prom;
+pub mod proxy;
 pub mod registry;
 pub mod service;
 pub mod skopeo;
+pub mod tls;
 pub mod token;
 
 pub use image::Pusher;

@@ -28,6 +28,9 @@ pub struct Registry {
     dir: tempfile::TempDir,
     port: u16,
     pub auth: Auth,
+    /// Serving HTTPS with this PKI's server certificate (and requiring its client certificate
+    /// when `mtls`).
+    pub tls: Option<(super::tls::Pki, bool)>,
 }
 
 fn free_port() -> u16 {
@@ -61,8 +64,19 @@ impl Registry {
         .await
     }
 
+    /// An anonymous registry serving HTTPS with `pki`'s server certificate; with `mtls`, it also
+    /// requires a client certificate signed by `pki`'s client CA (`http.tls.clientcas`).
+    pub async fn tls(pki: &super::tls::Pki, mtls: bool) -> Registry {
+        Registry::start_with(Auth::Anonymous, Some((pki.clone(), mtls))).await
+    }
+
     #[track_caller]
-    fn config(dir: &std::path::Path, port: u16, auth: &Auth) -> String {
+    fn config(
+        dir: &std::path::Path,
+        port: u16,
+        auth: &Auth,
+        tls: Option<&(super::tls::Pki, bool)>,
+    ) -> String {
         let auth_yaml = match auth {
             Auth::Anonymous => String::new(),
             Auth::Basic { user, pass } => {
@@ -84,20 +98,42 @@ impl Registry {
                 )
             }
             Auth::Token { issuer } => format!(
-                "auth:\n  token:\n    realm: {}/token\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
-                issuer.url(),
+                "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                issuer.realm(),
                 issuer.service(),
                 issuer.issuer(),
                 issuer.cert_path().display()
             ),
         };
+        let tls_yaml = match tls {
+            None => String::new(),
+            Some((pki, mtls)) => {
+                let (cert, key) = pki.server();
+                let mut y = format!(
+                    "  tls:\n    certificate: {}\n    key: {}\n",
+                    cert.display(),
+                    key.display()
+                );
+                if *mtls {
+                    y.push_str(&format!(
+                        "    clientcas:\n      - {}\n",
+                        pki.client_ca().display()
+                    ));
+                }
+                y
+            }
+        };
         format!(
-            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: mirror-mirror-test-secret\n{auth_yaml}",
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: mirror-mirror-test-secret\n{tls_yaml}{auth_yaml}",
             dir.join("storage").display()
         )
     }
 
     async fn start(auth: Auth) -> Registry {
+        Registry::start_with(auth, None).await
+    }
+
+    async fn start_with(auth: Auth, tls: Option<(super::tls::Pki, bool)>) -> Registry {
         super::require_tool("docker-registry");
         let dir = tempfile::tempdir().unwrap();
         let log_path = dir.path().join("registry.log");
@@ -105,7 +141,11 @@ impl Registry {
         for _ in 0..5 {
             let port = free_port();
             let config = dir.path().join("config.yml");
-            std::fs::write(&config, Registry::config(dir.path(), port, &auth)).unwrap();
+            std::fs::write(
+                &config,
+                Registry::config(dir.path(), port, &auth, tls.as_ref()),
+            )
+            .unwrap();
             let log = std::fs::File::create(&log_path).unwrap();
             let mut child = Command::new("docker-registry")
                 .arg("serve")
@@ -122,6 +162,7 @@ impl Registry {
                         dir,
                         port,
                         auth,
+                        tls,
                     };
                 }
                 Err(e) => {
@@ -147,9 +188,18 @@ impl Registry {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`https://` when serving TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.host())
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.host())
+    }
+
+    /// An HTTP client for the harness's own requests (trusting the test CA when serving TLS).
+    pub fn http(&self) -> reqwest::Client {
+        match &self.tls {
+            Some((pki, _)) => pki.http(),
+            None => reqwest::Client::new(),
+        }
     }
 
     /// User and password for basic or token registries.
@@ -187,7 +237,8 @@ async fn wait_ready(child: &mut Child, port: u16, log: &std::path::Path) -> Resu
                 .get(format!("http://127.0.0.1:{port}/v2/"))
                 .send()
                 .await
-            && (r.status() == 200 || r.status() == 401)
+            // A TLS port answers plain HTTP with 400.
+            && (r.status() == 200 || r.status() == 401 || r.status() == 400)
         {
             return Ok(());
         }

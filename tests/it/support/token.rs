@@ -30,6 +30,8 @@ struct Inner {
     scopes: Mutex<Vec<String>>,
     /// Statuses to answer the next token requests with (throttling tests).
     faults: Mutex<Vec<u16>>,
+    /// The realm registries are told to send clients to, when not `url()/token`.
+    realm: Mutex<Option<String>>,
 }
 
 /// A running token issuer.
@@ -87,6 +89,7 @@ impl TokenIssuer {
                 requests: AtomicUsize::new(0),
                 scopes: Mutex::new(Vec::new()),
                 faults: Mutex::new(Vec::new()),
+                realm: Mutex::new(None),
             }),
         };
         let app = Router::new()
@@ -119,6 +122,21 @@ impl TokenIssuer {
     pub fn issuer(&self) -> &'static str {
         "mirror-mirror-test-issuer"
     }
+    /// Where registries send clients for tokens: `url()/token` unless [`TokenIssuer::set_realm`].
+    pub fn realm(&self) -> String {
+        self.inner
+            .realm
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_else(|| format!("{}/token", self.url()))
+    }
+
+    /// Makes registries started afterwards name `realm` (say, the issuer by another name).
+    pub fn set_realm(&self, realm: &str) {
+        *self.inner.realm.lock().unwrap() = Some(realm.to_string());
+    }
+
     pub fn cert_path(&self) -> PathBuf {
         self.inner.cert_path.clone()
     }
