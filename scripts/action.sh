@@ -76,6 +76,8 @@ cmd_run() {
   local flags=(--json --layout "$layout")
   local p
   if [[ -n ${INPUT_PLATFORMS:-} ]]; then
+    "$bin" copy --help 2>/dev/null | grep -q -- '--platform' ||
+      die "platforms is set, but this mirror-mirror ($("$bin" --version 2>/dev/null)) has no copy --platform: leave platforms empty (the whole index is copied) or use a release that has it"
     for p in $(tr ',\n' '  ' <<<"$INPUT_PLATFORMS"); do flags+=(--platform "$p"); done
   fi
 

@@ -374,6 +374,42 @@ async fn a_failing_copy_fails_the_step_with_the_one_line_reason() {
     let md = std::fs::read_to_string(&summary).unwrap();
     assert!(md.contains("| failed |"), "{md}");
 
+    // Platforms asked of a binary without `copy --platform`: one line saying so, before any copy.
+    let has_platform = String::from_utf8_lossy(
+        &std::process::Command::new(bin())
+            .args(["copy", "--help"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .contains("--platform");
+    let out = script(
+        &["run"],
+        &[
+            ("INPUT_IMAGES", &format!("{}/team/app:ok", up.host())),
+            ("INPUT_TARGET", &target),
+            ("INPUT_PLATFORMS", "linux/amd64"),
+            ("MIRROR_MIRROR_BIN", bin()),
+        ],
+        home.path(),
+    );
+    if has_platform {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("has no copy --platform"), "{err}");
+        assert_eq!(
+            err.lines().filter(|l| l.starts_with("error: ")).count(),
+            1,
+            "{err}"
+        );
+    }
+
     // Bad inputs: one line saying what to give.
     let out = script(
         &["run"],
