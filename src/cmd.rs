@@ -84,7 +84,12 @@ pub fn client(
     let transport = TransportConfig {
         certs: CertsDirs {
             extra: args.certs_dir.clone(),
-            system: args.system_certs_dirs.clone(),
+            system: args
+                .system_certs_dirs
+                .iter()
+                .filter(|d| !d.as_os_str().is_empty())
+                .cloned()
+                .collect(),
         },
         registries,
         insecure: Vec::new(),

@@ -911,6 +911,19 @@ impl Engine<'_> {
                 self.repair(m).await?;
                 self.client.put_manifest(&self.dst, reference, m).await
             }
+            Err(e)
+                if (e.code() == Some("MANIFEST_INVALID") || e.status() == Some(415))
+                    && artifact_type(m).is_some() =>
+            {
+                Err(Error::Refused {
+                    reason: format!(
+                        "{} refused artifact {} of type {} ({e}): allow that artifact type on the registry (Quay: FEATURE_GENERAL_OCI_SUPPORT and ALLOWED_OCI_ARTIFACT_TYPES), or mirror without referrers (--no-referrers, \"referrers\": false)",
+                        self.dst.registry,
+                        m.digest,
+                        artifact_type(m).unwrap_or_default()
+                    ),
+                })
+            }
             other => other,
         }
     }
@@ -949,13 +962,7 @@ impl Engine<'_> {
             self.client
                 .get_manifest(&self.dst, &d.to_string(), Some(d))
                 .await
-                .map_err(|e| match e {
-                    // A rate limit is no verdict on what was written: try again later.
-                    Error::RateLimited { .. } => e,
-                    e => Error::Verify {
-                        reason: format!("reading {d} back from {}: {e}", self.dst),
-                    },
-                })
+                .map_err(|e| read_back_error(d, &self.dst, e))
         }));
         let (read, tagged) = futures_util::future::join(read_back, self.verify_tag(top, tag)).await;
         read?;
@@ -972,6 +979,7 @@ impl Engine<'_> {
             };
             if served.as_ref() != Some(&top.digest) {
                 return Err(Error::Verify {
+                    transient: false,
                     reason: format!(
                         "{}:{tag} resolves to {} instead of {}",
                         self.dst,
@@ -984,5 +992,74 @@ impl Engine<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// A failure to read `d` back from `dst`: only what was read (a digest mismatch, a manifest that
+/// is not there or not valid) is a verdict; a 5xx, a timeout or a cut is worth another try, and a
+/// rate limit waits as such.
+fn read_back_error(d: &Digest, dst: &Repo, e: Error) -> Error {
+    match e {
+        Error::RateLimited { .. } => e,
+        e => Error::Verify {
+            transient: e.is_transient(),
+            reason: format!("reading {d} back from {dst}: {e}"),
+        },
+    }
+}
+
+/// The type of an artifact manifest (its config's media type when that is not an image config,
+/// or the artifact manifest's own type); `None` for container images and indexes.
+fn artifact_type(m: &Manifest) -> Option<String> {
+    const IMAGE_CONFIGS: [&str; 2] = [
+        "application/vnd.oci.image.config.v1+json",
+        "application/vnd.docker.container.image.v1+json",
+    ];
+    if m.media_type == super::manifest::OCI_ARTIFACT_MANIFEST {
+        return Some(m.media_type.clone());
+    }
+    match (m.kind, m.blobs.first()) {
+        (Kind::Image, Some(config)) if !IMAGE_CONFIGS.contains(&config.media_type.as_str()) => {
+            Some(config.media_type.clone())
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod read_back_tests {
+    use super::*;
+
+    #[test]
+    fn only_a_verdict_on_the_bytes_is_permanent() {
+        let d = Digest::sha256_of(b"m");
+        let dst = Repo {
+            registry: "r.example".into(),
+            name: "a/b".into(),
+        };
+        let status = |status| Error::Status {
+            method: "GET".into(),
+            url: "u".into(),
+            status,
+            code: None,
+            message: String::new(),
+            retry_after: None,
+        };
+        let unavailable = read_back_error(&d, &dst, status(503));
+        assert!(unavailable.is_transient(), "{unavailable}");
+        assert!(unavailable.to_string().contains("reading sha256:"));
+        let cut = Error::Truncated {
+            what: "m".into(),
+            received: 1,
+            expected: 2,
+        };
+        assert!(read_back_error(&d, &dst, cut).is_transient());
+        let mismatch = Error::DigestMismatch {
+            what: "m".into(),
+            expected: d.clone(),
+            actual: Digest::sha256_of(b"x"),
+        };
+        assert!(!read_back_error(&d, &dst, mismatch).is_transient());
+        assert!(!read_back_error(&d, &dst, status(404)).is_transient());
     }
 }

@@ -13,6 +13,8 @@ mod metrics;
 mod namespace;
 mod proxy;
 mod queue;
+mod quirks;
+mod registries;
 mod retries;
 mod rounds;
 mod service;
