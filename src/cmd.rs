@@ -139,6 +139,7 @@ pub async fn copy(args: CopyArgs) -> Result<()> {
         jobs: args.jobs as usize,
         referrers: !args.no_referrers,
         repair: false,
+        referrers_when_up_to_date: false,
     };
     if args.dry_run {
         let plan = crate::registry::dry_run(&client, &source, &target, &options)
