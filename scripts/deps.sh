@@ -3,7 +3,9 @@
 # the CNCF distribution registry, skopeo (an independent client), htpasswd, openssl; nginx (fronts
 # with other registries' rules), buildah and podman (realistic images, a user's pull); jq (the GitHub
 # Action's script), Chromium and a CJK font (the status page's test); tinyproxy (a real HTTP proxy),
-# docker-credential-pass with pass and gnupg (a real credential helper); wrk and time for the benchmark.
+# docker-credential-pass with pass and gnupg (a real credential helper); wrk and time for the benchmark;
+# PostgreSQL (the store's second backend: the harness runs initdb and postgres from
+# /usr/lib/postgresql/*/bin itself; pg_ctlcluster only shows the server package is installed).
 set -euo pipefail
 
 declare -A want=(
@@ -24,6 +26,7 @@ declare -A want=(
   [gpg]=gnupg
   [wrk]=wrk
   [/usr/bin/time]=time
+  [pg_ctlcluster]=postgresql
 )
 missing=()
 for cmd in "${!want[@]}"; do

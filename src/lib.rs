@@ -37,6 +37,8 @@ pub mod registry;
 pub mod rounds;
 /// `serve`: the service's start-up and orderly shutdown.
 pub mod serve;
+/// The one place with SQL and transactions: units of work over SQLite or PostgreSQL.
+pub mod store;
 /// The mirror list kept in sync through the queue: on start, on a schedule, on `POST /sync`.
 pub mod sync;
 /// `verify`: does a mirror serve exactly the image of an official digest?

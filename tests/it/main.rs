@@ -23,6 +23,7 @@ mod rounds;
 mod service;
 mod ssrf;
 mod status;
+mod store;
 mod support;
 mod sync;
 mod tls;

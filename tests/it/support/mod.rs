@@ -6,6 +6,7 @@ pub mod front;
 pub mod image;
 pub mod nginx;
 pub mod podman;
+pub mod postgres;
 pub mod prom;
 pub mod proxy;
 pub mod registry;

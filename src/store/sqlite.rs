@@ -1,0 +1,605 @@
+//! The SQLite backend: one file, WAL, `synchronous=FULL`, one writer connection, `BEGIN
+//! IMMEDIATE` for every read-then-write. For now it wraps the functions of `queue.rs`,
+//! `ledger.rs` and `db.rs` and maps their rows to the store's typed records; the SQL moves here
+//! when those modules settle.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use super::{
+    Delivery, Drift, DriftKind, DriftRecorded, EnqueueError, Enqueued, Error, Job, JobState,
+    JobStats, Lease, NewDrift, NewJob, NewRecord, ProgressRow, Record, Round, RoundKind, RoundSlot,
+    corrupt, parse_json, parse_policy,
+};
+use crate::db::{Db, WriterState, now_ms};
+use crate::{ledger, queue};
+
+/// SQLite through the existing `Db` pools.
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    db: Db,
+    /// Rung after an enqueue that created a job (one process: no one else to tell).
+    pub(super) wake: Arc<Notify>,
+    /// The rounds of this process. One process owns a SQLite file, so "once per slot across
+    /// replicas" is once per slot here; kept in memory until migration 0008 (round_slot) lands
+    /// for SQLite, so a restart forgets the last results.
+    rounds: Arc<std::sync::Mutex<std::collections::HashMap<RoundKind, Round>>>,
+    /// Where blobs are on targets: (registry, digest) → repository → when seen (ms). In memory
+    /// until migration 0009 (blob_location) lands for SQLite: one process, like the copy
+    /// engine's own per-process knowledge.
+    blobs: Arc<std::sync::Mutex<BlobMap>>,
+}
+
+type BlobMap = std::collections::HashMap<(String, String), std::collections::HashMap<String, i64>>;
+
+impl From<queue::EnqueueError> for EnqueueError {
+    fn from(e: queue::EnqueueError) -> Self {
+        match e {
+            queue::EnqueueError::Owned {
+                mirror_repo,
+                owner,
+                requested,
+            } => EnqueueError::Owned {
+                mirror_repo,
+                owner,
+                requested,
+            },
+            queue::EnqueueError::Db(e) => EnqueueError::Store(Error::Database(e)),
+        }
+    }
+}
+
+fn job(j: queue::Job) -> Result<Job, Error> {
+    Ok(Job {
+        state: j
+            .state
+            .parse()
+            .map_err(|_| corrupt("job state", &j.state))?,
+        requested_by: parse_json("requested_by", &j.requested_by)?,
+        policy: parse_policy(j.policy.as_deref())?,
+        id: j.id,
+        source: j.source,
+        source_digest: j.source_digest,
+        target_repo: j.target_repo,
+        target_tag: j.target_tag,
+        attempts: j.attempts,
+        max_attempts: j.max_attempts,
+        run_at: j.run_at,
+        lease_expires_at: j.lease_expires_at,
+        last_error: j.last_error,
+        bytes_done: j.bytes_done,
+        bytes_total: j.bytes_total,
+        blobs_done: j.blobs_done,
+        blobs_total: j.blobs_total,
+        created_at: j.created_at,
+        updated_at: j.updated_at,
+        started_at: j.started_at,
+        finished_at: j.finished_at,
+        referrers: j.referrers,
+        repair: j.repair,
+    })
+}
+
+fn enqueued(q: queue::Enqueued) -> Result<Enqueued, Error> {
+    Ok(Enqueued {
+        job: job(q.job)?,
+        dedupe: q.dedupe,
+    })
+}
+
+/// The row `queue.rs` expects for a lease: only the id is read by its writes.
+fn queue_lease(l: &Lease) -> queue::Lease {
+    let j = &l.job;
+    queue::Lease {
+        token: l.token.clone(),
+        job: queue::Job {
+            id: j.id,
+            source: j.source.clone(),
+            source_digest: j.source_digest.clone(),
+            target_repo: j.target_repo.clone(),
+            target_tag: j.target_tag.clone(),
+            state: j.state.as_str().to_string(),
+            attempts: j.attempts,
+            max_attempts: j.max_attempts,
+            run_at: j.run_at,
+            lease_token: Some(l.token.clone()),
+            lease_expires_at: j.lease_expires_at,
+            last_error: j.last_error.clone(),
+            requested_by: j.requested_by.to_string(),
+            bytes_done: j.bytes_done,
+            bytes_total: j.bytes_total,
+            blobs_done: j.blobs_done,
+            blobs_total: j.blobs_total,
+            created_at: j.created_at,
+            updated_at: j.updated_at,
+            started_at: j.started_at,
+            finished_at: j.finished_at,
+            referrers: j.referrers,
+            policy: j.policy.map(|p| p.as_str().to_string()),
+            repair: j.repair,
+            // Not read by queue.rs's writes; the store's Job does not carry them yet.
+            referrers_state: None,
+            referrers_failed: None,
+        },
+    }
+}
+
+fn record(r: ledger::Record) -> Result<Record, Error> {
+    let manifests = match parse_json("record manifests", &r.manifests)? {
+        serde_json::Value::Array(a) => a,
+        _ => return Err(corrupt("record manifests", r.manifests)),
+    };
+    Ok(Record {
+        manifests,
+        requested_by: parse_json("requested_by", &r.requested_by)?,
+        policy: parse_policy(r.policy.as_deref())?,
+        id: r.id,
+        job_id: r.job_id,
+        source_repo: r.source_repo,
+        source_ref: r.source_ref,
+        tag: r.tag,
+        source_digest: r.source_digest,
+        mirror_repo: r.mirror_repo,
+        mirror_digest: r.mirror_digest,
+        media_type: r.media_type,
+        size_bytes: r.size_bytes,
+        verified_at: r.verified_at,
+        mirror_tag: r.mirror_tag,
+    })
+}
+
+fn records(rs: Vec<ledger::Record>) -> Result<Vec<Record>, Error> {
+    rs.into_iter().map(record).collect()
+}
+
+fn drift(d: ledger::Drift) -> Result<Drift, Error> {
+    let missing = d
+        .missing
+        .as_deref()
+        .map(|m| serde_json::from_str::<Vec<String>>(m).map_err(|_| corrupt("drift missing", m)))
+        .transpose()?;
+    Ok(Drift {
+        kind: d.kind.parse().map_err(|_| corrupt("drift kind", &d.kind))?,
+        policy: d.policy.parse().map_err(|_| corrupt("policy", &d.policy))?,
+        missing,
+        id: d.id,
+        mirror_repo: d.mirror_repo,
+        mirror_tag: d.mirror_tag,
+        source_repo: d.source_repo,
+        source_tag: d.source_tag,
+        recorded_digest: d.recorded_digest,
+        observed_digest: d.observed_digest,
+        job_id: d.job_id,
+        detected_at: d.detected_at,
+        last_seen_at: d.last_seen_at,
+        resolved_at: d.resolved_at,
+    })
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the file at `location` and applies the migrations.
+    pub async fn open(location: &str) -> Result<SqliteStore, Error> {
+        let db = Db::open(location).await.map_err(|e| Error::Config {
+            location: location.to_string(),
+            reason: format!("{e:#}; give a writable file path, a sqlite: URL or a postgres:// URL"),
+        })?;
+        Ok(SqliteStore::from_db(db))
+    }
+
+    /// The store over an open `Db` (while callers still hold one).
+    pub fn from_db(db: Db) -> SqliteStore {
+        SqliteStore {
+            db,
+            wake: Arc::new(Notify::new()),
+            rounds: Arc::default(),
+            blobs: Arc::default(),
+        }
+    }
+
+    /// The pools, for the call sites not yet moved behind the store.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    pub(super) async fn ready(&self) -> Result<WriterState, Error> {
+        self.db
+            .ready()
+            .await
+            .map_err(|e| Error::NotReady(format!("{e:#}")))
+    }
+
+    pub(super) async fn close(&self) {
+        self.db.write.close().await;
+        self.db.read.close().await;
+    }
+
+    fn woke(&self, created: usize) {
+        if created > 0 {
+            self.wake.notify_one();
+        }
+    }
+
+    pub(super) async fn enqueue_many(
+        &self,
+        new: &[NewJob],
+    ) -> Result<Vec<Result<Enqueued, EnqueueError>>, Error> {
+        let mut tx = self.db.write.begin_with("BEGIN IMMEDIATE").await?;
+        let mut out = Vec::with_capacity(new.len());
+        for n in new {
+            match queue::enqueue_in(&mut tx, n).await {
+                Err(queue::EnqueueError::Db(e)) => return Err(e.into()),
+                Err(refused) => out.push(Err(refused.into())),
+                Ok(q) => out.push(Ok(enqueued(q)?)),
+            }
+        }
+        tx.commit().await?;
+        self.woke(out.iter().flatten().filter(|q| q.created()).count());
+        Ok(out)
+    }
+
+    pub(super) async fn owner(&self, mirror_repo: &str) -> Result<Option<String>, Error> {
+        Ok(queue::owner(&self.db, mirror_repo).await?)
+    }
+
+    pub(super) async fn claim(&self, lease: Duration) -> Result<Option<Lease>, Error> {
+        match queue::claim(&self.db, lease).await? {
+            None => Ok(None),
+            Some(l) => Ok(Some(Lease {
+                token: l.token,
+                job: job(l.job)?,
+            })),
+        }
+    }
+
+    pub(super) async fn heartbeat(
+        &self,
+        lease: &Lease,
+        duration: Duration,
+        p: ProgressRow,
+    ) -> Result<bool, Error> {
+        Ok(queue::heartbeat(&self.db, &queue_lease(lease), duration, p).await?)
+    }
+
+    pub(super) async fn set_source_digest(
+        &self,
+        lease: &Lease,
+        digest: &str,
+    ) -> Result<bool, Error> {
+        Ok(queue::set_source_digest(&self.db, &queue_lease(lease), digest).await?)
+    }
+
+    pub(super) async fn succeed_with_record(
+        &self,
+        lease: &Lease,
+        r: &NewRecord,
+        p: ProgressRow,
+    ) -> Result<bool, Error> {
+        let record = ledger::NewRecord {
+            job_id: r.job_id,
+            source_repo: r.source_repo.clone(),
+            source_ref: r.source_ref.clone(),
+            tag: r.tag.clone(),
+            source_digest: r.source_digest.clone(),
+            mirror_repo: r.mirror_repo.clone(),
+            mirror_digest: r.mirror_digest.clone(),
+            media_type: r.media_type.clone(),
+            manifests: serde_json::Value::from(r.manifests.clone()).to_string(),
+            size_bytes: r.size_bytes,
+            requested_by: r.requested_by.to_string(),
+            verified_at: r.verified_at,
+            mirror_tag: r.mirror_tag.clone(),
+            policy: r.policy.map(|p| p.as_str().to_string()),
+        };
+        // The store's interface does not carry the notice outbox and the referrers' state yet
+        // (the service still writes them through queue.rs); see README "The store".
+        Ok(queue::succeed(&self.db, &queue_lease(lease), &record, p, None, None).await?)
+    }
+
+    pub(super) async fn retry_later(
+        &self,
+        lease: &Lease,
+        error: &str,
+        after: Duration,
+    ) -> Result<bool, Error> {
+        Ok(queue::retry_later(&self.db, &queue_lease(lease), error, after).await?)
+    }
+
+    pub(super) async fn defer(
+        &self,
+        lease: &Lease,
+        error: &str,
+        after: Duration,
+    ) -> Result<bool, Error> {
+        let run_at = now_ms() + after.as_millis() as i64;
+        Ok(queue::defer(&self.db, &queue_lease(lease), error, run_at).await?)
+    }
+
+    pub(super) async fn fail(&self, lease: &Lease, error: &str) -> Result<bool, Error> {
+        Ok(queue::fail(&self.db, &queue_lease(lease), error, None).await?)
+    }
+
+    pub(super) async fn release(&self, lease: &Lease) -> Result<bool, Error> {
+        Ok(queue::release(&self.db, &queue_lease(lease)).await?)
+    }
+
+    pub(super) async fn get(&self, id: i64) -> Result<Option<Job>, Error> {
+        queue::get(&self.db, id).await?.map(job).transpose()
+    }
+
+    pub(super) async fn list(
+        &self,
+        state: Option<JobState>,
+        limit: i64,
+        before: Option<i64>,
+    ) -> Result<Vec<Job>, Error> {
+        queue::list(&self.db, state.map(JobState::as_str), limit, before)
+            .await?
+            .into_iter()
+            .map(job)
+            .collect()
+    }
+
+    pub(super) async fn stats(&self) -> Result<JobStats, Error> {
+        let (by_state, oldest_queued_ms) = queue::stats(&self.db).await?;
+        let by_state = by_state
+            .into_iter()
+            .map(|(s, n)| Ok((s.parse().map_err(|_| corrupt("job state", s))?, n)))
+            .collect::<Result<_, Error>>()?;
+        Ok(JobStats {
+            by_state,
+            oldest_queued_ms,
+        })
+    }
+
+    pub(super) async fn next_due(&self) -> Result<Option<Duration>, Error> {
+        Ok(queue::next_due(&self.db)
+            .await?
+            .map(|due| Duration::from_millis((due - now_ms()).max(0) as u64)))
+    }
+
+    pub(super) async fn deliver(
+        &self,
+        delivery_id: &str,
+        jobs: &[NewJob],
+        respond: &(dyn Fn(&[Enqueued]) -> serde_json::Value + Sync),
+    ) -> Result<Delivery, EnqueueError> {
+        let mut tx = self.db.write.begin_with("BEGIN IMMEDIATE").await?;
+        if let Some((status, response)) = queue::find_delivery(&mut tx, delivery_id).await? {
+            tx.commit().await?;
+            return Ok(Delivery::Before {
+                status: u16::try_from(status)
+                    .map_err(|_| corrupt("delivery status", status.to_string()))?,
+                response: parse_json("delivery response", &response)?,
+            });
+        }
+        let mut out = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            out.push(enqueued(queue::enqueue_in(&mut tx, j).await?)?);
+        }
+        let response = respond(&out);
+        queue::store_delivery(&mut tx, delivery_id, 202, &response.to_string()).await?;
+        tx.commit().await?;
+        self.woke(out.iter().filter(|q| q.created()).count());
+        Ok(Delivery::New {
+            enqueued: out,
+            response,
+        })
+    }
+
+    pub(super) async fn by_repo(&self, repo: &str) -> Result<Vec<Record>, Error> {
+        records(ledger::by_repo(&self.db, repo).await?)
+    }
+
+    pub(super) async fn by_repo_tag(&self, repo: &str, tag: &str) -> Result<Vec<Record>, Error> {
+        records(ledger::by_repo_tag(&self.db, repo, tag).await?)
+    }
+
+    pub(super) async fn by_digest(&self, digest: &str) -> Result<Vec<Record>, Error> {
+        records(ledger::by_digest(&self.db, digest).await?)
+    }
+
+    pub(super) async fn latest(
+        &self,
+        query: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<Record>, Error> {
+        records(ledger::latest(&self.db, query, limit).await?)
+    }
+
+    pub(super) async fn watched(&self) -> Result<Vec<Record>, Error> {
+        records(ledger::watched(&self.db).await?)
+    }
+
+    pub(super) async fn record_drift_and_enqueue(
+        &self,
+        d: &NewDrift,
+        job: Option<NewJob>,
+    ) -> Result<DriftRecorded, Error> {
+        let new_drift = ledger::NewDrift {
+            mirror_repo: d.mirror_repo.clone(),
+            mirror_tag: d.mirror_tag.clone(),
+            source_repo: d.source_repo.clone(),
+            source_tag: d.source_tag.clone(),
+            kind: d.kind.as_str(),
+            recorded_digest: d.recorded_digest.clone(),
+            observed_digest: d.observed_digest.clone(),
+            missing: d
+                .missing
+                .as_ref()
+                .map(|m| serde_json::Value::from(m.clone()).to_string()),
+            policy: d.policy.as_str().to_string(),
+        };
+        let mut tx = self.db.write.begin_with("BEGIN IMMEDIATE").await?;
+        let (mut row, new) = ledger::upsert_drift(&mut tx, &new_drift, now_ms()).await?;
+        let mut queued = None;
+        if let Some(mut job) = job {
+            job.requested_by =
+                serde_json::json!({ "kind": "drift", "drift_id": row.id, "reason": d.kind.as_str() })
+                    .to_string();
+            match queue::enqueue_in(&mut tx, &job).await {
+                Ok(q) => {
+                    ledger::set_drift_job(&mut tx, row.id, q.job.id).await?;
+                    row.job_id = Some(q.job.id);
+                    queued = Some(Ok(enqueued(q)?));
+                }
+                Err(queue::EnqueueError::Db(e)) => return Err(e.into()),
+                Err(refused) => queued = Some(Err(refused.into())),
+            }
+        }
+        tx.commit().await?;
+        if let Some(Ok(q)) = &queued {
+            self.woke(q.created() as usize);
+        }
+        Ok(DriftRecorded {
+            drift: drift(row)?,
+            new,
+            queued,
+        })
+    }
+
+    pub(super) async fn resolve_unseen_drift(
+        &self,
+        mirror_repo: &str,
+        mirror_tag: Option<&str>,
+        recorded_digest: &str,
+        seen: &[i64],
+    ) -> Result<u64, Error> {
+        Ok(ledger::resolve_unseen_drift(
+            &self.db,
+            mirror_repo,
+            mirror_tag,
+            recorded_digest,
+            seen,
+            now_ms(),
+        )
+        .await?)
+    }
+
+    pub(super) async fn open_drift(&self, repo: &str) -> Result<Vec<Drift>, Error> {
+        ledger::open_drift(&self.db, repo)
+            .await?
+            .into_iter()
+            .map(drift)
+            .collect()
+    }
+
+    pub(super) async fn list_drift(
+        &self,
+        all: bool,
+        limit: i64,
+        before: Option<i64>,
+    ) -> Result<Vec<Drift>, Error> {
+        ledger::list_drift(&self.db, all, limit, before)
+            .await?
+            .into_iter()
+            .map(drift)
+            .collect()
+    }
+
+    pub(super) async fn open_drift_counts(&self) -> Result<Vec<(DriftKind, i64)>, Error> {
+        ledger::open_drift_counts(&self.db)
+            .await?
+            .into_iter()
+            .map(|(k, n)| Ok((k.parse().map_err(|_| corrupt("drift kind", k))?, n)))
+            .collect()
+    }
+
+    pub(super) async fn claim_round(
+        &self,
+        kind: RoundKind,
+        interval: Duration,
+        replica: &str,
+    ) -> Result<Option<RoundSlot>, Error> {
+        let now = now_ms();
+        let slot = now / (interval.as_millis() as i64).max(1);
+        let mut rounds = self.rounds.lock().expect("rounds lock");
+        if rounds.get(&kind).is_some_and(|r| r.slot >= slot) {
+            return Ok(None);
+        }
+        rounds.insert(
+            kind,
+            Round {
+                kind,
+                slot,
+                replica: replica.to_string(),
+                started_at: now,
+                finished_at: None,
+                result: None,
+            },
+        );
+        Ok(Some(RoundSlot { kind, slot }))
+    }
+
+    pub(super) async fn next_round_in(&self, interval: Duration) -> Result<Duration, Error> {
+        let every = (interval.as_millis() as i64).max(1);
+        Ok(Duration::from_millis((every - now_ms() % every) as u64))
+    }
+
+    pub(super) async fn finish_round(
+        &self,
+        slot: RoundSlot,
+        result: &serde_json::Value,
+    ) -> Result<(), Error> {
+        let mut rounds = self.rounds.lock().expect("rounds lock");
+        if let Some(r) = rounds.get_mut(&slot.kind).filter(|r| r.slot == slot.slot) {
+            r.finished_at = Some(now_ms());
+            r.result = Some(result.clone());
+        }
+        Ok(())
+    }
+
+    pub(super) async fn last_round(&self, kind: RoundKind) -> Result<Option<Round>, Error> {
+        Ok(self.rounds.lock().expect("rounds lock").get(&kind).cloned())
+    }
+
+    pub(super) async fn record_blobs(
+        &self,
+        registry: &str,
+        repo: &str,
+        digests: &[String],
+    ) -> Result<(), Error> {
+        let now = now_ms();
+        let mut blobs = self.blobs.lock().expect("blobs lock");
+        for d in digests {
+            blobs
+                .entry((registry.to_string(), d.clone()))
+                .or_default()
+                .insert(repo.to_string(), now);
+        }
+        Ok(())
+    }
+
+    pub(super) async fn blob_repos(
+        &self,
+        registry: &str,
+        digest: &str,
+        limit: i64,
+    ) -> Result<Vec<String>, Error> {
+        let blobs = self.blobs.lock().expect("blobs lock");
+        let mut repos: Vec<(&String, &i64)> = blobs
+            .get(&(registry.to_string(), digest.to_string()))
+            .map(|m| m.iter().collect())
+            .unwrap_or_default();
+        repos.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        Ok(repos
+            .into_iter()
+            .take(limit.max(0) as usize)
+            .map(|(r, _)| r.clone())
+            .collect())
+    }
+
+    pub(super) async fn forget_blob(
+        &self,
+        registry: &str,
+        repo: &str,
+        digest: &str,
+    ) -> Result<(), Error> {
+        let mut blobs = self.blobs.lock().expect("blobs lock");
+        if let Some(m) = blobs.get_mut(&(registry.to_string(), digest.to_string())) {
+            m.remove(repo);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,309 @@
+//! The store's vocabulary: typed records and state enums, mapped to TEXT (and JSON) only at the
+//! backends' edge.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::Serialize;
+use serde_json::Value;
+
+pub use crate::drift::Policy;
+pub use crate::queue::{Dedupe, NewJob, ProgressRow};
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting to be claimed (maybe not before `run_at`, maybe behind an older job on its tag).
+    Queued,
+    /// Claimed by a worker holding a lease.
+    Running,
+    /// Copied, verified, recorded in the ledger.
+    Succeeded,
+    /// Failed for good (the reason is in `last_error`).
+    Failed,
+}
+
+impl JobState {
+    /// Every state.
+    pub const ALL: [JobState; 4] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+    ];
+
+    /// The name used in the API and the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobState {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobState::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown job state {s:?}"))
+    }
+}
+
+/// What drift watch found wrong with a mirrored tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftKind {
+    /// The source tag names another digest now.
+    UpstreamMoved,
+    /// The source tag no longer exists.
+    UpstreamGone,
+    /// A manifest of the image (or the tag) is gone from the target or names another digest.
+    Missing,
+}
+
+impl DriftKind {
+    /// Every kind.
+    pub const ALL: [DriftKind; 3] = [
+        DriftKind::UpstreamMoved,
+        DriftKind::UpstreamGone,
+        DriftKind::Missing,
+    ];
+
+    /// The name used in the API and the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriftKind::UpstreamMoved => "upstream_moved",
+            DriftKind::UpstreamGone => "upstream_gone",
+            DriftKind::Missing => "missing",
+        }
+    }
+}
+
+impl FromStr for DriftKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        DriftKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown drift kind {s:?}"))
+    }
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Job {
+    pub id: i64,
+    /// The source as requested, canonical.
+    pub source: String,
+    /// The digest the source resolved to on the first attempt.
+    pub source_digest: Option<String>,
+    pub target_repo: String,
+    /// None for a digest-only source.
+    pub target_tag: Option<String>,
+    pub state: JobState,
+    pub attempts: i64,
+    pub max_attempts: i64,
+    /// Not claimable before this time (unix ms, the database's clock).
+    pub run_at: i64,
+    pub lease_expires_at: Option<i64>,
+    pub last_error: Option<String>,
+    /// Who asked: `{"kind":"token","name":"ci"}`, `{"kind":"github",…}`, `{"kind":"drift",…}`.
+    pub requested_by: Value,
+    pub bytes_done: i64,
+    pub bytes_total: i64,
+    pub blobs_done: i64,
+    pub blobs_total: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    /// Whether referrers (signatures, attestations) are copied too.
+    pub referrers: bool,
+    /// Drift policy asked for; none means the service default.
+    pub policy: Option<Policy>,
+    /// Re-check every manifest on the target (drift repair), not only the top one.
+    pub repair: bool,
+}
+
+/// A claimed job and the lease token that lets its worker write it.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub job: Job,
+    pub token: String,
+}
+
+/// A request stored, or joined to a live job.
+#[derive(Debug, Clone)]
+pub struct Enqueued {
+    pub job: Job,
+    pub dedupe: Dedupe,
+}
+
+impl Enqueued {
+    /// Whether a new job row was written (workers should be woken).
+    pub fn created(&self) -> bool {
+        matches!(self.dedupe, Dedupe::New | Dedupe::QueuedAfter(_))
+    }
+}
+
+/// Jobs per state and the age of the oldest queued job, for metrics.
+#[derive(Debug, Clone, Default)]
+pub struct JobStats {
+    /// Only states with jobs are listed.
+    pub by_state: Vec<(JobState, i64)>,
+    /// Milliseconds since the oldest queued job was queued.
+    pub oldest_queued_ms: Option<i64>,
+}
+
+/// A ledger record to append after a verified copy.
+#[derive(Debug, Clone)]
+pub struct NewRecord {
+    pub job_id: i64,
+    pub source_repo: String,
+    pub source_ref: String,
+    /// The source tag.
+    pub tag: Option<String>,
+    pub source_digest: String,
+    pub mirror_repo: String,
+    pub mirror_digest: String,
+    pub media_type: String,
+    /// The image's manifests (`digest`, `media_type`, `platform`, `size`), top first, then its
+    /// referrers (`digest`, `referrer_of`, `tag`). Every `digest` is findable by `by_digest`.
+    pub manifests: Vec<Value>,
+    pub size_bytes: i64,
+    pub requested_by: Value,
+    pub verified_at: i64,
+    /// The tag written on the target (may differ from `tag`).
+    pub mirror_tag: Option<String>,
+    /// Drift policy in force for the tag; none means the service default.
+    pub policy: Option<Policy>,
+}
+
+/// A stored ledger record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Record {
+    pub id: i64,
+    pub job_id: i64,
+    pub source_repo: String,
+    pub source_ref: String,
+    pub tag: Option<String>,
+    pub source_digest: String,
+    pub mirror_repo: String,
+    pub mirror_digest: String,
+    pub media_type: String,
+    pub manifests: Vec<Value>,
+    pub size_bytes: i64,
+    pub requested_by: Value,
+    pub verified_at: i64,
+    pub mirror_tag: Option<String>,
+    pub policy: Option<Policy>,
+}
+
+/// A problem to record (see `Store::record_drift_and_enqueue`).
+#[derive(Debug, Clone)]
+pub struct NewDrift {
+    pub mirror_repo: String,
+    pub mirror_tag: Option<String>,
+    pub source_repo: String,
+    pub source_tag: Option<String>,
+    pub kind: DriftKind,
+    pub recorded_digest: String,
+    pub observed_digest: Option<String>,
+    /// What is missing on the target (`["sha256:…", "tag"]`).
+    pub missing: Option<Vec<String>>,
+    pub policy: Policy,
+}
+
+/// A problem drift watch found, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Drift {
+    pub id: i64,
+    pub mirror_repo: String,
+    pub mirror_tag: Option<String>,
+    pub source_repo: String,
+    pub source_tag: Option<String>,
+    pub kind: DriftKind,
+    pub recorded_digest: String,
+    pub observed_digest: Option<String>,
+    pub missing: Option<Vec<String>>,
+    pub policy: Policy,
+    pub job_id: Option<i64>,
+    pub detected_at: i64,
+    pub last_seen_at: i64,
+    pub resolved_at: Option<i64>,
+}
+
+/// What `record_drift_and_enqueue` did.
+#[derive(Debug)]
+pub struct DriftRecorded {
+    /// The open row, with the job queued for it.
+    pub drift: Drift,
+    /// Seen for the first time (announce it).
+    pub new: bool,
+    /// The job asked for: stored, joined, or refused (the drift row stands either way).
+    pub queued: Option<Result<Enqueued, super::EnqueueError>>,
+}
+
+/// The answer to a GitHub delivery.
+#[derive(Debug)]
+pub enum Delivery {
+    /// Handled before: the answer given then.
+    Before { status: u16, response: Value },
+    /// Handled now: its jobs, and the answer stored for redeliveries.
+    New {
+        enqueued: Vec<Enqueued>,
+        response: Value,
+    },
+}
+
+/// A periodic round that runs once per interval across replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoundKind {
+    /// Drift watch.
+    Drift,
+    /// The mirror-list sync.
+    Sync,
+}
+
+impl RoundKind {
+    /// The name used in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoundKind::Drift => "drift",
+            RoundKind::Sync => "sync",
+        }
+    }
+}
+
+/// A round this replica won the right to run (see `Store::claim_round`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundSlot {
+    pub kind: RoundKind,
+    /// floor(database clock in ms / interval in ms).
+    pub slot: i64,
+}
+
+/// A round as recorded: who ran it, when, what it found.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Round {
+    pub kind: RoundKind,
+    pub slot: i64,
+    pub replica: String,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    pub result: Option<Value>,
+}

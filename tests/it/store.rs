@@ -1,0 +1,1103 @@
+//! The store's conformance suite: every test runs against SQLite (a real file) and PostgreSQL (a
+//! real server started by the harness, a fresh database per test) through the same `Store`
+//! interface. "Replicas" are two `Store`s opened on the same database: on PostgreSQL that is what
+//! N `serve` processes are; on SQLite two pools on one file.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use mirror_mirror::store::{
+    Dedupe, Delivery, DriftKind, EnqueueError, JobState, NewDrift, NewJob, NewRecord, Policy,
+    ProgressRow, RoundKind, Store, WriterState,
+};
+use serde_json::json;
+
+use crate::support::postgres as pg;
+
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// One database of `backend`, opened as many times as a test wants replicas.
+struct Database {
+    _dir: tempfile::TempDir,
+    location: String,
+}
+
+impl Database {
+    async fn new(backend: Backend) -> Database {
+        let dir = tempfile::tempdir().unwrap();
+        let location = match backend {
+            Backend::Sqlite => dir.path().join("store.db").to_str().unwrap().to_string(),
+            Backend::Postgres => pg::shared().database().await,
+        };
+        Database {
+            _dir: dir,
+            location,
+        }
+    }
+
+    async fn open(&self) -> Store {
+        Store::open(&self.location)
+            .await
+            .unwrap_or_else(|e| panic!("opening {}: {e}", self.location))
+    }
+}
+
+/// Generates `sqlite::NAME` and `postgres::NAME` for each conformance test `NAME(backend)`.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    fifty_identical_requests_make_one_job,
+    racing_claims_take_each_job_once,
+    a_stale_lease_writes_nothing_and_any_replica_rescues,
+    retries_wait_for_their_time_and_attempts_run_out,
+    release_and_defer_give_the_attempt_back,
+    one_writer_per_target_tag_in_request_order,
+    a_queued_job_widens_its_options_for_a_joining_request,
+    a_mirror_repository_has_one_owner,
+    records_are_found_by_every_digest_they_name,
+    drift_is_recorded_once_and_its_job_resolves_it,
+    a_github_delivery_is_handled_once,
+    an_enqueue_wakes_the_workers_of_another_replica,
+    group_commit_enqueues_many_durably,
+    one_batch_dedupes_within_itself_as_if_one_by_one,
+    a_round_runs_once_per_interval_across_replicas,
+    racing_workers_write_a_tag_one_at_a_time_in_request_order,
+    claims_and_completions_keep_up,
+    a_blob_written_by_one_replica_is_found_by_another,
+);
+
+fn job(source: &str) -> NewJob {
+    NewJob {
+        source: source.to_string(),
+        target_repo: format!(
+            "127.0.0.1:1/mirror/{}",
+            source.split([':', '@']).next().unwrap()
+        ),
+        target_tag: Some("1".into()),
+        requested_by: r#"{"kind":"token","name":"t"}"#.into(),
+        max_attempts: 3,
+        referrers: true,
+        policy: None,
+        repair: false,
+    }
+}
+
+fn record(job_id: i64, mirror_repo: &str) -> NewRecord {
+    NewRecord {
+        job_id,
+        source_repo: "docker.io/library/x".into(),
+        source_ref: "docker.io/library/x:1".into(),
+        tag: Some("1".into()),
+        source_digest: "sha256:aa".into(),
+        mirror_repo: mirror_repo.into(),
+        mirror_digest: "sha256:aa".into(),
+        media_type: "application/vnd.oci.image.index.v1+json".into(),
+        manifests: vec![
+            json!({"digest": "sha256:aa", "media_type": "index", "platform": null, "size": 10}),
+            json!({"digest": "sha256:child", "media_type": "manifest", "platform": "linux/amd64", "size": 5}),
+            json!({"digest": "sha256:sig", "referrer_of": "sha256:aa", "tag": "sha256-aa.sig"}),
+        ],
+        size_bytes: 15,
+        requested_by: json!({"kind": "token", "name": "t"}),
+        verified_at: 1,
+        mirror_tag: Some("m1".into()),
+        policy: Some(Policy::Pin),
+    }
+}
+
+/// Claims until a job comes (a lease that just expired needs the database clock to pass it).
+async fn claim_within(store: &Store, lease: Duration) -> mirror_mirror::store::Lease {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(l) = store.claim(lease).await.unwrap() {
+            return l;
+        }
+        assert!(Instant::now() < deadline, "no job became claimable");
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn fifty_identical_requests_make_one_job(backend: Backend) {
+    let db = Database::new(backend).await;
+    let (a, b) = (db.open().await, db.open().await);
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move { store.enqueue(&job("docker.io/library/a:1")).await.unwrap() })
+        })
+        .collect();
+    let mut ids = HashSet::new();
+    let mut created = 0;
+    for t in tasks {
+        let q = t.await.unwrap();
+        ids.insert(q.job.id);
+        created += q.created() as usize;
+    }
+    assert_eq!(
+        ids.len(),
+        1,
+        "all 50 requests, on two replicas, return the same job"
+    );
+    assert_eq!(created, 1);
+    let stats = a.stats().await.unwrap();
+    assert_eq!(stats.by_state, vec![(JobState::Queued, 1)]);
+    // Once it finished, the same request makes a new job.
+    let lease = a.claim(Duration::from_secs(30)).await.unwrap().unwrap();
+    assert!(
+        a.succeed_with_record(&lease, &record(lease.job.id, "m/x"), ProgressRow::default())
+            .await
+            .unwrap()
+    );
+    let again = b.enqueue(&job("docker.io/library/a:1")).await.unwrap();
+    assert_eq!(again.dedupe, Dedupe::New);
+    assert_ne!(again.job.id, lease.job.id);
+}
+
+async fn racing_claims_take_each_job_once(backend: Backend) {
+    let db = Database::new(backend).await;
+    let (a, b) = (db.open().await, db.open().await);
+    for i in 0..40 {
+        a.enqueue(&job(&format!("docker.io/library/j{i}:1")))
+            .await
+            .unwrap();
+    }
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                while let Some(l) = store.claim(Duration::from_secs(30)).await.unwrap() {
+                    mine.push(l.job.id);
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let unique: HashSet<_> = all.iter().collect();
+    assert_eq!(all.len(), 40, "every job claimed");
+    assert_eq!(unique.len(), 40, "no job claimed twice: {all:?}");
+    assert_eq!(
+        b.stats().await.unwrap().by_state,
+        vec![(JobState::Running, 40)]
+    );
+}
+
+async fn a_stale_lease_writes_nothing_and_any_replica_rescues(backend: Backend) {
+    let db = Database::new(backend).await;
+    let (a, b) = (db.open().await, db.open().await);
+    a.enqueue(&job("docker.io/library/s:1")).await.unwrap();
+    // Replica A claims with a lease that expires at once (its worker "hangs").
+    let stale = a.claim(Duration::ZERO).await.unwrap().unwrap();
+    // Replica B finds the expired lease and takes the job over.
+    let live = claim_within(&b, Duration::from_secs(30)).await;
+    assert_eq!(stale.job.id, live.job.id);
+    assert_ne!(stale.token, live.token);
+    assert_eq!(live.job.attempts, 2);
+    // A wakes up: every write it tries is refused.
+    let p = ProgressRow::default();
+    assert!(
+        !a.heartbeat(&stale, Duration::from_secs(30), p)
+            .await
+            .unwrap()
+    );
+    assert!(!a.set_source_digest(&stale, "sha256:bb").await.unwrap());
+    assert!(
+        !a.succeed_with_record(&stale, &record(stale.job.id, "m/x"), p)
+            .await
+            .unwrap()
+    );
+    assert!(!a.fail(&stale, "x").await.unwrap());
+    assert!(!a.retry_later(&stale, "x", Duration::ZERO).await.unwrap());
+    assert!(!a.defer(&stale, "x", Duration::ZERO).await.unwrap());
+    assert!(!a.release(&stale).await.unwrap());
+    assert!(
+        a.by_repo("m/x").await.unwrap().is_empty(),
+        "A wrote no record"
+    );
+    let j = b.get(live.job.id).await.unwrap().unwrap();
+    assert_eq!((j.state, j.source_digest), (JobState::Running, None));
+    // B's writes land.
+    assert!(
+        b.heartbeat(&live, Duration::from_secs(30), p)
+            .await
+            .unwrap()
+    );
+    assert!(
+        b.succeed_with_record(&live, &record(live.job.id, "m/x"), p)
+            .await
+            .unwrap()
+    );
+    let j = a.get(live.job.id).await.unwrap().unwrap();
+    assert_eq!(j.state, JobState::Succeeded);
+    assert_eq!(a.by_repo("m/x").await.unwrap().len(), 1);
+}
+
+async fn retries_wait_for_their_time_and_attempts_run_out(backend: Backend) {
+    let db = Database::new(backend).await;
+    let s = db.open().await;
+    let first = s.enqueue(&job("docker.io/library/r:1")).await.unwrap();
+    let l = s.claim(Duration::from_secs(30)).await.unwrap().unwrap();
+    assert_eq!(l.job.id, first.job.id);
+    assert!(
+        s.retry_later(&l, "503", Duration::from_secs(3600))
+            .await
+            .unwrap()
+    );
+    assert!(
+        s.claim(Duration::from_secs(30)).await.unwrap().is_none(),
+        "not due yet"
+    );
+    let due = s.next_due().await.unwrap().expect("a job is due later");
+    assert!(
+        due > Duration::from_secs(3500) && due <= Duration::from_secs(3600),
+        "{due:?}"
+    );
+    let j = s.get(l.job.id).await.unwrap().unwrap();
+    assert_eq!(
+        (j.state, j.last_error.as_deref(), j.attempts),
+        (JobState::Queued, Some("503"), 1)
+    );
+    // A lease that expires with no attempts left fails the job with a reason.
+    let dead = s.enqueue(&job("docker.io/library/dead:1")).await.unwrap();
+    for attempt in 1..=3 {
+        let l = claim_within(&s, Duration::ZERO).await;
+        assert_eq!((l.job.id, l.job.attempts), (dead.job.id, attempt));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let j = loop {
+        assert!(s.claim(Duration::from_secs(1)).await.unwrap().is_none());
+        let j = s.get(dead.job.id).await.unwrap().unwrap();
+        if j.state != JobState::Running || Instant::now() > deadline {
+            break j;
+        }
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(j.state, JobState::Failed);
+    assert!(j.last_error.unwrap().contains("no attempts are left"));
+    assert!(j.finished_at.is_some());
+}
+
+async fn release_and_defer_give_the_attempt_back(backend: Backend) {
+    let db = Database::new(backend).await;
+    let s = db.open().await;
+    s.enqueue(&job("docker.io/library/rel:1")).await.unwrap();
+    let l = s.claim(Duration::from_secs(30)).await.unwrap().unwrap();
+    assert!(s.release(&l).await.unwrap());
+    // Deferred as often as a rate limit says, a job never runs out of attempts (3 here).
+    for _ in 0..5 {
+        let l = s
+            .claim(Duration::from_secs(30))
+            .await
+            .unwrap()
+            .expect("due");
+        assert_eq!(l.job.attempts, 1);
+        assert!(s.defer(&l, "rate-limited", Duration::ZERO).await.unwrap());
+    }
+    let l = s.claim(Duration::from_secs(30)).await.unwrap().unwrap();
+    assert!(
+        s.defer(&l, "rate-limited until later", Duration::from_secs(3600))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.defer(&l, "again", Duration::ZERO).await.unwrap(),
+        "the lease is gone"
+    );
+    assert!(
+        s.claim(Duration::from_secs(30)).await.unwrap().is_none(),
+        "not due yet"
+    );
+    let j = s.get(l.job.id).await.unwrap().unwrap();
+    assert_eq!(
+        (j.state, j.attempts, j.last_error.as_deref()),
+        (JobState::Queued, 0, Some("rate-limited until later"))
+    );
+    assert!(j.run_at - j.updated_at >= 3_599_000, "{j:?}");
+}
+
+async fn one_writer_per_target_tag_in_request_order(backend: Backend) {
+    let db = Database::new(backend).await;
+    let (a, b) = (db.open().await, db.open().await);
+    let first = a.enqueue(&job("docker.io/library/t:1")).await.unwrap();
+    let lease = a.claim(Duration::from_secs(30)).await.unwrap().unwrap();
+    assert!(a.set_source_digest(&lease, "sha256:aa").await.unwrap());
+    // The running job already copies the digest the tag had: the same request again is a new
+    // job, queued after it; a pinned request for the same tag queues after that.
+    let second = b.enqueue(&job("docker.io/library/t:1")).await.unwrap();
+    assert_eq!(second.dedupe, Dedupe::QueuedAfter(first.job.id));
+    let mut pinned = job(&format!("docker.io/library/t:1@sha256:{}", "b".repeat(64)));
+    pinned.target_repo = first.job.target_repo.clone();
+    let third = a.enqueue(&pinned).await.unwrap();
+    assert_eq!(third.dedupe, Dedupe::New);
+    // A digest-only job is not held up; the tag's jobs wait for the running one.
+    let mut other = job(&format!("docker.io/library/u@sha256:{}", "c".repeat(64)));
+    other.target_tag = None;
+    let other = b.enqueue(&other).await.unwrap();
+    let next = b.claim(Duration::from_secs(30)).await.unwrap().unwrap();
+    assert_eq!(next.job.id, other.job.id);
+    assert!(
+        b.claim(Duration::from_secs(30)).await.unwrap().is_none(),
+        "one writer per target tag"
+    );
+    assert!(a.next_due().await.unwrap().is_none(), "nothing to wake for");
+    let p = ProgressRow::default();
+    assert!(
+        a.succeed_with_record(&lease, &record(lease.job.id, "m/t"), p)
+            .await
+            .unwrap()
+    );
+    // In request order, one at a time, on whichever replica claims.
+    let turn = b.claim(Duration::from_secs(30)).await.unwrap().unwrap();
+    assert_eq!(turn.job.id, second.job.id);
+    assert!(a.claim(Duration::from_secs(30)).await.unwrap().is_none());
+    assert!(a.fail(&turn, "gone").await.unwrap());
+    let last = a.claim(Duration::from_secs(30)).await.unwrap().unwrap();
+    assert_eq!(last.job.id, third.job.id);
+}
+
+async fn a_queued_job_widens_its_options_for_a_joining_request(backend: Backend) {
+    let db = Database::new(backend).await;
+    let s = db.open().await;
+    let mut plain = job("docker.io/library/o:1");
+    plain.referrers = false;
+    let first = s.enqueue(&plain).await.unwrap();
+    assert_eq!(first.dedupe, Dedupe::New);
+    assert_eq!(s.enqueue(&plain).await.unwrap().dedupe, Dedupe::Joined);
+    let mut wider = plain.clone();
+    wider.referrers = true;
+    wider.policy = Some(Policy::Pin);
+    let merged = s.enqueue(&wider).await.unwrap();
+    assert_eq!(merged.dedupe, Dedupe::Merged);
+    assert_eq!(merged.job.id, first.job.id);
+    let j = s.get(first.job.id).await.unwrap().unwrap();
+    assert_eq!((j.referrers, j.policy), (true, Some(Policy::Pin)));
+    assert_eq!(s.enqueue(&plain).await.unwrap().dedupe, Dedupe::Joined);
+    // Running and asked for less than a new request wants: queued after it.
+    let l = s.claim(Duration::from_secs(30)).await.unwrap().unwrap();
+    let mut follow = plain.clone();
+    follow.policy = Some(Policy::Follow);
+    assert_eq!(
+        s.enqueue(&follow).await.unwrap().dedupe,
+        Dedupe::QueuedAfter(l.job.id)
+    );
+}
+
+async fn a_mirror_repository_has_one_owner(backend: Backend) {
+    let db = Database::new(backend).await;
+    let (a, b) = (db.open().await, db.open().await);
+    let mine = job("docker.io/library/a:1");
+    a.enqueue(&mine).await.unwrap();
+    let mut theirs = job("docker.io/library/b:1");
+    theirs.target_repo = mine.target_repo.clone();
+    let err = b.enqueue(&theirs).await.unwrap_err();
+    assert!(matches!(err, EnqueueError::Owned { .. }), "{err}");
+    assert!(
+        err.to_string().contains(
+            "belongs to docker.io/library/a; docker.io/library/b cannot be written there"
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        b.owner(&mine.target_repo).await.unwrap().as_deref(),
+        Some("docker.io/library/a")
+    );
+    // In one batch, the refused request does not fail its neighbour.
+    let out = b
+        .enqueue_many(&[theirs.clone(), job("docker.io/library/c:1")])
+        .await
+        .unwrap();
+    assert!(matches!(out[0], Err(EnqueueError::Owned { .. })));
+    assert_eq!(out[1].as_ref().unwrap().dedupe, Dedupe::New);
+    assert_eq!(
+        a.stats().await.unwrap().by_state,
+        vec![(JobState::Queued, 2)]
+    );
+}
+
+async fn records_are_found_by_every_digest_they_name(backend: Backend) {
+    let db = Database::new(backend).await;
+    let s = db.open().await;
+    assert_eq!(s.ready().await.unwrap(), WriterState::Idle);
+    s.enqueue(&job("docker.io/library/x:1")).await.unwrap();
+    let l = s.claim(Duration::from_secs(30)).await.unwrap().unwrap();
+    let want = record(l.job.id, "m/x");
+    assert!(
+        s.succeed_with_record(&l, &want, ProgressRow::default())
+            .await
+            .unwrap()
+    );
+    for digest in ["sha256:aa", "sha256:child", "sha256:sig"] {
+        let found = s.by_digest(digest).await.unwrap();
+        assert_eq!(found.len(), 1, "{digest}");
+        let r = &found[0];
+        assert_eq!(
+            (r.job_id, &r.manifests, &r.requested_by, r.policy),
+            (
+                l.job.id,
+                &want.manifests,
+                &want.requested_by,
+                Some(Policy::Pin)
+            )
+        );
+    }
+    assert!(s.by_digest("sha256:other").await.unwrap().is_empty());
+    assert_eq!(
+        s.by_repo_tag("m/x", "m1").await.unwrap().len(),
+        1,
+        "by the mirror tag"
+    );
+    assert_eq!(
+        s.by_repo_tag("docker.io/library/x", "1")
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "by the source tag"
+    );
+    assert!(s.by_repo_tag("m/x", "1").await.unwrap().is_empty());
+    assert_eq!(s.latest(Some("library/x"), 10).await.unwrap().len(), 1);
+    assert!(s.latest(Some("nothing"), 10).await.unwrap().is_empty());
+    assert_eq!(s.watched().await.unwrap().len(), 1);
+    let j = s.get(l.job.id).await.unwrap().unwrap();
+    assert_eq!(j.state, JobState::Succeeded);
+}
+
+async fn drift_is_recorded_once_and_its_job_resolves_it(backend: Backend) {
+    let db = Database::new(backend).await;
+    let (a, b) = (db.open().await, db.open().await);
+    let d = NewDrift {
+        mirror_repo: "127.0.0.1:1/mirror/docker.io/library/d".into(),
+        mirror_tag: Some("1".into()),
+        source_repo: "docker.io/library/d".into(),
+        source_tag: Some("1".into()),
+        kind: DriftKind::Missing,
+        recorded_digest: "sha256:aa".into(),
+        observed_digest: None,
+        missing: Some(vec!["sha256:child".into()]),
+        policy: Policy::Follow,
+    };
+    let mut repair = job(&format!("docker.io/library/d@sha256:{}", "a".repeat(64)));
+    repair.repair = true;
+    let first = a
+        .record_drift_and_enqueue(&d, Some(repair.clone()))
+        .await
+        .unwrap();
+    assert!(first.new);
+    let q = first.queued.unwrap().unwrap();
+    assert_eq!(q.dedupe, Dedupe::New);
+    assert_eq!(first.drift.job_id, Some(q.job.id));
+    assert_eq!(
+        q.job.requested_by,
+        json!({"kind": "drift", "drift_id": first.drift.id, "reason": "missing"})
+    );
+    // Seen again (by another replica): the same row, the same job.
+    let again = b.record_drift_and_enqueue(&d, Some(repair)).await.unwrap();
+    assert!(!again.new);
+    assert_eq!(again.drift.id, first.drift.id);
+    assert_eq!(again.queued.unwrap().unwrap().job.id, q.job.id);
+    assert_eq!(
+        a.open_drift_counts().await.unwrap(),
+        vec![(DriftKind::Missing, 1)]
+    );
+    assert_eq!(a.open_drift("docker.io/library/d").await.unwrap().len(), 1);
+    // The job that repairs it resolves it.
+    let l = b.claim(Duration::from_secs(30)).await.unwrap().unwrap();
+    assert_eq!(l.job.id, q.job.id);
+    assert!(l.job.repair);
+    assert!(
+        b.succeed_with_record(
+            &l,
+            &record(l.job.id, &d.mirror_repo),
+            ProgressRow::default()
+        )
+        .await
+        .unwrap()
+    );
+    assert!(a.open_drift(&d.mirror_repo).await.unwrap().is_empty());
+    let all = a.list_drift(true, 10, None).await.unwrap();
+    assert_eq!(all.len(), 1);
+    assert!(all[0].resolved_at.is_some());
+    // A problem a later round no longer sees is resolved by it.
+    let gone = NewDrift {
+        kind: DriftKind::UpstreamGone,
+        missing: None,
+        ..d.clone()
+    };
+    let row = a.record_drift_and_enqueue(&gone, None).await.unwrap();
+    assert!(row.new && row.queued.is_none());
+    let mirror_tag = d.mirror_tag.as_deref();
+    assert_eq!(
+        a.resolve_unseen_drift(&d.mirror_repo, mirror_tag, "sha256:aa", &[row.drift.id])
+            .await
+            .unwrap(),
+        0,
+        "seen this round"
+    );
+    assert_eq!(
+        a.resolve_unseen_drift(&d.mirror_repo, mirror_tag, "sha256:aa", &[])
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(a.list_drift(false, 10, None).await.unwrap().is_empty());
+}
+
+async fn a_github_delivery_is_handled_once(backend: Backend) {
+    let db = Database::new(backend).await;
+    let (a, b) = (db.open().await, db.open().await);
+    let jobs = [job("docker.io/library/g:1"), job("docker.io/library/h:1")];
+    let respond = |q: &[mirror_mirror::store::Enqueued]| json!({ "jobs": q.iter().map(|q| q.job.id).collect::<Vec<_>>() });
+    let tasks: Vec<_> = [a.clone(), b.clone(), a.clone(), b.clone()]
+        .into_iter()
+        .map(|s| {
+            let jobs = jobs.clone();
+            tokio::spawn(async move { s.deliver("d-1", &jobs, &respond).await.unwrap() })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    let mut new = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Delivery::New { enqueued, response } => {
+                new += 1;
+                assert!(enqueued.iter().all(|q| q.dedupe == Dedupe::New));
+                answers.push(response);
+            }
+            Delivery::Before { status, response } => {
+                assert_eq!(status, 202);
+                answers.push(response);
+            }
+        }
+    }
+    assert_eq!(new, 1, "handled once across replicas");
+    assert!(answers.windows(2).all(|w| w[0] == w[1]), "{answers:?}");
+    assert_eq!(
+        a.stats().await.unwrap().by_state,
+        vec![(JobState::Queued, 2)]
+    );
+    // A refused job fails the whole delivery, and nothing of it is stored.
+    let mut bad = job("docker.io/library/z:1");
+    bad.target_repo = jobs[0].target_repo.clone();
+    let err = a
+        .deliver("d-2", &[job("docker.io/library/k:1"), bad], &respond)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EnqueueError::Owned { .. }));
+    assert_eq!(
+        a.stats().await.unwrap().by_state,
+        vec![(JobState::Queued, 2)]
+    );
+    assert!(
+        a.owner("127.0.0.1:1/mirror/docker.io/library/k")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+async fn an_enqueue_wakes_the_workers_of_another_replica(backend: Backend) {
+    let db = Database::new(backend).await;
+    let a = db.open().await;
+    // SQLite has one process per file: its own workers are the ones to wake.
+    let b = match backend {
+        Backend::Sqlite => a.clone(),
+        Backend::Postgres => db.open().await,
+    };
+    let wake = b.wake();
+    let woken = wake.notified();
+    tokio::pin!(woken);
+    woken.as_mut().enable();
+    let t0 = Instant::now();
+    a.enqueue(&job("docker.io/library/w:1")).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), woken)
+        .await
+        .expect("the other replica's workers are woken");
+    eprintln!(
+        "{backend:?}: woken {:?} after the enqueue began",
+        t0.elapsed()
+    );
+    assert!(b.claim(Duration::from_secs(30)).await.unwrap().is_some());
+}
+
+async fn group_commit_enqueues_many_durably(backend: Backend) {
+    const N: usize = 2000;
+    let db = Database::new(backend).await;
+    let s = db.open().await;
+    let enqueuer = mirror_mirror::store::Enqueuer::start(s.clone());
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..64)
+        .map(|w| {
+            let enqueuer = enqueuer.clone();
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for i in (w..N).step_by(64) {
+                    let q = enqueuer
+                        .enqueue(job(&format!("docker.io/library/e{i}:1")))
+                        .await
+                        .unwrap();
+                    assert_eq!(q.dedupe, Dedupe::New);
+                    ids.push(q.job.id);
+                }
+                ids
+            })
+        })
+        .collect();
+    let mut ids = HashSet::new();
+    for t in tasks {
+        ids.extend(t.await.unwrap());
+    }
+    let took = t0.elapsed();
+    eprintln!(
+        "{backend:?}: {N} durable enqueues through the Enqueuer (64 concurrent callers) in {took:?}: {:.0}/s",
+        N as f64 / took.as_secs_f64()
+    );
+    assert_eq!(ids.len(), N);
+    // Durable: another connection (a fresh store) sees every job.
+    s.close().await;
+    let again = db.open().await;
+    assert_eq!(
+        again.stats().await.unwrap().by_state,
+        vec![(JobState::Queued, N as i64)]
+    );
+}
+
+#[tokio::test]
+async fn a_bad_database_url_names_mirror_database_and_what_to_do() {
+    for (url, says) in [
+        ("postgres://u@127.0.0.1:1/db", "check the URL"),
+        ("postgres://u@127.0.0.1:notaport/db", "postgres://USER"),
+    ] {
+        let err = Store::open(url).await.unwrap_err().to_string();
+        eprintln!("{url}: {err}");
+        assert!(err.starts_with("MIRROR_DATABASE "), "{err}");
+        assert!(err.contains(says), "{err}");
+        assert!(!err.contains('\n'), "one line: {err}");
+    }
+    // The server is up, the database is not there.
+    let url = pg::shared().admin_url().replace("/postgres", "/no_such_db");
+    let err = Store::open(&url).await.unwrap_err().to_string();
+    assert!(
+        err.starts_with("MIRROR_DATABASE ") && err.contains("no_such_db"),
+        "{err}"
+    );
+    assert!(err.contains("does not exist"), "{err}");
+    // SQLite: a path that cannot be created.
+    let err = Store::open("/proc/no/such/dir/x.db")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("MIRROR_DATABASE "), "{err}");
+    assert!(err.contains("give a writable file path"), "{err}");
+    assert!(!err.contains('\n'), "one line: {err}");
+    // A password never appears in the message.
+    let err = Store::open("postgres://u:hunter2@127.0.0.1:1/db")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(!err.contains("hunter2"), "{err}");
+}
+
+async fn one_batch_dedupes_within_itself_as_if_one_by_one(backend: Backend) {
+    let db = Database::new(backend).await;
+    let s = db.open().await;
+    let a = job("docker.io/library/a:1");
+    let mut pinned = a.clone();
+    pinned.policy = Some(Policy::Pin);
+    let mut intruder = job("docker.io/library/b:1");
+    intruder.target_repo = a.target_repo.clone();
+    let out = s
+        .enqueue_many(&[
+            a.clone(),
+            a.clone(),
+            pinned,
+            intruder,
+            job("docker.io/library/c:1"),
+        ])
+        .await
+        .unwrap();
+    let words: Vec<&str> = out
+        .iter()
+        .map(|r| match r {
+            Ok(q) => q.dedupe.as_str(),
+            Err(EnqueueError::Owned { .. }) => "owned",
+            Err(e) => panic!("{e}"),
+        })
+        .collect();
+    assert_eq!(words, ["new", "joined", "merged", "owned", "new"]);
+    let id = out[0].as_ref().unwrap().job.id;
+    assert!(out[..3].iter().all(|r| r.as_ref().unwrap().job.id == id));
+    let j = s.get(id).await.unwrap().unwrap();
+    assert_eq!((j.state, j.policy), (JobState::Queued, Some(Policy::Pin)));
+    assert_eq!(
+        s.stats().await.unwrap().by_state,
+        vec![(JobState::Queued, 2)]
+    );
+    // A running job and a request for it in the next batch: queued after it, once.
+    let l = s.claim(Duration::from_secs(30)).await.unwrap().unwrap();
+    assert_eq!(l.job.id, id);
+    assert!(s.set_source_digest(&l, "sha256:aa").await.unwrap());
+    let out = s.enqueue_many(&[a.clone(), a]).await.unwrap();
+    assert_eq!(out[0].as_ref().unwrap().dedupe, Dedupe::QueuedAfter(id));
+    assert_eq!(out[1].as_ref().unwrap().dedupe, Dedupe::Joined);
+    assert_eq!(
+        out[0].as_ref().unwrap().job.id,
+        out[1].as_ref().unwrap().job.id
+    );
+}
+
+async fn a_round_runs_once_per_interval_across_replicas(backend: Backend) {
+    let db = Database::new(backend).await;
+    // SQLite: one process per file, so the replicas are clones of one store.
+    let first = db.open().await;
+    let mut replicas = vec![first.clone()];
+    for _ in 0..2 {
+        replicas.push(match backend {
+            Backend::Sqlite => first.clone(),
+            Backend::Postgres => db.open().await,
+        });
+    }
+    let interval = Duration::from_secs(1);
+    let mut slots = Vec::new();
+    for _ in 0..3 {
+        // Start just after a boundary so the whole race falls within one slot.
+        let wait = first.next_round_in(interval).await.unwrap();
+        tokio::time::sleep(wait + Duration::from_millis(20)).await;
+        let tasks: Vec<_> = (0..12)
+            .map(|i| {
+                let s = replicas[i % 3].clone();
+                tokio::spawn(async move {
+                    s.claim_round(RoundKind::Drift, interval, &format!("replica-{}", i % 3))
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut won = Vec::new();
+        for t in tasks {
+            won.extend(t.await.unwrap());
+        }
+        assert_eq!(won.len(), 1, "one round per interval in all: {won:?}");
+        let slot = won[0];
+        replicas[2]
+            .finish_round(slot, &json!({"checked": slot.slot}))
+            .await
+            .unwrap();
+        let last = replicas[1]
+            .last_round(RoundKind::Drift)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (last.slot, last.result),
+            (slot.slot, Some(json!({"checked": slot.slot})))
+        );
+        assert!(last.finished_at.is_some());
+        slots.push(slot.slot);
+    }
+    assert!(slots.windows(2).all(|w| w[1] > w[0]), "{slots:?}");
+    // Kinds are independent.
+    assert!(
+        first
+            .claim_round(RoundKind::Sync, interval, "replica-0")
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+async fn racing_workers_write_a_tag_one_at_a_time_in_request_order(backend: Backend) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let db = Database::new(backend).await;
+    let (a, b) = (db.open().await, db.open().await);
+    // Ten requests for one target tag (each pinned to another digest: none joins another),
+    // arriving on two replicas at once.
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move {
+                let mut j = job(&format!("docker.io/library/f:1@sha256:{i:064}"));
+                j.target_repo = "127.0.0.1:1/mirror/docker.io/library/f".into();
+                s.enqueue(&j).await.unwrap().job.id
+            })
+        })
+        .collect();
+    let mut requested = Vec::new();
+    for t in tasks {
+        requested.push(t.await.unwrap());
+    }
+    requested.sort();
+    // Six workers on two replicas race for them; each job is written alone on the tag.
+    let running = Arc::new(AtomicUsize::new(0));
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let workers: Vec<_> = (0..6)
+        .map(|w| {
+            let s = if w % 2 == 0 { a.clone() } else { b.clone() };
+            let (running, order) = (running.clone(), order.clone());
+            tokio::spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while order.lock().unwrap().len() < 10 {
+                    assert!(Instant::now() < deadline, "the tag's jobs did not all run");
+                    let Some(l) = s.claim(Duration::from_secs(30)).await.unwrap() else {
+                        tokio::task::yield_now().await;
+                        continue;
+                    };
+                    assert_eq!(
+                        running.fetch_add(1, Ordering::SeqCst),
+                        0,
+                        "two writers on one tag"
+                    );
+                    order.lock().unwrap().push(l.job.id);
+                    tokio::task::yield_now().await;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    let r = record(l.job.id, &l.job.target_repo);
+                    assert!(
+                        s.succeed_with_record(&l, &r, ProgressRow::default())
+                            .await
+                            .unwrap()
+                    );
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    assert_eq!(
+        *order.lock().unwrap(),
+        requested,
+        "claimed in request order"
+    );
+}
+
+async fn claims_and_completions_keep_up(backend: Backend) {
+    const N: usize = 400;
+    let db = Database::new(backend).await;
+    let (a, b) = (db.open().await, db.open().await);
+    let jobs: Vec<NewJob> = (0..N)
+        .map(|i| job(&format!("docker.io/library/c{i}:1")))
+        .collect();
+    for chunk in jobs.chunks(100) {
+        assert!(
+            a.enqueue_many(chunk)
+                .await
+                .unwrap()
+                .iter()
+                .all(|r| r.is_ok())
+        );
+    }
+    let t0 = Instant::now();
+    let workers: Vec<_> = (0..8)
+        .map(|w| {
+            let s = if w % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move {
+                let mut done = 0;
+                while let Some(l) = s.claim(Duration::from_secs(30)).await.unwrap() {
+                    let r = record(l.job.id, &l.job.target_repo);
+                    assert!(
+                        s.succeed_with_record(&l, &r, ProgressRow::default())
+                            .await
+                            .unwrap()
+                    );
+                    done += 1;
+                }
+                done
+            })
+        })
+        .collect();
+    let mut done = 0;
+    for w in workers {
+        done += w.await.unwrap();
+    }
+    let took = t0.elapsed();
+    eprintln!(
+        "{backend:?}: {N} jobs claimed and succeeded (with their record) by 8 workers on 2 replicas in {took:?}: {:.0} jobs/s",
+        N as f64 / took.as_secs_f64()
+    );
+    assert_eq!(done, N);
+    assert_eq!(
+        a.stats().await.unwrap().by_state,
+        vec![(JobState::Succeeded, N as i64)]
+    );
+    assert_eq!(
+        a.latest(None, 1000).await.unwrap().len(),
+        N,
+        "one record each"
+    );
+}
+
+/// On PostgreSQL, wake-ups survive the LISTEN connection being cut (a failover, a proxy
+/// timeout): the listener reconnects and re-subscribes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_wake_ups_survive_a_cut_listen_connection() {
+    use sqlx::Connection as _;
+    let db = Database::new(Backend::Postgres).await;
+    let (a, b) = (db.open().await, db.open().await);
+    let mut admin = sqlx::PgConnection::connect(&db.location).await.unwrap();
+    let cut: Vec<bool> = sqlx::query_scalar(
+        "select pg_terminate_backend(pid) from pg_stat_activity
+         where datname = current_database() and query like 'LISTEN%'",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert!(
+        cut.len() >= 2 && cut.iter().all(|c| *c),
+        "both replicas' LISTEN cut: {cut:?}"
+    );
+    // Until the listener is back, a NOTIFY can be lost (the workers poll for that); enqueue
+    // until one wakes B, which must happen once it re-subscribed.
+    let wake = b.wake();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut i = 0;
+    loop {
+        let woken = wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        a.enqueue(&job(&format!("docker.io/library/l{i}:1")))
+            .await
+            .unwrap();
+        i += 1;
+        if tokio::time::timeout(Duration::from_millis(500), woken)
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B is never woken again after the cut"
+        );
+    }
+    // And it stays subscribed: the next enqueue wakes it at once.
+    let woken = wake.notified();
+    tokio::pin!(woken);
+    woken.as_mut().enable();
+    a.enqueue(&job("docker.io/library/after:1")).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), woken)
+        .await
+        .expect("woken after the listener came back");
+}
+
+async fn a_blob_written_by_one_replica_is_found_by_another(backend: Backend) {
+    let db = Database::new(backend).await;
+    let a = db.open().await;
+    let b = match backend {
+        Backend::Sqlite => a.clone(),
+        Backend::Postgres => db.open().await,
+    };
+    let (reg, base) = ("ghcr.io", "sha256:base".to_string());
+    assert!(b.blob_repos(reg, &base, 5).await.unwrap().is_empty());
+    a.record_blobs(
+        reg,
+        "acme/mirror/one",
+        &[base.clone(), "sha256:top1".into()],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        b.blob_repos(reg, &base, 5).await.unwrap(),
+        ["acme/mirror/one"]
+    );
+    // Per registry: the same digest elsewhere is another blob to move.
+    assert!(b.blob_repos("quay.io", &base, 5).await.unwrap().is_empty());
+    // Recorded again (idempotent) and in a second repository.
+    a.record_blobs(reg, "acme/mirror/one", std::slice::from_ref(&base))
+        .await
+        .unwrap();
+    b.record_blobs(reg, "acme/mirror/two", std::slice::from_ref(&base))
+        .await
+        .unwrap();
+    let mut repos = a.blob_repos(reg, &base, 5).await.unwrap();
+    repos.sort();
+    assert_eq!(repos, ["acme/mirror/one", "acme/mirror/two"]);
+    assert_eq!(a.blob_repos(reg, &base, 1).await.unwrap().len(), 1);
+    // A mount from "one" failed (garbage collected there): only "two" is left to try.
+    b.forget_blob(reg, "acme/mirror/one", &base).await.unwrap();
+    assert_eq!(
+        a.blob_repos(reg, &base, 5).await.unwrap(),
+        ["acme/mirror/two"]
+    );
+    assert_eq!(
+        a.blob_repos(reg, "sha256:top1", 5).await.unwrap(),
+        ["acme/mirror/one"]
+    );
+}
+
+/// Replicas starting at once on an empty PostgreSQL database: the migrations run once (sqlx
+/// holds an advisory lock while it migrates), every replica starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_replicas_starting_at_once_migrate_once() {
+    use sqlx::Connection as _;
+    let db = Database::new(Backend::Postgres).await;
+    let opens: Vec<_> = (0..3)
+        .map(|_| {
+            let location = db.location.clone();
+            tokio::spawn(async move { Store::open(&location).await })
+        })
+        .collect();
+    let mut stores = Vec::new();
+    for o in opens {
+        stores.push(o.await.unwrap().expect("every replica starts"));
+    }
+    let mut conn = sqlx::PgConnection::connect(&db.location).await.unwrap();
+    let applied: Vec<(i64, bool)> =
+        sqlx::query_as("select version, success from _sqlx_migrations order by version")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "sql")
+        })
+        .count();
+    assert_eq!(applied.len(), files, "each migration once: {applied:?}");
+    assert!(applied.iter().all(|(_, ok)| *ok));
+    for s in &stores {
+        assert_eq!(s.ready().await.unwrap(), WriterState::Idle);
+    }
+    // They work on one queue.
+    stores[0]
+        .enqueue(&job("docker.io/library/m:1"))
+        .await
+        .unwrap();
+    assert!(
+        stores[2]
+            .claim(Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
