@@ -5,12 +5,12 @@
 #                               published .sha256, else `cargo install --locked` from the tag
 #   scripts/action.sh run       copies each image of INPUT_IMAGES under INPUT_TARGET, writes the job
 #                               summary and the `result` output; exits 1 naming the first failure
-#   scripts/action.sh map REF PREFIX   prints where REF lands under PREFIX (the service's mapping)
 #
 # Environment (action.yml maps its inputs to these):
 #   INPUT_IMAGES            one image reference per line (blank lines and # comments ignored)
 #   INPUT_TARGET            repository prefix, e.g. ghcr.io/acme/mirror
-#   INPUT_LAYOUT            optional: passed to copy as MIRROR_TARGET_LAYOUT when set
+#   INPUT_LAYOUT            how sources are named under the target: nested (default) or flat
+#                           (`copy --layout`, the service's MIRROR_TARGET_LAYOUT)
 #   INPUT_PLATFORMS         optional: comma- or newline-separated; each passed as `copy --platform`
 #   INPUT_REGISTRY_USERNAME, INPUT_REGISTRY_PASSWORD
 #                           credentials for the target registry; when empty and the target is on
@@ -26,28 +26,6 @@ die() {
   echo "::error title=mirror-mirror::$*"
   echo "error: $*" >&2
   exit 1
-}
-
-# registry/repository of an image reference, normalised as mirror-mirror does (nginx →
-# docker.io/library/nginx), then placed under PREFIX with a port's ':' written '_'.
-map_repo() {
-  local ref=$1 prefix=${2%/} name first last
-  name=${ref%%@*}
-  last=${name##*/}
-  if [[ $last == *:* ]]; then name=${name%:*}; fi
-  first=${name%%/*}
-  if [[ $name != */* ]] || [[ $first != *.* && $first != *:* && $first != localhost ]]; then
-    name="docker.io/$name"
-  fi
-  first=${name%%/*}
-  name="${first,,}/${name#*/}"
-  case "${first,,}" in
-    index.docker.io | registry-1.docker.io) name="docker.io/${name#*/}" ;;
-  esac
-  first=${name%%/*}
-  local path=${name#*/}
-  if [[ $first == docker.io && $path != */* ]]; then path="library/$path"; fi
-  printf '%s/%s/%s\n' "$prefix" "${first//:/_}" "$path"
 }
 
 # Writes a Docker config with the target's credentials (merged over the existing one) and points
@@ -94,19 +72,21 @@ cmd_run() {
   ((${#images[@]})) || die "the input images is empty: give one image reference per line"
 
   login "${target%%/*}"
-  local flags=(--json)
+  local layout=${INPUT_LAYOUT:-nested}
+  local flags=(--json --layout "$layout")
   local p
   if [[ -n ${INPUT_PLATFORMS:-} ]]; then
+    "$bin" copy --help 2>/dev/null | grep -q -- '--platform' ||
+      die "platforms is set, but this mirror-mirror ($("$bin" --version 2>/dev/null)) has no copy --platform: leave platforms empty (the whole index is copied) or use a release that has it"
     for p in $(tr ',\n' '  ' <<<"$INPUT_PLATFORMS"); do flags+=(--platform "$p"); done
   fi
-  if [[ -n ${INPUT_LAYOUT:-} ]]; then export MIRROR_TARGET_LAYOUT=$INPUT_LAYOUT; fi
 
   local results='[]' failed=0 first_error='' rows=''
   local src dst out err json reason rc
   err=$(mktemp)
   for src in "${images[@]}"; do
-    dst=$(map_repo "$src" "$target")
-    echo "mirror-mirror copy $src $dst" >&2
+    dst=$target
+    echo "mirror-mirror copy $src $dst ${flags[*]}" >&2
     if out=$("$bin" copy "$src" "$dst" "${flags[@]}" 2>"$err"); then
       cat "$err" >&2
       json=$(jq -c --arg src "$src" '{source: $src, ok: true, digest: .source_digest, target: .target, pull: .pull, platforms: .platforms, bytes_moved: .bytes_moved}' <<<"$out")
@@ -188,9 +168,8 @@ cmd_install() {
 case "${1:-}" in
   run) cmd_run ;;
   install) cmd_install ;;
-  map) map_repo "$2" "$3" ;;
   *)
-    echo "usage: $0 run | install | map REF PREFIX" >&2
+    echo "usage: $0 run | install" >&2
     exit 2
     ;;
 esac

@@ -141,6 +141,19 @@ pub async fn copy(args: CopyArgs) -> Result<()> {
         repair: false,
         referrers_when_up_to_date: false,
     };
+    if args.dry_run {
+        let plan = crate::registry::dry_run(&client, &source, &target, &options)
+            .await
+            .with_context(|| format!("planning a copy of {source} to {target}"))?;
+        let mut out = std::io::stdout().lock();
+        if args.json {
+            serde_json::to_writer_pretty(&mut out, &plan)?;
+            writeln!(out)?;
+        } else {
+            writeln!(out, "{}", dry_run_line(&plan))?;
+        }
+        return Ok(());
+    }
     let progress = Arc::new(Progress::default());
     let bar = std::io::stderr()
         .is_terminal()
@@ -220,6 +233,28 @@ pub async fn verify(args: VerifyArgs) -> Result<u8> {
         writeln!(out, "{}", report.verdict)?;
     }
     Ok(report.exit_code())
+}
+
+/// The one-line summary of a dry run.
+pub fn dry_run_line(p: &crate::registry::CopyResult) -> String {
+    if p.up_to_date {
+        return format!(
+            "dry run: {} already serves {} ({}): nothing to copy",
+            p.target, p.source_digest, p.source
+        );
+    }
+    format!(
+        "dry run: {} → {} ({}): {} manifest(s) to push, {} already there; blobs {} to upload / {} to mount / {} already there; {} to move; nothing written",
+        p.source,
+        p.target,
+        p.source_digest,
+        p.manifests_pushed,
+        p.manifests_skipped,
+        p.blobs_uploaded,
+        p.blobs_mounted,
+        p.blobs_skipped,
+        human_bytes(p.bytes_moved),
+    )
 }
 
 /// Redraws a one-line progress bar on the terminal until aborted.

@@ -143,6 +143,11 @@ pub struct CopyArgs {
     #[arg(long)]
     pub no_referrers: bool,
 
+    /// Say what a copy would do (manifests to push; blobs to upload, mount or skip; bytes) and
+    /// write nothing: the source is read, the target only asked with HEAD.
+    #[arg(long)]
+    pub dry_run: bool,
+
     /// Treat DST as a repository prefix and name the image under it as `serve` does: `nested`
     /// (`DST/registry/path`) or `flat` (`DST/registry__path`, for registries that take only
     /// `namespace/repo`). The source's tag is kept.

@@ -201,6 +201,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         workers_alive: workers.alive.clone(),
         workers_expected: args.workers as usize,
         drift: drift.clone(),
+        client: client.clone(),
         sync: sync.clone(),
     };
     let listener = tokio::net::TcpListener::bind(args.listen)

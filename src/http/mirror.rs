@@ -32,6 +32,58 @@ pub struct MirrorRequest {
     /// What drift watch does when the source tag moves: `follow` (mirror the new digest) or `pin`
     /// (keep this one and record the move). Default: `MIRROR_DRIFT_POLICY`.
     pub policy: Option<crate::drift::Policy>,
+    /// Queue nothing: answer `200` with what a copy would do (manifests to push, blobs to upload,
+    /// mount or skip, bytes), found by reading the source and `HEAD`s on the target only.
+    pub dry_run: Option<bool>,
+}
+
+/// How long a dry run of `POST /mirror` may take before it answers 503.
+pub const DRY_RUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `"dry_run": true`: the plan of the copy the request would queue, now, bounded by
+/// [`DRY_RUN_TIMEOUT`].
+async fn dry_run(state: &AppState, new: &NewJob) -> Result<Response, ApiError> {
+    let source = ImageRef::parse_source(&new.source)
+        .map_err(|e| ApiError::BadRequest(format!("image {:?}: {e}", new.source)))?;
+    let target = ImageRef::parse(&new.target_repo)
+        .map_err(|e| ApiError::BadRequest(format!("target {:?}: {e}", new.target_repo)))?
+        .with_tag(new.target_tag.clone());
+    let options = crate::registry::CopyOptions {
+        referrers: false,
+        ..Default::default()
+    };
+    let planned = tokio::time::timeout(
+        DRY_RUN_TIMEOUT,
+        crate::registry::dry_run(&state.client, &source, &target, &options),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::Unavailable(format!(
+            "the dry run of {source} did not finish within {} s (a slow or throttling registry); try again, or run `mirror-mirror copy --dry-run` where it can take longer",
+            DRY_RUN_TIMEOUT.as_secs()
+        ))
+    })?;
+    let plan = planned.map_err(|e| {
+        if e.is_transient() {
+            ApiError::Unavailable(format!("the dry run of {source} could not finish now: {e}"))
+        } else {
+            ApiError::Unprocessable(format!("a copy of {source} would fail: {e}"))
+        }
+    })?;
+    tracing::info!(
+        "dry run {} → {}: {} manifest(s) to push, blobs {} to upload / {} to mount / {} there",
+        plan.source,
+        plan.target,
+        plan.manifests_pushed,
+        plan.blobs_uploaded,
+        plan.blobs_mounted,
+        plan.blobs_skipped
+    );
+    Ok((
+        StatusCode::OK,
+        Json(serde_json::to_value(&plan).map_err(anyhow::Error::from)?),
+    )
+        .into_response())
 }
 
 /// What to enqueue for `image` (and an optional `target`), or why not. Shared with the webhook.
@@ -111,6 +163,7 @@ pub fn plan(
 #[utoipa::path(post, path = "/mirror", tag = "mirrors", request_body = MirrorRequest,
     security(("bearer" = [])),
     responses(
+        (status = 200, description = "with \"dry_run\": true: nothing queued; what a copy would do (manifests_pushed, blobs_uploaded/mounted/skipped, bytes_moved, \"dry_run\": true)"),
         (status = 202, description = "queued (or the queued/running job for the same source and target); Location: /jobs/{id}"),
         (status = 400, description = "invalid reference, saying which part"),
         (status = 401, description = "missing or unknown bearer token"),
@@ -118,7 +171,8 @@ pub fn plan(
         (status = 409, description = "the target repository belongs to another source (it was used for it first, or it is where the default mapping puts that source)"),
         (status = 413, description = "body over 64 KiB"),
         (status = 415, description = "not JSON"),
-        (status = 422, description = "JSON that does not fit the body: an unknown field, a wrong type, a missing `image`")))]
+        (status = 422, description = "JSON that does not fit the body: an unknown field, a wrong type, a missing `image`; with \"dry_run\": true, also: the copy would fail (the source does not exist, a manifest is refused), saying why"),
+        (status = 503, description = "dry run: a registry could not be read now, or the plan took over 60 s")))]
 pub async fn create(
     State(state): State<AppState>,
     Caller(who): Caller,
@@ -132,6 +186,9 @@ pub async fn create(
     )?;
     new.referrers = req.referrers.unwrap_or(true);
     new.policy = req.policy.or(new.policy);
+    if req.dry_run == Some(true) {
+        return dry_run(&state, &new).await;
+    }
     let queued = state.enqueuer.enqueue(new).await?;
     let (job, created) = (&queued.job, queued.created());
     if created {

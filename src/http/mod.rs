@@ -111,6 +111,8 @@ pub struct AppState {
     pub drift: crate::drift::Watch,
     /// The mirror list, for `/sync` (none without `MIRROR_SYNC_FILE`).
     pub sync: Option<crate::sync::Sync>,
+    /// The registry client (the workers' network policy), for dry runs of `POST /mirror`.
+    pub client: crate::registry::Client,
 }
 
 impl AppState {

@@ -133,6 +133,10 @@ pub struct CopyResult {
     pub referrers_failed: Vec<ReferrerFailure>,
     /// Wall time of the copy.
     pub duration_ms: u64,
+    /// A dry run ([`dry_run`]): nothing was written; the counts say what a copy would do (a blob
+    /// counted as mounted would be tried as a mount first, and uploaded if the registry declines).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 /// An artifact that refers to a copied manifest, copied along with it.
@@ -505,6 +509,31 @@ pub async fn copy(
     options: &CopyOptions,
     progress: Arc<Progress>,
 ) -> Result<CopyResult> {
+    run(client, source, target, options, progress, false).await
+}
+
+/// A dry run of [`copy`]: reads the source as a copy would (every manifest fetched and checked)
+/// but only `HEAD`s the target, and writes nothing. The result says what a copy would do: the
+/// manifests it would push (`manifests_pushed`), the blobs it would upload, try to mount, or skip,
+/// and the bytes it would move (`dry_run: true`). Referrers are not looked up.
+pub async fn dry_run(
+    client: &Client,
+    source: &ImageRef,
+    target: &ImageRef,
+    options: &CopyOptions,
+) -> Result<CopyResult> {
+    let progress = Arc::new(Progress::default());
+    run(client, source, target, options, progress, true).await
+}
+
+async fn run(
+    client: &Client,
+    source: &ImageRef,
+    target: &ImageRef,
+    options: &CopyOptions,
+    progress: Arc<Progress>,
+    dry_run: bool,
+) -> Result<CopyResult> {
     let started = Instant::now();
     let digest = resolve(client, source).await?;
     if let Some(td) = target.digest()
@@ -530,6 +559,7 @@ pub async fn copy(
         stats: Stats::default(),
         progress,
         manifest_bytes: AtomicU64::new(0),
+        dry_run,
     };
     let dst = engine.dst.clone();
     let target_ref = tag.clone().unwrap_or_else(|| digest.to_string());
@@ -546,8 +576,10 @@ pub async fn copy(
         );
     let mut referrers_found = None;
     let top = if up_to_date {
+        // A dry run reads the source, never the target's body.
+        let from = if dry_run { &engine.src } else { &dst };
         let m = client
-            .get_manifest(&dst, &digest.to_string(), Some(&digest))
+            .get_manifest(from, &digest.to_string(), Some(&digest))
             .await?;
         engine.note_manifest(&m, None);
         for c in &m.manifests {
@@ -562,6 +594,12 @@ pub async fn copy(
             referrers_found = Some(find_referrers(client, &engine).await);
         }
         m
+    } else if dry_run {
+        let (top, plan) = engine.plan_top(&digest, false).await?;
+        if let Some(plan) = &plan {
+            engine.dry_write(plan).await?;
+        }
+        top
     } else {
         let (top, plan) = engine.plan_top(&digest, options.repair).await?;
         let write = async {
@@ -625,6 +663,7 @@ pub async fn copy(
         referrers,
         referrers_failed,
         duration_ms: started.elapsed().as_millis() as u64,
+        dry_run,
     })
 }
 
@@ -656,6 +695,8 @@ struct Engine<'a> {
     progress: Arc<Progress>,
     /// Manifest bytes fetched so far (capped by [`MAX_TOTAL_MANIFEST_BYTES`]).
     manifest_bytes: AtomicU64,
+    /// A dry run: nothing is written.
+    dry_run: bool,
 }
 
 impl Engine<'_> {
@@ -838,6 +879,74 @@ impl Engine<'_> {
     async fn transfer(&self, d: &Descriptor) -> Result<BlobOutcome> {
         let _permit = self.sem.acquire().await.expect("semaphore closed");
         let outcome = self.transfer_unguarded(d).await?;
+        self.tally(d, outcome);
+        Ok(outcome)
+    }
+
+    /// A dry run's phase 2: what [`Engine::write`] would do, found with `HEAD`s on the target only.
+    fn dry_write<'s>(&'s self, plan: &'s Plan) -> BoxFuture<'s, Result<()>> {
+        Box::pin(async move {
+            try_join_all(plan.children.iter().map(|c| self.dry_write(c))).await?;
+            let m = &plan.manifest;
+            if m.kind == Kind::Image {
+                try_join_all(m.blobs.iter().map(|b| async move {
+                    if !b.urls.is_empty() {
+                        self.stats.foreign.fetch_add(1, Ordering::Relaxed);
+                        return Ok(());
+                    }
+                    self.count_blob(b);
+                    let cell = self.blobs.lock().expect("blob map poisoned")[&b.digest].clone();
+                    cell.get_or_try_init(|| async {
+                        let _permit = self.sem.acquire().await.expect("semaphore closed");
+                        let outcome =
+                            if self.client.blob_size(&self.dst, &b.digest).await?.is_some() {
+                                BlobOutcome::Skipped
+                            } else if self.mount_sources(b).await.iter().any(Option::is_some) {
+                                BlobOutcome::Mounted
+                            } else {
+                                BlobOutcome::Uploaded
+                            };
+                        self.tally(b, outcome);
+                        Ok::<_, Error>(outcome)
+                    })
+                    .await?;
+                    Ok::<_, Error>(())
+                }))
+                .await?;
+            }
+            self.pushed
+                .lock()
+                .expect("pushed poisoned")
+                .push(m.digest.clone());
+            Ok(())
+        })
+    }
+
+    /// Where a mount of `d` would be tried: another repository of the target this process put it
+    /// in, and a same-registry source.
+    async fn mount_sources(&self, d: &Descriptor) -> [Option<Repo>; 2] {
+        let known = self
+            .client
+            .blob_slot(&self.dst.registry, &d.digest)
+            .lock()
+            .await
+            .clone();
+        self.mount_candidates(known.as_deref())
+    }
+
+    fn mount_candidates(&self, known_repo: Option<&str>) -> [Option<Repo>; 2] {
+        let elsewhere_on_target = known_repo.filter(|r| *r != self.dst.name).map(|r| Repo {
+            registry: self.dst.registry.clone(),
+            name: r.to_string(),
+        });
+        let same_registry_source = (self.src.registry == self.dst.registry
+            && self.src.name != self.dst.name)
+            .then(|| self.src.clone());
+        [elsewhere_on_target, same_registry_source]
+    }
+
+    /// Counts a blob's outcome into the result and the progress.
+    fn tally(&self, d: &Descriptor, outcome: BlobOutcome) {
         match outcome {
             BlobOutcome::Uploaded => {
                 self.stats.uploaded.fetch_add(1, Ordering::Relaxed);
@@ -858,15 +967,15 @@ impl Engine<'_> {
             blob = %d.digest.short(),
             size_bytes = d.size,
             outcome = ?outcome,
-            "blob {} {}",
+            "blob {} {}{}",
             d.digest.short(),
+            if self.dry_run { "would be " } else { "" },
             match outcome {
                 BlobOutcome::Uploaded => "copied",
                 BlobOutcome::Mounted => "mounted",
                 BlobOutcome::Skipped => "already on the target",
             }
         );
-        Ok(outcome)
     }
 
     /// Moves one blob into the target. Process-wide, one copy at a time moves a given blob into a
@@ -888,18 +997,8 @@ impl Engine<'_> {
         if self.client.blob_size(&self.dst, &d.digest).await?.is_some() {
             return Ok(BlobOutcome::Skipped);
         }
-        let elsewhere_on_target = known_repo.filter(|r| *r != self.dst.name).map(|r| Repo {
-            registry: self.dst.registry.clone(),
-            name: r.to_string(),
-        });
-        let same_registry_source = (self.src.registry == self.dst.registry
-            && self.src.name != self.dst.name)
-            .then(|| self.src.clone());
         let mut session = None;
-        for from in [elsewhere_on_target, same_registry_source]
-            .into_iter()
-            .flatten()
-        {
+        for from in self.mount_candidates(known_repo).into_iter().flatten() {
             match self.client.mount_blob(&self.dst, &from, &d.digest).await {
                 Ok(MountOutcome::Mounted) => return Ok(BlobOutcome::Mounted),
                 Ok(MountOutcome::Upload(s)) => {

@@ -18,5 +18,5 @@ pub mod tls;
 pub mod trust;
 
 pub use client::{Client, ClientConfig, Repo};
-pub use copy::{CopyOptions, CopyResult, Progress, copy, resolve};
+pub use copy::{CopyOptions, CopyResult, Progress, copy, dry_run, resolve};
 pub use error::Error;

@@ -175,32 +175,49 @@ fn script(args: &[&str], env: &[(&str, &str)], home: &Path) -> Output {
     cmd.output().expect("running scripts/action.sh")
 }
 
-#[test]
-fn the_script_maps_names_as_the_service_does() {
+#[tokio::test(flavor = "multi_thread")]
+async fn the_layout_input_names_mirrors_as_the_service_does() {
+    use mirror_mirror::mapping::{Layout, TargetPrefix};
+    use mirror_mirror::reference::ImageRef;
+    let (up, down) = (Registry::anonymous().await, Registry::anonymous().await);
+    let img = Pusher::new(&up)
+        .image("deep/team/app", 5, &[2000], false, Style::Compact)
+        .await;
+    Pusher::new(&up)
+        .manifest("deep/team/app", "v1", &img.media_type, &img.bytes)
+        .await;
     let home = tempfile::tempdir().unwrap();
-    let prefix =
-        mirror_mirror::mapping::TargetPrefix::parse("ghcr.io/acme/mirror").expect("prefix");
-    for source in [
-        "nginx",
-        "nginx:1.27",
-        "bitnami/nginx:1",
-        "gcr.io/kaniko-project/executor:v1.8.1",
-        "registry.k8s.io/pause@sha256:0000000000000000000000000000000000000000000000000000000000000000",
-        "localhost:5000/a/b:tag",
-        "127.0.0.1:5001/team/app:1.0",
-        "index.docker.io/library/alpine",
-        "Quay.io/prometheus/node-exporter:v1.8.0",
-    ] {
-        let want = prefix
-            .repo_for(&mirror_mirror::reference::ImageRef::parse_source(source).unwrap())
-            .unwrap();
-        let out = script(&["map", source, "ghcr.io/acme/mirror/"], &[], home.path());
-        assert!(out.status.success());
-        assert_eq!(
-            String::from_utf8(out.stdout).unwrap().trim(),
-            want,
-            "{source}"
+    let src = format!("{}/deep/team/app:v1", up.host());
+    let target = format!("{}/acme", down.host());
+    for layout in [Layout::Nested, Layout::Flat] {
+        let out = script(
+            &["run"],
+            &[
+                ("INPUT_IMAGES", &src),
+                ("INPUT_TARGET", &target),
+                ("INPUT_LAYOUT", layout.as_str()),
+                ("MIRROR_MIRROR_BIN", bin()),
+            ],
+            home.path(),
         );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let want = TargetPrefix::parse(&target)
+            .unwrap()
+            .with_layout(layout)
+            .repo_for(&ImageRef::parse_source(&src).unwrap())
+            .unwrap();
+        assert_eq!(
+            result["images"][0]["pull"],
+            Value::from(format!("{want}@{}", img.digest)),
+            "{layout:?}"
+        );
+        let raw = skopeo::inspect_raw(&format!("{want}:v1"), None);
+        assert_eq!(sha256(&raw), img.digest);
     }
 }
 
@@ -356,6 +373,42 @@ async fn a_failing_copy_fails_the_step_with_the_one_line_reason() {
     assert_eq!(result["images"][1]["digest"], Value::from(good.digest));
     let md = std::fs::read_to_string(&summary).unwrap();
     assert!(md.contains("| failed |"), "{md}");
+
+    // Platforms asked of a binary without `copy --platform`: one line saying so, before any copy.
+    let has_platform = String::from_utf8_lossy(
+        &std::process::Command::new(bin())
+            .args(["copy", "--help"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .contains("--platform");
+    let out = script(
+        &["run"],
+        &[
+            ("INPUT_IMAGES", &format!("{}/team/app:ok", up.host())),
+            ("INPUT_TARGET", &target),
+            ("INPUT_PLATFORMS", "linux/amd64"),
+            ("MIRROR_MIRROR_BIN", bin()),
+        ],
+        home.path(),
+    );
+    if has_platform {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("has no copy --platform"), "{err}");
+        assert_eq!(
+            err.lines().filter(|l| l.starts_with("error: ")).count(),
+            1,
+            "{err}"
+        );
+    }
 
     // Bad inputs: one line saying what to give.
     let out = script(

@@ -7,6 +7,7 @@ pub mod image;
 pub mod nginx;
 pub mod podman;
 pub mod postgres;
+pub mod prom;
 pub mod proxy;
 pub mod registry;
 pub mod service;
