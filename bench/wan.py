@@ -110,7 +110,7 @@ def one_copy(args, cop, work, src, sfront_rtt, image, tool, rtt, tag, seed=False
         df = Front(dst, rtt, os.path.join(work, tag), args.mbit)
         s0, d0 = src.mark(), dst.mark()
         if tool == "mirror-mirror":
-            r = cop.timed([args.bin, "copy", "--json", f"{sf.host}/{image.repo}:{image.tag}",
+            r = cop.timed([args.bin, "copy", "--json", *args.mm_args, f"{sf.host}/{image.repo}:{image.tag}",
                            f"{df.host}/mirror/{image.repo}:{image.tag}"], env=env)
         else:
             r = cop.skopeo(sf, df, image)
@@ -341,6 +341,8 @@ def main():
     p.add_argument("--workers", type=int, default=4, help="the service's MIRROR_WORKERS in d)")
     p.add_argument("--d-rtt", type=int, default=150)
     p.add_argument("--timeline-rtt", type=int, default=50)
+    p.add_argument("--mm", dest="mm_args", action="append", default=[],
+                   help="an extra argument for mirror-mirror copy (repeat: --mm=--jobs --mm=16)")
     p.add_argument("--out", default=os.path.join(HERE, "results-wan.md"))
     p.add_argument("--keep", action="store_true")
     p.add_argument("--workdir", default=None)
