@@ -84,7 +84,12 @@ pub fn client(
     let transport = TransportConfig {
         certs: CertsDirs {
             extra: args.certs_dir.clone(),
-            system: args.system_certs_dirs.clone(),
+            system: args
+                .system_certs_dirs
+                .iter()
+                .filter(|d| !d.as_os_str().is_empty())
+                .cloned()
+                .collect(),
         },
         registries,
         insecure: Vec::new(),
@@ -134,6 +139,7 @@ pub async fn copy(args: CopyArgs) -> Result<()> {
         jobs: args.jobs as usize,
         referrers: !args.no_referrers,
         repair: false,
+        referrers_when_up_to_date: false,
     };
     let progress = Arc::new(Progress::default());
     let bar = std::io::stderr()

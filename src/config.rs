@@ -304,6 +304,10 @@ pub struct ServeArgs {
     #[arg(long, env = "MIRROR_NOTIFY_SECRET", hide_env_values = true)]
     pub notify_secret: Option<Secret>,
 
+    /// Attempts per notice (backoff from 0.5 s doubling to 10 min) before it is marked failed.
+    #[arg(long, env = "MIRROR_NOTIFY_MAX_ATTEMPTS", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub notify_max_attempts: u32,
+
     #[command(flatten)]
     pub registry: RegistryArgs,
 }

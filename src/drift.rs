@@ -17,13 +17,16 @@ use crate::db::{Db, now_ms};
 use crate::digest::Digest;
 use crate::ledger::{self, Drift, NewDrift, Record};
 use crate::notify::Notifier;
+use crate::outbox::{self, NewNotice, NoticeEvent};
 use crate::queue::{self, NewJob};
 use crate::reference::ImageRef;
 use crate::registry::{self, Client, Repo};
 use crate::rounds::{RoundStatus, Rounds, Trigger};
 
 /// What to do when a source tag moves upstream after it was mirrored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Policy {
     /// Mirror the tag's new digest (a drift record is kept of the move).
@@ -74,6 +77,9 @@ pub struct DriftConfig {
     pub concurrency: usize,
     /// Attempts given to the jobs drift watch queues.
     pub max_attempts: i64,
+    /// Whether referrers travel with images (`MIRROR_REFERRERS`): then each round also looks up
+    /// what refers to each image upstream and copies what the mirror lacks.
+    pub referrers: bool,
 }
 
 /// What one round found.
@@ -93,8 +99,10 @@ pub struct Round {
     pub missing: usize,
     /// Checks that could not reach a registry (retried next round).
     pub errors: usize,
-    /// Jobs queued to follow or repair.
+    /// Jobs queued to follow or repair (or to copy referrers).
     pub jobs_queued: usize,
+    /// Images with referrers upstream the mirror lacks (or whose copy had failed): each gets a job.
+    pub referrers_missing: usize,
 }
 
 /// Drift watch: shared by the schedule and `POST /drift/check`.
@@ -122,6 +130,9 @@ struct Findings {
     gone: bool,
     /// What is missing (or wrong) on the target: manifest digests, and "tag".
     missing: Vec<String>,
+    /// Referrers upstream that the mirror lacks (added after the image was mirrored), and ones
+    /// whose copy failed: a job copies them.
+    referrers: Vec<String>,
 }
 
 impl Watch {
@@ -331,7 +342,69 @@ impl Watch {
                 f.missing.push(digest);
             }
         }
+        if self.config.referrers && !f.gone {
+            // Not reaching the referrers does not spoil what was found about the image.
+            match self.missing_referrers(r, &source, &recorded).await {
+                Ok(missing) => f.referrers = missing,
+                Err(e) => tracing::warn!(
+                    mirror = %r.mirror_repo,
+                    "drift check of {}'s referrers failed (tried again next round): {e}",
+                    describe(r)
+                ),
+            }
+        }
         Ok(f)
+    }
+
+    /// What refers to the image upstream now and is not on the mirror as recorded — a signature
+    /// added after the copy — plus referrers whose copy failed. Costs one referrers-API GET and
+    /// four HEADs (the fallback and cosign tags) upstream; nothing when the job turned referrers
+    /// off.
+    async fn missing_referrers(
+        &self,
+        r: &Record,
+        source: &ImageRef,
+        subject: &Digest,
+    ) -> Result<Vec<String>, String> {
+        let wanted = queue::get(&self.db, r.job_id)
+            .await
+            .map_err(|e| e.to_string())?
+            .is_none_or(|j| j.referrers);
+        if !wanted {
+            return Ok(Vec::new());
+        }
+        let recorded: Vec<Value> = match serde_json::from_str::<Value>(&r.manifests) {
+            Ok(Value::Array(entries)) => entries
+                .into_iter()
+                .filter(|e| e.get("referrer_of").is_some())
+                .collect(),
+            _ => Vec::new(),
+        };
+        let mut out: Vec<String> = recorded
+            .iter()
+            .filter(|e| e.get("state").and_then(Value::as_str) == Some("failed"))
+            .filter_map(|e| e.get("reference").and_then(Value::as_str))
+            .map(|reference| format!("{reference} (failed before)"))
+            .collect();
+        let upstream = registry::copy::upstream_referrers(&self.client, &Repo::of(source), subject)
+            .await
+            .map_err(|e| format!("looking up referrers upstream: {e}"))?;
+        let copied = |tag: &Option<String>, digest: &Digest| {
+            recorded.iter().any(|e| {
+                e.get("state").and_then(Value::as_str) != Some("failed")
+                    && e.get("digest").and_then(Value::as_str) == Some(&digest.to_string())
+                    && (tag.is_none() || e.get("tag").and_then(Value::as_str) == tag.as_deref())
+            })
+        };
+        for (tag, digest) in upstream {
+            if !copied(&tag, &digest) {
+                out.push(match tag {
+                    Some(t) => format!("{t} ({})", digest.short()),
+                    None => digest.to_string(),
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// Records what `f` found for `r`, queues what the policy asks for, resolves what is gone.
@@ -406,6 +479,38 @@ impl Watch {
             let repair = (!followed).then(|| job(source, true));
             seen.push(self.record(d, repair, round).await?);
         }
+        // New or failed referrers of an image that is otherwise fine: a job for the recorded
+        // digest copies them (the image is up to date, so only referrers move).
+        if !f.referrers.is_empty() && f.missing.is_empty() && !followed {
+            round.referrers_missing += 1;
+            let source = match &r.tag {
+                Some(tag) => format!("{}:{tag}@{}", r.source_repo, r.source_digest),
+                None => format!("{}@{}", r.source_repo, r.source_digest),
+            };
+            let mut j = job(source, false);
+            j.referrers = true;
+            j.requested_by =
+                json!({ "kind": "drift", "reason": "referrers", "referrers": f.referrers })
+                    .to_string();
+            match queue::enqueue(&self.db, &j).await {
+                Ok(q) => {
+                    round.jobs_queued += 1;
+                    if q.created() {
+                        crate::metrics::METRICS.drift_jobs.add(1);
+                        self.wake.notify_one();
+                    }
+                    tracing::info!(
+                        job.id = q.job.id,
+                        "job {} queued by drift watch to copy referrers of {}: {}",
+                        q.job.id,
+                        describe(r),
+                        f.referrers.join(", ")
+                    );
+                }
+                Err(queue::EnqueueError::Db(e)) => return Err(e),
+                Err(refused) => tracing::warn!("no referrers job for {}: {refused}", describe(r)),
+            }
+        }
         if seen.is_empty() {
             round.in_sync += 1;
         }
@@ -452,7 +557,19 @@ impl Watch {
                 ),
             }
         }
+        // Announced once, when first seen: stored with the row, sent from the outbox.
+        let noticed = new && self.notifier.is_some();
+        if noticed {
+            let n = NewNotice {
+                event: NoticeEvent::Drift,
+                body: notice(&row).to_string(),
+            };
+            outbox::insert(&mut tx, &n).await?;
+        }
         tx.commit().await?;
+        if let (true, Some(n)) = (noticed, &self.notifier) {
+            n.wake();
+        }
         if let Some((j, created)) = queued {
             round.jobs_queued += 1;
             if created {
@@ -491,9 +608,6 @@ impl Watch {
                     .map(|o| format!(", upstream now {o}"))
                     .unwrap_or_default()
             );
-            if let Some(n) = &self.notifier {
-                n.send(notice(&row));
-            }
         }
         Ok(row.id)
     }

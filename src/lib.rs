@@ -23,8 +23,10 @@ pub mod mapping;
 pub mod metrics;
 /// The declarative mirror list (YAML): parsing, checks with line numbers, tag selection.
 pub mod mirrorlist;
-/// Signed completion notices to `MIRROR_NOTIFY_URL`.
+/// Signed notices to `MIRROR_NOTIFY_URL`, sent from the outbox with backoff.
 pub mod notify;
+/// The notice outbox: every SQL statement about notices waiting to be (or given up being) sent.
+pub mod outbox;
 /// The durable job queue: every SQL statement about jobs.
 pub mod queue;
 /// Image references: parsed and normalised at the edge.

@@ -1,21 +1,36 @@
-//! Completion notices: when a job succeeds or fails, POST a JSON notice signed like GitHub's
-//! webhooks (`X-Mirror-Signature-256: sha256=<HMAC-SHA256 of the body>`), retried with backoff in
-//! the background so the worker never waits for the receiver.
+//! Notices: when a job succeeds or fails, or drift watch finds a problem, a JSON notice signed like
+//! GitHub's webhooks (`X-Mirror-Signature-256: sha256=<HMAC-SHA256 of the body>`, `X-Mirror-Event:
+//! job` or `drift`) is POSTed to one URL. Notices are rows of the outbox (`outbox`), written with
+//! what they announce; the sender here delivers them with backoff, across restarts, and marks those
+//! whose attempts ran out `failed` for `GET /notices?state=failed` and `/metrics`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
-use serde_json::Value;
 use sha2::Sha256;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
-/// Delivers notices to one URL.
+use crate::db::{Db, now_ms};
+use crate::outbox::{self, Notice};
+
+/// Longest wait between two looks at the outbox (notices are also sent as soon as they are stored).
+const POLL: Duration = Duration::from_secs(5);
+
+/// Delivers the outbox's notices to one URL.
 #[derive(Clone)]
 pub struct Notifier {
     url: url::Url,
     secret: String,
     http: reqwest::Client,
-    attempts: u32,
+    /// Attempts per notice before it is marked failed.
+    max_attempts: u32,
+    /// First wait after a failed attempt; doubles per attempt up to `max_backoff`.
     backoff: Duration,
+    max_backoff: Duration,
+    /// Rung after a notice is stored, so it leaves at once.
+    wake: Arc<Notify>,
 }
 
 impl std::fmt::Debug for Notifier {
@@ -33,8 +48,8 @@ pub fn sign(secret: &str, body: &[u8]) -> String {
 }
 
 impl Notifier {
-    /// A notifier posting to `url`, signing with `secret`.
-    pub fn new(url: &str, secret: &str) -> Result<Notifier, String> {
+    /// A notifier posting to `url`, signing with `secret`, trying each notice `max_attempts` times.
+    pub fn new(url: &str, secret: &str, max_attempts: u32) -> Result<Notifier, String> {
         let url = url::Url::parse(url)
             .map_err(|e| format!("MIRROR_NOTIFY_URL {url:?} is not a URL: {e}"))?;
         if !matches!(url.scheme(), "http" | "https") {
@@ -42,6 +57,11 @@ impl Notifier {
         }
         if secret.is_empty() {
             return Err("MIRROR_NOTIFY_SECRET is not set: notices must be signed".into());
+        }
+        if max_attempts == 0 {
+            return Err(
+                "MIRROR_NOTIFY_MAX_ATTEMPTS is 0; give each notice at least 1 attempt".into(),
+            );
         }
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
@@ -52,53 +72,111 @@ impl Notifier {
             url,
             secret: secret.to_string(),
             http,
-            attempts: 6,
+            max_attempts,
             backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(600),
+            wake: Arc::new(Notify::new()),
         })
     }
 
-    /// Sends `notice` in the background; returns at once.
-    pub fn send(&self, notice: Value) {
-        let this = self.clone();
-        tokio::spawn(async move { this.deliver(notice).await });
+    /// Tells the sender a notice was stored.
+    pub fn wake(&self) {
+        self.wake.notify_one();
     }
 
-    async fn deliver(&self, notice: Value) {
-        let body = notice.to_string();
-        let signature = sign(&self.secret, body.as_bytes());
-        let mut delay = self.backoff;
-        for attempt in 1..=self.attempts {
-            let sent = self
-                .http
-                .post(self.url.clone())
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .header("X-Mirror-Signature-256", &signature)
-                .header("X-Mirror-Event", "job")
-                .body(body.clone())
-                .send()
-                .await;
-            match sent {
-                Ok(r) if r.status().is_success() => {
-                    tracing::debug!(job.id = %notice["job_id"], "notice delivered");
-                    return;
+    /// Sends the outbox's due notices until `stop` is cancelled; what is pending then is sent
+    /// after the next start.
+    pub fn spawn(&self, db: Db, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                match outbox::due(&db, now_ms(), 32).await {
+                    Ok(batch) => {
+                        for n in batch {
+                            tokio::select! {
+                                _ = this.attempt(&db, &n) => {}
+                                // Cut short: not counted, sent again after the restart.
+                                _ = stop.cancelled() => return,
+                            }
+                        }
+                    }
+                    Err(e) => tracing::error!("reading the notice outbox failed: {e}"),
                 }
-                Ok(r) => tracing::warn!(
-                    attempt,
-                    "notice for job {} answered HTTP {}",
-                    notice["job_id"],
-                    r.status()
-                ),
-                Err(e) => {
-                    tracing::warn!(attempt, "notice for job {} failed: {e}", notice["job_id"])
+                let wait = match outbox::next_due(&db).await {
+                    Ok(Some(due)) => Duration::from_millis((due - now_ms()).max(0) as u64),
+                    _ => POLL,
+                }
+                .min(POLL);
+                tokio::select! {
+                    _ = this.wake.notified() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.cancelled() => {}
                 }
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(60));
+        })
+    }
+
+    /// One delivery attempt of `n`, and its outcome written back.
+    async fn attempt(&self, db: &Db, n: &Notice) {
+        let attempt = n.attempts + 1;
+        let written = match self.deliver(n).await {
+            Ok(()) => {
+                tracing::debug!(notice.id = n.id, "notice {} ({}) delivered", n.id, n.event);
+                outbox::delivered(db, n.id).await
+            }
+            Err(e) if attempt >= self.max_attempts as i64 => {
+                tracing::error!(
+                    notice.id = n.id,
+                    attempts = attempt,
+                    "notice {} ({}) not delivered after {attempt} attempts, marked failed (GET /notices?state=failed): {e}",
+                    n.id,
+                    n.event
+                );
+                outbox::attempt_failed(db, n.id, &e, None).await
+            }
+            Err(e) => {
+                let delay =
+                    crate::registry::retry::backoff(self.backoff, self.max_backoff, attempt as u32);
+                tracing::warn!(
+                    notice.id = n.id,
+                    attempt,
+                    delay_ms = delay.as_millis() as u64,
+                    "notice {} ({}) attempt {attempt} failed, will retry: {e}",
+                    n.id,
+                    n.event
+                );
+                let retry_at = now_ms() + delay.as_millis() as i64;
+                outbox::attempt_failed(db, n.id, &e, Some(retry_at)).await
+            }
+        };
+        if let Err(e) = written {
+            tracing::error!(
+                notice.id = n.id,
+                "recording notice {}'s attempt failed: {e}",
+                n.id
+            );
         }
-        tracing::error!(
-            "notice for job {} not delivered after {} attempts",
-            notice["job_id"],
-            self.attempts
-        );
+    }
+
+    async fn deliver(&self, n: &Notice) -> Result<(), String> {
+        let signature = sign(&self.secret, n.body.as_bytes());
+        let sent = self
+            .http
+            .post(self.url.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header("X-Mirror-Signature-256", &signature)
+            .header("X-Mirror-Event", &n.event)
+            .header("X-Mirror-Notice-Id", n.id.to_string())
+            .body(n.body.clone())
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(r) => Err(format!(
+                "the receiver answered HTTP {}",
+                r.status().as_u16()
+            )),
+            Err(e) => Err(format!("sending failed: {e}")),
+        }
     }
 }

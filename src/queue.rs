@@ -10,6 +10,7 @@ use sqlx::FromRow;
 
 use crate::db::{Db, now_ms};
 use crate::ledger::{self, NewRecord};
+use crate::outbox::{self, NewNotice};
 use crate::reference::ImageRef;
 
 /// A job as stored.
@@ -43,6 +44,37 @@ pub struct Job {
     pub policy: Option<String>,
     /// Re-check every manifest on the target (drift repair), not only the top one.
     pub repair: bool,
+    /// `copied` or `failed` once the job succeeded with referrers on (see [`ReferrersState`]).
+    pub referrers_state: Option<String>,
+    /// What could not be looked up or copied, as JSON.
+    pub referrers_failed: Option<String>,
+}
+
+/// How a succeeded job's referrers went; the image's success stands either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReferrersState {
+    /// Every referrer found was copied (none found counts).
+    Copied,
+    /// Some could not be looked up or copied; drift watch tries again.
+    Failed,
+}
+
+impl ReferrersState {
+    /// The name in the database and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReferrersState::Copied => "copied",
+            ReferrersState::Failed => "failed",
+        }
+    }
+}
+
+/// A succeeded job's referrers: the state and, as JSON, what failed.
+#[derive(Debug, Clone)]
+pub struct JobReferrers {
+    pub state: ReferrersState,
+    pub failed: String,
 }
 
 /// Job states.
@@ -389,19 +421,22 @@ pub async fn set_source_digest(db: &Db, lease: &Lease, digest: &str) -> sqlx::Re
     Ok(n == 1)
 }
 
-/// Marks the job succeeded and appends its ledger record, in one transaction. False (and nothing
-/// written) when the lease is lost.
+/// Marks the job succeeded and appends its ledger record (and its notice, if given, to the
+/// outbox), in one transaction. False (and nothing written) when the lease is lost.
 pub async fn succeed(
     db: &Db,
     lease: &Lease,
     record: &NewRecord,
     p: ProgressRow,
+    notice: Option<&NewNotice>,
+    referrers: Option<&JobReferrers>,
 ) -> sqlx::Result<bool> {
     let now = now_ms();
     let mut tx = db.write.begin_with("BEGIN IMMEDIATE").await?;
     let n = sqlx::query(
         "update job set state = 'succeeded', lease_token = null, lease_expires_at = null, last_error = null,
-             bytes_done = ?1, bytes_total = ?2, blobs_done = ?3, blobs_total = ?4, finished_at = ?5, updated_at = ?5
+             bytes_done = ?1, bytes_total = ?2, blobs_done = ?3, blobs_total = ?4, finished_at = ?5, updated_at = ?5,
+             referrers_state = ?8, referrers_failed = ?9
          where id = ?6 and lease_token = ?7 and state = 'running'",
     )
     .bind(p.bytes_done)
@@ -411,6 +446,8 @@ pub async fn succeed(
     .bind(now)
     .bind(lease.job.id)
     .bind(&lease.token)
+    .bind(referrers.map(|r| r.state.as_str()))
+    .bind(referrers.map(|r| r.failed.as_str()))
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -419,6 +456,9 @@ pub async fn succeed(
         return Ok(false);
     }
     ledger::insert(&mut tx, record).await?;
+    if let Some(n) = notice {
+        outbox::insert(&mut tx, n).await?;
+    }
     // Whatever drift this job was queued to follow or repair is settled by it.
     sqlx::query("update drift set resolved_at = ?1 where job_id = ?2 and resolved_at is null")
         .bind(now)
@@ -477,9 +517,16 @@ async fn requeue(db: &Db, lease: &Lease, error: Option<&str>, run_at: i64) -> sq
     Ok(n == 1)
 }
 
-/// Marks the job failed for good, with the reason.
-pub async fn fail(db: &Db, lease: &Lease, error: &str) -> sqlx::Result<bool> {
+/// Marks the job failed for good, with the reason (and stores its notice, if given, in the same
+/// transaction). False (and nothing written) when the lease is lost.
+pub async fn fail(
+    db: &Db,
+    lease: &Lease,
+    error: &str,
+    notice: Option<&NewNotice>,
+) -> sqlx::Result<bool> {
     let now = now_ms();
+    let mut tx = db.write.begin_with("BEGIN IMMEDIATE").await?;
     let n = sqlx::query(
         "update job set state = 'failed', lease_token = null, lease_expires_at = null, last_error = ?1, finished_at = ?2, updated_at = ?2
          where id = ?3 and lease_token = ?4 and state = 'running'",
@@ -488,10 +535,18 @@ pub async fn fail(db: &Db, lease: &Lease, error: &str) -> sqlx::Result<bool> {
     .bind(now)
     .bind(lease.job.id)
     .bind(&lease.token)
-    .execute(&db.write)
+    .execute(&mut *tx)
     .await?
     .rows_affected();
-    Ok(n == 1)
+    if n != 1 {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    if let Some(n) = notice {
+        outbox::insert(&mut tx, n).await?;
+    }
+    tx.commit().await?;
+    Ok(true)
 }
 
 /// Gives a job back to the queue at shutdown without spending an attempt.

@@ -104,7 +104,12 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     }
     let notifier = match (&args.notify_url, &args.notify_secret) {
         (Some(url), secret) => Some(
-            Notifier::new(url, secret.as_deref().unwrap_or("")).map_err(|e| anyhow::anyhow!(e))?,
+            Notifier::new(
+                url,
+                secret.as_deref().unwrap_or(""),
+                args.notify_max_attempts,
+            )
+            .map_err(|e| anyhow::anyhow!(e))?,
         ),
         (None, Some(_)) => {
             bail!("MIRROR_NOTIFY_SECRET is set but MIRROR_NOTIFY_URL is not; set both or neither")
@@ -141,6 +146,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
                 referrers: args.referrers,
                 jobs: args.jobs as usize,
                 repair: false,
+                // A retried job still copies what refers to the image.
+                referrers_when_up_to_date: true,
             },
             ..WorkerConfig::default()
         },
@@ -154,9 +161,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             policy: args.drift_policy,
             concurrency: 4,
             max_attempts: args.max_attempts as i64,
+            referrers: args.referrers,
         },
         workers.wake.clone(),
-        notifier,
+        notifier.clone(),
     );
     drift.refresh_open().await?;
     let sync = match &args.sync_file {
@@ -203,6 +211,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let mut handles = workers.spawn(stop.clone(), abort.clone());
     handles.extend(drift.spawn(stop.clone()));
     handles.extend(sync.map(|s| s.spawn(stop.clone())));
+    handles.extend(notifier.map(|n| n.spawn(db.clone(), stop.clone())));
     tracing::info!(
         listen = %listener.local_addr()?,
         target = %target.repo(),

@@ -15,6 +15,7 @@ use crate::db::{Db, now_ms};
 use crate::digest::Digest;
 use crate::ledger::NewRecord;
 use crate::notify::Notifier;
+use crate::outbox::{NewNotice, NoticeEvent};
 use crate::queue::{self, Lease, ProgressRow};
 use crate::reference::ImageRef;
 use crate::registry::{self, Client, CopyOptions, Progress};
@@ -75,7 +76,8 @@ impl Workers {
         }
     }
 
-    /// Sends a completion notice through `notifier` after each job ends.
+    /// Stores a completion notice in the outbox with each job's result, and wakes `notifier`'s
+    /// sender.
     pub fn with_notifier(mut self, notifier: Option<Notifier>) -> Workers {
         self.notifier = notifier;
         self
@@ -184,7 +186,7 @@ impl Workers {
         // its lease finished nothing).
         let mut copied = None;
         let mut finished = false;
-        let (written, notice) = match outcome {
+        let (written, noticed) = match outcome {
             Ok((record, result)) => {
                 copied = Some((
                     result.bytes_moved,
@@ -193,15 +195,11 @@ impl Workers {
                     result.blobs_skipped as u64,
                 ));
                 finished = true;
-                let r = queue::succeed(&self.db, &lease, &record, progress_row(&progress)).await;
-                if let Ok(true) = r {
-                    tracing::info!(digest = %record.source_digest, "job {} succeeded: {}@{}", job.id, record.mirror_repo, record.source_digest);
-                }
                 let pull_tag = job
                     .target_tag
                     .as_ref()
                     .map(|t| format!("{}:{t}@{}", record.mirror_repo, record.mirror_digest));
-                let notice = serde_json::json!({
+                let notice = self.notice(serde_json::json!({
                     "event": "job",
                     "job_id": job.id,
                     "requested_by": serde_json::from_str::<serde_json::Value>(&job.requested_by).ok(),
@@ -210,8 +208,40 @@ impl Workers {
                     "source_digest": record.source_digest,
                     "pull": { "by_tag": pull_tag, "by_digest": format!("{}@{}", record.mirror_repo, record.mirror_digest) },
                     "error": null,
+                }));
+                // Referrers are their own step: whatever happened to them, the image stands.
+                let referrers = (self.config.copy.referrers && job.referrers).then(|| {
+                    if !result.referrers_failed.is_empty() {
+                        tracing::warn!(
+                            failed = result.referrers_failed.len(),
+                            "job {}: the image is mirrored; {} referrer(s) could not be copied (drift watch tries again)",
+                            job.id,
+                            result.referrers_failed.len()
+                        );
+                    }
+                    queue::JobReferrers {
+                        state: if result.referrers_failed.is_empty() {
+                            queue::ReferrersState::Copied
+                        } else {
+                            queue::ReferrersState::Failed
+                        },
+                        failed: serde_json::to_string(&result.referrers_failed)
+                            .unwrap_or_else(|_| "[]".into()),
+                    }
                 });
-                (r, Some(notice))
+                let r = queue::succeed(
+                    &self.db,
+                    &lease,
+                    &record,
+                    progress_row(&progress),
+                    notice.as_ref(),
+                    referrers.as_ref(),
+                )
+                .await;
+                if let Ok(true) = r {
+                    tracing::info!(digest = %record.source_digest, "job {} succeeded: {}@{}", job.id, record.mirror_repo, record.source_digest);
+                }
+                (r, notice.is_some())
             }
             Err(JobError::RateLimited(msg, after)) => {
                 tracing::warn!(
@@ -220,7 +250,7 @@ impl Workers {
                     job.id
                 );
                 let run_at = now_ms() + after.as_millis() as i64;
-                (queue::defer(&self.db, &lease, &msg, run_at).await, None)
+                (queue::defer(&self.db, &lease, &msg, run_at).await, false)
             }
             Err(JobError::Transient(msg)) if job.attempts < job.max_attempts => {
                 let delay = self.backoff(job.attempts as u32);
@@ -232,13 +262,13 @@ impl Workers {
                 );
                 (
                     queue::retry_later(&self.db, &lease, &msg, delay).await,
-                    None,
+                    false,
                 )
             }
             Err(JobError::Transient(msg) | JobError::Permanent(msg)) => {
                 tracing::error!("job {} failed: {msg}", job.id);
                 finished = true;
-                let notice = serde_json::json!({
+                let notice = self.notice(serde_json::json!({
                     "event": "job",
                     "job_id": job.id,
                     "requested_by": serde_json::from_str::<serde_json::Value>(&job.requested_by).ok(),
@@ -247,8 +277,11 @@ impl Workers {
                     "source_digest": job.source_digest,
                     "pull": null,
                     "error": msg,
-                });
-                (queue::fail(&self.db, &lease, &msg).await, Some(notice))
+                }));
+                (
+                    queue::fail(&self.db, &lease, &msg, notice.as_ref()).await,
+                    notice.is_some(),
+                )
             }
         };
         match written {
@@ -262,8 +295,8 @@ impl Workers {
                 if finished {
                     m.job_finished(started.elapsed().as_secs_f64());
                 }
-                if let (Some(n), Some(notice)) = (&self.notifier, notice) {
-                    n.send(notice);
+                if let (Some(n), true) = (&self.notifier, noticed) {
+                    n.wake();
                 }
             }
             Ok(false) => tracing::warn!(
@@ -272,6 +305,14 @@ impl Workers {
             ),
             Err(e) => tracing::error!("job {}: writing the result failed: {e}", job.id),
         }
+    }
+
+    /// The job's notice for the outbox, when notices are configured.
+    fn notice(&self, body: serde_json::Value) -> Option<NewNotice> {
+        self.notifier.as_ref().map(|_| NewNotice {
+            event: NoticeEvent::Job,
+            body: body.to_string(),
+        })
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
@@ -342,7 +383,10 @@ impl Workers {
                     .iter()
                     .map(|m| serde_json::to_value(m).unwrap_or_default())
                     .chain(result.referrers.iter().map(|r| {
-                        serde_json::json!({ "digest": r.digest, "referrer_of": r.subject, "tag": r.tag })
+                        serde_json::json!({ "digest": r.digest, "referrer_of": r.subject, "tag": r.tag, "state": "copied" })
+                    }))
+                    .chain(result.referrers_failed.iter().map(|f| {
+                        serde_json::json!({ "referrer_of": f.subject, "reference": f.reference, "state": "failed", "error": f.error })
                     }))
                     .collect::<Vec<_>>(),
             )

@@ -26,7 +26,7 @@ pub struct ListQuery {
 /// `GET /drift?all=…&limit=…&before=…`: drift newest first, the schedule, and the last round.
 #[utoipa::path(get, path = "/drift", tag = "drift",
     params(("all" = Option<bool>, Query, description = "include resolved drift (default false)"),
-        ("limit" = Option<i64>, Query, description = "1 to 500, default 100"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "1 to 500, default 100"),
         ("before" = Option<i64>, Query, description = "only ids below this: the `next` of the previous page")),
     responses((status = 200, description = "drift newest first, `next`, the policy, the interval, the running and queued rounds (or null) and the last round"),
         (status = 400, description = "bad filter")))]

@@ -92,7 +92,26 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
         .and_then(|r| chrono::DateTime::parse_from_rfc3339(&r.started_at).ok())
         .map(|t| t.timestamp_millis() as f64 / 1000.0)
         .unwrap_or(0.0);
+    let notices = crate::outbox::counts(&state.db).await?;
+    let notices: Vec<(crate::metrics::Labels, f64)> = crate::outbox::NoticeState::ALL
+        .iter()
+        .map(|s| {
+            let n = notices
+                .iter()
+                .find(|(st, _)| st == s.as_str())
+                .map(|(_, n)| *n);
+            (
+                vec![("state".to_string(), s.as_str().to_string())],
+                n.unwrap_or(0) as f64,
+            )
+        })
+        .collect();
     let body = METRICS.render(&[
+        (
+            "mirror_notices",
+            "Notices in the outbox by state (failed: every attempt spent; see GET /notices?state=failed).",
+            notices,
+        ),
         ("mirror_drift_open", "Unresolved drift by kind.", drift_open),
         (
             "mirror_drift_last_round_timestamp_seconds",

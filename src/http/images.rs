@@ -74,7 +74,7 @@ fn mirror_tag(r: &Record) -> Option<&str> {
 /// `GET /images/{name}` (every tag) or `GET /images/{name}:{tag}` (one tag, with its history).
 /// `name` is a source repository (short Docker Hub names too) or a mirror repository.
 #[utoipa::path(get, path = "/images/{*name}", tag = "ledger",
-    params(("name" = String, Path, description = "source or mirror repository, optionally :tag")),
+    params(("name" = String, Path, pattern = "^(?:[a-z][a-z0-9]{0,15}(?:[.-][a-z0-9]{1,14}){0,3}(?::[1-9][0-9]{0,3})?/)?[a-z0-9]+(?:[_-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*){0,3}(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,63})?$", max_length = 200, description = "source or mirror repository, optionally :tag")),
     responses((status = 200, description = "each mirrored tag with its trusted digest and pull lines; with :tag, its history"),
         (status = 400, description = "not an image name"), (status = 404, description = "never mirrored")))]
 pub async fn show(
@@ -149,7 +149,7 @@ pub async fn show(
 
 /// `GET /digests/{digest}`: which sources and mirrors carry this digest, since when.
 #[utoipa::path(get, path = "/digests/{digest}", tag = "ledger",
-    params(("digest" = String, Path, description = "sha256:…")),
+    params(("digest" = String, Path, pattern = "^sha256:[a-f0-9]{64}$", description = "sha256:…")),
     responses((status = 200, description = "the records carrying it, as image or platform manifest"),
         (status = 400, description = "not a digest"), (status = 404, description = "never mirrored here")))]
 pub async fn digest(

@@ -33,6 +33,8 @@ pub fn view(job: &Job) -> Value {
         "attempts": job.attempts,
         "max_attempts": job.max_attempts,
         "referrers": job.referrers,
+        "referrers_state": job.referrers_state,
+        "referrers_failed": job.referrers_failed.as_deref().and_then(|f| serde_json::from_str::<Value>(f).ok()),
         "policy": job.policy,
         "repair": job.repair,
         "last_error": job.last_error,
@@ -70,6 +72,18 @@ pub async fn show(
     Ok(Json(view(&job)))
 }
 
+/// The values `GET /jobs?state=` takes, for the API description (the filter is checked against
+/// `queue::state::ALL`).
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)]
+enum StateFilter {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+}
+
 /// Filters of `GET /jobs`.
 #[derive(Debug, Deserialize)]
 pub struct ListQuery {
@@ -81,8 +95,8 @@ pub struct ListQuery {
 
 /// `GET /jobs?state=…&limit=…&before=…`: newest first.
 #[utoipa::path(get, path = "/jobs", tag = "jobs",
-    params(("state" = Option<String>, Query, description = "queued, running, succeeded or failed"),
-        ("limit" = Option<i64>, Query, description = "1 to 500, default 50"),
+    params(("state" = Option<StateFilter>, Query, description = "queued, running, succeeded or failed"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "1 to 500, default 50"),
         ("before" = Option<i64>, Query, description = "only ids below this: the `next` of the previous page")),
     responses((status = 200, description = "jobs newest first, and `next`"), (status = 400, description = "bad filter")))]
 pub async fn list(

@@ -16,14 +16,21 @@ use crate::reference::ImageRef;
 #[serde(deny_unknown_fields)]
 pub struct MirrorRequest {
     /// The source image: `gcr.io/kaniko-project/executor:v1.8.1`, `nginx`, `repo@sha256:…`.
+    #[schema(
+        pattern = "^(?:[a-z][a-z0-9]{0,15}(?:[.-][a-z0-9]{1,14}){0,3}(?::[1-9][0-9]{0,3})?/)?[a-z0-9]+(?:[_-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*){0,3}(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,63})?(?:@sha256:[a-f0-9]{64})?$",
+        max_length = 200
+    )]
     pub image: String,
     /// Optional target (repository or repository:tag), which must lie under `MIRROR_TARGET`.
+    #[schema(
+        pattern = "^(?:[a-z][a-z0-9]{0,15}(?:[.-][a-z0-9]{1,14}){0,3}(?::[1-9][0-9]{0,3})?/)?[a-z0-9]+(?:[_-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*){0,3}(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,63})?$",
+        max_length = 200
+    )]
     pub target: Option<String>,
     /// Copy signatures, attestations and other referrers too (default: the service setting).
     pub referrers: Option<bool>,
     /// What drift watch does when the source tag moves: `follow` (mirror the new digest) or `pin`
     /// (keep this one and record the move). Default: `MIRROR_DRIFT_POLICY`.
-    #[schema(value_type = Option<String>)]
     pub policy: Option<crate::drift::Policy>,
 }
 
@@ -110,7 +117,8 @@ pub fn plan(
         (status = 403, description = "source not in MIRROR_ALLOWED_SOURCES, or target outside MIRROR_TARGET"),
         (status = 409, description = "the target repository belongs to another source (it was used for it first, or it is where the default mapping puts that source)"),
         (status = 413, description = "body over 64 KiB"),
-        (status = 415, description = "not JSON")))]
+        (status = 415, description = "not JSON"),
+        (status = 422, description = "JSON that does not fit the body: an unknown field, a wrong type, a missing `image`")))]
 pub async fn create(
     State(state): State<AppState>,
     Caller(who): Caller,

@@ -6,6 +6,7 @@ mod health;
 mod images;
 mod jobs;
 mod mirror;
+mod notices;
 mod status;
 mod sync;
 mod webhook;
@@ -199,6 +200,7 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(drift::check))
         .routes(routes!(sync::show))
         .routes(routes!(sync::run))
+        .routes(routes!(notices::list))
         .routes(routes!(health::health))
         .routes(routes!(health::ready))
         .routes(routes!(health::metrics))

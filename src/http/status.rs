@@ -504,8 +504,9 @@ fn entry(t: &'static Words, current: &Record, history: &[&Record], drift: &[Drif
 
 /// `GET /ui/images/{name}`: one image's page.
 #[utoipa::path(get, path = "/ui/images/{*name}", tag = "status",
-    params(("name" = String, Path, description = "source or mirror repository")),
+    params(("name" = String, Path, pattern = "^(?:[a-z][a-z0-9]{0,15}(?:[.-][a-z0-9]{1,14}){0,3}(?::[1-9][0-9]{0,3})?/)?[a-z0-9]+(?:[_-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*){0,3}(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,63})?$", max_length = 200, description = "source or mirror repository")),
     responses((status = 200, description = "the image's page (HTML): tags, platforms with their digests, referrers and signatures, history, drift", content_type = "text/html"),
+        (status = 400, description = "not an image name (the error envelope, saying which part)"),
         (status = 404, description = "never mirrored (an HTML page saying so)", content_type = "text/html")))]
 pub async fn image(
     State(state): State<AppState>,

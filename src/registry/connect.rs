@@ -119,6 +119,19 @@ impl Connections {
         Ok(tls)
     }
 
+    /// Whether `registry` has TLS files of its own (read once, then cached).
+    fn has_tls_files(&self, registry: &str) -> bool {
+        if self.for_registry(registry).is_err() {
+            // Unusable files: HTTPS, so the request fails naming them.
+            return true;
+        }
+        self.by_registry
+            .lock()
+            .expect("connections poisoned")
+            .get(registry)
+            .is_some_and(|(tls, _)| !tls.is_empty())
+    }
+
     /// `http` or `https` for `registry`: the registries file's `insecure` decides; else a
     /// registry named by `--insecure-registry` is plain HTTP; else a registry with TLS files is
     /// HTTPS; else loopback registries are plain HTTP and every other is HTTPS.
@@ -136,7 +149,7 @@ impl Connections {
         {
             return "http";
         }
-        if is_loopback(registry) && !self.tls_of(registry).is_ok_and(|t| !t.is_empty()) {
+        if is_loopback(registry) && !self.has_tls_files(registry) {
             "http"
         } else {
             "https"
@@ -176,4 +189,45 @@ fn leaf(e: &(dyn std::error::Error + 'static)) -> String {
         cur = next;
     }
     cur.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scheme_follows_the_file_then_the_flag_then_the_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs.d");
+        std::fs::create_dir_all(certs.join("127.0.0.1:5443")).unwrap();
+        std::fs::write(certs.join("127.0.0.1:5443").join("ca.crt"), "x").unwrap();
+        let registries = super::super::settings::parse(
+            "r.yaml",
+            "plain.example:\n  insecure: true\n127.0.0.1:5000:\n  insecure: false\n",
+            dir.path(),
+        )
+        .unwrap();
+        let conn = Connections::new(
+            Arc::new(reqwest::Client::builder),
+            TransportConfig {
+                certs: CertsDirs {
+                    extra: None,
+                    system: vec![certs],
+                },
+                registries: Arc::new(registries),
+                insecure: vec!["Flagged.example".into()],
+            },
+        )
+        .unwrap();
+        assert_eq!(conn.scheme("plain.example"), "http");
+        assert_eq!(conn.scheme("127.0.0.1:5000"), "https", "insecure: false");
+        assert_eq!(
+            conn.scheme("flagged.example"),
+            "http",
+            "--insecure-registry"
+        );
+        assert_eq!(conn.scheme("127.0.0.1:5443"), "https", "has a CA file");
+        assert_eq!(conn.scheme("127.0.0.1:6000"), "http", "loopback");
+        assert_eq!(conn.scheme("ghcr.io"), "https");
+    }
 }

@@ -48,6 +48,10 @@ pub struct CopyOptions {
     /// Re-check every manifest of the image on the target instead of trusting the top one's
     /// presence, and write back whatever is missing (a repair after garbage collection).
     pub repair: bool,
+    /// Look for referrers even when the image is already up to date on the target (the service
+    /// does, so a retried job still copies them; the one-shot `copy` does not, so a no-op copy
+    /// stays at 2 requests per registry).
+    pub referrers_when_up_to_date: bool,
 }
 
 impl Default for CopyOptions {
@@ -56,6 +60,7 @@ impl Default for CopyOptions {
             jobs: 8,
             referrers: true,
             repair: false,
+            referrers_when_up_to_date: false,
         }
     }
 }
@@ -128,6 +133,8 @@ pub struct CopyResult {
     pub up_to_date: bool,
     /// Signatures, attestations and other artifacts copied with the image (each verified).
     pub referrers: Vec<Referrer>,
+    /// Referrers that could not be looked up or copied: the image's copy stands without them.
+    pub referrers_failed: Vec<ReferrerFailure>,
     /// Wall time of the copy.
     pub duration_ms: u64,
 }
@@ -144,6 +151,42 @@ pub struct Referrer {
     pub tag: Option<String>,
 }
 
+/// A referrer (or a lookup of referrers) that failed; the image it refers to is copied regardless.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ReferrerFailure {
+    /// The manifest it refers to.
+    pub subject: Digest,
+    /// What failed: a referrer's tag or digest, or `referrers of <subject>` for the lookup.
+    pub reference: String,
+    /// Why.
+    pub error: String,
+    /// Whether trying again may work (a 5xx, a timeout); drift watch tries again either way.
+    pub transient: bool,
+}
+
+impl ReferrerFailure {
+    fn new(subject: &Digest, reference: String, e: &Error) -> ReferrerFailure {
+        ReferrerFailure {
+            subject: subject.clone(),
+            reference,
+            error: e.to_string(),
+            transient: e.is_transient(),
+        }
+    }
+}
+
+/// Whether `e` is the registry refusing access (401/403): for the referrers API, some registries
+/// answer so instead of 404 when they do not offer it.
+fn is_denied(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Status {
+            status: 401 | 403,
+            ..
+        }
+    )
+}
+
 /// What refers to one manifest of the image on the source: (subject, its fallback tag name,
 /// what was found as (tag, digest), the referrers API answer when it must go into the target's
 /// fallback index).
@@ -155,8 +198,12 @@ type Found = (
 );
 
 /// Looks up, for every manifest of the image, what refers to it on the source (read-only, so it
-/// runs while the image's blobs are still moving).
-async fn find_referrers(client: &Client, engine: &Engine<'_>) -> Result<Vec<Found>> {
+/// runs while the image's blobs are still moving). A lookup that fails is reported, not fatal: a
+/// referrers API that refuses access (401/403) still leaves the fallback tags looked up.
+async fn find_referrers(
+    client: &Client,
+    engine: &Engine<'_>,
+) -> (Vec<Found>, Vec<ReferrerFailure>) {
     let subjects: Vec<Digest> = {
         let mut v: Vec<Digest> = engine
             .entries
@@ -170,14 +217,7 @@ async fn find_referrers(client: &Client, engine: &Engine<'_>) -> Result<Vec<Foun
     };
     // Look everything up at once: the referrers API and the fallback tag for every manifest.
     let lookups = subjects.iter().enumerate().map(|(i, subject)| async move {
-        let base = format!(
-            "{}-{}",
-            match subject.algorithm() {
-                crate::digest::Algorithm::Sha256 => "sha256",
-                crate::digest::Algorithm::Sha512 => "sha512",
-            },
-            subject.hex()
-        );
+        let base = fallback_tag(subject);
         // cosign signs the digest a user pulls (the top manifest); its tags are looked for there
         // only, so a wide index costs two lookups per child, not five.
         let mut tags = vec![base.clone()];
@@ -193,8 +233,19 @@ async fn find_referrers(client: &Client, engine: &Engine<'_>) -> Result<Vec<Foun
             try_join_all(tags.iter().map(|t| client.head_manifest(&engine.src, t))),
         )
         .await;
+        let mut failed = Vec::new();
         let mut found: Vec<(Option<String>, Option<Digest>)> = Vec::new();
-        let api = api?;
+        let api = match api {
+            Ok(api) => api,
+            Err(e) => {
+                failed.push(ReferrerFailure::new(
+                    subject,
+                    format!("referrers of {}", subject.short()),
+                    &e,
+                ));
+                None
+            }
+        };
         if let Some(index) = &api {
             found.extend(
                 index
@@ -204,21 +255,90 @@ async fn find_referrers(client: &Client, engine: &Engine<'_>) -> Result<Vec<Foun
             );
         }
         let mut has_fallback = false;
-        for (tag, head) in tags.into_iter().zip(heads?) {
-            if head.is_some() {
-                has_fallback |= tag == base;
-                found.push((Some(tag), None));
+        match heads {
+            Ok(heads) => {
+                for (tag, head) in tags.into_iter().zip(heads) {
+                    if head.is_some() {
+                        has_fallback |= tag == base;
+                        found.push((Some(tag), None));
+                    }
+                }
             }
+            Err(e) => failed.push(ReferrerFailure::new(subject, format!("{base}*"), &e)),
         }
         // Referrers the source lists only through its API must also be findable on a target
         // without one: there they go into the fallback index, as the OCI spec asks of a client.
         let api = api.filter(|index| !index.manifests.is_empty() && !has_fallback);
-        Ok::<_, Error>((subject.clone(), base, found, api))
+        ((subject.clone(), base, found, api), failed)
     });
-    try_join_all(lookups).await
+    let mut out = Vec::new();
+    let mut failed = Vec::new();
+    for (found, f) in futures_util::future::join_all(lookups).await {
+        out.push(found);
+        failed.extend(f);
+    }
+    (out, failed)
+}
+
+/// The fallback tag of `subject`'s referrers (`sha256-<hex>`); cosign adds `.sig`, `.att`, `.sbom`.
+fn fallback_tag(subject: &Digest) -> String {
+    format!(
+        "{}-{}",
+        match subject.algorithm() {
+            crate::digest::Algorithm::Sha256 => "sha256",
+            crate::digest::Algorithm::Sha512 => "sha512",
+        },
+        subject.hex()
+    )
+}
+
+/// What refers to `subject` on `src` now: (tag it travels under, if any, and its digest), from
+/// the referrers API (a 401/403 there counts as no API) and the fallback and cosign tags. Drift
+/// watch compares it with what was copied.
+pub async fn upstream_referrers(
+    client: &Client,
+    src: &Repo,
+    subject: &Digest,
+) -> Result<Vec<(Option<String>, Digest)>> {
+    let base = fallback_tag(subject);
+    let tags = [
+        base.clone(),
+        format!("{base}.sig"),
+        format!("{base}.att"),
+        format!("{base}.sbom"),
+    ];
+    let (api, heads) = futures_util::future::join(
+        client.referrers(src, subject),
+        try_join_all(tags.iter().map(|t| client.head_manifest(src, t))),
+    )
+    .await;
+    let api = match api {
+        Err(e) if is_denied(&e) => None,
+        other => other?,
+    };
+    let mut out: Vec<(Option<String>, Digest)> = api
+        .map(|index| {
+            index
+                .manifests
+                .iter()
+                .map(|d| (None, d.digest.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    for (tag, head) in tags.into_iter().zip(heads?) {
+        if let Some(h) = head {
+            let digest = match h.digest {
+                Some(d) => d,
+                None => client.get_manifest(src, &tag, None).await?.digest,
+            };
+            out.push((Some(tag), digest));
+        }
+    }
+    Ok(out)
 }
 
 /// Copies what [`find_referrers`] found, each by its own verified copy, after the image is written.
+/// One that fails is reported with the reason and the others still go.
 async fn copy_referrers(
     client: &Client,
     source: &ImageRef,
@@ -226,53 +346,67 @@ async fn copy_referrers(
     engine: &Engine<'_>,
     options: &CopyOptions,
     found: Vec<Found>,
-) -> Result<Vec<Referrer>> {
+) -> (Vec<Referrer>, Vec<ReferrerFailure>) {
     let nested = CopyOptions {
         referrers: false,
         repair: false,
+        referrers_when_up_to_date: false,
         ..options.clone()
     };
     let src_repo = source.clone().with_tag(None).with_digest(None);
     let dst_repo = target.clone().with_tag(None).with_digest(None);
     let mut out = Vec::new();
+    let mut failed = Vec::new();
     let mut fallbacks = Vec::new();
     for (subject, base, found, api) in found {
         if let Some(index) = api {
             fallbacks.push((subject.clone(), base, index));
         }
         for (tag, digest) in found {
-            let (s, t) = match (&tag, &digest) {
+            let (s, t, what) = match (&tag, &digest) {
                 (Some(tag), _) => (
                     src_repo.clone().with_tag(Some(tag.clone())),
                     dst_repo.clone().with_tag(Some(tag.clone())),
+                    tag.clone(),
                 ),
                 (None, Some(d)) => (
                     src_repo.clone().with_digest(Some(d.clone())),
                     dst_repo.clone(),
+                    d.to_string(),
                 ),
                 (None, None) => continue,
             };
-            let r = Box::pin(copy(client, &s, &t, &nested, Arc::new(Progress::default()))).await?;
-            tracing::info!(subject = %subject.short(), "copied {} referring to {}", r.target, subject.short());
-            out.push(Referrer {
-                subject: subject.clone(),
-                digest: r.target_digest,
-                tag,
-            });
+            match Box::pin(copy(client, &s, &t, &nested, Arc::new(Progress::default()))).await {
+                Ok(r) => {
+                    tracing::info!(subject = %subject.short(), "copied {} referring to {}", r.target, subject.short());
+                    out.push(Referrer {
+                        subject: subject.clone(),
+                        digest: r.target_digest,
+                        tag,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(subject = %subject.short(), "referrer {what} of {} not copied (the image stands; drift watch tries again): {e}", subject.short());
+                    failed.push(ReferrerFailure::new(&subject, what, &e));
+                }
+            }
         }
     }
     for (subject, tag, index) in fallbacks {
-        if let Some(written) =
-            update_fallback_index(client, &engine.dst, &subject, &tag, &index).await?
-        {
-            out.push(Referrer {
+        match update_fallback_index(client, &engine.dst, &subject, &tag, &index).await {
+            Ok(Some(written)) => out.push(Referrer {
                 subject,
                 digest: written,
                 tag: Some(tag),
-            });
+            }),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(subject = %subject.short(), "fallback index {tag} not written (the image stands): {e}");
+                failed.push(ReferrerFailure::new(&subject, tag, &e));
+            }
         }
     }
-    Ok(out)
+    (out, failed)
 }
 
 /// Makes the referrers in `index` (the source's referrers API answer for `subject`) findable on a
@@ -440,6 +574,9 @@ pub async fn copy(
             .manifests_skipped
             .fetch_add(1, Ordering::Relaxed);
         tracing::info!(target = %target_name, digest = %digest, "already up to date");
+        if options.referrers && options.referrers_when_up_to_date {
+            referrers_found = Some(find_referrers(client, &engine).await);
+        }
         m
     } else {
         let (top, plan) = engine.plan_top(&digest, options.repair).await?;
@@ -463,18 +600,23 @@ pub async fn copy(
         // What refers to the image is looked up on the source while the blobs move.
         let find = async {
             match options.referrers {
-                true => find_referrers(client, &engine).await.map(Some),
-                false => Ok(None),
+                true => Some(find_referrers(client, &engine).await),
+                false => None,
             }
         };
         let (written, found) = futures_util::future::join(write, find).await;
         written?;
-        referrers_found = found?;
+        referrers_found = found;
         top
     };
-    let referrers = match referrers_found {
-        Some(found) => copy_referrers(client, source, target, &engine, options, found).await?,
-        None => Vec::new(),
+    let (referrers, referrers_failed) = match referrers_found {
+        Some((found, mut lookup_failed)) => {
+            let (copied, mut failed) =
+                copy_referrers(client, source, target, &engine, options, found).await;
+            lookup_failed.append(&mut failed);
+            (copied, lookup_failed)
+        }
+        None => (Vec::new(), Vec::new()),
     };
 
     let entries = engine.entries.lock().expect("entries poisoned").clone();
@@ -504,6 +646,7 @@ pub async fn copy(
         manifests_skipped: s.manifests_skipped.load(Ordering::Relaxed),
         up_to_date,
         referrers,
+        referrers_failed,
         duration_ms: started.elapsed().as_millis() as u64,
     })
 }
@@ -859,6 +1002,19 @@ impl Engine<'_> {
                 self.repair(m).await?;
                 self.client.put_manifest(&self.dst, reference, m).await
             }
+            Err(e)
+                if (e.code() == Some("MANIFEST_INVALID") || e.status() == Some(415))
+                    && artifact_type(m).is_some() =>
+            {
+                Err(Error::Refused {
+                    reason: format!(
+                        "{} refused artifact {} of type {} ({e}): allow that artifact type on the registry (Quay: FEATURE_GENERAL_OCI_SUPPORT and ALLOWED_OCI_ARTIFACT_TYPES), or mirror without referrers (--no-referrers, \"referrers\": false)",
+                        self.dst.registry,
+                        m.digest,
+                        artifact_type(m).unwrap_or_default()
+                    ),
+                })
+            }
             other => other,
         }
     }
@@ -897,13 +1053,7 @@ impl Engine<'_> {
             self.client
                 .get_manifest(&self.dst, &d.to_string(), Some(d))
                 .await
-                .map_err(|e| match e {
-                    // A rate limit is no verdict on what was written: try again later.
-                    Error::RateLimited { .. } => e,
-                    e => Error::Verify {
-                        reason: format!("reading {d} back from {}: {e}", self.dst),
-                    },
-                })
+                .map_err(|e| read_back_error(d, &self.dst, e))
         }));
         let (read, tagged) = futures_util::future::join(read_back, self.verify_tag(top, tag)).await;
         read?;
@@ -920,6 +1070,7 @@ impl Engine<'_> {
             };
             if served.as_ref() != Some(&top.digest) {
                 return Err(Error::Verify {
+                    transient: false,
                     reason: format!(
                         "{}:{tag} resolves to {} instead of {}",
                         self.dst,
@@ -932,5 +1083,74 @@ impl Engine<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// A failure to read `d` back from `dst`: only what was read (a digest mismatch, a manifest that
+/// is not there or not valid) is a verdict; a 5xx, a timeout or a cut is worth another try, and a
+/// rate limit waits as such.
+fn read_back_error(d: &Digest, dst: &Repo, e: Error) -> Error {
+    match e {
+        Error::RateLimited { .. } => e,
+        e => Error::Verify {
+            transient: e.is_transient(),
+            reason: format!("reading {d} back from {dst}: {e}"),
+        },
+    }
+}
+
+/// The type of an artifact manifest (its config's media type when that is not an image config,
+/// or the artifact manifest's own type); `None` for container images and indexes.
+fn artifact_type(m: &Manifest) -> Option<String> {
+    const IMAGE_CONFIGS: [&str; 2] = [
+        "application/vnd.oci.image.config.v1+json",
+        "application/vnd.docker.container.image.v1+json",
+    ];
+    if m.media_type == super::manifest::OCI_ARTIFACT_MANIFEST {
+        return Some(m.media_type.clone());
+    }
+    match (m.kind, m.blobs.first()) {
+        (Kind::Image, Some(config)) if !IMAGE_CONFIGS.contains(&config.media_type.as_str()) => {
+            Some(config.media_type.clone())
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod read_back_tests {
+    use super::*;
+
+    #[test]
+    fn only_a_verdict_on_the_bytes_is_permanent() {
+        let d = Digest::sha256_of(b"m");
+        let dst = Repo {
+            registry: "r.example".into(),
+            name: "a/b".into(),
+        };
+        let status = |status| Error::Status {
+            method: "GET".into(),
+            url: "u".into(),
+            status,
+            code: None,
+            message: String::new(),
+            retry_after: None,
+        };
+        let unavailable = read_back_error(&d, &dst, status(503));
+        assert!(unavailable.is_transient(), "{unavailable}");
+        assert!(unavailable.to_string().contains("reading sha256:"));
+        let cut = Error::Truncated {
+            what: "m".into(),
+            received: 1,
+            expected: 2,
+        };
+        assert!(read_back_error(&d, &dst, cut).is_transient());
+        let mismatch = Error::DigestMismatch {
+            what: "m".into(),
+            expected: d.clone(),
+            actual: Digest::sha256_of(b"x"),
+        };
+        assert!(!read_back_error(&d, &dst, mismatch).is_transient());
+        assert!(!read_back_error(&d, &dst, status(404)).is_transient());
     }
 }

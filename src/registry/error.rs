@@ -95,9 +95,10 @@ pub enum Error {
     /// The target refused a manifest, with the reason we can tell.
     #[error("{reason}")]
     Refused { reason: String },
-    /// Reading the written image back from the target did not give what was written.
+    /// Reading the written image back from the target did not give what was written
+    /// (permanent), or could not be done for now (`transient`: a 5xx, a timeout).
     #[error("verification on the target failed: {reason}")]
-    Verify { reason: String },
+    Verify { reason: String, transient: bool },
     /// The network policy refused a connection (a private address for an untrusted host).
     #[error(transparent)]
     Blocked(#[from] super::guard::Refused),
@@ -127,7 +128,7 @@ impl Error {
             }
             Error::Blocked(_) | Error::Tls { .. } | Error::TlsFiles(_) => false,
             Error::Truncated { .. } | Error::Restart { .. } | Error::RateLimited { .. } => true,
-            Error::Auth { transient, .. } => *transient,
+            Error::Auth { transient, .. } | Error::Verify { transient, .. } => *transient,
             Error::MissingHeader { .. } => false,
             Error::DigestMismatch { .. }
             | Error::SizeMismatch { .. }
@@ -135,7 +136,6 @@ impl Error {
             | Error::Schema1 { .. }
             | Error::InvalidManifest { .. }
             | Error::Refused { .. }
-            | Error::Verify { .. }
             | Error::Invalid(_) => false,
         }
     }

@@ -239,8 +239,14 @@ impl Relay {
                 }
             };
             loop {
-                let Ok((conn, peer)) = listener.accept().await else {
-                    continue;
+                let (conn, peer) = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors, say: do not spin.
+                        tracing::warn!("proxy relay: accept failed: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
                 };
                 // Only this process uses the relay.
                 if !peer.ip().is_loopback() {

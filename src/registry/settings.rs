@@ -141,7 +141,8 @@ impl Problems<'_> {
     }
 }
 
-/// Parses a size: bytes, or a number with `KiB`, `MiB`, `GiB` (or `KB`, `MB`, `GB`, powers of 1000).
+/// Parses a size as `--chunk-size` does: bytes, or a number with `K`, `M`, `G` (binary units;
+/// `KiB`, `MB`, `mib`, … all mean the same).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -149,17 +150,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let n: u64 = num.parse().map_err(|_| {
         format!("{s:?} is not a size; write bytes or a number with KiB, MiB or GiB, such as 4MiB")
     })?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        "KB" | "kB" => 1_000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        other => {
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => {
             return Err(format!(
-                "{other:?} in {s:?} is not a unit; use B, KiB, MiB, GiB, KB, MB or GB"
+                "{:?} in {s:?} is not a unit; use KiB, MiB or GiB (binary units)",
+                unit.trim()
             ));
         }
     };
@@ -367,14 +366,19 @@ fn entry(
     };
     s.chunk_size = size("chunk_size", p);
     s.max_body = size("max_body", p);
-    if let (Some(c), Some(m)) = (s.chunk_size, s.max_body)
-        && c > m
-    {
-        let span = map.get_node("chunk_size").map_or(at, |n| n.span());
-        p.at(
-            span,
-            format!("{host}: chunk_size ({c} bytes) is larger than max_body ({m} bytes); a chunk must fit in one request"),
-        );
+    // The bounds the upload path accepts, reported here with the line.
+    let limits = super::client::UploadLimits {
+        chunk_size: s.chunk_size,
+        max_body: s.max_body,
+    };
+    if let Err(e) = limits.check() {
+        let key = if s.chunk_size.is_some() {
+            "chunk_size"
+        } else {
+            "max_body"
+        };
+        let span = map.get_node(key).map_or(at, |n| n.span());
+        p.at(span, format!("{host}: {e}"));
     }
     if let Some(node) = map.get_node("layout")
         && let Some(v) = scalar(node, "layout", p)
@@ -395,11 +399,12 @@ mod tests {
     fn sizes() {
         assert_eq!(parse_size("4MiB"), Ok(4 << 20));
         assert_eq!(parse_size("64MiB"), Ok(64 << 20));
-        assert_eq!(parse_size("5MB"), Ok(5_000_000));
+        assert_eq!(parse_size("5MB"), Ok(5 << 20));
+        assert_eq!(parse_size("512k"), Ok(512 << 10));
         assert_eq!(parse_size("1024"), Ok(1024));
         assert_eq!(parse_size("1GiB"), Ok(1 << 30));
         assert!(parse_size("0").is_err());
-        assert!(parse_size("4 mb").unwrap_err().contains("not a unit"));
+        assert!(parse_size("4 parsecs").unwrap_err().contains("not a unit"));
         assert!(parse_size("MiB").unwrap_err().contains("not a size"));
         assert!(parse_size("99999999999GiB").is_err());
     }
@@ -469,7 +474,7 @@ c.example:
             "r.yaml:2: ok.example: unknown key \"chunk_sise\"; the keys are: ca_dir, client_cert, client_key, insecure, chunk_size, max_body, layout",
             "r.yaml:3: \"https://bad.example\" is not a registry name: write HOST or HOST:PORT, without a scheme",
             "r.yaml:6: a.example: insecure must be true (plain HTTP) or false (HTTPS), not \"maybe\"",
-            "r.yaml:7: a.example: chunk_size (8388608 bytes) is larger than max_body (4194304 bytes)",
+            "r.yaml:7: a.example: the chunk size (8388608 bytes) is larger than the body limit (4194304 bytes)",
             "r.yaml:9: a.example: layout \"deep\" is not known",
             "r.yaml:10: a.example: client_cert needs client_key too",
             "r.yaml:11: \"b.example/path\" is not a registry name",

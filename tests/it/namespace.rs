@@ -367,7 +367,8 @@ async fn the_flat_layout_fits_a_registry_that_takes_only_two_levels() {
     assert!(!out.status.success(), "{stderr}");
     assert!(
         stderr.contains(&format!("/v2/tools/{mapped_up}/field/hello/"))
-            && (stderr.contains("NAME_INVALID") || stderr.contains("HTTP 400")),
+            && stderr.contains("HTTP 400")
+            && stderr.contains("MIRROR_TARGET_LAYOUT=flat, copy --layout flat"),
         "{stderr}"
     );
     let out = copy("flat");

@@ -74,6 +74,7 @@ async fn copy_goes_through_the_proxy_in_either_case_and_respects_no_proxy() {
         &[("HTTP_PROXY", &proxy.url())],
     ));
     let (s1, d1) = (through(&proxy, &src.host()), through(&proxy, &dst.host()));
+    println!("through tinyproxy: {s1} requests to the source, {d1} to the target");
     assert!(s1 > 0 && d1 > 0, "{:?}", proxy.requests());
 
     ok(&run(

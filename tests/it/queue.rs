@@ -71,9 +71,16 @@ async fn fifty_identical_concurrent_requests_make_one_job() {
         .unwrap()
         .unwrap();
     assert!(
-        queue::succeed(&db, &lease, &record(lease.job.id), ProgressRow::default())
-            .await
-            .unwrap()
+        queue::succeed(
+            &db,
+            &lease,
+            &record(lease.job.id),
+            ProgressRow::default(),
+            None,
+            None
+        )
+        .await
+        .unwrap()
     );
     let again = queue::enqueue(&db, &job("a")).await.unwrap();
     assert!(again.created());
@@ -134,11 +141,18 @@ async fn a_stale_lease_writes_nothing() {
             .unwrap()
     );
     assert!(
-        !queue::succeed(&db, &a, &record(a.job.id), ProgressRow::default())
-            .await
-            .unwrap()
+        !queue::succeed(
+            &db,
+            &a,
+            &record(a.job.id),
+            ProgressRow::default(),
+            None,
+            None
+        )
+        .await
+        .unwrap()
     );
-    assert!(!queue::fail(&db, &a, "x").await.unwrap());
+    assert!(!queue::fail(&db, &a, "x", None).await.unwrap());
     assert!(
         !queue::retry_later(&db, &a, "x", Duration::ZERO)
             .await
@@ -150,9 +164,16 @@ async fn a_stale_lease_writes_nothing() {
     );
     // B's writes land.
     assert!(
-        queue::succeed(&db, &b, &record(b.job.id), ProgressRow::default())
-            .await
-            .unwrap()
+        queue::succeed(
+            &db,
+            &b,
+            &record(b.job.id),
+            ProgressRow::default(),
+            None,
+            None
+        )
+        .await
+        .unwrap()
     );
     let j = queue::get(&db, b.job.id).await.unwrap().unwrap();
     assert_eq!(j.state, "succeeded");
@@ -303,9 +324,16 @@ async fn a_request_for_a_running_pinned_job_waits_its_turn_on_the_tag() {
         "nothing to wake for"
     );
     assert!(
-        queue::succeed(&db, &lease, &record(lease.job.id), ProgressRow::default())
-            .await
-            .unwrap()
+        queue::succeed(
+            &db,
+            &lease,
+            &record(lease.job.id),
+            ProgressRow::default(),
+            None,
+            None
+        )
+        .await
+        .unwrap()
     );
     let turn = queue::claim(&db, Duration::from_secs(30))
         .await

@@ -2,13 +2,17 @@
 //! request → token), and read-back failures that are worth another try.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+
+use axum::http::Method;
 
 use mirror_mirror::reference::ImageRef;
 use mirror_mirror::registry::credentials::{Credential, CredentialStore};
 use mirror_mirror::registry::retry::RetryPolicy;
 use mirror_mirror::registry::{Client, ClientConfig, CopyOptions, Progress, copy};
 
+use crate::support::front::{Action, Front};
 use crate::support::image::Style;
 use crate::support::{Pusher, Registry, TokenIssuer};
 
@@ -59,9 +63,59 @@ async fn a_token_server_answering_503_is_asked_at_most_retries_times() {
     .await
     .expect_err("no token, no copy");
     let asked = issuer.requests() - before;
+    eprintln!("--retries 3, token server answering 503: asked {asked} times");
     assert!(err.to_string().contains("503"), "{err}");
     assert!(
         asked <= 3,
         "the token server was asked {asked} times for one operation with --retries 3: {err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_503_while_reading_back_is_worth_another_attempt() {
+    let (src, dst) = (Registry::anonymous().await, Registry::anonymous().await);
+    let img = Pusher::new(&src)
+        .image("rb/a", 52, &[2000], false, Style::Compact)
+        .await;
+    let answered = Arc::new(AtomicUsize::new(0));
+    let counter = answered.clone();
+    // The first read-back of a manifest by digest gets a 503.
+    let front = Front::start(&dst.host(), move |r| {
+        if r.method == Method::GET
+            && r.path.contains("/manifests/sha256:")
+            && counter.fetch_add(1, Ordering::SeqCst) == 0
+        {
+            Action::Answer(503, "UNAVAILABLE")
+        } else {
+            Action::Pass
+        }
+    })
+    .await;
+    // One attempt per operation (`--retries 1`): the read-back's 503 ends this copy.
+    let client = client(&front.host(), "nobody", "none", 1);
+    let source = ImageRef::parse(&format!("{}/rb/a@{}", src.host(), img.digest)).unwrap();
+    let target = ImageRef::parse(&format!("{}/rb/a:v1", front.host())).unwrap();
+    let options = CopyOptions::default();
+    let run = || {
+        copy(
+            &client,
+            &source,
+            &target,
+            &options,
+            Arc::new(Progress::default()),
+        )
+    };
+    let err = run().await.expect_err("the read-back failed");
+    assert_eq!(answered.load(Ordering::SeqCst), 1, "{err}");
+    assert!(
+        err.to_string().contains("reading") && err.to_string().contains("503"),
+        "{err}"
+    );
+    assert!(
+        err.is_transient(),
+        "a 503 is no verdict on what was written, so the job is retried: {err}"
+    );
+    // The job's next attempt: the image is there and reads back.
+    let r = run().await.expect("the next attempt verifies");
+    assert_eq!(r.target_digest.to_string(), img.digest);
 }

@@ -508,6 +508,7 @@ async fn readiness_metrics_request_ids_and_json_logs() {
             "/jobs/{id}",
             "/metrics",
             "/mirror",
+            "/notices",
             "/openapi.json",
             "/readyz",
             "/sync",
@@ -805,7 +806,7 @@ async fn the_ledger_records_the_signatures_copied_with_the_image() {
     let (_, entry) = svc.get(&format!("/images/{}/sig/app:1", up.host())).await;
     assert_eq!(
         entry["referrers"],
-        json!([{ "digest": sig.digest, "referrer_of": img.digest, "tag": sig_tag }]),
+        json!([{ "digest": sig.digest, "referrer_of": img.digest, "tag": sig_tag, "state": "copied" }]),
         "{entry}"
     );
     // A request may leave them behind.

@@ -145,6 +145,7 @@ async fn an_unknown_ca_fails_at_once_in_one_line_naming_the_host_and_where_its_c
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(errors.len(), 1, "{stderr}");
     let e = errors[0];
+    println!("{e}\nfailed after {:?}", started.elapsed());
     let host = src.host();
     assert!(e.contains(&format!("TLS to {host} failed")), "{e}");
     assert!(e.contains("UnknownIssuer"), "{e}");
@@ -319,4 +320,45 @@ async fn serve_trusts_a_ca_mounted_like_a_kubernetes_secret() {
     assert_eq!(job["mirror_digest"], img.digest.as_str());
     let mirror = format!("mirror/{}/acme/app", src.host().replace(':', "_"));
     assert_on(&dst, &mirror, &img).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registrys_own_cas_are_added_to_the_system_roots_not_put_in_their_place() {
+    // The "system" roots are SSL_CERT_FILE here (the platform verifier reads it as the system
+    // store does), holding the CA that signed the target's certificate. The target's certs.d
+    // directory holds another, unrelated CA: with it added (not replacing), the target still
+    // verifies through the system roots, as public registries do next to private ones.
+    let (system, unrelated) = (Pki::new(), Pki::new());
+    let dst = Registry::tls(&system, false).await;
+    let src = Registry::anonymous().await;
+    let img = image(&src, "acme/app").await;
+    let dirs = tempfile::tempdir().unwrap();
+    let certs_d = dirs.path().join("certs.d");
+    unrelated.certs_d(&certs_d, &dst.host(), false);
+    let args = [
+        "copy".to_string(),
+        format!("{}/acme/app:v1", src.host()),
+        format!("{}/mirror/app", dst.host()),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run(
+        &args,
+        &[
+            ("MIRROR_SYSTEM_CERTS_DIRS", &certs_d),
+            ("SSL_CERT_FILE", &system.ca()),
+        ],
+    );
+    assert_eq!(
+        ok(&out),
+        format!("{}/mirror/app@{}", dst.host(), img.digest)
+    );
+    assert_on(&dst, "mirror/app", &img).await;
+    // Without the system root, the unrelated CA alone does not verify it: the test can fail.
+    let out = run(&args, &[("MIRROR_SYSTEM_CERTS_DIRS", &certs_d)]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("UnknownIssuer") && stderr.contains("do not verify its certificate"),
+        "{stderr}"
+    );
 }

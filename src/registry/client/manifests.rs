@@ -3,7 +3,7 @@
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode};
 
-use super::requests::{Call, read_capped, status_error};
+use super::requests::{Call, read_capped, refused_write, status_error};
 use super::{Client, Repo};
 use crate::digest::Digest;
 use crate::registry::error::{Error, Result};
@@ -110,7 +110,53 @@ impl Client {
     }
 
     /// PUT a manifest's exact bytes under `reference` (a tag or its digest).
+    ///
+    /// A registry with immutable tags (ECR, Harbor) refuses to write a tag again even with the
+    /// same digest: when the tag already names `m`, that is success; when it names another
+    /// digest, the error says so. A write refused because the repository or its namespace does
+    /// not exist says to create it.
     pub async fn put_manifest(&self, repo: &Repo, reference: &str, m: &Manifest) -> Result<()> {
+        let err = match self.put_manifest_once(repo, reference, m).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let is_tag = Digest::parse(reference).is_err();
+        if !is_tag || err.is_transient() || !matches!(err.status(), Some(400 | 403 | 409 | 412)) {
+            return Err(refused_write(repo, err));
+        }
+        if matches!(
+            err.code(),
+            Some("MANIFEST_BLOB_UNKNOWN" | "MANIFEST_UNKNOWN" | "BLOB_UNKNOWN")
+        ) {
+            return Err(err);
+        }
+        let named = match self.head_manifest(repo, reference).await {
+            Ok(Some(h)) => h.digest,
+            _ => None,
+        };
+        if named.as_ref() == Some(&m.digest) {
+            tracing::info!(
+                registry = %repo.registry,
+                "{repo}:{reference} already names {} ({} refused to write it again: {err}); nothing to change",
+                m.digest,
+                repo.registry
+            );
+            return Ok(());
+        }
+        if let Some(other) = named
+            && immutable_tag(&err)
+        {
+            return Err(Error::Refused {
+                reason: format!(
+                    "{repo}:{reference} is an immutable tag on {} and names {other}, not {}; it cannot be moved: mirror under another tag, or make the tag mutable there ({err})",
+                    repo.registry, m.digest
+                ),
+            });
+        }
+        Err(refused_write(repo, err))
+    }
+
+    async fn put_manifest_once(&self, repo: &Repo, reference: &str, m: &Manifest) -> Result<()> {
         let url = self.url(repo, &format!("manifests/{reference}"))?;
         let mut headers = HeaderMap::new();
         headers.insert(
@@ -153,4 +199,14 @@ pub(super) fn content_type(headers: &HeaderMap) -> Option<String> {
         .and_then(|v| v.to_str().ok())
         .map(|v| v.split(';').next().unwrap_or(v).trim().to_string())
         .filter(|v| !v.is_empty())
+}
+
+/// Whether a refused tag write says the tag is immutable (ECR: `400 TAG_INVALID` "… cannot be
+/// overwritten because the repository is immutable"; Harbor: `412` "… configured as immutable").
+fn immutable_tag(err: &Error) -> bool {
+    let text = err.to_string().to_ascii_lowercase();
+    err.code() == Some("TAG_INVALID")
+        || err.status() == Some(412)
+        || text.contains("immutable")
+        || text.contains("cannot be overwritten")
 }

@@ -276,6 +276,11 @@ pub(super) async fn status_error(method: &str, url: &url::Url, resp: reqwest::Re
                 .join("; ");
             (code, message)
         }
+        // A HEAD has no body to say why; a 400 to one is most often the name itself.
+        _ if method == "HEAD" && status == 400 => (
+            None,
+            "no reason given; a registry that takes only namespace/repo names (Docker Hub, Quay, ACR) answers this to a deeper name: use the flat layout (MIRROR_TARGET_LAYOUT=flat, copy --layout flat)".to_string(),
+        ),
         _ => (None, String::new()),
     };
     Error::Status {
@@ -285,5 +290,49 @@ pub(super) async fn status_error(method: &str, url: &url::Url, resp: reqwest::Re
         code,
         message,
         retry_after,
+    }
+}
+
+/// A write to `repo` refused because the repository or its namespace does not exist (ECR
+/// repositories, Harbor projects, ACR and GAR namespaces are not created by a push; Docker Hub
+/// and others then answer "requested access to the resource is denied") says to create it;
+/// other errors pass unchanged.
+pub(super) fn refused_write(repo: &Repo, err: Error) -> Error {
+    let text = err.to_string().to_ascii_lowercase();
+    // Missing content is another story (the copy writes it again).
+    if err
+        .code()
+        .is_some_and(|c| c.starts_with("BLOB_") || c.starts_with("MANIFEST_"))
+    {
+        return err;
+    }
+    let names_a_place = ["repository", "project", "namespace"]
+        .iter()
+        .any(|w| text.contains(w));
+    let missing = match err.status() {
+        Some(404) => {
+            err.code() == Some("NAME_UNKNOWN")
+                || (names_a_place
+                    && (text.contains("does not exist") || text.contains("not found")))
+        }
+        Some(401 | 403) => {
+            matches!(err.code(), Some("DENIED" | "UNAUTHORIZED" | "NAME_UNKNOWN"))
+                || text.contains("denied")
+                || text.contains("does not exist")
+        }
+        _ => false,
+    };
+    if !missing {
+        return err;
+    }
+    let create = match repo.name.split_once('/') {
+        Some((namespace, _)) => format!("namespace {namespace} (or repository {})", repo.name),
+        None => format!("repository {}", repo.name),
+    };
+    Error::Refused {
+        reason: format!(
+            "{} refused to write {repo} ({err}): create {create} on {} first (ECR, Harbor, ACR and GAR do not create it on push), and check that the credentials for {} may push there",
+            repo.registry, repo.registry, repo.registry
+        ),
     }
 }

@@ -7,7 +7,7 @@ use reqwest::header::{self, HeaderMap};
 use reqwest::{Method, StatusCode};
 
 use super::blobs::Source;
-use super::requests::{Call, redact_query, status_error};
+use super::requests::{Call, redact_query, refused_write, status_error};
 use super::{Client, Repo};
 use crate::digest::Digest;
 use crate::registry::error::{Error, Result};
@@ -154,7 +154,8 @@ impl Client {
                 body: Some(Bytes::new()),
                 ok: &[StatusCode::ACCEPTED],
             })
-            .await?;
+            .await
+            .map_err(|e| refused_write(repo, e))?;
         self.upload_location(repo, &url, &resp)
     }
 

@@ -33,7 +33,9 @@ const EC: [&str; 4] = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v
 fn ca(dir: &Path, name: &str) {
     let mut args = vec!["req", "-x509", "-nodes", "-days", "2"];
     args.extend(EC);
-    let subj = format!("/CN=mirror-mirror test {name}");
+    // A name of its own per PKI: two test CAs never look like the same issuer.
+    let unique = dir.file_name().unwrap().to_string_lossy();
+    let subj = format!("/CN=mirror-mirror test {name} {unique}");
     let (key, crt) = (format!("{name}.key"), format!("{name}.crt"));
     args.extend(["-subj", &subj, "-keyout", &key, "-out", &crt]);
     args.extend([

@@ -1,0 +1,192 @@
+//! Every SQL statement about the notice outbox: notices are stored in the transaction that records
+//! what they announce, then delivered (or given up on) by the sender in `notify`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::Serialize;
+use sqlx::FromRow;
+
+use crate::db::{Db, now_ms};
+
+/// What a notice announces; sent as `X-Mirror-Event`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NoticeEvent {
+    /// A job succeeded or failed for good.
+    Job,
+    /// Drift watch found a problem for the first time.
+    Drift,
+}
+
+impl NoticeEvent {
+    /// The name in the database and the header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoticeEvent::Job => "job",
+            NoticeEvent::Drift => "drift",
+        }
+    }
+}
+
+/// Where a notice is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NoticeState {
+    /// To be sent (again) at `next_attempt_at`.
+    Pending,
+    Delivered,
+    /// Every attempt failed; kept to be seen (`GET /notices?state=failed`).
+    Failed,
+}
+
+impl NoticeState {
+    /// Every state, for validating filters.
+    pub const ALL: [NoticeState; 3] = [
+        NoticeState::Pending,
+        NoticeState::Delivered,
+        NoticeState::Failed,
+    ];
+
+    /// The name in the database and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoticeState::Pending => "pending",
+            NoticeState::Delivered => "delivered",
+            NoticeState::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for NoticeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for NoticeState {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        NoticeState::ALL
+            .into_iter()
+            .find(|n| n.as_str() == s)
+            .ok_or_else(|| format!("notice state {s:?} is not one of pending, delivered, failed"))
+    }
+}
+
+/// A notice to store.
+#[derive(Debug, Clone)]
+pub struct NewNotice {
+    pub event: NoticeEvent,
+    /// The JSON body.
+    pub body: String,
+}
+
+/// A notice as stored (`event` and `state` as their names; see [`NoticeEvent`], [`NoticeState`]).
+#[derive(Debug, Clone, FromRow)]
+pub struct Notice {
+    pub id: i64,
+    pub event: String,
+    pub body: String,
+    pub state: String,
+    pub attempts: i64,
+    pub next_attempt_at: i64,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub delivered_at: Option<i64>,
+}
+
+/// Stores `n` as pending, due now, inside the caller's transaction.
+pub async fn insert(tx: &mut sqlx::SqliteConnection, n: &NewNotice) -> sqlx::Result<i64> {
+    let now = now_ms();
+    sqlx::query_scalar(
+        "insert into notice (event, body, state, next_attempt_at, created_at, updated_at)
+         values (?1, ?2, 'pending', ?3, ?3, ?3) returning id",
+    )
+    .bind(n.event.as_str())
+    .bind(&n.body)
+    .bind(now)
+    .fetch_one(&mut *tx)
+    .await
+}
+
+/// Pending notices due at `now`, oldest first.
+pub async fn due(db: &Db, now: i64, limit: i64) -> sqlx::Result<Vec<Notice>> {
+    sqlx::query_as(
+        "select * from notice where state = 'pending' and next_attempt_at <= ?1 order by next_attempt_at, id limit ?2",
+    )
+    .bind(now)
+    .bind(limit)
+    .fetch_all(&db.read)
+    .await
+}
+
+/// When the next pending notice is due (unix ms).
+pub async fn next_due(db: &Db) -> sqlx::Result<Option<i64>> {
+    sqlx::query_scalar("select min(next_attempt_at) from notice where state = 'pending'")
+        .fetch_one(&db.read)
+        .await
+}
+
+/// Marks notice `id` delivered (its attempts counted).
+pub async fn delivered(db: &Db, id: i64) -> sqlx::Result<()> {
+    let now = now_ms();
+    sqlx::query(
+        "update notice set state = 'delivered', attempts = attempts + 1, last_error = null, delivered_at = ?1, updated_at = ?1
+         where id = ?2 and state = 'pending'",
+    )
+    .bind(now)
+    .bind(id)
+    .execute(&db.write)
+    .await?;
+    Ok(())
+}
+
+/// Records a failed attempt: pending again at `retry_at`, or failed for good when it is `None`.
+pub async fn attempt_failed(
+    db: &Db,
+    id: i64,
+    error: &str,
+    retry_at: Option<i64>,
+) -> sqlx::Result<()> {
+    let now = now_ms();
+    sqlx::query(
+        "update notice set attempts = attempts + 1, last_error = ?1, updated_at = ?2,
+             state = case when ?3 is null then 'failed' else 'pending' end,
+             next_attempt_at = ifnull(?3, next_attempt_at)
+         where id = ?4 and state = 'pending'",
+    )
+    .bind(error)
+    .bind(now)
+    .bind(retry_at)
+    .bind(id)
+    .execute(&db.write)
+    .await?;
+    Ok(())
+}
+
+/// Notices newest first, optionally in one state, with ids below `before` (for paging).
+pub async fn list(
+    db: &Db,
+    state: Option<NoticeState>,
+    limit: i64,
+    before: Option<i64>,
+) -> sqlx::Result<Vec<Notice>> {
+    sqlx::query_as(
+        "select * from notice where (?1 is null or state = ?1) and (?2 is null or id < ?2) order by id desc limit ?3",
+    )
+    .bind(state.map(NoticeState::as_str))
+    .bind(before)
+    .bind(limit)
+    .fetch_all(&db.read)
+    .await
+}
+
+/// Notices per state, for metrics.
+pub async fn counts(db: &Db) -> sqlx::Result<Vec<(String, i64)>> {
+    sqlx::query_as("select state, count(*) from notice group by state")
+        .fetch_all(&db.read)
+        .await
+}
