@@ -40,7 +40,8 @@ struct Plan {
 /// How a copy runs.
 #[derive(Debug, Clone)]
 pub struct CopyOptions {
-    /// Blobs and manifests transferred at once.
+    /// Blob byte streams (GET → PUT) at once; round-trip-bound requests (HEADs, upload POSTs,
+    /// manifests) run up to 4 × this.
     pub jobs: usize,
     /// Also copy what refers to the image: OCI referrers (the referrers API, or the
     /// `sha256-<hex>` fallback tag) and cosign's `sha256-<hex>.sig`/`.att`/`.sbom` tags.
