@@ -152,6 +152,7 @@ def case_service(args, cop, work, src, images, base, rtt):
         sf, df = Front(src, rtt, os.path.join(work, "wd"), args.mbit), Front(dst, rtt, os.path.join(work, "wd"), args.mbit)
         svc = B.Service(args, work, f"wd-service-{rnd}", sf, df, allowed=sf.host)
         s0 = src.mark()
+        r = None
         try:
             t0 = time.monotonic()
             for img in images:
@@ -163,11 +164,12 @@ def case_service(args, cop, work, src, images, base, rtt):
             sr, dr = src.requests_since(s0), dst.requests_since(0)
             r.update(B.base_crossings(sr, dr, base))
             r["src_reqs"], r["dst_reqs"] = len(sr), len(dr)
-            r["src_conns"], r["dst_conns"] = len(sf.conns()), len(df.conns())
             r["digest_ok"] = all(dst.digest_of(f"mirror/127.0.0.1_{sf.port}/{i.repo}", i.tag) == i.digest
                                  for i in images)
         finally:
-            svc.close()
+            svc.close()  # the service's connections are logged when they close
+            if r is not None:
+                r["src_conns"], r["dst_conns"] = len(sf.conns()), len(df.conns())
             sf.close()
             df.close()
             dst.close()
