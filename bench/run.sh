@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The performance benchmark (issue 6): mirror-mirror vs skopeo vs the wire floor, and the service.
-# usage: bench/run.sh [--smoke] [--rounds N] [--big-mib N] [--images N] [--only abcdef] [--keep] [--no-build]
+# usage: bench/run.sh [--wan] [--smoke] [--rounds N] [--big-mib N] [--images N] [--only abcdef] [--keep] [--no-build]
 # Prints the results (markdown) on stdout and writes bench/results.md; progress on stderr.
 # Everything runs on loopback; every process it starts is stopped when it ends (or on Ctrl-C).
 set -euo pipefail
@@ -32,7 +32,9 @@ pid=
 cleanup() { if [ -n "$pid" ]; then kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi; }
 trap cleanup EXIT
 trap 'cleanup; exit 130' INT TERM
-python3 bench/bench.py --bin "$bin" "${args[@]}" &
+script=bench/bench.py
+for a in "${args[@]}"; do [ "$a" = --wan ] && script=bench/wan.py; done
+python3 "$script" --bin "$bin" "${args[@]}" &
 pid=$!
 status=0
 wait "$pid" || status=$?

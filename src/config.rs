@@ -131,7 +131,7 @@ pub struct CopyArgs {
     /// source is written by digest with no tag).
     pub target: String,
 
-    /// Blobs and manifests transferred at once.
+    /// Blob byte streams (GET → PUT) at once; HEADs, upload POSTs and manifests run up to 4 × this.
     #[arg(long, short = 'j', env = "MIRROR_COPY_JOBS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub jobs: u32,
 
@@ -259,7 +259,7 @@ pub struct ServeArgs {
     #[arg(long, env = "MIRROR_REFERRERS", default_value_t = true, action = clap::ArgAction::Set)]
     pub referrers: bool,
 
-    /// Blobs and manifests transferred at once within one copy.
+    /// Blob byte streams at once within one copy; HEADs, upload POSTs and manifests up to 4 × this.
     #[arg(long, env = "MIRROR_COPY_JOBS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub jobs: u32,
 

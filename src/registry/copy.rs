@@ -27,6 +27,10 @@ pub const MAX_DEPTH: usize = 4;
 /// Most manifest bytes one image may add up to (a hostile index cannot make us hold more).
 pub const MAX_TOTAL_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
 
+/// Round-trip-bound requests (HEADs, POSTs, manifests) allowed per byte stream (`--jobs`): they
+/// carry no bytes, so over a long link they are what waits, not what loads it.
+const REQUESTS_PER_JOB: usize = 4;
+
 /// A manifest to write and, first, the manifests it names that the target lacks.
 struct Plan {
     manifest: Manifest,
@@ -36,7 +40,8 @@ struct Plan {
 /// How a copy runs.
 #[derive(Debug, Clone)]
 pub struct CopyOptions {
-    /// Blobs and manifests transferred at once.
+    /// Blob byte streams (GET → PUT) at once; round-trip-bound requests (HEADs, upload POSTs,
+    /// manifests) run up to 4 × this.
     pub jobs: usize,
     /// Also copy what refers to the image: OCI referrers (the referrers API, or the
     /// `sha256-<hex>` fallback tag) and cosign's `sha256-<hex>.sig`/`.att`/`.sbom` tags.
@@ -535,7 +540,22 @@ async fn run(
     dry_run: bool,
 ) -> Result<CopyResult> {
     let started = Instant::now();
-    let digest = resolve(client, source).await?;
+    let tag = match (target.tag(), target.digest()) {
+        (Some(t), _) => Some(t.to_string()),
+        (None, None) if source.digest().is_none() => source.tag().map(str::to_string),
+        _ => None,
+    };
+    let dst = Repo::of(target);
+    // The target's tag is asked about while the source's is resolved: one round trip, not two.
+    let head_tag = async {
+        match (&tag, options.repair) {
+            (Some(t), false) => client.head_manifest(&dst, t).await,
+            _ => Ok(None),
+        }
+    };
+    let (digest, tag_head) = futures_util::future::join(resolve(client, source), head_tag).await;
+    let digest = digest?;
+    let tag_head = tag_head?;
     if let Some(td) = target.digest()
         && td != &digest
     {
@@ -543,16 +563,12 @@ async fn run(
             "the target names digest {td} but {source} is {digest}; name the target without a digest"
         )));
     }
-    let tag = match (target.tag(), target.digest()) {
-        (Some(t), _) => Some(t.to_string()),
-        (None, None) if source.digest().is_none() => source.tag().map(str::to_string),
-        _ => None,
-    };
     let engine = Engine {
         client,
         src: Repo::of(source),
-        dst: Repo::of(target),
+        dst,
         sem: Semaphore::new(options.jobs.max(1)),
+        requests: Semaphore::new(options.jobs.max(1) * REQUESTS_PER_JOB),
         blobs: Mutex::new(HashMap::new()),
         entries: Mutex::new(Vec::new()),
         pushed: Mutex::new(Vec::new()),
@@ -569,11 +585,12 @@ async fn run(
     };
 
     // Already there? One HEAD answers it; the read-back by digest proves it.
-    let up_to_date = !options.repair
-        && matches!(
-            client.head_manifest(&dst, &target_ref).await?,
-            Some(h) if h.digest.as_ref() == Some(&digest)
-        );
+    let head = match (&tag, options.repair) {
+        (_, true) => None,
+        (Some(_), false) => tag_head,
+        (None, false) => client.head_manifest(&dst, &target_ref).await?,
+    };
+    let up_to_date = matches!(head, Some(h) if h.digest.as_ref() == Some(&digest));
     let mut referrers_found = None;
     let top = if up_to_date {
         // A dry run reads the source, never the target's body.
@@ -603,11 +620,18 @@ async fn run(
     } else {
         let (top, plan) = engine.plan_top(&digest, options.repair).await?;
         let write = async {
-            if let Some(plan) = &plan {
-                engine.write(plan).await?;
+            match &plan {
+                // The top manifest goes up by its tag, last: the registry checks everything it
+                // names is there, and the tag appears with it (a PUT by digest first would be one
+                // more round trip for the same bytes).
+                Some(plan) => engine.write(plan, tag.as_deref()).await?,
+                None => {
+                    if let Some(t) = &tag {
+                        engine.put(&top, t).await?;
+                    }
+                }
             }
-            if let Some(t) = &tag {
-                engine.put(&top, t).await?;
+            if tag.is_some() {
                 tracing::info!(target = %target_name, digest = %digest, "tagged");
             }
             engine.verify(&top, tag.as_deref()).await
@@ -685,7 +709,10 @@ struct Engine<'a> {
     client: &'a Client,
     src: Repo,
     dst: Repo,
+    /// Byte streams (blob GET → PUT) at once: `--jobs`.
     sem: Semaphore,
+    /// Round-trip-bound requests (HEADs, upload POSTs, manifests) at once.
+    requests: Semaphore,
     /// One transfer per blob digest, however many manifests name it.
     blobs: Mutex<HashMap<Digest, BlobCell>>,
     entries: Mutex<Vec<ManifestEntry>>,
@@ -730,19 +757,24 @@ impl Engine<'_> {
     /// target already has the manifest (and so, everything under it). With `repair`, its presence is
     /// not taken as proof that its children are there too.
     async fn plan_top(&self, digest: &Digest, repair: bool) -> Result<(Manifest, Option<Plan>)> {
-        let m = self
-            .client
-            .get_manifest(&self.src, &digest.to_string(), Some(digest))
-            .await?;
+        // Both at once: whether the target has it decides nothing about fetching it.
+        let reference = digest.to_string();
+        let on_target = async {
+            match repair {
+                true => Ok(None),
+                false => self.client.head_manifest(&self.dst, &reference).await,
+            }
+        };
+        let (m, on_target) = futures_util::future::join(
+            self.client
+                .get_manifest(&self.src, &reference, Some(digest)),
+            on_target,
+        )
+        .await;
+        let m = m?;
         self.note_manifest(&m, None);
         self.count_manifest_bytes(&m)?;
-        if !repair
-            && self
-                .client
-                .head_manifest(&self.dst, &digest.to_string())
-                .await?
-                .is_some()
-        {
+        if on_target?.is_some() {
             self.stats.manifests_skipped.fetch_add(1, Ordering::Relaxed);
             return Ok((m, None));
         }
@@ -800,7 +832,7 @@ impl Engine<'_> {
         self.note_child(d);
         let reference = d.digest.to_string();
         let m = {
-            let _permit = self.sem.acquire().await.expect("semaphore closed");
+            let _permit = self.requests.acquire().await.expect("semaphore closed");
             if self
                 .client
                 .head_manifest(&self.dst, &reference)
@@ -825,16 +857,18 @@ impl Engine<'_> {
         Ok(Some(self.plan(m, depth).await?))
     }
 
-    /// Phase 2: children first, then the blobs of an image, then the manifest itself by digest.
-    fn write<'s>(&'s self, plan: &'s Plan) -> BoxFuture<'s, Result<()>> {
+    /// Phase 2: children first, then the blobs of an image, then the manifest itself by digest
+    /// (or by `tag`, for the top one).
+    fn write<'s>(&'s self, plan: &'s Plan, tag: Option<&'s str>) -> BoxFuture<'s, Result<()>> {
         Box::pin(async move {
-            try_join_all(plan.children.iter().map(|c| self.write(c))).await?;
+            try_join_all(plan.children.iter().map(|c| self.write(c, None))).await?;
             if plan.manifest.kind == Kind::Image {
                 self.copy_blobs(&plan.manifest).await?;
             }
             let m = &plan.manifest;
-            let _permit = self.sem.acquire().await.expect("semaphore closed");
-            self.put(m, &m.digest.to_string()).await?;
+            let _permit = self.requests.acquire().await.expect("semaphore closed");
+            let digest = m.digest.to_string();
+            self.put(m, tag.unwrap_or(&digest)).await?;
             self.pushed
                 .lock()
                 .expect("pushed poisoned")
@@ -877,7 +911,6 @@ impl Engine<'_> {
     }
 
     async fn transfer(&self, d: &Descriptor) -> Result<BlobOutcome> {
-        let _permit = self.sem.acquire().await.expect("semaphore closed");
         let outcome = self.transfer_unguarded(d).await?;
         self.tally(d, outcome);
         Ok(outcome)
@@ -994,22 +1027,37 @@ impl Engine<'_> {
         d: &Descriptor,
         known_repo: Option<&str>,
     ) -> Result<BlobOutcome> {
-        if self.client.blob_size(&self.dst, &d.digest).await?.is_some() {
-            return Ok(BlobOutcome::Skipped);
-        }
-        let mut session = None;
-        for from in self.mount_candidates(known_repo).into_iter().flatten() {
-            match self.client.mount_blob(&self.dst, &from, &d.digest).await {
-                Ok(MountOutcome::Mounted) => return Ok(BlobOutcome::Mounted),
-                Ok(MountOutcome::Upload(s)) => {
-                    session = Some(s);
-                    break;
-                }
-                Err(e) => {
-                    tracing::debug!(blob = %d.digest.short(), "mount from {from} refused ({e}); trying on")
+        // Whether the target has the blob, and a mount or an upload session for when it has not,
+        // asked at once: one round trip instead of two before the bytes move.
+        let open = async {
+            for from in self.mount_candidates(known_repo).into_iter().flatten() {
+                match self.client.mount_blob(&self.dst, &from, &d.digest).await {
+                    Ok(MountOutcome::Mounted) => return Ok(None),
+                    Ok(MountOutcome::Upload(s)) => return Ok(Some(s)),
+                    Err(e) => {
+                        tracing::debug!(blob = %d.digest.short(), "mount from {from} refused ({e}); trying on")
+                    }
                 }
             }
+            self.client.start_upload(&self.dst).await.map(Some)
+        };
+        let (present, opened) = {
+            let _permit = self.requests.acquire().await.expect("semaphore closed");
+            futures_util::future::join(self.client.blob_size(&self.dst, &d.digest), open).await
+        };
+        if present?.is_some() {
+            if let Ok(Some(s)) = opened {
+                // Not needed after all: give the session back (best effort, off the critical path).
+                let (client, dst) = (self.client.clone(), self.dst.clone());
+                tokio::spawn(async move { client.cancel_upload(&dst, &s).await });
+            }
+            return Ok(BlobOutcome::Skipped);
         }
+        let session = match opened? {
+            None => return Ok(BlobOutcome::Mounted),
+            Some(s) => Some(s),
+        };
+        let _permit = self.sem.acquire().await.expect("semaphore closed");
         let session = Mutex::new(session);
         self.client
             .retry_policy()
@@ -1101,7 +1149,7 @@ impl Engine<'_> {
     async fn verify(&self, top: &Manifest, tag: Option<&str>) -> Result<()> {
         let pushed = self.pushed.lock().expect("pushed poisoned").clone();
         let read_back = try_join_all(pushed.iter().map(|d| async move {
-            let _permit = self.sem.acquire().await.expect("semaphore closed");
+            let _permit = self.requests.acquire().await.expect("semaphore closed");
             self.client
                 .get_manifest(&self.dst, &d.to_string(), Some(d))
                 .await

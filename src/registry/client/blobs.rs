@@ -255,7 +255,11 @@ impl Client {
         if let Some(a) = authz {
             req = req.header(header::AUTHORIZATION, a);
         }
+        let sent_at = std::time::Instant::now();
         let sent = req.send().await;
+        if let Ok(r) = &sent {
+            super::requests::timeline(&reqwest::Method::PUT, &put_url, r.status(), sent_at);
+        }
         if let Some(e) = failure.lock().expect("failure poisoned").take() {
             return Err(e);
         }

@@ -1,7 +1,8 @@
 //! Sending requests: authentication on a 401, rate-limit budgets, retries of transient failures,
 //! and the registry's error answers turned into [`Error::Status`].
 
-use std::time::SystemTime;
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use reqwest::header::{self, HeaderMap};
@@ -72,11 +73,16 @@ impl Client {
             if let Some(a) = &authz {
                 req = req.header(header::AUTHORIZATION, a);
             }
-            let resp = req.send().await.map_err(|e| {
-                inner
-                    .conn
-                    .error(&repo.registry, format!("{} {}", repo, redact_query(url)), e)
-            })?;
+            let (http, req) = req.build_split();
+            let context = || format!("{} {}", repo, redact_query(url));
+            let req = req.map_err(|e| inner.conn.error(&repo.registry, context(), e))?;
+            let method = req.method().clone();
+            let sent_at = Instant::now();
+            let resp = http
+                .execute(req)
+                .await
+                .map_err(|e| inner.conn.error(&repo.registry, context(), e))?;
+            timeline(&method, url, resp.status(), sent_at);
             crate::metrics::METRICS.registry_request(&repo.registry, resp.status().as_u16());
             observe(ticket, &resp, repo)?;
             if resp.status() == StatusCode::UNAUTHORIZED
@@ -153,6 +159,26 @@ impl Client {
             })
             .await
     }
+}
+
+/// When this process sent its first request: the zero of the request timeline.
+static TIMELINE_ZERO: OnceLock<Instant> = OnceLock::new();
+
+/// One line of the request timeline (`MIRROR_LOG=mirror_mirror::timeline=trace`): when a request
+/// left and how long until its answer's headers came back, in milliseconds from the first request
+/// of the process. A streamed body (a blob GET) keeps flowing after this line.
+pub(super) fn timeline(method: &Method, url: &url::Url, status: StatusCode, sent_at: Instant) {
+    let zero = *TIMELINE_ZERO.get_or_init(|| sent_at);
+    tracing::trace!(
+        target: "mirror_mirror::timeline",
+        start_ms = sent_at.saturating_duration_since(zero).as_millis() as u64,
+        duration_ms = sent_at.elapsed().as_millis() as u64,
+        status = status.as_u16(),
+        "{method} {}:{}{}",
+        url.host_str().unwrap_or(""),
+        url.port_or_known_default().unwrap_or(0),
+        url.path()
+    );
 }
 
 /// Applies an answer to its budget (answers from another host, such as object storage after a
