@@ -444,7 +444,15 @@ async fn a_mirror_repository_has_one_owner(backend: Backend) {
 async fn records_are_found_by_every_digest_they_name(backend: Backend) {
     let db = Database::new(backend).await;
     let s = db.open().await;
-    assert_eq!(s.ready().await.unwrap(), WriterState::Idle);
+    // Just opened, the writer connection may still be on its way into the pool (`Busy`).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.ready().await.unwrap() != WriterState::Idle {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer never idled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     s.enqueue(&job("docker.io/library/x:1")).await.unwrap();
     let l = s.claim(Duration::from_secs(30)).await.unwrap().unwrap();
     let want = record(l.job.id, "m/x");
