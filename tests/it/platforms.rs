@@ -325,6 +325,30 @@ async fn a_platform_the_index_lacks_is_refused_before_anything_is_written() {
         "nothing written"
     );
 
+    // A dry run of a subset plans only the chosen child and its attestation, and writes nothing.
+    let out = run(&[
+        "copy",
+        &src,
+        &dst,
+        "--platform",
+        "linux/amd64",
+        "--dry-run",
+        "--json",
+    ]);
+    let plan = ok_json(&out);
+    assert_eq!(plan["dry_run"], true);
+    assert_eq!(plan["subset"], true);
+    assert_eq!(
+        plan["manifests_pushed"], 2,
+        "the child and its attestation: {plan}"
+    );
+    assert_eq!(plan["blobs_uploaded"], 4, "{plan}");
+    assert_eq!(
+        catalog(&down).await["repositories"],
+        json!([]),
+        "nothing written"
+    );
+
     // Not a platform at all: a usage error.
     let out = run(&["copy", &src, &dst, "--platform", "amd64"]);
     assert_eq!(out.status.code(), Some(2));
