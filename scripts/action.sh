@@ -82,15 +82,24 @@ cmd_run() {
   fi
 
   local results='[]' failed=0 first_error='' rows=''
-  local src dst out err json reason rc
+  local src dst out err json reason rc note
   err=$(mktemp)
   for src in "${images[@]}"; do
     dst=$target
     echo "mirror-mirror copy $src $dst ${flags[*]}" >&2
     if out=$("$bin" copy "$src" "$dst" "${flags[@]}" 2>"$err"); then
       cat "$err" >&2
-      json=$(jq -c --arg src "$src" '{source: $src, ok: true, digest: .source_digest, target: .target, pull: .pull, platforms: .platforms, bytes_moved: .bytes_moved}' <<<"$out")
-      rows+="| \`$src\` | \`$(jq -r .digest <<<"$json")\` | \`docker pull $(jq -r .pull <<<"$json")\` |"$'\n'
+      # digest: the official digest the pull line serves (with one platform, that child's as the
+      # official index lists it); a subset of several platforms pulls a rebuilt index, which is
+      # not official: digest is then the official index's, and the row says so.
+      json=$(jq -c --arg src "$src" '{source: $src, ok: true, digest: (if .index_rebuilt == true then .source_digest else .target_digest end), target: .target, pull: .pull, platforms: .platforms, bytes_moved: .bytes_moved} + (if .subset == true then {subset: true, index_rebuilt: .index_rebuilt, source_index_digest: .source_index_digest, children: .children} else {} end)' <<<"$out")
+      note=''
+      if [[ $(jq -r '.index_rebuilt // false' <<<"$json") == true ]]; then
+        note=" (platforms $(jq -r '.platforms | join(", ")' <<<"$json"): a rebuilt index, NOT an official digest; children: $(jq -r '[.children[] | .platform + " " + .digest] | join(", ")' <<<"$json"))"
+      elif [[ $(jq -r '.subset // false' <<<"$json") == true ]]; then
+        note=" (platform $(jq -r '.platforms[0]' <<<"$json") of $(jq -r .source_index_digest <<<"$json"))"
+      fi
+      rows+="| \`$src\` | \`$(jq -r .digest <<<"$json")\`$note | \`docker pull $(jq -r .pull <<<"$json")\` |"$'\n'
     else
       rc=$?
       cat "$err" >&2

@@ -142,9 +142,21 @@ pub async fn copy(args: CopyArgs) -> Result<()> {
         referrers_when_up_to_date: false,
     };
     if args.dry_run {
-        let plan = crate::registry::dry_run(&client, &source, &target, &options)
+        let plan = if args.platforms.is_empty() {
+            crate::registry::dry_run(&client, &source, &target, &options).await
+        } else {
+            crate::registry::copy::copy_platforms(
+                &client,
+                &source,
+                &target,
+                &options,
+                &args.platforms,
+                Arc::new(Progress::default()),
+                true,
+            )
             .await
-            .with_context(|| format!("planning a copy of {source} to {target}"))?;
+        }
+        .with_context(|| format!("planning a copy of {source} to {target}"))?;
         let mut out = std::io::stdout().lock();
         if args.json {
             serde_json::to_writer_pretty(&mut out, &plan)?;
@@ -158,7 +170,20 @@ pub async fn copy(args: CopyArgs) -> Result<()> {
     let bar = std::io::stderr()
         .is_terminal()
         .then(|| tokio::spawn(draw_progress(progress.clone())));
-    let result = crate::registry::copy(&client, &source, &target, &options, progress).await;
+    let result = if args.platforms.is_empty() {
+        crate::registry::copy(&client, &source, &target, &options, progress).await
+    } else {
+        crate::registry::copy::copy_platforms(
+            &client,
+            &source,
+            &target,
+            &options,
+            &args.platforms,
+            progress,
+            false,
+        )
+        .await
+    };
     if let Some(bar) = bar {
         bar.abort();
         eprint!("\r\x1b[K");
@@ -182,6 +207,26 @@ pub async fn copy(args: CopyArgs) -> Result<()> {
         human_bytes(result.bytes_moved),
         result.duration_ms as f64 / 1000.0,
     );
+    if result.subset {
+        for c in &result.children {
+            eprintln!(
+                "platform {}: {}@{} (official digest, as listed in {})",
+                c.platform,
+                result.pull.split('@').next().unwrap_or_default(),
+                c.digest,
+                result.source_digest,
+            );
+        }
+        if result.index_rebuilt == Some(true) {
+            eprintln!(
+                "warning: {} names a REBUILT index {} holding only {}: it is NOT an official digest (the official index is {}); each child above keeps its official digest",
+                result.target,
+                result.target_digest,
+                result.platforms.join(", "),
+                result.source_digest,
+            );
+        }
+    }
     let mut out = std::io::stdout().lock();
     if args.json {
         serde_json::to_writer_pretty(&mut out, &result)?;

@@ -148,6 +148,13 @@ pub struct CopyArgs {
     #[arg(long)]
     pub dry_run: bool,
 
+    /// Copy only this platform of an index (`os/arch` or `os/arch/variant`; repeat for several),
+    /// each child under its official digest with its attestations. One platform: the tag names
+    /// that child. Several: the tag names an index rebuilt from those entries, whose digest is not
+    /// an official one. A single image is copied only if its config names the platform.
+    #[arg(long = "platform", value_name = "OS/ARCH[/VARIANT]")]
+    pub platforms: Vec<crate::registry::platforms::PlatformSpec>,
+
     /// Treat DST as a repository prefix and name the image under it as `serve` does: `nested`
     /// (`DST/registry/path`) or `flat` (`DST/registry__path`, for registries that take only
     /// `namespace/repo`). The source's tag is kept.

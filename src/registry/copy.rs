@@ -15,6 +15,7 @@ use tokio::sync::{OnceCell, Semaphore};
 use super::client::{Client, MountOutcome, Repo};
 use super::error::{Error, Result};
 use super::manifest::{Descriptor, Kind, Manifest};
+use super::platforms::{Chosen, PlatformSpec, config_platform, select, show_platform};
 use crate::digest::Digest;
 use crate::reference::ImageRef;
 
@@ -142,6 +143,20 @@ pub struct CopyResult {
     /// counted as mounted would be tried as a mount first, and uploaded if the registry declines).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub dry_run: bool,
+    /// A platform subset (`copy --platform`): only some children of the source index were copied,
+    /// each under its official digest; `source_digest` is the source index's.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub subset: bool,
+    /// With a subset: whether the tag names an index rebuilt from the chosen entries (several
+    /// platforms; its digest, `target_digest`, is NOT an official one) or the one child itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index_rebuilt: Option<bool>,
+    /// With a subset: the official index the children were chosen from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_index_digest: Option<Digest>,
+    /// With a subset: each platform copied, its official child digest and its attestations.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<Chosen>,
 }
 
 /// An artifact that refers to a copied manifest, copied along with it.
@@ -514,7 +529,81 @@ pub async fn copy(
     options: &CopyOptions,
     progress: Arc<Progress>,
 ) -> Result<CopyResult> {
-    run(client, source, target, options, progress, false).await
+    run(client, source, target, options, progress, false, None).await
+}
+
+/// Copies only the children of `source`'s index for `platforms` (`copy --platform`), each under
+/// its official digest, with the attestations that refer to them. With one platform the tag names
+/// that child; with several, an index rebuilt from their entries (a new digest, not an official
+/// one: the result says so). A platform the index lacks is refused before anything is written. A
+/// single-platform image is copied whole when its config names the platform asked for, else refused.
+pub async fn copy_platforms(
+    client: &Client,
+    source: &ImageRef,
+    target: &ImageRef,
+    options: &CopyOptions,
+    platforms: &[PlatformSpec],
+    progress: Arc<Progress>,
+    dry_run: bool,
+) -> Result<CopyResult> {
+    run(
+        client,
+        source,
+        target,
+        options,
+        progress,
+        dry_run,
+        Some(platforms),
+    )
+    .await
+}
+
+/// What `--platform` chose: the children of an index, or a single image whose config matches.
+enum Subset {
+    Index(Box<super::platforms::Selection>),
+    Image(String),
+}
+
+/// Chooses what `specs` copy of `source` (its top manifest `m`), refusing before anything is written.
+async fn choose(
+    client: &Client,
+    src: &Repo,
+    source: &ImageRef,
+    m: &Manifest,
+    specs: &[PlatformSpec],
+) -> Result<Subset> {
+    let what = source.clone().with_digest(None).to_string();
+    match m.kind {
+        Kind::Index => Ok(Subset::Index(Box::new(select(&what, m, specs)?))),
+        Kind::Image => {
+            let config = m.blobs.first().ok_or_else(|| Error::InvalidManifest {
+                reference: format!("{src}@{}", m.digest),
+                reason: "an image manifest without a config".into(),
+            })?;
+            let bytes = client
+                .get_small_blob(src, &config.digest, config.size)
+                .await?;
+            let Some(p) = config_platform(&bytes) else {
+                return Err(Error::Refused {
+                    reason: format!(
+                        "{what} is a single image whose config names no platform: copy it without --platform"
+                    ),
+                });
+            };
+            let shown = show_platform(&p);
+            if let Some(spec) = specs
+                .iter()
+                .find(|s| !s.matches(&p.0, &p.1, p.2.as_deref()))
+            {
+                return Err(Error::Refused {
+                    reason: format!(
+                        "{what} is a single image for {shown}, not an index: it has no platform {spec}"
+                    ),
+                });
+            }
+            Ok(Subset::Image(shown))
+        }
+    }
 }
 
 /// A dry run of [`copy`]: reads the source as a copy would (every manifest fetched and checked)
@@ -528,7 +617,7 @@ pub async fn dry_run(
     options: &CopyOptions,
 ) -> Result<CopyResult> {
     let progress = Arc::new(Progress::default());
-    run(client, source, target, options, progress, true).await
+    run(client, source, target, options, progress, true, None).await
 }
 
 async fn run(
@@ -538,6 +627,7 @@ async fn run(
     options: &CopyOptions,
     progress: Arc<Progress>,
     dry_run: bool,
+    platforms: Option<&[PlatformSpec]>,
 ) -> Result<CopyResult> {
     let started = Instant::now();
     let tag = match (target.tag(), target.digest()) {
@@ -556,6 +646,22 @@ async fn run(
     let (digest, tag_head) = futures_util::future::join(resolve(client, source), head_tag).await;
     let digest = digest?;
     let tag_head = tag_head?;
+    if platforms.is_some() && target.digest().is_some() {
+        return Err(Error::Invalid(
+            "with --platform the target names a tag or only a repository, not a digest".into(),
+        ));
+    }
+    // With --platform: choose (and refuse) before anything is written.
+    let subset = match platforms {
+        Some(specs) if !specs.is_empty() => {
+            let src = Repo::of(source);
+            let m = client
+                .get_manifest(&src, &digest.to_string(), Some(&digest))
+                .await?;
+            Some((choose(client, &src, source, &m, specs).await?, m))
+        }
+        _ => None,
+    };
     if let Some(td) = target.digest()
         && td != &digest
     {
@@ -578,14 +684,29 @@ async fn run(
         dry_run,
     };
     let dst = engine.dst.clone();
+    // What the tag names: the source's digest, or with a subset the one child or the rebuilt index.
+    let (selection, subset_image) = match subset {
+        Some((Subset::Index(sel), index)) => {
+            engine.count_manifest_bytes(&index)?;
+            (Some(*sel), None)
+        }
+        Some((Subset::Image(p), _)) => (None, Some(p)),
+        None => (None, None),
+    };
+    let named = match &selection {
+        Some(sel) if sel.chosen.len() == 1 => sel.chosen[0].digest.clone(),
+        Some(sel) => sel.rebuilt.digest.clone(),
+        None => digest.clone(),
+    };
     let target_ref = tag.clone().unwrap_or_else(|| digest.to_string());
     let target_name = match &tag {
         Some(t) => format!("{dst}:{t}"),
-        None => format!("{dst}@{digest}"),
+        None => format!("{dst}@{named}"),
     };
 
-    // Already there? One HEAD answers it; the read-back by digest proves it.
-    let head = match (&tag, options.repair) {
+    // Already there? One HEAD answers it; the read-back by digest proves it. (A subset checks
+    // each chosen child instead.)
+    let head = match (&tag, options.repair || selection.is_some()) {
         (_, true) => None,
         (Some(_), false) => tag_head,
         (None, false) => client.head_manifest(&dst, &target_ref).await?,
@@ -611,6 +732,52 @@ async fn run(
             referrers_found = Some(find_referrers(client, &engine).await);
         }
         m
+    } else if let Some(sel) = &selection {
+        let single = sel.chosen.len() == 1;
+        let top = if single {
+            let d = &sel.chosen[0].digest;
+            client
+                .get_manifest(&engine.src, &d.to_string(), Some(d))
+                .await?
+        } else {
+            engine.note_manifest(&sel.rebuilt, None);
+            sel.rebuilt.clone()
+        };
+        engine.count_manifest_bytes(&sel.rebuilt)?;
+        // The chosen children and their attestations, by their official digests.
+        let plan = engine.plan(sel.rebuilt.clone(), 0).await?;
+        if dry_run {
+            match single {
+                true => {
+                    try_join_all(plan.children.iter().map(|c| engine.dry_write(c))).await?;
+                }
+                false => engine.dry_write(&plan).await?,
+            }
+        } else {
+            let write = async {
+                match single {
+                    true => {
+                        try_join_all(plan.children.iter().map(|c| engine.write(c, None))).await?;
+                    }
+                    false => engine.write(&plan, None).await?,
+                }
+                if let Some(t) = &tag {
+                    engine.put(&top, t).await?;
+                    tracing::info!(target = %target_name, digest = %top.digest, "tagged");
+                }
+                engine.verify(&top, tag.as_deref()).await
+            };
+            let find = async {
+                match options.referrers {
+                    true => Some(find_referrers(client, &engine).await),
+                    false => None,
+                }
+            };
+            let (written, found) = futures_util::future::join(write, find).await;
+            written?;
+            referrers_found = found;
+        }
+        top
     } else if dry_run {
         let (top, plan) = engine.plan_top(&digest, false).await?;
         if let Some(plan) = &plan {
@@ -665,13 +832,19 @@ async fn run(
         .filter(|p| !p.starts_with("unknown/"))
         .collect();
     platforms.dedup();
+    if let Some(sel) = &selection {
+        platforms = sel.chosen.iter().map(|c| c.platform.clone()).collect();
+    }
+    if let Some(p) = &subset_image {
+        platforms = vec![p.clone()];
+    }
     let s = &engine.stats;
     Ok(CopyResult {
         source: source.to_string(),
         source_digest: digest.clone(),
         target: target_name,
-        target_digest: digest.clone(),
-        pull: format!("{dst}@{digest}"),
+        target_digest: top.digest.clone(),
+        pull: format!("{dst}@{}", top.digest),
         media_type: top.media_type.clone(),
         platforms,
         manifests: entries,
@@ -688,6 +861,10 @@ async fn run(
         referrers_failed,
         duration_ms: started.elapsed().as_millis() as u64,
         dry_run,
+        subset: selection.is_some(),
+        index_rebuilt: selection.as_ref().map(|s| s.chosen.len() > 1),
+        source_index_digest: selection.as_ref().map(|_| digest.clone()),
+        children: selection.map(|s| s.chosen).unwrap_or_default(),
     })
 }
 

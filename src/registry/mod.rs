@@ -11,6 +11,7 @@ pub mod credentials;
 pub mod error;
 pub mod guard;
 pub mod manifest;
+pub mod platforms;
 pub mod proxy;
 pub mod retry;
 pub mod settings;

@@ -374,41 +374,111 @@ async fn a_failing_copy_fails_the_step_with_the_one_line_reason() {
     let md = std::fs::read_to_string(&summary).unwrap();
     assert!(md.contains("| failed |"), "{md}");
 
-    // Platforms asked of a binary without `copy --platform`: one line saying so, before any copy.
-    let has_platform = String::from_utf8_lossy(
-        &std::process::Command::new(bin())
-            .args(["copy", "--help"])
-            .output()
+    // Platforms: each passed as `copy --platform`. One platform of an index: that child, under
+    // its official digest, is what the summary and the result name.
+    let amd = Pusher::new(&up)
+        .image("team/multi", 5, &[1100], false, Style::Compact)
+        .await;
+    let arm = Pusher::new(&up)
+        .image("team/multi", 6, &[1200], false, Style::Compact)
+        .await;
+    let idx = Pusher::new(&up)
+        .index(
+            "team/multi",
+            Some("2.0"),
+            &[
+                (amd.clone(), platform("linux", "amd64")),
+                (arm.clone(), platform("linux", "arm64")),
+            ],
+            false,
+            Style::Compact,
+        )
+        .await;
+    std::fs::write(&summary, "").unwrap();
+    std::fs::write(&output, "").unwrap();
+    let out = script(
+        &["run"],
+        &[
+            ("INPUT_IMAGES", &format!("{}/team/multi:2.0", up.host())),
+            ("INPUT_TARGET", &target),
+            ("INPUT_PLATFORMS", "linux/arm64"),
+            ("MIRROR_MIRROR_BIN", bin()),
+            ("GITHUB_STEP_SUMMARY", summary.to_str().unwrap()),
+            ("GITHUB_OUTPUT", output.to_str().unwrap()),
+        ],
+        home.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&output).unwrap();
+    let result: Value = serde_json::from_str(text.trim().strip_prefix("result=").unwrap()).unwrap();
+    let image = &result["images"][0];
+    assert_eq!(image["digest"], Value::from(arm.digest.clone()), "{result}");
+    assert_eq!(image["subset"], true);
+    assert_eq!(
+        image["source_index_digest"],
+        Value::from(idx.digest.clone())
+    );
+    assert_eq!(image["platforms"], serde_json::json!(["linux/arm64"]));
+    assert!(
+        image["pull"]
+            .as_str()
             .unwrap()
-            .stdout,
-    )
-    .contains("--platform");
+            .ends_with(&format!("@{}", arm.digest)),
+        "{result}"
+    );
+    let md = std::fs::read_to_string(&summary).unwrap();
+    assert!(
+        md.contains(&format!("(platform linux/arm64 of {})", idx.digest)),
+        "{md}"
+    );
+
+    // Several platforms: a rebuilt index, and the summary says it is not an official digest.
+    let out = script(
+        &["run"],
+        &[
+            ("INPUT_IMAGES", &format!("{}/team/multi:2.0", up.host())),
+            ("INPUT_TARGET", &target),
+            ("INPUT_PLATFORMS", "linux/amd64, linux/arm64"),
+            ("MIRROR_MIRROR_BIN", bin()),
+            ("GITHUB_STEP_SUMMARY", summary.to_str().unwrap()),
+        ],
+        home.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let md = std::fs::read_to_string(&summary).unwrap();
+    assert!(
+        md.contains("a rebuilt index, NOT an official digest"),
+        "{md}"
+    );
+    assert!(md.contains(&format!("linux/amd64 {}", amd.digest)), "{md}");
+
+    // A platform the image does not have: one line saying which it has, before any copy.
     let out = script(
         &["run"],
         &[
             ("INPUT_IMAGES", &format!("{}/team/app:ok", up.host())),
             ("INPUT_TARGET", &target),
-            ("INPUT_PLATFORMS", "linux/amd64"),
+            ("INPUT_PLATFORMS", "linux/arm64"),
             ("MIRROR_MIRROR_BIN", bin()),
         ],
         home.path(),
     );
-    if has_platform {
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    } else {
-        assert_eq!(out.status.code(), Some(1));
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("has no copy --platform"), "{err}");
-        assert_eq!(
-            err.lines().filter(|l| l.starts_with("error: ")).count(),
-            1,
-            "{err}"
-        );
-    }
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "is a single image for linux/amd64, not an index: it has no platform linux/arm64"
+        ),
+        "{err}"
+    );
 
     // Bad inputs: one line saying what to give.
     let out = script(

@@ -13,6 +13,7 @@ mod helpers;
 mod metrics;
 mod namespace;
 mod notices;
+mod platforms;
 mod proxy;
 mod queue;
 mod quirks;

@@ -10,6 +10,7 @@ mod blobs;
 mod manifests;
 mod referrers;
 mod requests;
+mod small_blobs;
 mod tags;
 mod uploads;
 
