@@ -41,6 +41,15 @@ fn ok_json(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).expect("--json prints JSON")
 }
 
+/// `copy FROM/REPO@DIGEST TO/REPO:v1 EXTRA… --json`, which must succeed; its JSON result.
+async fn copy_image(from: &str, to: &str, repo: &str, digest: &str, extra: &[&str]) -> Value {
+    let (src, dst) = (format!("{from}/{repo}@{digest}"), format!("{to}/{repo}:v1"));
+    let mut args = vec!["copy", src.as_str(), dst.as_str()];
+    args.extend_from_slice(extra);
+    args.push("--json");
+    ok_json(&mirror(&args).await)
+}
+
 /// An image on `reg` with one generated layer of `len` bytes, tagged `v1`.
 async fn big_image(reg: &Registry, repo: &str, seed: u64, len: u64) -> (TestImage, String) {
     let p = Pusher::new(reg);
@@ -84,15 +93,7 @@ async fn a_front_refusing_bodies_over_64_mib_gets_the_layer_in_chunks() {
     let (src, dst) = (Registry::anonymous().await, Registry::anonymous().await);
     let front = Nginx::front(&dst.host(), "client_max_body_size 64m;");
     let (img, layer) = big_image(&src, "big/app", 5, 100 * MIB).await;
-    let r = ok_json(
-        &mirror(&[
-            "copy",
-            &format!("{}/big/app@{}", src.host(), img.digest),
-            &format!("{}/big/app:v1", front.host()),
-            "--json",
-        ])
-        .await,
-    );
+    let r = copy_image(&src.host(), &front.host(), "big/app", &img.digest, &[]).await;
     assert_eq!(r["target_digest"], json!(img.digest), "{}", front.log());
     let seen = nginx_requests(&front.access_log());
     let refused: Vec<_> = seen
@@ -120,17 +121,14 @@ async fn a_chunk_size_setting_keeps_every_request_under_a_4_mib_limit() {
     // GHCR takes at most 4 MiB per PATCH.
     let front = Nginx::front(&dst.host(), "client_max_body_size 4m;");
     let (img, _) = big_image(&src, "ghcr/app", 6, 18 * MIB).await;
-    let r = ok_json(
-        &mirror(&[
-            "copy",
-            &format!("{}/ghcr/app@{}", src.host(), img.digest),
-            &format!("{}/ghcr/app:v1", front.host()),
-            "--chunk-size",
-            "4MiB",
-            "--json",
-        ])
-        .await,
-    );
+    let r = copy_image(
+        &src.host(),
+        &front.host(),
+        "ghcr/app",
+        &img.digest,
+        &["--chunk-size", "4MiB"],
+    )
+    .await;
     assert_eq!(r["target_digest"], json!(img.digest));
     let seen = nginx_requests(&front.access_log());
     assert!(
@@ -185,17 +183,14 @@ async fn ecr_and_ghcr_answers_to_chunks_are_followed() {
     })
     .await;
     let (img, _) = big_image(&src, "ecr/app", 7, 12 * MIB).await;
-    let r = ok_json(
-        &mirror(&[
-            "copy",
-            &format!("{}/ecr/app@{}", src.host(), img.digest),
-            &format!("{}/ecr/app:v1", front.host()),
-            "--chunk-size",
-            "5MiB",
-            "--json",
-        ])
-        .await,
-    );
+    let r = copy_image(
+        &src.host(),
+        &front.host(),
+        "ecr/app",
+        &img.digest,
+        &["--chunk-size", "5MiB"],
+    )
+    .await;
     assert_eq!(r["target_digest"], json!(img.digest));
     let log = front.log();
     let patches: Vec<_> = log.iter().filter(|l| l.method == Method::PATCH).collect();
@@ -221,15 +216,7 @@ async fn a_source_cut_every_96_mib_resumes_a_1_gib_layer() {
         }
     })
     .await;
-    let r = ok_json(
-        &mirror(&[
-            "copy",
-            &format!("{}/huge/app@{}", front.host(), img.digest),
-            &format!("{}/huge/app:v1", dst.host()),
-            "--json",
-        ])
-        .await,
-    );
+    let r = copy_image(&front.host(), &dst.host(), "huge/app", &img.digest, &[]).await;
     assert_eq!(r["target_digest"], json!(img.digest));
     let served = front.blob_bytes_served();
     eprintln!(
@@ -267,15 +254,7 @@ async fn a_source_that_ignores_range_starts_the_blob_again() {
         }
     })
     .await;
-    let r = ok_json(
-        &mirror(&[
-            "copy",
-            &format!("{}/norange/app@{}", front.host(), img.digest),
-            &format!("{}/norange/app:v1", dst.host()),
-            "--json",
-        ])
-        .await,
-    );
+    let r = copy_image(&front.host(), &dst.host(), "norange/app", &img.digest, &[]).await;
     assert_eq!(r["target_digest"], json!(img.digest));
     let gets: Vec<_> = front
         .log()
@@ -357,17 +336,14 @@ async fn copy_with_second_chunk(
         }
     })
     .await;
-    let r = ok_json(
-        &mirror(&[
-            "copy",
-            &format!("{}/lost/app@{}", src.host(), img.digest),
-            &format!("{}/lost/app:v1", front.host()),
-            "--chunk-size",
-            "1MiB",
-            "--json",
-        ])
-        .await,
-    );
+    let r = copy_image(
+        &src.host(),
+        &front.host(),
+        "lost/app",
+        &img.digest,
+        &["--chunk-size", "1MiB"],
+    )
+    .await;
     assert_eq!(r["target_digest"], json!(img.digest));
     assert!(Pusher::new(&dst).blob_exists("lost/app", &layer).await);
     chunked_steps(&front)
@@ -490,17 +466,14 @@ async fn a_body_limit_in_the_registries_file_chunks_from_the_first_blob() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("registries.yaml");
     std::fs::write(&file, format!("{}:\n  max_body: 4MiB\n", front.host())).unwrap();
-    let r = ok_json(
-        &mirror(&[
-            "copy",
-            &format!("{}/file/app@{}", src.host(), img.digest),
-            &format!("{}/file/app:v1", front.host()),
-            "--registries-file",
-            file.to_str().unwrap(),
-            "--json",
-        ])
-        .await,
-    );
+    let r = copy_image(
+        &src.host(),
+        &front.host(),
+        "file/app",
+        &img.digest,
+        &["--registries-file", file.to_str().unwrap()],
+    )
+    .await;
     assert_eq!(r["target_digest"], json!(img.digest));
     let seen = nginx_requests(&front.access_log());
     assert!(seen.iter().all(|(_, s, _)| *s != 413), "{seen:?}");
