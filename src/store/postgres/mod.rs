@@ -7,6 +7,7 @@
 mod blobs;
 mod enqueue;
 mod ledger;
+mod outbox;
 mod queue;
 mod rounds;
 
@@ -18,8 +19,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::Error;
-use crate::db::WriterState;
+use super::{Error, WriterState};
 
 /// The migrations in `migrations/postgres/`, embedded at build time. sqlx holds an advisory
 /// lock while it migrates, so replicas starting at once on an empty database migrate it once.
@@ -38,6 +38,11 @@ pub struct PgStore {
     stop: CancellationToken,
     /// Stops the LISTEN task when the last clone goes.
     _listening: Arc<DropGuard>,
+}
+
+/// A duration in ms, as the database's bigint times are.
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// The URL without its password, for messages.
