@@ -854,6 +854,10 @@ async fn a_round_runs_once_per_interval_across_replicas(backend: Backend) {
         slots.push(slot.slot);
     }
     assert!(slots.windows(2).all(|w| w[1] > w[0]), "{slots:?}");
+    // A replica started later (or a restart) sees the last round and what it found.
+    let later = db.open().await;
+    let last = later.last_round(RoundKind::Drift).await.unwrap().unwrap();
+    assert_eq!(last.slot, *slots.last().unwrap());
     // Kinds are independent.
     assert!(
         first
