@@ -352,9 +352,11 @@ impl PgStore {
         .execute(&self.pool)
         .await?
         .rows_affected();
+        // Its own statement, so its own "now": a lease that ran out since the one above is
+        // requeued only with attempts left (else the next rescue fails it).
         let requeued = sqlx::query(
             "update job set state = 'queued', lease_token = null, lease_expires_at = null, updated_at = mm_now_ms()
-             where state = 'running' and lease_expires_at < mm_now_ms()",
+             where state = 'running' and lease_expires_at < mm_now_ms() and attempts < max_attempts",
         )
         .execute(&self.pool)
         .await?

@@ -254,7 +254,7 @@ async fn rescue(conn: &mut sqlx::SqliteConnection, now: i64) -> sqlx::Result<()>
     .rows_affected();
     let requeued = sqlx::query(
         "update job set state = 'queued', lease_token = null, lease_expires_at = null, updated_at = ?1
-         where state = 'running' and lease_expires_at < ?1",
+         where state = 'running' and lease_expires_at < ?1 and attempts < max_attempts",
     )
     .bind(now)
     .execute(&mut *conn)
