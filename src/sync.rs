@@ -21,7 +21,8 @@ use crate::store::{self, NewJob, RoundKind, Store, now_ms};
 /// Tags asked for per page when listing a source's tags.
 const TAG_PAGE: usize = 1000;
 
-/// Syncs asked for by `POST /sync` claim a slot this short: they run here, now.
+/// Syncs asked for by `POST /sync`, and the one at start, claim a slot this short: they run
+/// here, now.
 const ROUND_SLOT: Duration = Duration::from_millis(1);
 
 /// How the mirror list is kept.
@@ -119,10 +120,10 @@ impl Sync {
     /// joined). It runs in the background after the running one; `GET /sync` shows it.
     pub fn request(&self, trigger: Trigger) -> (RoundStatus, Option<tokio::task::JoinHandle<()>>) {
         let sync = self.clone();
-        // The start's and the schedule's syncs run once per interval across replicas (the first
-        // to claim the slot); one asked for runs here, now.
+        // The schedule's syncs run once per interval across replicas (the first to claim the
+        // slot); one asked for, and the one at start (the file may have changed), run here, now.
         let slot = match (trigger, self.config.interval) {
-            (Trigger::Start | Trigger::Schedule, Some(every)) => every,
+            (Trigger::Schedule, Some(every)) => every,
             _ => ROUND_SLOT,
         };
         self.rounds.request(trigger, move |id| async move {

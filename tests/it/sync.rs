@@ -412,3 +412,35 @@ fn a_bad_mirror_list_stops_start_up_naming_the_line() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_syncs_the_edited_list_at_once_even_within_the_interval() {
+    let (up, down) = (Registry::anonymous().await, Registry::anonymous().await);
+    let h = up.host();
+    tagged(&up, "lib/one", 11, &["1"]).await;
+    tagged(&up, "lib/two", 12, &["2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mirrors.yaml");
+    let env = [
+        ("MIRROR_SYNC_FILE", file.to_str().unwrap()),
+        ("MIRROR_SYNC_INTERVAL", "3600"),
+    ];
+    let db = dir.path().join("m.db");
+    let target = format!("{}/mirror", down.host());
+    std::fs::write(&file, format!("images:\n  - source: {h}/lib/one:1\n")).unwrap();
+    let mut svc = Service::start(&db, &target, &h, &env).await;
+    wait_succeeded(&svc, 1).await;
+    svc.terminate(Duration::from_secs(10));
+    // Edited and restarted within the hour: the start syncs the new entry, not the next slot.
+    std::fs::write(
+        &file,
+        format!("images:\n  - source: {h}/lib/one:1\n  - source: {h}/lib/two:2\n"),
+    )
+    .unwrap();
+    let svc = Service::start(&db, &target, &h, &env).await;
+    let jobs = wait_succeeded(&svc, 2).await;
+    assert!(
+        jobs.iter().any(|j| j["source"] == json!(format!("{h}/lib/two:2"))),
+        "{jobs:?}"
+    );
+}
