@@ -1009,19 +1009,20 @@ impl Engine<'_> {
         self.note_child(d);
         let reference = d.digest.to_string();
         let m = {
+            // Both at once: the parent is missing on the target, so its children most likely are
+            // too, and the GET no longer waits a round trip for the HEAD's answer.
             let _permit = self.requests.acquire().await.expect("semaphore closed");
-            if self
-                .client
-                .head_manifest(&self.dst, &reference)
-                .await?
-                .is_some()
-            {
+            let (on_target, m) = futures_util::future::join(
+                self.client.head_manifest(&self.dst, &reference),
+                self.client
+                    .get_manifest(&self.src, &reference, Some(&d.digest)),
+            )
+            .await;
+            if on_target?.is_some() {
                 self.stats.manifests_skipped.fetch_add(1, Ordering::Relaxed);
                 return Ok(None);
             }
-            self.client
-                .get_manifest(&self.src, &reference, Some(&d.digest))
-                .await?
+            m?
         };
         if m.bytes.len() as u64 != d.size {
             return Err(Error::SizeMismatch {
