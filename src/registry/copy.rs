@@ -12,8 +12,9 @@ use futures_util::future::try_join_all;
 use serde::Serialize;
 use tokio::sync::{OnceCell, Semaphore};
 
-use super::client::{Client, MountOutcome, Repo};
+use super::client::{Client, MountOutcome, Repo, UploadSession};
 use super::error::{Error, Result};
+use super::gate::Gate;
 use super::manifest::{Descriptor, Kind, Manifest};
 use super::platforms::{Chosen, PlatformSpec, config_platform, select, show_platform};
 use crate::digest::Digest;
@@ -31,6 +32,13 @@ pub const MAX_TOTAL_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
 /// Round-trip-bound requests (HEADs, POSTs, manifests) allowed per byte stream (`--jobs`): they
 /// carry no bytes, so over a long link they are what waits, not what loads it.
 const REQUESTS_PER_JOB: usize = 4;
+
+/// Blobs this small (an image config, a small layer) are round-trip-bound: read whole while the
+/// target is asked whether it has them, and put with one request, outside the byte-stream limit.
+const SMALL_BLOB: u64 = 1024 * 1024;
+
+/// Most bytes of small blobs held in memory at once.
+const SMALL_BYTES_HELD: u64 = 8 * 1024 * 1024;
 
 /// A manifest to write and, first, the manifests it names that the target lacks.
 struct Plan {
@@ -673,7 +681,8 @@ async fn run(
         client,
         src: Repo::of(source),
         dst,
-        sem: Semaphore::new(options.jobs.max(1)),
+        sem: Gate::new(options.jobs.max(1)),
+        small_bytes: Semaphore::new((SMALL_BYTES_HELD / 1024) as usize),
         requests: Semaphore::new(options.jobs.max(1) * REQUESTS_PER_JOB),
         blobs: Mutex::new(HashMap::new()),
         entries: Mutex::new(Vec::new()),
@@ -886,8 +895,10 @@ struct Engine<'a> {
     client: &'a Client,
     src: Repo,
     dst: Repo,
-    /// Byte streams (blob GET → PUT) at once: `--jobs`.
-    sem: Semaphore,
+    /// Byte streams (blob GET → PUT) at once: `--jobs`, the largest blob waiting first.
+    sem: Gate,
+    /// KiB of small blobs held in memory ([`SMALL_BYTES_HELD`]).
+    small_bytes: Semaphore,
     /// Round-trip-bound requests (HEADs, upload POSTs, manifests) at once.
     requests: Semaphore,
     /// One transfer per blob digest, however many manifests name it.
@@ -1108,7 +1119,7 @@ impl Engine<'_> {
                     self.count_blob(b);
                     let cell = self.blobs.lock().expect("blob map poisoned")[&b.digest].clone();
                     cell.get_or_try_init(|| async {
-                        let _permit = self.sem.acquire().await.expect("semaphore closed");
+                        let _permit = self.requests.acquire().await.expect("semaphore closed");
                         let outcome =
                             if self.client.blob_size(&self.dst, &b.digest).await?.is_some() {
                                 BlobOutcome::Skipped
@@ -1205,10 +1216,17 @@ impl Engine<'_> {
         d: &Descriptor,
         known_repo: Option<&str>,
     ) -> Result<BlobOutcome> {
+        let mounts = self.mount_candidates(known_repo);
+        if mounts.iter().all(Option::is_none)
+            && d.size <= SMALL_BLOB
+            && self.client.fits_one_request(&self.dst, d.size)
+        {
+            return self.transfer_small(d).await;
+        }
         // Whether the target has the blob, and a mount or an upload session for when it has not,
         // asked at once: one round trip instead of two before the bytes move.
         let open = async {
-            for from in self.mount_candidates(known_repo).into_iter().flatten() {
+            for from in mounts.into_iter().flatten() {
                 match self.client.mount_blob(&self.dst, &from, &d.digest).await {
                     Ok(MountOutcome::Mounted) => return Ok(None),
                     Ok(MountOutcome::Upload(s)) => return Ok(Some(s)),
@@ -1225,17 +1243,75 @@ impl Engine<'_> {
         };
         if present?.is_some() {
             if let Ok(Some(s)) = opened {
-                // Not needed after all: give the session back (best effort, off the critical path).
-                let (client, dst) = (self.client.clone(), self.dst.clone());
-                tokio::spawn(async move { client.cancel_upload(&dst, &s).await });
+                self.give_back(s);
             }
             return Ok(BlobOutcome::Skipped);
         }
-        let session = match opened? {
-            None => return Ok(BlobOutcome::Mounted),
-            Some(s) => Some(s),
-        };
-        let _permit = self.sem.acquire().await.expect("semaphore closed");
+        match opened? {
+            None => Ok(BlobOutcome::Mounted),
+            Some(s) => self.stream(d, Some(s)).await,
+        }
+    }
+
+    /// A blob of at most [`SMALL_BLOB`] bytes with nothing to mount from: round-trip-bound, not a
+    /// byte stream. Its `HEAD` on the target, an upload session and the whole blob from the source
+    /// (verified) are asked for at once, then one `PUT` closes the session with the bytes: two
+    /// round trips instead of three, outside the byte-stream limit. The blob is read before the
+    /// target says whether it needs it: at most [`SMALL_BLOB`] bytes spent, within
+    /// [`SMALL_BYTES_HELD`] held at once. A `PUT` that fails goes again as a byte stream (which
+    /// handles `413`, chunks and retries).
+    async fn transfer_small(&self, d: &Descriptor) -> Result<BlobOutcome> {
+        // Memory first, then the request slot: nothing holds a slot while it waits for memory.
+        let kib = d.size.div_ceil(1024).max(1) as u32;
+        let _held = self
+            .small_bytes
+            .acquire_many(kib)
+            .await
+            .expect("semaphore closed");
+        let permit = self.requests.acquire().await.expect("semaphore closed");
+        let (present, opened, fetched) = futures_util::future::join3(
+            self.client.blob_size(&self.dst, &d.digest),
+            self.client.start_upload(&self.dst),
+            self.client.get_small_blob(&self.src, &d.digest, d.size),
+        )
+        .await;
+        if present?.is_some() {
+            if let Ok(s) = opened {
+                self.give_back(s);
+            }
+            return Ok(BlobOutcome::Skipped);
+        }
+        let (session, bytes) = (opened?, fetched?);
+        match self
+            .client
+            .put_blob_bytes(&self.dst, &session, &d.digest, bytes)
+            .await
+        {
+            Ok(()) => {
+                self.progress
+                    .bytes_streamed
+                    .fetch_add(d.size, Ordering::Relaxed);
+                Ok(BlobOutcome::Uploaded)
+            }
+            Err(e) => {
+                tracing::debug!(blob = %d.digest.short(), "one-PUT upload of {} failed ({e}); streaming it instead", d.digest.short());
+                self.give_back(session);
+                drop(permit);
+                self.stream(d, None).await
+            }
+        }
+    }
+
+    /// Gives an upload session not needed after all back (best effort, off the critical path).
+    fn give_back(&self, s: UploadSession) {
+        let (client, dst) = (self.client.clone(), self.dst.clone());
+        tokio::spawn(async move { client.cancel_upload(&dst, &s).await });
+    }
+
+    /// Streams `d` from the source into `session` (or a new one) within the byte-stream limit,
+    /// largest blobs first, retrying with a new session.
+    async fn stream(&self, d: &Descriptor, session: Option<UploadSession>) -> Result<BlobOutcome> {
+        let _permit = self.sem.acquire(d.size).await;
         let session = Mutex::new(session);
         self.client
             .retry_policy()
