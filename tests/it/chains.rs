@@ -200,3 +200,96 @@ async fn byte_streams_go_largest_first() {
         "the layers that waited went largest first: {order:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pinned_source_up_to_date_on_the_target_needs_no_manifest_from_it() {
+    let (src, dst) = (Registry::anonymous().await, Registry::anonymous().await);
+    let img = Pusher::new(&src)
+        .image("pin/app", 86, &[3000], false, Style::Compact)
+        .await;
+    let source = format!("{}/pin/app@{}", src.host(), img.digest);
+    copy_with(&source, &format!("{}/pin/app:v1", dst.host()), 8).await;
+    // The top manifest of a pinned source is fetched while the target's tag is checked; a source
+    // failing that GET must not matter when the tag already names the digest.
+    let front = Front::start(&src.host(), |r| {
+        if r.method == Method::GET && r.path.contains("/manifests/") {
+            Action::Answer(404, "MANIFEST_UNKNOWN")
+        } else {
+            Action::Pass
+        }
+    })
+    .await;
+    let r = copy_with(
+        &format!("{}/pin/app@{}", front.host(), img.digest),
+        &format!("{}/pin/app:v1", dst.host()),
+        8,
+    )
+    .await;
+    assert!(r.up_to_date, "{r:?}");
+    assert_eq!(r.target_digest.to_string(), img.digest);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn copies_sharing_a_base_at_once_upload_it_once_and_mount_it_everywhere_else() {
+    let (src, dst) = (Registry::anonymous().await, Registry::anonymous().await);
+    let p = Pusher::new(&src);
+    let base = crate::support::image::bytes(87, 2 * MIB);
+    let mut images = Vec::new();
+    for i in 0..4u64 {
+        let config = format!(r#"{{"architecture":"amd64","os":"linux","n":{i}}}"#);
+        let own = crate::support::image::bytes(870 + i, 10_000);
+        let repo = format!("shared/app{i}");
+        images.push((
+            repo.clone(),
+            p.image_with(
+                &repo,
+                config.as_bytes(),
+                &[base.clone(), own],
+                false,
+                Style::Compact,
+            )
+            .await,
+        ));
+    }
+    let base_digest = images[0].1.blobs[1].clone();
+    let front = Front::start(&dst.host(), |_| Action::Pass).await;
+    // One client, as the service's workers share: the first copy to reach the base uploads it,
+    // the others wait for that and then mount it, all at once.
+    let client = Client::new(ClientConfig::default(), CredentialStore::empty()).unwrap();
+    let copies = images.iter().map(|(repo, img)| {
+        let (client, source, target) = (
+            client.clone(),
+            format!("{}/{repo}@{}", src.host(), img.digest),
+            format!("{}/{repo}:v1", front.host()),
+        );
+        async move {
+            copy(
+                &client,
+                &ImageRef::parse(&source).unwrap(),
+                &ImageRef::parse(&target).unwrap(),
+                &CopyOptions::default(),
+                Arc::new(Progress::default()),
+            )
+            .await
+            .expect("copy")
+        }
+    });
+    let results = futures_util::future::join_all(copies).await;
+    let mounted: usize = results.iter().map(|r| r.blobs_mounted).sum();
+    assert_eq!(mounted, 3, "the base mounted into three repositories: {results:#?}");
+    let log = front.log();
+    let base_puts = log
+        .iter()
+        .filter(|l| l.method == Method::PUT && l.status == 201)
+        .filter(|l| l.path.contains("/blobs/uploads/"))
+        .count();
+    // 4 configs + 4 own layers + the base once.
+    assert_eq!(base_puts, 9, "{log:?}");
+    let p = Pusher::new(&dst);
+    for (repo, _) in &images {
+        assert!(
+            p.blob_exists(repo, &base_digest).await,
+            "{repo} has the base"
+        );
+    }
+}
