@@ -527,6 +527,22 @@ pub async fn resolve(client: &Client, source: &ImageRef) -> Result<Digest> {
     }
 }
 
+/// What the target's `tag` names, read whole (its digest is the hash of the bytes served): `None`
+/// when there is no such tag, or when it cannot be read as a manifest (a schema 1 manifest, a
+/// digest header that disagrees): the copy then goes on as for a missing tag and writes it.
+async fn read_tag(client: &Client, dst: &Repo, tag: &str) -> Result<Option<Manifest>> {
+    match client.get_manifest(dst, tag, None).await {
+        Ok(m) => Ok(Some(m)),
+        Err(e @ Error::RateLimited { .. }) => Err(e),
+        Err(e) if e.status() == Some(404) => Ok(None),
+        Err(e) if e.is_transient() || matches!(e.status(), Some(401 | 403)) => Err(e),
+        Err(e) => {
+            tracing::debug!("{dst}:{tag} cannot be read as a manifest ({e}); writing it anew");
+            Ok(None)
+        }
+    }
+}
+
 /// Copies `source` to `target` keeping every digest, and verifies the target.
 ///
 /// `target` without a tag takes the source's tag; a digest-only source is written by digest only.
@@ -644,11 +660,20 @@ async fn run(
         _ => None,
     };
     let dst = Repo::of(target);
-    // The target's tag is asked about while the source's is resolved: one round trip, not two.
+    // The target's tag is read while the source's is resolved: one round trip, not two. Read, not
+    // only HEADed: when it already names the source's digest, its bytes hashed are the read-back,
+    // and a no-op copy is done in that one round trip. (A dry run only HEADs the target.)
     let head_tag = async {
         match (&tag, options.repair) {
-            (Some(t), false) => client.head_manifest(&dst, t).await,
-            _ => Ok(None),
+            (Some(t), false) if !dry_run => read_tag(client, &dst, t).await.map(|m| {
+                let head = m.as_ref().map(|m| super::client::ManifestHead {
+                    digest: Some(m.digest.clone()),
+                    media_type: Some(m.media_type.clone()),
+                });
+                (head, m)
+            }),
+            (Some(t), false) => client.head_manifest(&dst, t).await.map(|h| (h, None)),
+            _ => Ok((None, None)),
         }
     };
     // A source pinned by digest (as the service's jobs are) needs no resolve: its top manifest is
@@ -671,7 +696,7 @@ async fn run(
     let (digest, tag_head, early) =
         futures_util::future::join3(resolve(client, source), head_tag, early).await;
     let digest = digest?;
-    let tag_head = tag_head?;
+    let (tag_head, tag_read) = tag_head?;
     if platforms.is_some() && target.digest().is_some() {
         return Err(Error::Invalid(
             "with --platform the target names a tag or only a repository, not a digest".into(),
@@ -743,9 +768,14 @@ async fn run(
     let top = if up_to_date {
         // A dry run reads the source, never the target's body.
         let from = if dry_run { &engine.src } else { &dst };
-        let m = client
-            .get_manifest(from, &digest.to_string(), Some(&digest))
-            .await?;
+        let m = match tag_read.filter(|m| m.digest == digest) {
+            Some(m) => m,
+            None => {
+                client
+                    .get_manifest(from, &digest.to_string(), Some(&digest))
+                    .await?
+            }
+        };
         engine.note_manifest(&m, None);
         for c in &m.manifests {
             engine.note_child(c);
