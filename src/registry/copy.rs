@@ -676,25 +676,7 @@ async fn run(
             _ => Ok((None, None)),
         }
     };
-    // A source pinned by digest (as the service's jobs are) needs no resolve: its top manifest is
-    // fetched, and the target asked for it by digest, while the target's tag is checked. Only a
-    // copy that finds the tag up to date spends that GET for nothing.
-    let early = async {
-        match (source.digest(), &tag, options.repair, dry_run, platforms) {
-            (Some(d), Some(_), false, false, None) => {
-                let reference = d.to_string();
-                let (m, on_target) = futures_util::future::join(
-                    client.get_manifest(&Repo::of(source), &reference, Some(d)),
-                    client.head_manifest(&dst, &reference),
-                )
-                .await;
-                Some((m, on_target))
-            }
-            _ => None,
-        }
-    };
-    let (digest, tag_head, early) =
-        futures_util::future::join3(resolve(client, source), head_tag, early).await;
+    let (digest, tag_head) = futures_util::future::join(resolve(client, source), head_tag).await;
     let digest = digest?;
     let (tag_head, tag_read) = tag_head?;
     if platforms.is_some() && target.digest().is_some() {
@@ -836,13 +818,13 @@ async fn run(
         }
         top
     } else if dry_run {
-        let (top, plan) = engine.plan_top(&digest, false, None).await?;
+        let (top, plan) = engine.plan_top(&digest, false).await?;
         if let Some(plan) = &plan {
             engine.dry_write(plan).await?;
         }
         top
     } else {
-        let (top, plan) = engine.plan_top(&digest, options.repair, early).await?;
+        let (top, plan) = engine.plan_top(&digest, options.repair).await?;
         let write = async {
             match &plan {
                 // The top manifest goes up by its tag, last: the registry checks everything it
@@ -938,12 +920,6 @@ struct Stats {
 
 type BlobCell = Arc<OnceCell<BlobOutcome>>;
 
-/// The top manifest fetched from the source, and the target's HEAD of it by digest, asked for
-/// with the target's tag (a source pinned by digest).
-type EarlyTop = (
-    Result<Manifest>,
-    Result<Option<super::client::ManifestHead>>,
-);
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 struct Engine<'a> {
@@ -999,31 +975,21 @@ impl Engine<'_> {
     /// Phase 1 for the top manifest: fetches it and plans what the target lacks; no plan when the
     /// target already has the manifest (and so, everything under it). With `repair`, its presence is
     /// not taken as proof that its children are there too.
-    async fn plan_top(
-        &self,
-        digest: &Digest,
-        repair: bool,
-        early: Option<EarlyTop>,
-    ) -> Result<(Manifest, Option<Plan>)> {
+    async fn plan_top(&self, digest: &Digest, repair: bool) -> Result<(Manifest, Option<Plan>)> {
         // Both at once: whether the target has it decides nothing about fetching it.
         let reference = digest.to_string();
-        let (m, on_target) = match early {
-            Some(fetched) => fetched,
-            None => {
-                let on_target = async {
-                    match repair {
-                        true => Ok(None),
-                        false => self.client.head_manifest(&self.dst, &reference).await,
-                    }
-                };
-                futures_util::future::join(
-                    self.client
-                        .get_manifest(&self.src, &reference, Some(digest)),
-                    on_target,
-                )
-                .await
+        let on_target = async {
+            match repair {
+                true => Ok(None),
+                false => self.client.head_manifest(&self.dst, &reference).await,
             }
         };
+        let (m, on_target) = futures_util::future::join(
+            self.client
+                .get_manifest(&self.src, &reference, Some(digest)),
+            on_target,
+        )
+        .await;
         let m = m?;
         self.note_manifest(&m, None);
         self.count_manifest_bytes(&m)?;
