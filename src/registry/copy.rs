@@ -12,8 +12,9 @@ use futures_util::future::try_join_all;
 use serde::Serialize;
 use tokio::sync::{OnceCell, Semaphore};
 
-use super::client::{Client, MountOutcome, Repo};
+use super::client::{Client, MountOutcome, Repo, UploadSession};
 use super::error::{Error, Result};
+use super::gate::Gate;
 use super::manifest::{Descriptor, Kind, Manifest};
 use super::platforms::{Chosen, PlatformSpec, config_platform, select, show_platform};
 use crate::digest::Digest;
@@ -31,6 +32,13 @@ pub const MAX_TOTAL_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
 /// Round-trip-bound requests (HEADs, POSTs, manifests) allowed per byte stream (`--jobs`): they
 /// carry no bytes, so over a long link they are what waits, not what loads it.
 const REQUESTS_PER_JOB: usize = 4;
+
+/// Blobs this small (an image config, a small layer) are round-trip-bound: read whole while the
+/// target is asked whether it has them, and put with one request, outside the byte-stream limit.
+const SMALL_BLOB: u64 = 1024 * 1024;
+
+/// Most bytes of small blobs held in memory at once.
+const SMALL_BYTES_HELD: u64 = 8 * 1024 * 1024;
 
 /// A manifest to write and, first, the manifests it names that the target lacks.
 struct Plan {
@@ -519,6 +527,22 @@ pub async fn resolve(client: &Client, source: &ImageRef) -> Result<Digest> {
     }
 }
 
+/// What the target's `tag` names, read whole (its digest is the hash of the bytes served): `None`
+/// when there is no such tag, or when it cannot be read as a manifest (a schema 1 manifest, a
+/// digest header that disagrees): the copy then goes on as for a missing tag and writes it.
+async fn read_tag(client: &Client, dst: &Repo, tag: &str) -> Result<Option<Manifest>> {
+    match client.get_manifest(dst, tag, None).await {
+        Ok(m) => Ok(Some(m)),
+        Err(e @ Error::RateLimited { .. }) => Err(e),
+        Err(e) if e.status() == Some(404) => Ok(None),
+        Err(e) if e.is_transient() || matches!(e.status(), Some(401 | 403)) => Err(e),
+        Err(e) => {
+            tracing::debug!("{dst}:{tag} cannot be read as a manifest ({e}); writing it anew");
+            Ok(None)
+        }
+    }
+}
+
 /// Copies `source` to `target` keeping every digest, and verifies the target.
 ///
 /// `target` without a tag takes the source's tag; a digest-only source is written by digest only.
@@ -636,16 +660,25 @@ async fn run(
         _ => None,
     };
     let dst = Repo::of(target);
-    // The target's tag is asked about while the source's is resolved: one round trip, not two.
+    // The target's tag is read while the source's is resolved: one round trip, not two. Read, not
+    // only HEADed: when it already names the source's digest, its bytes hashed are the read-back,
+    // and a no-op copy is done in that one round trip. (A dry run only HEADs the target.)
     let head_tag = async {
         match (&tag, options.repair) {
-            (Some(t), false) => client.head_manifest(&dst, t).await,
-            _ => Ok(None),
+            (Some(t), false) if !dry_run => read_tag(client, &dst, t).await.map(|m| {
+                let head = m.as_ref().map(|m| super::client::ManifestHead {
+                    digest: Some(m.digest.clone()),
+                    media_type: Some(m.media_type.clone()),
+                });
+                (head, m)
+            }),
+            (Some(t), false) => client.head_manifest(&dst, t).await.map(|h| (h, None)),
+            _ => Ok((None, None)),
         }
     };
     let (digest, tag_head) = futures_util::future::join(resolve(client, source), head_tag).await;
     let digest = digest?;
-    let tag_head = tag_head?;
+    let (tag_head, tag_read) = tag_head?;
     if platforms.is_some() && target.digest().is_some() {
         return Err(Error::Invalid(
             "with --platform the target names a tag or only a repository, not a digest".into(),
@@ -673,7 +706,8 @@ async fn run(
         client,
         src: Repo::of(source),
         dst,
-        sem: Semaphore::new(options.jobs.max(1)),
+        sem: Gate::new(options.jobs.max(1)),
+        small_bytes: Semaphore::new((SMALL_BYTES_HELD / 1024) as usize),
         requests: Semaphore::new(options.jobs.max(1) * REQUESTS_PER_JOB),
         blobs: Mutex::new(HashMap::new()),
         entries: Mutex::new(Vec::new()),
@@ -716,9 +750,14 @@ async fn run(
     let top = if up_to_date {
         // A dry run reads the source, never the target's body.
         let from = if dry_run { &engine.src } else { &dst };
-        let m = client
-            .get_manifest(from, &digest.to_string(), Some(&digest))
-            .await?;
+        let m = match tag_read.filter(|m| m.digest == digest) {
+            Some(m) => m,
+            None => {
+                client
+                    .get_manifest(from, &digest.to_string(), Some(&digest))
+                    .await?
+            }
+        };
         engine.note_manifest(&m, None);
         for c in &m.manifests {
             engine.note_child(c);
@@ -880,14 +919,17 @@ struct Stats {
 }
 
 type BlobCell = Arc<OnceCell<BlobOutcome>>;
+
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 struct Engine<'a> {
     client: &'a Client,
     src: Repo,
     dst: Repo,
-    /// Byte streams (blob GET → PUT) at once: `--jobs`.
-    sem: Semaphore,
+    /// Byte streams (blob GET → PUT) at once: `--jobs`, the largest blob waiting first.
+    sem: Gate,
+    /// KiB of small blobs held in memory ([`SMALL_BYTES_HELD`]).
+    small_bytes: Semaphore,
     /// Round-trip-bound requests (HEADs, upload POSTs, manifests) at once.
     requests: Semaphore,
     /// One transfer per blob digest, however many manifests name it.
@@ -1009,19 +1051,20 @@ impl Engine<'_> {
         self.note_child(d);
         let reference = d.digest.to_string();
         let m = {
+            // Both at once: the parent is missing on the target, so its children most likely are
+            // too, and the GET no longer waits a round trip for the HEAD's answer.
             let _permit = self.requests.acquire().await.expect("semaphore closed");
-            if self
-                .client
-                .head_manifest(&self.dst, &reference)
-                .await?
-                .is_some()
-            {
+            let (on_target, m) = futures_util::future::join(
+                self.client.head_manifest(&self.dst, &reference),
+                self.client
+                    .get_manifest(&self.src, &reference, Some(&d.digest)),
+            )
+            .await;
+            if on_target?.is_some() {
                 self.stats.manifests_skipped.fetch_add(1, Ordering::Relaxed);
                 return Ok(None);
             }
-            self.client
-                .get_manifest(&self.src, &reference, Some(&d.digest))
-                .await?
+            m?
         };
         if m.bytes.len() as u64 != d.size {
             return Err(Error::SizeMismatch {
@@ -1107,7 +1150,7 @@ impl Engine<'_> {
                     self.count_blob(b);
                     let cell = self.blobs.lock().expect("blob map poisoned")[&b.digest].clone();
                     cell.get_or_try_init(|| async {
-                        let _permit = self.sem.acquire().await.expect("semaphore closed");
+                        let _permit = self.requests.acquire().await.expect("semaphore closed");
                         let outcome =
                             if self.client.blob_size(&self.dst, &b.digest).await?.is_some() {
                                 BlobOutcome::Skipped
@@ -1194,10 +1237,22 @@ impl Engine<'_> {
     async fn transfer_unguarded(&self, d: &Descriptor) -> Result<BlobOutcome> {
         let slot = self.client.blob_slot(&self.dst.registry, &d.digest);
         let mut known = slot.lock().await;
-        // Unknown here: maybe another replica put it in another repository of the target.
-        if known.is_none()
-            && let Some(shared) = self.client.blob_locations()
-        {
+        if let Some(repo) = known.clone() {
+            // Already moved into this registry: a mount (or finding it there) needs no turn of its
+            // own, so copies sharing the blob mount it at once instead of one after another.
+            drop(known);
+            let outcome = self.transfer_locked(d, Some(&repo)).await?;
+            if let Some(shared) = self.client.blob_locations() {
+                let digest = d.digest.to_string();
+                shared
+                    .record(&self.dst.registry, &self.dst.name, &digest)
+                    .await;
+            }
+            return Ok(outcome);
+        }
+        // Unknown here: maybe another replica put it in another repository of the target (or is
+        // putting it there now: then this waits for it).
+        if let Some(shared) = self.client.blob_locations() {
             let digest = d.digest.to_string();
             *known = shared
                 .locate(&self.dst.registry, &digest, &self.dst.name)
@@ -1231,10 +1286,17 @@ impl Engine<'_> {
         d: &Descriptor,
         known_repo: Option<&str>,
     ) -> Result<BlobOutcome> {
+        let mounts = self.mount_candidates(known_repo);
+        if mounts.iter().all(Option::is_none)
+            && d.size <= SMALL_BLOB
+            && self.client.fits_one_request(&self.dst, d.size)
+        {
+            return self.transfer_small(d).await;
+        }
         // Whether the target has the blob, and a mount or an upload session for when it has not,
         // asked at once: one round trip instead of two before the bytes move.
         let open = async {
-            for from in self.mount_candidates(known_repo).into_iter().flatten() {
+            for from in mounts.into_iter().flatten() {
                 match self.client.mount_blob(&self.dst, &from, &d.digest).await {
                     Ok(MountOutcome::Mounted) => return Ok(None),
                     Ok(MountOutcome::Upload(s)) => return Ok(Some(s)),
@@ -1255,18 +1317,81 @@ impl Engine<'_> {
             return Ok(BlobOutcome::Mounted);
         }
         if present?.is_some() {
-            if let Ok(Some(s)) = opened {
-                // Not needed after all: give the session back (best effort, off the critical path).
-                let (client, dst) = (self.client.clone(), self.dst.clone());
-                tokio::spawn(async move { client.cancel_upload(&dst, &s).await });
+            return Ok(match opened {
+                // The mount answered first and the HEAD then saw what it linked.
+                Ok(None) => BlobOutcome::Mounted,
+                Ok(Some(s)) => {
+                    self.give_back(s);
+                    BlobOutcome::Skipped
+                }
+                Err(_) => BlobOutcome::Skipped,
+            });
+        }
+        match opened? {
+            None => Ok(BlobOutcome::Mounted),
+            Some(s) => self.stream(d, Some(s)).await,
+        }
+    }
+
+    /// A blob of at most [`SMALL_BLOB`] bytes with nothing to mount from: round-trip-bound, not a
+    /// byte stream. Its `HEAD` on the target, an upload session and the whole blob from the source
+    /// (verified) are asked for at once, then one `PUT` closes the session with the bytes: two
+    /// round trips instead of three, outside the byte-stream limit. The blob is read before the
+    /// target says whether it needs it: at most [`SMALL_BLOB`] bytes spent, within
+    /// [`SMALL_BYTES_HELD`] held at once. A `PUT` that fails goes again as a byte stream (which
+    /// handles `413`, chunks and retries).
+    async fn transfer_small(&self, d: &Descriptor) -> Result<BlobOutcome> {
+        // Memory first, then the request slot: nothing holds a slot while it waits for memory.
+        let kib = d.size.div_ceil(1024).max(1) as u32;
+        let _held = self
+            .small_bytes
+            .acquire_many(kib)
+            .await
+            .expect("semaphore closed");
+        let permit = self.requests.acquire().await.expect("semaphore closed");
+        let (present, opened, fetched) = futures_util::future::join3(
+            self.client.blob_size(&self.dst, &d.digest),
+            self.client.start_upload(&self.dst),
+            self.client.get_small_blob(&self.src, &d.digest, d.size),
+        )
+        .await;
+        if present?.is_some() {
+            if let Ok(s) = opened {
+                self.give_back(s);
             }
             return Ok(BlobOutcome::Skipped);
         }
-        let session = match opened? {
-            None => return Ok(BlobOutcome::Mounted),
-            Some(s) => Some(s),
-        };
-        let _permit = self.sem.acquire().await.expect("semaphore closed");
+        let (session, bytes) = (opened?, fetched?);
+        match self
+            .client
+            .put_blob_bytes(&self.dst, &session, &d.digest, bytes)
+            .await
+        {
+            Ok(()) => {
+                self.progress
+                    .bytes_streamed
+                    .fetch_add(d.size, Ordering::Relaxed);
+                Ok(BlobOutcome::Uploaded)
+            }
+            Err(e) => {
+                tracing::debug!(blob = %d.digest.short(), "one-PUT upload of {} failed ({e}); streaming it instead", d.digest.short());
+                self.give_back(session);
+                drop(permit);
+                self.stream(d, None).await
+            }
+        }
+    }
+
+    /// Gives an upload session not needed after all back (best effort, off the critical path).
+    fn give_back(&self, s: UploadSession) {
+        let (client, dst) = (self.client.clone(), self.dst.clone());
+        tokio::spawn(async move { client.cancel_upload(&dst, &s).await });
+    }
+
+    /// Streams `d` from the source into `session` (or a new one) within the byte-stream limit,
+    /// largest blobs first, retrying with a new session.
+    async fn stream(&self, d: &Descriptor, session: Option<UploadSession>) -> Result<BlobOutcome> {
+        let _permit = self.sem.acquire(d.size).await;
         let session = Mutex::new(session);
         self.client
             .retry_policy()

@@ -1,6 +1,7 @@
 //! The one integration test binary: real registries, a real SQLite file, skopeo as an independent check.
 
 mod action;
+mod chains;
 mod copy;
 mod deploy;
 mod deputy;

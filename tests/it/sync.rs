@@ -440,7 +440,8 @@ async fn a_restart_syncs_the_edited_list_at_once_even_within_the_interval() {
     let svc = Service::start(&db, &target, &h, &env).await;
     let jobs = wait_succeeded(&svc, 2).await;
     assert!(
-        jobs.iter().any(|j| j["source"] == json!(format!("{h}/lib/two:2"))),
+        jobs.iter()
+            .any(|j| j["source"] == json!(format!("{h}/lib/two:2"))),
         "{jobs:?}"
     );
 }

@@ -1,6 +1,7 @@
-//! Small blobs read whole (an image config, to learn its platform), verified against their digest.
+//! Small blobs read whole (an image config, to learn its platform; a small blob the copy puts with
+//! one request), verified against their size and digest, never read past their size.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use reqwest::StatusCode;
 
 use super::requests::status_error;
@@ -35,18 +36,39 @@ impl Client {
                     if resp.status() != StatusCode::OK {
                         return Err(status_error("GET", &url, resp).await);
                     }
-                    let body = resp.bytes().await.map_err(|_| Error::Truncated {
-                        what: what.clone(),
-                        received: 0,
-                        expected: size,
-                    })?;
-                    if body.len() as u64 != size {
+                    if let Some(len) = resp.content_length()
+                        && len != size
+                    {
                         return Err(Error::SizeMismatch {
                             what,
                             expected: size,
-                            actual: body.len() as u64,
+                            actual: len,
                         });
                     }
+                    let mut body = BytesMut::with_capacity(size as usize);
+                    let mut resp = resp;
+                    while let Some(chunk) = resp.chunk().await.map_err(|_| Error::Truncated {
+                        what: what.clone(),
+                        received: body.len() as u64,
+                        expected: size,
+                    })? {
+                        if (body.len() + chunk.len()) as u64 > size {
+                            return Err(Error::SizeMismatch {
+                                what,
+                                expected: size,
+                                actual: (body.len() + chunk.len()) as u64,
+                            });
+                        }
+                        body.extend_from_slice(&chunk);
+                    }
+                    if (body.len() as u64) < size {
+                        return Err(Error::Truncated {
+                            what,
+                            received: body.len() as u64,
+                            expected: size,
+                        });
+                    }
+                    let body = body.freeze();
                     let actual = Digest::of(digest.algorithm(), &body);
                     if &actual != digest {
                         return Err(Error::DigestMismatch {

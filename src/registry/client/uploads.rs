@@ -1,5 +1,5 @@
 //! Blob upload sessions: opening one, cross-repository mounts, the session's `Location`,
-//! abandoning one, and uploading in `PATCH` chunks (for registries with a body limit) that resume
+//! closing one with a small blob's bytes, abandoning one, and uploading in `PATCH` chunks (for registries with a body limit) that resume
 //! where the session stands after a failed chunk.
 
 use bytes::{Bytes, BytesMut};
@@ -181,6 +181,38 @@ impl Client {
             ))
         })?;
         Ok(UploadSession(url))
+    }
+
+    /// Closes `session` with the whole blob in one `PUT`: a small blob already read and verified.
+    pub async fn put_blob_bytes(
+        &self,
+        dst: &Repo,
+        session: &UploadSession,
+        digest: &Digest,
+        bytes: Bytes,
+    ) -> Result<()> {
+        let mut put_url = session.0.clone();
+        put_url
+            .query_pairs_mut()
+            .append_pair("digest", &digest.to_string());
+        let len = bytes.len() as u64;
+        let resp = self
+            .send(dst, &[dst.scope("pull,push")], &put_url, |http| {
+                http.put(put_url.clone())
+                    .header(header::CONTENT_TYPE, "application/octet-stream")
+                    .header(header::CONTENT_LENGTH, len)
+                    .body(bytes.clone())
+            })
+            .await?;
+        if resp.status() != StatusCode::CREATED {
+            return Err(status_error("PUT", &put_url, resp).await);
+        }
+        Ok(())
+    }
+
+    /// Whether a blob of `size` bytes goes up to `repo` in one request (no chunks by its limits).
+    pub fn fits_one_request(&self, repo: &Repo, size: u64) -> bool {
+        !self.upload_limits(repo).chunks(size)
     }
 
     /// Abandons an upload session (best effort: the registry expires it anyway).
