@@ -496,6 +496,7 @@ impl Watch {
             referrers,
             policy: chosen,
             repair,
+            platforms: None,
         };
         let followed = f.moved_to.is_some() && policy == Policy::Follow;
         if let (Some(now), Some(tag)) = (&f.moved_to, &r.tag) {

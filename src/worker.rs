@@ -388,6 +388,7 @@ impl Workers {
             verified_at: now_ms(),
             mirror_tag: job.target_tag.clone(),
             policy: job.policy,
+            subset: None,
         };
         Ok((record, result))
     }

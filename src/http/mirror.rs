@@ -156,6 +156,7 @@ pub fn plan(
         // unless the request says `"policy": "follow"`.
         policy: source.digest().map(|_| crate::drift::Policy::Pin),
         repair: false,
+        platforms: None,
     })
 }
 

@@ -25,6 +25,8 @@ pub struct NewRecord {
     pub mirror_tag: Option<String>,
     /// Drift policy in force for the tag (`follow`/`pin`); none means the service default.
     pub policy: Option<String>,
+    /// What a platform subset copied (JSON), or null for the whole image.
+    pub subset: Option<String>,
 }
 
 /// A stored record.
@@ -47,14 +49,16 @@ pub struct Record {
     pub mirror_tag: Option<String>,
     /// Drift policy in force for the tag (`follow`/`pin`); none means the service default.
     pub policy: Option<String>,
+    /// What a platform subset copied (JSON), or null for the whole image.
+    pub subset: Option<String>,
 }
 
 /// Appends a record inside the caller's transaction (the one that marks the job succeeded).
 pub async fn insert(conn: &mut sqlx::SqliteConnection, r: &NewRecord) -> sqlx::Result<i64> {
     sqlx::query_scalar(
         "insert into mirror_record (job_id, source_repo, source_ref, tag, source_digest, mirror_repo, mirror_digest,
-             media_type, manifests, size_bytes, requested_by, verified_at, mirror_tag, policy)
-         values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) returning id",
+             media_type, manifests, size_bytes, requested_by, verified_at, mirror_tag, policy, subset)
+         values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) returning id",
     )
     .bind(r.job_id)
     .bind(&r.source_repo)
@@ -70,6 +74,7 @@ pub async fn insert(conn: &mut sqlx::SqliteConnection, r: &NewRecord) -> sqlx::R
     .bind(r.verified_at)
     .bind(&r.mirror_tag)
     .bind(&r.policy)
+    .bind(&r.subset)
     .fetch_one(&mut *conn)
     .await
 }
@@ -98,11 +103,13 @@ pub async fn by_repo_tag(db: &Db, repo: &str, tag: &str) -> sqlx::Result<Vec<Rec
     .await
 }
 
-/// Records whose image is `digest` or contains it (a platform's manifest), oldest first.
+/// Records whose image is `digest` or contains it (a platform's manifest, a subset's child),
+/// oldest first.
 pub async fn by_digest(db: &Db, digest: &str) -> sqlx::Result<Vec<Record>> {
     sqlx::query_as(
-        "select * from mirror_record where source_digest = ?1
+        "select * from mirror_record where source_digest = ?1 or mirror_digest = ?1
              or exists (select 1 from json_each(mirror_record.manifests) where json_extract(value, '$.digest') = ?1)
+             or exists (select 1 from json_each(mirror_record.subset, '$.children') where json_extract(value, '$.digest') = ?1)
          order by verified_at, id",
     )
     .bind(digest)
