@@ -17,6 +17,7 @@
 //!     policy: pin
 //!   - source: registry.k8s.io/coredns/coredns:v1.11.1   # one tag
 //!   - source: ghcr.io/acme/tool@sha256:…                # one digest
+//!     platforms: [linux/amd64]            # only these children of an index
 //! ```
 //!
 //! Selection rules: explicit tags (in `tags:` or the source) are always selected, listed upstream
@@ -39,9 +40,11 @@ use marked_yaml::{LoadError, LoaderOptions, Node, Span};
 
 use crate::drift::Policy;
 use crate::reference::{ImageRef, ReferenceError};
+use crate::registry::platforms::PlatformSpec;
+use crate::store::Platforms;
 
 /// Keys of an entry under `images`.
-const ENTRY_KEYS: [&str; 7] = [
+const ENTRY_KEYS: [&str; 8] = [
     "source",
     "tags",
     "tag_regex",
@@ -49,6 +52,7 @@ const ENTRY_KEYS: [&str; 7] = [
     "latest",
     "policy",
     "referrers",
+    "platforms",
 ];
 /// Keys of `defaults`.
 const DEFAULT_KEYS: [&str; 2] = ["policy", "referrers"];
@@ -84,6 +88,8 @@ pub struct Entry {
     pub policy: Policy,
     /// Whether signatures, attestations and SBOMs are copied with each image.
     pub referrers: bool,
+    /// Only these platforms of each index (none: the whole image).
+    pub platforms: Option<Platforms>,
 }
 
 impl Entry {
@@ -579,6 +585,26 @@ fn entry(
             }
         }
     });
+    let platforms = map.get_node("platforms").and_then(|n| {
+        let Some(items) = n.as_sequence().filter(|i| !i.is_empty()) else {
+            p.at(
+                n.span(),
+                "platforms must be a non-empty list of os/arch[/variant], e.g. `platforms: [linux/amd64, linux/arm64]`"
+                    .into(),
+            );
+            return None;
+        };
+        let mut names = Vec::new();
+        for item in items.iter() {
+            if let Some(s) = scalar(item, "each platform", p) {
+                match s.as_str().parse::<PlatformSpec>() {
+                    Ok(spec) => names.push(spec.to_string()),
+                    Err(e) => p.at(s.span(), e),
+                }
+            }
+        }
+        Platforms::new(names)
+    });
     let named_policy = map.get_node("policy").and_then(|n| policy(n, p));
     let referrers = map
         .get_node("referrers")
@@ -637,6 +663,7 @@ fn entry(
         latest,
         policy,
         referrers,
+        platforms,
     })
 }
 
@@ -684,6 +711,37 @@ images:
         assert!(e[4].source.digest().is_some());
         assert_eq!(e[4].select(&tags(&["a"])), Vec::<String>::new());
         assert_eq!(e[4].line, 16);
+    }
+
+    #[test]
+    fn platforms_are_checked_with_their_line() {
+        let ok = parse(
+            "m.yaml",
+            "images:\n  - source: a/b:1\n    platforms: [linux/arm64, Linux/AMD64, linux/arm64]\n",
+        )
+        .unwrap();
+        let p = ok.entries[0].platforms.as_ref().unwrap();
+        assert_eq!(
+            p.names(),
+            ["linux/amd64", "linux/arm64"],
+            "sorted, no repeats"
+        );
+        let err = parse(
+            "m.yaml",
+            "images:\n  - source: a/b:1\n    platforms: [linux/amd64, amd64]\n  - source: a/b:2\n    platforms: []\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(
+                "m.yaml:3:30: \"amd64\" is not a platform: write os/arch or os/arch/variant"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.contains("m.yaml:5:16: platforms must be a non-empty list"),
+            "{err}"
+        );
     }
 
     #[test]

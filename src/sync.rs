@@ -350,7 +350,7 @@ impl Sync {
             referrers: entry.referrers,
             policy: Some(entry.policy),
             repair: false,
-            platforms: None,
+            platforms: entry.platforms.clone(),
         }
     }
 
