@@ -24,6 +24,7 @@ mod service;
 mod ssrf;
 mod status;
 mod store;
+mod subsets;
 mod support;
 mod sync;
 mod tls;
