@@ -112,8 +112,9 @@ impl PgStore {
         })
     }
 
-    /// Every migration applied and a query answered within a second. Every connection in use
-    /// for a second is load, not a fault: [`WriterState::Busy`].
+    /// Every migration applied, a query answered within a second and the job table takes
+    /// writes. Every connection in use for a second, or the table locked for half a second, is
+    /// load, not a fault: [`WriterState::Busy`].
     pub(in crate::store) async fn ready(&self) -> Result<WriterState, Error> {
         if self.pool.is_closed() {
             return Err(Error::Closed);
@@ -137,7 +138,25 @@ impl PgStore {
                 "{applied} of {want} migrations applied"
             )));
         }
-        Ok(WriterState::Idle)
+        // Whether the job table takes writes: the lock every insert and update takes, waited for
+        // half a second. Writers never block it; a table lock (maintenance, a stuck session)
+        // does: busy, not broken.
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        sqlx::query("set local lock_timeout = '500ms'")
+            .execute(&mut *tx)
+            .await?;
+        let probe = sqlx::query("lock table job in row exclusive mode")
+            .execute(&mut *tx)
+            .await;
+        tx.rollback().await?;
+        match probe {
+            Ok(_) => Ok(WriterState::Idle),
+            // 55P03 lock_not_available
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
+                Ok(WriterState::Busy)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub(in crate::store) async fn close(&self) {
