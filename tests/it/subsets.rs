@@ -375,3 +375,52 @@ async fn a_dispatch_payload_names_platforms_for_its_images() {
         .unwrap();
     assert_eq!(dcd, amd64.digest, "the tag names the child");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mirror_list_entry_names_platforms() {
+    let (up, down) = (Registry::anonymous().await, Registry::anonymous().await);
+    let p = Pusher::new(&up);
+    let amd64 = child(&p, "six/app", 1, "amd64", None).await;
+    let (idx, _, _) = six_platforms(&p, "six/app", "1.0", amd64.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mirrors.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "images:\n  - source: {}/six/app:1.0\n    platforms: [linux/amd64]\n",
+            up.host()
+        ),
+    )
+    .unwrap();
+    let svc = Service::start(
+        &dir.path().join("m.db"),
+        &format!("{}/mirror", down.host()),
+        &up.host(),
+        &[
+            ("MIRROR_SYNC_FILE", file.to_str().unwrap()),
+            ("MIRROR_SYNC_INTERVAL", "0"),
+            ("MIRROR_DRIFT_INTERVAL", "0"),
+        ],
+    )
+    .await;
+    // The sync at start queues one job, for the subset.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let id = loop {
+        let (_, jobs) = svc.get("/jobs").await;
+        if let Some(j) = jobs["jobs"].as_array().and_then(|a| a.first()) {
+            assert_eq!(j["platforms"], json!(["linux/amd64"]), "{j}");
+            break j["id"].as_i64().unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no job from the mirror list"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    succeeded(&svc, id).await;
+    let (_, img) = svc.get(&format!("/images/{}/six/app:1.0", up.host())).await;
+    assert_eq!(img["subset"], true, "{img}");
+    assert_eq!(img["source_index_digest"], idx.digest.as_str());
+    assert_eq!(img["mirror_digest"], amd64.digest.as_str());
+    assert_eq!(img["requested_by"]["line"], 2, "{img}");
+}
