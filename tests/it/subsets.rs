@@ -423,4 +423,33 @@ async fn a_mirror_list_entry_names_platforms() {
     assert_eq!(img["source_index_digest"], idx.digest.as_str());
     assert_eq!(img["mirror_digest"], amd64.digest.as_str());
     assert_eq!(img["requested_by"]["line"], 2, "{img}");
+    // Synced again as it is: up to date, nothing queued.
+    let report = svc.sync_round().await;
+    assert_eq!(
+        (report["queued"].clone(), report["up_to_date"].clone()),
+        (json!(0), json!(1)),
+        "{report}"
+    );
+
+    // The entry drops `platforms`: the mirror was not made as it now asks, so the whole index is
+    // copied and the tag names the official index.
+    std::fs::write(
+        &file,
+        format!("images:\n  - source: {}/six/app:1.0\n", up.host()),
+    )
+    .unwrap();
+    let report = svc.sync_round().await;
+    assert_eq!(report["queued"], 1, "{report}");
+    let (_, jobs) = svc.get("/jobs").await;
+    let newest = &jobs["jobs"][0];
+    assert_eq!(newest["platforms"], Value::Null, "{newest}");
+    succeeded(&svc, newest["id"].as_i64().unwrap()).await;
+    let (_, _, dcd) = Pusher::new(&down)
+        .get_manifest(&mirror_path(&up), "1.0")
+        .await
+        .unwrap();
+    assert_eq!(dcd, idx.digest, "the whole index now");
+    let (_, img) = svc.get(&format!("/images/{}/six/app:1.0", up.host())).await;
+    assert_eq!(img["subset"], false, "{img}");
+    assert_eq!(svc.sync_round().await["queued"], 0);
 }
