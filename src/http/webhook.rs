@@ -198,27 +198,53 @@ async fn handle(
             ));
         }
     };
-    let unprocessable = |e| match e {
-        ApiError::BadRequest(m) => ApiError::Unprocessable(m),
-        other => other,
-    };
     let platforms = super::mirror::platforms("client_payload.platforms", platforms.as_deref())
-        .map_err(unprocessable)?;
+        .map_err(|e| match e {
+            ApiError::BadRequest(m) => ApiError::Unprocessable(m),
+            other => other,
+        })?;
+    let targets: Option<Vec<String>> = match &client_payload["targets"] {
+        Value::Null => None,
+        Value::Array(list) => Some(
+            list.iter()
+                .map(|v| v.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    ApiError::Unprocessable(
+                        "client_payload.targets must be a list of target names".into(),
+                    )
+                })?,
+        ),
+        _ => {
+            return Err(ApiError::Unprocessable(
+                "client_payload.targets must be a list of target names".into(),
+            ));
+        }
+    };
     // Validate everything before storing anything: a delivery is all or nothing.
     let plans = images
         .iter()
         .map(|image| {
-            let mut new =
-                super::mirror::plan(&state, image, None, who.clone()).map_err(unprocessable)?;
-            new.platforms = platforms.clone();
-            Ok(new)
+            super::mirror::plan(&state, image, None, targets.as_deref(), who.clone()).map_err(|e| {
+                match e {
+                    ApiError::BadRequest(m) => ApiError::Unprocessable(m),
+                    other => other,
+                }
+            })
         })
-        .collect::<Result<Vec<_>, ApiError>>()?;
+        .collect::<Result<Vec<_>, _>>()?;
+    let (names, mut plans): (Vec<String>, Vec<crate::store::NewJob>) =
+        plans.into_iter().flat_map(|r| r.jobs).unzip();
+    for new in &mut plans {
+        new.platforms = platforms.clone();
+    }
     let respond = |queued: &[crate::store::Enqueued]| {
         let jobs: Vec<Value> = queued
             .iter()
-            .map(|q| {
+            .zip(&names)
+            .map(|(q, target)| {
                 let mut view = super::jobs::view(&q.job);
+                view["target_name"] = json!(target);
                 view["dedupe"] = json!(q.dedupe.as_str());
                 view
             })

@@ -27,6 +27,7 @@ mod store;
 mod subsets;
 mod support;
 mod sync;
+mod targets;
 mod tls;
 mod uploads;
 mod verify;

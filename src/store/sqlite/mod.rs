@@ -15,9 +15,9 @@ use tokio::sync::Notify;
 
 use super::{
     Delivery, Drift, DriftKind, DriftRecorded, EnqueueError, Enqueued, Error, Job, JobReferrers,
-    JobState, JobStats, Lease, NewDrift, NewJob, NewNotice, NewRecord, Notice, NoticeState,
-    ProgressRow, Record, Round, RoundKind, RoundSlot, WriterState, corrupt, now_ms, parse_json,
-    parse_policy,
+    JobState, JobStats, Lease, NewDrift, NewJob, NewNotice, NewRecord, NewRequest, Notice,
+    NoticeState, ProgressRow, Record, Request, RequestEnqueued, Round, RoundKind, RoundSlot,
+    WriterState, corrupt, now_ms, parse_json, parse_policy,
 };
 use db::Db;
 
@@ -291,6 +291,70 @@ impl SqliteStore {
         tx.commit().await?;
         self.woke(out.iter().flatten().filter(|q| q.created()).count());
         Ok(out)
+    }
+
+    pub(super) async fn enqueue_requests(
+        &self,
+        requests: &[NewRequest],
+    ) -> Result<Vec<RequestEnqueued>, Error> {
+        let mut tx = self.db.write.begin_with("BEGIN IMMEDIATE").await?;
+        let mut out = Vec::with_capacity(requests.len());
+        let mut created = 0;
+        for r in requests {
+            let mut jobs = Vec::with_capacity(r.jobs.len());
+            for (target, n) in &r.jobs {
+                match queue::enqueue_in(&mut tx, n).await {
+                    Err(queue::EnqueueError::Db(e)) => return Err(e.into()),
+                    Err(refused) => jobs.push((target.clone(), Err(refused.into()))),
+                    Ok(q) => {
+                        let q = enqueued(q)?;
+                        created += q.created() as usize;
+                        jobs.push((target.clone(), Ok(q)));
+                    }
+                }
+            }
+            let stored: Vec<(&str, i64)> = jobs
+                .iter()
+                .filter_map(|(t, q)| q.as_ref().ok().map(|q| (t.as_str(), q.job.id)))
+                .collect();
+            let id = match stored.is_empty() {
+                true => None,
+                false => Some(queue::insert_request(&mut tx, r, &stored).await?),
+            };
+            out.push(RequestEnqueued { id, jobs });
+        }
+        tx.commit().await?;
+        self.woke(created);
+        Ok(out)
+    }
+
+    pub(super) async fn request(&self, id: i64) -> Result<Option<Request>, Error> {
+        let Some((row, jobs)) = queue::request(&self.db, id).await? else {
+            return Ok(None);
+        };
+        Ok(Some(Request {
+            id: row.id,
+            source: row.source,
+            source_digest: row.source_digest,
+            requested_by: parse_json("requested_by", &row.requested_by)?,
+            created_at: row.created_at,
+            jobs: jobs
+                .into_iter()
+                .map(|(t, j)| Ok((t, job(j)?)))
+                .collect::<Result<_, Error>>()?,
+        }))
+    }
+
+    pub(super) async fn request_digest(&self, job_id: i64) -> Result<Option<String>, Error> {
+        Ok(queue::request_digest(&self.db, job_id).await?)
+    }
+
+    pub(super) async fn settle_request_digest(
+        &self,
+        job_id: i64,
+        digest: &str,
+    ) -> Result<String, Error> {
+        Ok(queue::settle_request_digest(&self.db, job_id, digest).await?)
     }
 
     pub(super) async fn owner(&self, mirror_repo: &str) -> Result<Option<String>, Error> {
