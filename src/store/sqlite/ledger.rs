@@ -55,7 +55,7 @@ pub struct Record {
 
 /// Appends a record inside the caller's transaction (the one that marks the job succeeded).
 pub async fn insert(conn: &mut sqlx::SqliteConnection, r: &NewRecord) -> sqlx::Result<i64> {
-    sqlx::query_scalar(
+    let id: i64 = sqlx::query_scalar(
         "insert into mirror_record (job_id, source_repo, source_ref, tag, source_digest, mirror_repo, mirror_digest,
              media_type, manifests, size_bytes, requested_by, verified_at, mirror_tag, policy, subset)
          values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) returning id",
@@ -76,7 +76,26 @@ pub async fn insert(conn: &mut sqlx::SqliteConnection, r: &NewRecord) -> sqlx::R
     .bind(&r.policy)
     .bind(&r.subset)
     .fetch_one(&mut *conn)
-    .await
+    .await?;
+    // Every digest the record names: the image (as the source and the mirror know it), each
+    // manifest, each referrer, each child of a subset.
+    sqlx::query(
+        "insert or ignore into record_manifest (record_id, digest)
+         select ?1, ?2
+         union select ?1, ?4
+         union select ?1, json_extract(m.value, '$.digest') from json_each(?3) m
+             where json_extract(m.value, '$.digest') is not null
+         union select ?1, json_extract(c.value, '$.digest') from json_each(?5, '$.children') c
+             where json_extract(c.value, '$.digest') is not null",
+    )
+    .bind(id)
+    .bind(&r.source_digest)
+    .bind(&r.manifests)
+    .bind(&r.mirror_digest)
+    .bind(&r.subset)
+    .execute(&mut *conn)
+    .await?;
+    Ok(id)
 }
 
 /// Every record of a repository, named by its source or its mirror name, newest first.
@@ -107,9 +126,7 @@ pub async fn by_repo_tag(db: &Db, repo: &str, tag: &str) -> sqlx::Result<Vec<Rec
 /// oldest first.
 pub async fn by_digest(db: &Db, digest: &str) -> sqlx::Result<Vec<Record>> {
     sqlx::query_as(
-        "select * from mirror_record where source_digest = ?1 or mirror_digest = ?1
-             or exists (select 1 from json_each(mirror_record.manifests) where json_extract(value, '$.digest') = ?1)
-             or exists (select 1 from json_each(mirror_record.subset, '$.children') where json_extract(value, '$.digest') = ?1)
+        "select * from mirror_record where id in (select record_id from record_manifest where digest = ?1)
          order by verified_at, id",
     )
     .bind(digest)
