@@ -368,9 +368,13 @@ impl Watch {
                 }
             }
         }
-        // Target: the tag still names the mirrored digest, and every manifest is there.
+        // Target: the tag still names the mirrored digest, and every manifest is there. For a
+        // platform subset that is the child (or the rebuilt index), not the source index, which
+        // was never written.
         let mirror = ImageRef::parse(&r.mirror_repo)
             .map_err(|e| format!("recorded mirror {:?} is invalid: {e}", r.mirror_repo))?;
+        let mirrored = Digest::parse(&r.mirror_digest)
+            .map_err(|e| format!("recorded digest {:?} is invalid: {e}", r.mirror_digest))?;
         let dst = Repo::of(&mirror);
         let mut top_checked = false;
         if let Some(tag) = r.mirror_tag.as_ref().or(r.tag.as_ref()) {
@@ -380,7 +384,7 @@ impl Watch {
                 .await
                 .map_err(|e| e.to_string())?
             {
-                Some(head) if head.digest.as_ref() == Some(&recorded) => top_checked = true,
+                Some(head) if head.digest.as_ref() == Some(&mirrored) => top_checked = true,
                 Some(head) if head.digest.is_none() => {}
                 _ => f.missing.push("tag".into()),
             }
@@ -399,9 +403,16 @@ impl Watch {
                 f.missing.push(digest);
             }
         }
-        if self.config.referrers && !f.gone {
+        // Referrers are looked up for the image the copy wrote on top: the source image, or the
+        // one child of a subset; an index rebuilt from several has no upstream to ask.
+        let subject = match &r.subset {
+            None => Some(&recorded),
+            Some(s) if !s.index_rebuilt() => Some(&mirrored),
+            Some(_) => None,
+        };
+        if let (true, false, Some(subject)) = (self.config.referrers, f.gone, subject) {
             // Not reaching the referrers does not spoil what was found about the image.
-            match self.missing_referrers(r, &source, &recorded).await {
+            match self.missing_referrers(r, &source, subject).await {
                 Ok(missing) => f.referrers = missing,
                 Err(e) => tracing::warn!(
                     mirror = %r.mirror_repo,
@@ -480,9 +491,15 @@ impl Watch {
             policy,
         };
         let mut seen = Vec::new();
-        let referrers = match self.store.get(r.job_id).await? {
-            Some(job) => job.referrers,
-            None => true,
+        // Jobs for the tag copy what its request asked for: referrers or not, these platforms.
+        let (referrers, platforms) = match self.store.get(r.job_id).await? {
+            Some(job) => (job.referrers, job.platforms),
+            None => (
+                true,
+                r.subset
+                    .as_ref()
+                    .and_then(|s| store::Platforms::new(s.platforms.clone())),
+            ),
         };
         // The tag keeps the policy its request chose; none stays none (the service default
         // then), so a change of MIRROR_DRIFT_POLICY still applies to it.
@@ -496,6 +513,7 @@ impl Watch {
             referrers,
             policy: chosen,
             repair,
+            platforms: platforms.clone(),
         };
         let followed = f.moved_to.is_some() && policy == Policy::Follow;
         if let (Some(now), Some(tag)) = (&f.moved_to, &r.tag) {

@@ -18,6 +18,7 @@
 //!   - source: registry.k8s.io/coredns/coredns:v1.11.1   # one tag
 //!   - source: ghcr.io/acme/tool@sha256:…                # one digest
 //!     targets: [home]       # only these of MIRROR_TARGETS (default: every target)
+//!     platforms: [linux/amd64]            # only these children of an index
 //! ```
 //!
 //! Selection rules: explicit tags (in `tags:` or the source) are always selected, listed upstream
@@ -40,9 +41,11 @@ use marked_yaml::{LoadError, LoaderOptions, Node, Span};
 
 use crate::drift::Policy;
 use crate::reference::{ImageRef, ReferenceError};
+use crate::registry::platforms::PlatformSpec;
+use crate::store::Platforms;
 
 /// Keys of an entry under `images`.
-const ENTRY_KEYS: [&str; 8] = [
+const ENTRY_KEYS: [&str; 9] = [
     "source",
     "tags",
     "tag_regex",
@@ -51,6 +54,7 @@ const ENTRY_KEYS: [&str; 8] = [
     "policy",
     "referrers",
     "targets",
+    "platforms",
 ];
 /// Keys of `defaults`.
 const DEFAULT_KEYS: [&str; 2] = ["policy", "referrers"];
@@ -88,6 +92,8 @@ pub struct Entry {
     pub referrers: bool,
     /// The named targets (`MIRROR_TARGETS`) it is mirrored to; none: every target.
     pub targets: Option<Vec<String>>,
+    /// Only these platforms of each index (none: the whole image).
+    pub platforms: Option<Platforms>,
 }
 
 impl Entry {
@@ -607,6 +613,26 @@ fn entry(
             }
         }
     });
+    let platforms = map.get_node("platforms").and_then(|n| {
+        let Some(items) = n.as_sequence().filter(|i| !i.is_empty()) else {
+            p.at(
+                n.span(),
+                "platforms must be a non-empty list of os/arch[/variant], e.g. `platforms: [linux/amd64, linux/arm64]`"
+                    .into(),
+            );
+            return None;
+        };
+        let mut names = Vec::new();
+        for item in items.iter() {
+            if let Some(s) = scalar(item, "each platform", p) {
+                match s.as_str().parse::<PlatformSpec>() {
+                    Ok(spec) => names.push(spec.to_string()),
+                    Err(e) => p.at(s.span(), e),
+                }
+            }
+        }
+        Platforms::new(names)
+    });
     let named_policy = map.get_node("policy").and_then(|n| policy(n, p));
     let referrers = map
         .get_node("referrers")
@@ -666,6 +692,7 @@ fn entry(
         policy,
         referrers,
         targets,
+        platforms,
     })
 }
 
@@ -736,6 +763,37 @@ images:
         assert!(e[4].source.digest().is_some());
         assert_eq!(e[4].select(&tags(&["a"])), Vec::<String>::new());
         assert_eq!(e[4].line, 16);
+    }
+
+    #[test]
+    fn platforms_are_checked_with_their_line() {
+        let ok = parse(
+            "m.yaml",
+            "images:\n  - source: a/b:1\n    platforms: [linux/arm64, Linux/AMD64, linux/arm64]\n",
+        )
+        .unwrap();
+        let p = ok.entries[0].platforms.as_ref().unwrap();
+        assert_eq!(
+            p.names(),
+            ["linux/amd64", "linux/arm64"],
+            "sorted, no repeats"
+        );
+        let err = parse(
+            "m.yaml",
+            "images:\n  - source: a/b:1\n    platforms: [linux/amd64, amd64]\n  - source: a/b:2\n    platforms: []\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(
+                "m.yaml:3:30: \"amd64\" is not a platform: write os/arch or os/arch/variant"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.contains("m.yaml:5:16: platforms must be a non-empty list"),
+            "{err}"
+        );
     }
 
     #[test]

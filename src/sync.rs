@@ -289,12 +289,16 @@ impl Sync {
         // One pinned digest: mirrored once, by digest.
         if let Some(digest) = source.digest() {
             report.selected += 1;
-            let done = self
-                .store
-                .by_digest(&digest.to_string())
-                .await?
-                .iter()
-                .any(|r| r.mirror_repo == target_repo && r.source_digest == digest.to_string());
+            let mut done = false;
+            for r in self.store.by_digest(&digest.to_string()).await? {
+                if r.mirror_repo == target_repo
+                    && r.source_digest == digest.to_string()
+                    && self.as_asked(&r, entry).await?
+                {
+                    done = true;
+                    break;
+                }
+            }
             if done {
                 report.up_to_date += 1;
                 return Ok(Ok(()));
@@ -320,6 +324,12 @@ impl Sync {
         for tag in tags {
             let current = self.store.by_repo_tag(&target_repo, &tag).await?;
             let record = current.iter().find(|r| r.mirror_repo == target_repo);
+            // Mirrored for another platform set (the entry's `platforms` changed): not mirrored
+            // as the entry asks, so it is copied again.
+            let record = match record {
+                Some(r) if !self.as_asked(r, entry).await? => None,
+                other => other,
+            };
             // Mirrored before and pinned: it stays (drift watch records any move upstream).
             if record.is_some() && entry.policy == Policy::Pin {
                 report.up_to_date += 1;
@@ -364,6 +374,15 @@ impl Sync {
         })
     }
 
+    /// Whether record `r` was mirrored for the platforms `entry` names (all, or the same set):
+    /// its job says (the record's subset when the job is gone).
+    async fn as_asked(&self, r: &store::Record, entry: &Entry) -> Result<bool, store::Error> {
+        Ok(match self.store.get(r.job_id).await? {
+            Some(job) => job.platforms == entry.platforms,
+            None => r.subset.is_some() == entry.platforms.is_some(),
+        })
+    }
+
     fn job(&self, entry: &Entry, source: String, target_repo: &str, tag: Option<&str>) -> NewJob {
         NewJob {
             source,
@@ -378,6 +397,7 @@ impl Sync {
             referrers: entry.referrers,
             policy: Some(entry.policy),
             repair: false,
+            platforms: entry.platforms.clone(),
         }
     }
 

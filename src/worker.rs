@@ -17,7 +17,7 @@ use crate::reference::ImageRef;
 use crate::registry::{self, Client, CopyOptions, Progress};
 use crate::store::{
     JobReferrers, JobState, Lease, NewNotice, NewRecord, NoticeEvent, ProgressRow, ReferrersState,
-    Store, now_ms,
+    Store, Subset, SubsetChild, now_ms,
 };
 
 /// The store's `blob_location` as the copy engine's shared record of where blobs are on
@@ -555,9 +555,45 @@ impl Workers {
             repair: job.repair,
             ..self.config.copy.clone()
         };
-        let result = registry::copy(&self.client, &pinned, &target, &options, progress)
-            .await
-            .map_err(JobError::from)?;
+        let specs: Vec<registry::platforms::PlatformSpec> = job
+            .platforms
+            .iter()
+            .flat_map(|p| p.names())
+            .map(|p| {
+                p.parse().map_err(|e| {
+                    JobError::Permanent(format!("stored platform {p:?} is invalid: {e}"))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let result = match specs.is_empty() {
+            true => registry::copy(&self.client, &pinned, &target, &options, progress).await,
+            false => {
+                registry::copy::copy_platforms(
+                    &self.client,
+                    &pinned,
+                    &target,
+                    &options,
+                    &specs,
+                    progress,
+                    false,
+                )
+                .await
+            }
+        }
+        .map_err(JobError::from)?;
+        // A subset says what was left out: the children copied, by their official digests.
+        let subset = result.subset.then(|| Subset {
+            platforms: result.platforms.clone(),
+            children: result
+                .children
+                .iter()
+                .map(|c| SubsetChild {
+                    platform: c.platform.clone(),
+                    digest: c.digest.to_string(),
+                    attestations: c.attestations.iter().map(ToString::to_string).collect(),
+                })
+                .collect(),
+        });
         let record = NewRecord {
             job_id: job.id,
             source_repo: source.repo_name(),
@@ -586,6 +622,7 @@ impl Workers {
             verified_at: now_ms(),
             mirror_tag: job.target_tag.clone(),
             policy: job.policy,
+            subset,
         };
         Ok((record, result))
     }

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use super::{ApiError, AppState, rfc3339};
 use crate::digest::Digest;
 use crate::reference::ImageRef;
-use crate::store::{Drift, Record};
+use crate::store::{Drift, Record, Subset};
 
 fn entry(r: &Record, drift: &[Drift]) -> Value {
     let platforms: Vec<Value> = r
@@ -28,7 +28,7 @@ fn entry(r: &Record, drift: &[Drift]) -> Value {
         .filter(|m| m.get("referrer_of").is_some())
         .cloned()
         .collect();
-    json!({
+    let mut e = json!({
         "tag": r.tag,
         "mirror_tag": mirror_tag(r),
         "referrers": referrers,
@@ -56,7 +56,50 @@ fn entry(r: &Record, drift: &[Drift]) -> Value {
             })
             .map(super::drift::view)
             .collect::<Vec<_>>(),
-    })
+        "subset": r.subset.is_some(),
+    });
+    if let Some(s) = &r.subset {
+        subset(&mut e, r, s);
+    }
+    e
+}
+
+/// What a platform subset's entry adds: the source index it was cut from (never written to the
+/// mirror), the children copied (their platforms are in `platforms` too) with a pull line each by
+/// its official digest, and whether the digest the tag names is an official one.
+fn subset(e: &mut Value, r: &Record, s: &Subset) {
+    e["source_index_digest"] = json!(r.source_digest);
+    e["children"] = s
+        .children
+        .iter()
+        .map(|c| {
+            json!({
+                "platform": c.platform,
+                "digest": c.digest,
+                "attestations": c.attestations,
+                "pull": format!("{}@{}", r.mirror_repo, c.digest),
+            })
+        })
+        .collect();
+    e["index_rebuilt"] = json!(s.index_rebuilt());
+    e["mirror_digest"] = json!(r.mirror_digest);
+    e["mirror_digest_official"] = json!(!s.index_rebuilt());
+    e["note"] = json!(match s.index_rebuilt() {
+        false => format!(
+            "only {} of {}@{} was mirrored: the mirror names that child, under its official digest {}",
+            s.platforms.join(", "),
+            r.source_repo,
+            r.source_digest,
+            r.mirror_digest
+        ),
+        true => format!(
+            "only {} of {}@{} were mirrored, each child under its official digest; the tag names an index rebuilt from them, {}, which is NOT an official digest",
+            s.platforms.join(", "),
+            r.source_repo,
+            r.source_digest,
+            r.mirror_digest
+        ),
+    });
 }
 
 /// The tag on the target: the request's own, or the source's.
@@ -164,7 +207,13 @@ pub async fn digest(
         "first_verified_at": rfc3339(records[0].verified_at),
         "records": records.iter().map(|r| {
             let mut e = entry(r, &[]);
-            e["as"] = json!(if r.source_digest == d.to_string() { "image" } else { "platform manifest" });
+            let d = d.to_string();
+            e["as"] = json!(match (&r.subset, d == r.mirror_digest, d == r.source_digest) {
+                (_, true, _) => "image",
+                (Some(_), false, true) => "source index (not on the mirror: a platform subset)",
+                (None, false, true) => "image",
+                _ => "platform manifest",
+            });
             e
         }).collect::<Vec<_>>(),
     })))

@@ -15,7 +15,9 @@ pub fn view(job: &Job) -> Value {
         Some(t) => format!("{}:{t}", job.target_repo),
         None => job.target_repo.clone(),
     };
-    let pull = (job.state == JobState::Succeeded)
+    // With platforms, the source's digest (an index) was not written: the ledger (`/images`)
+    // has what was, the children by their official digests.
+    let pull = (job.state == JobState::Succeeded && job.platforms.is_none())
         .then(|| {
             job.source_digest
                 .as_ref()
@@ -28,7 +30,8 @@ pub fn view(job: &Job) -> Value {
         "source": job.source,
         "source_digest": job.source_digest,
         "target": target,
-        "mirror_digest": if job.state == JobState::Succeeded { job.source_digest.clone() } else { None },
+        "mirror_digest": if job.state == JobState::Succeeded && job.platforms.is_none() { job.source_digest.clone() } else { None },
+        "platforms": job.platforms,
         "pull": pull,
         "attempts": job.attempts,
         "max_attempts": job.max_attempts,

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use super::{ApiError, ApiJson, AppState, Caller};
 use crate::mapping::Target;
 use crate::reference::ImageRef;
-use crate::store::{Dedupe, EnqueueError, Enqueued, NewJob, NewRequest};
+use crate::store::{Dedupe, EnqueueError, Enqueued, NewJob, NewRequest, Platforms};
 
 /// The request body.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -40,6 +40,20 @@ pub struct MirrorRequest {
     /// Queue nothing: answer `200` with what a copy would do (manifests to push, blobs to upload,
     /// mount or skip, bytes), found by reading the source and `HEAD`s on the target only.
     pub dry_run: Option<bool>,
+    /// Copy only these platforms of an index (`os/arch[/variant]`: `linux/amd64`, `linux/arm/v7`),
+    /// each child under its official digest, with its attestations. One platform: the tag names
+    /// that child; several: an index rebuilt from them (its digest is not an official one).
+    /// Default: every platform, the official index.
+    #[schema(example = json!(["linux/amd64"]))]
+    pub platforms: Option<Vec<String>>,
+}
+
+/// The platforms a request lists (`what` names the list in messages), checked and as the store
+/// keeps them; none for the whole image.
+pub fn platforms(what: &str, list: Option<&[String]>) -> Result<Option<Platforms>, ApiError> {
+    let Some(list) = list else { return Ok(None) };
+    let specs = crate::registry::platforms::parse_list(what, list).map_err(ApiError::BadRequest)?;
+    Ok(Platforms::new(specs.iter().map(ToString::to_string)))
 }
 
 /// A target's name in a request.
@@ -63,10 +77,30 @@ async fn dry_run(state: &AppState, new: &NewJob) -> Result<Response, ApiError> {
         referrers: false,
         ..Default::default()
     };
-    let planned = tokio::time::timeout(
-        DRY_RUN_TIMEOUT,
-        crate::registry::dry_run(&state.client, &source, &target, &options),
-    )
+    let specs: Vec<crate::registry::platforms::PlatformSpec> = new
+        .platforms
+        .iter()
+        .flat_map(|p| p.names())
+        .map(|p| p.parse().map_err(ApiError::BadRequest))
+        .collect::<Result<_, _>>()?;
+    let plan = async {
+        match specs.is_empty() {
+            true => crate::registry::dry_run(&state.client, &source, &target, &options).await,
+            false => {
+                crate::registry::copy::copy_platforms(
+                    &state.client,
+                    &source,
+                    &target,
+                    &options,
+                    &specs,
+                    Default::default(),
+                    true,
+                )
+                .await
+            }
+        }
+    };
+    let planned = tokio::time::timeout(DRY_RUN_TIMEOUT, plan)
     .await
     .map_err(|_| {
         ApiError::Unavailable(format!(
@@ -129,6 +163,7 @@ pub fn plan(
         // unless the request says `"policy": "follow"`.
         policy: source.digest().map(|_| crate::drift::Policy::Pin),
         repair: false,
+        platforms: None,
     };
     let jobs = match target {
         // A digest-only source with no target tag is written by digest only.
@@ -222,7 +257,7 @@ fn target_view(target: &str, answer: &Result<Enqueued, EnqueueError>) -> Value {
     responses(
         (status = 200, description = "with \"dry_run\": true: nothing queued; what a copy would do (manifests_pushed, blobs_uploaded/mounted/skipped, bytes_moved, \"dry_run\": true)"),
         (status = 202, description = "queued (or the queued/running job for the same source and target); one target: the job, Location: /jobs/{id}; several: `request_id` and each target's job (`target_name`, `dedupe`) or refusal, Location: /requests/{id}"),
-        (status = 400, description = "invalid reference, saying which part; an unknown target name (naming the known ones); both `target` and `targets`"),
+        (status = 400, description = "invalid reference, saying which part; an unknown target name (naming the known ones); both `target` and `targets`; a `platforms` entry that is not os/arch[/variant], naming it"),
         (status = 401, description = "missing or unknown bearer token"),
         (status = 403, description = "source not in MIRROR_ALLOWED_SOURCES, or target outside every target prefix"),
         (status = 409, description = "(every target's) target repository belongs to another source (it was used for it first, or it is where the default mapping puts that source)"),
@@ -245,9 +280,11 @@ pub async fn create(
             .as_deref(),
         json!({ "kind": "token", "name": who }),
     )?;
+    let platforms = platforms("platforms", req.platforms.as_deref())?;
     for (_, new) in &mut request.jobs {
         new.referrers = req.referrers.unwrap_or(true);
         new.policy = req.policy.or(new.policy);
+        new.platforms = platforms.clone();
     }
     if req.dry_run == Some(true) {
         if let [(_, new)] = request.jobs.as_slice() {

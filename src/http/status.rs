@@ -68,6 +68,9 @@ pub struct Words {
     kinds: [&'static str; 4],
     history: &'static str,
     default_policy: &'static str,
+    subset: &'static str,
+    subset_child: &'static str,
+    subset_rebuilt: &'static str,
 }
 
 const EN: Words = Words {
@@ -114,6 +117,9 @@ const EN: Words = Words {
     platforms: "Platforms",
     platform: "platform",
     single_platform: "A single-platform image: its digest above is the platform's.",
+    subset: "subset",
+    subset_child: "only this platform of the official index was mirrored: the tag names that child, under its official digest",
+    subset_rebuilt: "only these platforms of the official index were mirrored, each child under its official digest: the tag names an index rebuilt from them, which is NOT an official digest",
     digest: "digest",
     referrers: "Signatures and other referrers",
     no_referrers: "None copied.",
@@ -173,6 +179,9 @@ const ZH: Words = Words {
     platforms: "平台",
     platform: "平台",
     single_platform: "单平台镜像：上面的摘要就是该平台的摘要。",
+    subset: "子集",
+    subset_child: "只镜像了官方索引中的这个平台：标签指向该子镜像，使用其官方摘要",
+    subset_rebuilt: "只镜像了官方索引中的这些平台，每个子镜像使用其官方摘要：标签指向由它们重建的索引，它不是官方摘要",
     digest: "摘要",
     referrers: "签名及其他引用制品",
     no_referrers: "未复制任何引用制品。",
@@ -252,6 +261,31 @@ struct ImageRow {
     digest: String,
     pull: String,
     verified: String,
+    /// `subset: linux/amd64` for a platform subset, else empty.
+    subset: String,
+}
+
+/// `subset: linux/amd64, …` for a platform subset's record, else empty.
+fn subset_line(t: &'static Words, r: &Record) -> String {
+    r.subset
+        .as_ref()
+        .map(|s| format!("{}: {}", t.subset, s.platforms.join(", ")))
+        .unwrap_or_default()
+}
+
+/// What a platform subset's tag names, in words, else empty.
+fn subset_note(t: &'static Words, r: &Record) -> String {
+    match &r.subset {
+        None => String::new(),
+        Some(s) if s.index_rebuilt() => format!(
+            "{}: {} ({} {})",
+            subset_line(t, r),
+            t.subset_rebuilt,
+            t.digest,
+            r.mirror_digest
+        ),
+        Some(_) => format!("{}: {}", subset_line(t, r), t.subset_child),
+    }
 }
 
 struct DriftRow {
@@ -364,6 +398,7 @@ pub async fn page(
                 digest: r.source_digest.clone(),
                 pull: pull_line(r),
                 verified: rfc3339(r.verified_at),
+                subset: subset_line(t, r),
             })
             .collect(),
         drift: drift.iter().map(|d| drift_row(t, d)).collect(),
@@ -424,6 +459,8 @@ struct Entry {
     referrers: Vec<ReferrerRow>,
     history: Vec<HistoryRow>,
     drift: Vec<DriftRow>,
+    /// What a platform subset copied and what its tag names; empty for the whole image.
+    subset: String,
 }
 
 #[derive(Template)]
@@ -487,6 +524,7 @@ fn entry(t: &'static Words, current: &Record, history: &[&Record], drift: &[Drif
         requested_by,
         platforms,
         referrers,
+        subset: subset_note(t, current),
         history: history
             .iter()
             .map(|r| HistoryRow {

@@ -52,7 +52,7 @@ fn repo_allowed(patterns: &[String], repo: &str) -> bool {
 
 /// `POST /webhooks/github`, counted by outcome in the metrics.
 #[utoipa::path(post, path = "/webhooks/github", tag = "github",
-    request_body(content = String, content_type = "application/json", description = "a GitHub delivery: ping or repository_dispatch with client_payload.image or .images"),
+    request_body(content = String, content_type = "application/json", description = "a GitHub delivery: ping or repository_dispatch with client_payload.image or .images (and optionally .platforms)"),
     params(("X-Hub-Signature-256" = String, Header, description = "sha256=<HMAC-SHA256 of the body>"),
         ("X-GitHub-Event" = String, Header, description = "ping, repository_dispatch, …"),
         ("X-GitHub-Delivery" = String, Header, description = "delivery id; redeliveries reuse it")),
@@ -178,6 +178,31 @@ async fn handle(
         "installation": payload["installation"]["id"],
         "delivery": delivery,
     });
+    // `client_payload.platforms`: only these platforms of every image in the delivery.
+    let platforms = match &client_payload["platforms"] {
+        Value::Null => None,
+        Value::Array(list) => Some(
+            list.iter()
+                .map(|v| v.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    ApiError::Unprocessable(
+                        "client_payload.platforms must be a list of strings (os/arch[/variant])"
+                            .into(),
+                    )
+                })?,
+        ),
+        _ => {
+            return Err(ApiError::Unprocessable(
+                "client_payload.platforms must be a list of strings (os/arch[/variant])".into(),
+            ));
+        }
+    };
+    let platforms = super::mirror::platforms("client_payload.platforms", platforms.as_deref())
+        .map_err(|e| match e {
+            ApiError::BadRequest(m) => ApiError::Unprocessable(m),
+            other => other,
+        })?;
     let targets: Option<Vec<String>> = match &client_payload["targets"] {
         Value::Null => None,
         Value::Array(list) => Some(
@@ -208,8 +233,11 @@ async fn handle(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let (names, plans): (Vec<String>, Vec<crate::store::NewJob>) =
+    let (names, mut plans): (Vec<String>, Vec<crate::store::NewJob>) =
         plans.into_iter().flat_map(|r| r.jobs).unzip();
+    for new in &mut plans {
+        new.platforms = platforms.clone();
+    }
     let respond = |queued: &[crate::store::Enqueued]| {
         let jobs: Vec<Value> = queued
             .iter()

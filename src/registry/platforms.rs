@@ -73,6 +73,22 @@ impl PlatformSpec {
     }
 }
 
+/// Parses the platforms a request lists (`what` names the list in messages, e.g. `platforms`):
+/// every entry must be `os/arch[/variant]`, and the list must not be empty. The message names the
+/// bad entry by its position and says what to write.
+pub fn parse_list(what: &str, items: &[String]) -> std::result::Result<Vec<PlatformSpec>, String> {
+    if items.is_empty() {
+        return Err(format!(
+            "{what} is empty: name at least one platform as os/arch[/variant] (linux/amd64), or leave {what} out to mirror every platform"
+        ));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, s)| s.parse().map_err(|e| format!("{what}[{i}]: {e}")))
+        .collect()
+}
+
 /// A platform as an index or a config gives it: (os, architecture, variant).
 pub type Triple = (String, String, Option<String>);
 
@@ -272,6 +288,22 @@ mod tests {
         assert!("linux".parse::<PlatformSpec>().is_err());
         assert!("linux//x".parse::<PlatformSpec>().is_err());
         assert!("a/b/c/d".parse::<PlatformSpec>().is_err());
+        let list = |v: &[&str]| {
+            parse_list(
+                "platforms",
+                &v.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(
+            list(&["Linux/AMD64"]).unwrap()[0].to_string(),
+            "linux/amd64"
+        );
+        let e = list(&["linux/amd64", "amd64"]).unwrap_err();
+        assert!(
+            e.starts_with("platforms[1]: \"amd64\" is not a platform: write os/arch"),
+            "{e}"
+        );
+        assert!(list(&[]).unwrap_err().contains("platforms is empty"));
     }
 
     #[test]

@@ -543,7 +543,22 @@ pub(crate) enum Decision {
 /// Issue 12's dedupe rules: join the newest queued job (widening its options to cover both
 /// requests); else join the running one if it copies what this request names now with at least
 /// the options asked for; else a new job, queued after the running one.
+///
+/// Platforms are not an option to widen: a subset and the whole image (or two subsets) write
+/// different manifests under the tag. Only jobs for the same set, newer than any job for
+/// another set, can carry the request; else it is a new job after the newest live one, so the
+/// tag ends as the newest request asked.
 pub(crate) fn decide(live: &[Job], new: &NewJob) -> Decision {
+    let same = live
+        .iter()
+        .take_while(|j| j.platforms == new.platforms)
+        .count();
+    if same == 0 {
+        return Decision::Insert {
+            after: live.first().map(|j| j.id),
+        };
+    }
+    let live = &live[..same];
     if let Some(index) = live.iter().position(|j| j.state == JobState::Queued) {
         let queued = &live[index];
         let referrers = queued.referrers || new.referrers;

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use crate::drift::Policy;
@@ -139,6 +139,8 @@ pub struct Job {
     pub referrers_state: Option<ReferrersState>,
     /// What could not be looked up or copied (`[{"subject", "reference", "error", "transient"}]`).
     pub referrers_failed: Option<Value>,
+    /// Only these platforms of an index (none: the whole image).
+    pub platforms: Option<Platforms>,
 }
 
 /// A claimed job and the lease token that lets its worker write it.
@@ -193,6 +195,8 @@ pub struct NewRecord {
     pub mirror_tag: Option<String>,
     /// Drift policy in force for the tag; none means the service default.
     pub policy: Option<Policy>,
+    /// Only some platforms of the source index were copied (none: the whole image).
+    pub subset: Option<Subset>,
 }
 
 /// A stored ledger record.
@@ -213,6 +217,63 @@ pub struct Record {
     pub verified_at: i64,
     pub mirror_tag: Option<String>,
     pub policy: Option<Policy>,
+    /// Only some platforms of the source index (`source_digest`) were copied: then
+    /// `mirror_digest` is the one child, or an index rebuilt from the children (not official).
+    pub subset: Option<Subset>,
+}
+
+/// A platform subset as the ledger records it: the source index (`source_digest` of its record)
+/// was not copied; these children were, each under its official digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subset {
+    /// The platforms copied, as the source index lists them (`linux/arm64/v8`).
+    pub platforms: Vec<String>,
+    /// One per platform copied, in the order asked.
+    pub children: Vec<SubsetChild>,
+}
+
+impl Subset {
+    /// Whether the tag names an index rebuilt from the children (several platforms), whose
+    /// digest no official index has, rather than the one child itself.
+    pub fn index_rebuilt(&self) -> bool {
+        self.children.len() > 1
+    }
+}
+
+/// One child of a subset: its platform, official digest and the attestations copied with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubsetChild {
+    pub platform: String,
+    pub digest: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attestations: Vec<String>,
+}
+
+/// The platforms a request asks for (`os/arch[/variant]`, checked at the edge), sorted and
+/// without repeats: requests naming the same set in another order are the same request.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Platforms(Vec<String>);
+
+impl Platforms {
+    /// The set `names` form; none when it is empty (an empty set would copy nothing).
+    pub fn new(names: impl IntoIterator<Item = String>) -> Option<Platforms> {
+        let mut v: Vec<String> = names.into_iter().collect();
+        v.sort();
+        v.dedup();
+        (!v.is_empty()).then_some(Platforms(v))
+    }
+
+    /// The names, sorted.
+    pub fn names(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl fmt::Display for Platforms {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.join(", "))
+    }
 }
 
 /// A problem to record (see `Store::record_drift_and_enqueue`).
@@ -367,6 +428,9 @@ pub struct NewJob {
     pub policy: Option<Policy>,
     /// Re-check every manifest on the target (drift repair), not only the top one.
     pub repair: bool,
+    /// Only these platforms of an index (none: the whole image). A different set is a different
+    /// request: it never joins a job for another set.
+    pub platforms: Option<Platforms>,
 }
 
 /// Progress counters written with each heartbeat.
@@ -388,7 +452,8 @@ pub enum Dedupe {
     /// Joined the queued job and widened its options (referrers on, the request's policy).
     Merged,
     /// The live job is running and already pinned to the digest it resolved, or was asked for
-    /// less: a new job was queued to run after it (one writer per target tag).
+    /// less, or (queued or running) for other platforms: a new job was queued to run after it
+    /// (one writer per target tag).
     QueuedAfter(i64),
 }
 

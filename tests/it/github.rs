@@ -14,13 +14,13 @@ use crate::support::image::{Style, platform};
 use crate::support::service::Service;
 use crate::support::{Pusher, Registry};
 
-fn sign(secret: &str, body: &[u8]) -> String {
+pub(crate) fn sign(secret: &str, body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(body);
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-fn dispatch(images: Value, repo: &str) -> Vec<u8> {
+pub(crate) fn dispatch(images: Value, repo: &str) -> Vec<u8> {
     json!({
         "action": "mirror",
         "branch": "main",
@@ -33,7 +33,7 @@ fn dispatch(images: Value, repo: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-async fn deliver(
+pub(crate) async fn deliver(
     svc: &Service,
     event: &str,
     delivery: &str,
@@ -277,6 +277,16 @@ async fn bad_payloads_are_refused_with_the_reason() {
             json!({"image": "gcr.io/a/b", "images": ["gcr.io/a/c"]}),
             422,
             "exactly one",
+        ),
+        (
+            json!({"image": "gcr.io/a/b:1", "platforms": ["linux/amd64", "amd64"]}),
+            422,
+            "client_payload.platforms[1]: \"amd64\" is not a platform: write os/arch",
+        ),
+        (
+            json!({"image": "gcr.io/a/b:1", "platforms": "linux/amd64"}),
+            422,
+            "platforms must be a list of strings",
         ),
     ];
     for (i, (payload, want, msg)) in cases.into_iter().enumerate() {

@@ -25,6 +25,7 @@ mod service;
 mod ssrf;
 mod status;
 mod store;
+mod subsets;
 mod support;
 mod sync;
 mod targets;

@@ -33,7 +33,13 @@ fn ok_json(out: &Output) -> Value {
 }
 
 /// A synthetic child for `os/arch[/variant]` with its own config and layer.
-async fn child(p: &Pusher, repo: &str, seed: u64, arch: &str, variant: Option<&str>) -> TestImage {
+pub(crate) async fn child(
+    p: &Pusher,
+    repo: &str,
+    seed: u64,
+    arch: &str,
+    variant: Option<&str>,
+) -> TestImage {
     let config = json!({
         "architecture": arch, "os": "linux", "variant": variant, "seed": seed,
         "rootfs": {"type": "layers", "diff_ids": []},
@@ -60,7 +66,7 @@ fn attestation_of(d: &str) -> Value {
 
 /// A six-platform index at `repo:tag` whose linux/amd64 child is `amd64` (and linux/arm64 is
 /// `arm64`), each with an attestation manifest; returns (index, the other children, attestations).
-async fn six_platforms(
+pub(crate) async fn six_platforms(
     p: &Pusher,
     repo: &str,
     tag: &str,
@@ -103,7 +109,7 @@ async fn six_platforms(
 }
 
 /// What the harness's blob lists name: the config and layers of an image manifest.
-fn blobs_of(manifest: &[u8]) -> Vec<String> {
+pub(crate) fn blobs_of(manifest: &[u8]) -> Vec<String> {
     let v: Value = serde_json::from_slice(manifest).unwrap();
     let mut out = vec![v["config"]["digest"].as_str().unwrap().to_string()];
     for l in v["layers"].as_array().unwrap() {

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use mirror_mirror::store::{
     Dedupe, Delivery, DriftKind, EnqueueError, JobReferrers, JobState, NewDrift, NewJob, NewNotice,
-    NewRecord, NewRequest, NoticeEvent, NoticeState, Policy, ProgressRow, ReferrersState,
-    RoundKind, Store, WriterState,
+    NewRecord, NewRequest, NoticeEvent, NoticeState, Platforms, Policy, ProgressRow,
+    ReferrersState, RoundKind, Store, Subset, SubsetChild, WriterState,
 };
 use serde_json::json;
 
@@ -91,6 +91,8 @@ conformance!(
     a_request_for_a_running_pinned_job_waits_its_turn_on_the_tag,
     notices_are_stored_with_what_they_announce_and_sent_by_one_replica,
     referrers_state_is_kept_with_the_job,
+    a_platform_subset_is_its_own_request,
+    a_subset_record_is_found_by_its_children,
     a_request_to_several_targets_is_one_job_each_and_settles_one_digest,
 );
 
@@ -107,6 +109,7 @@ fn job(source: &str) -> NewJob {
         referrers: true,
         policy: None,
         repair: false,
+        platforms: None,
     }
 }
 
@@ -130,6 +133,7 @@ fn record(job_id: i64, mirror_repo: &str) -> NewRecord {
         verified_at: 1,
         mirror_tag: Some("m1".into()),
         policy: Some(Policy::Pin),
+        subset: None,
     }
 }
 
@@ -1297,6 +1301,129 @@ async fn referrers_state_is_kept_with_the_job(backend: Backend) {
             Some(failed)
         )
     );
+}
+
+fn platforms(names: &[&str]) -> Option<Platforms> {
+    Platforms::new(names.iter().map(|s| s.to_string()))
+}
+
+/// A job for every platform and one for a subset write different manifests under the tag:
+/// neither joins the other, in either order, alone or in one batch; the same set named in
+/// another order is the same request; and the tag ends as the newest request asked.
+async fn a_platform_subset_is_its_own_request(backend: Backend) {
+    let db = Database::new(backend).await;
+    let s = db.open().await;
+    let all = job("docker.io/library/p:1");
+    let mut amd = all.clone();
+    amd.platforms = platforms(&["linux/amd64"]);
+    let mut two = all.clone();
+    two.platforms = platforms(&["linux/arm64", "linux/amd64"]);
+    let mut two_again = all.clone();
+    two_again.platforms = platforms(&["linux/amd64", "linux/arm64", "linux/amd64"]);
+
+    let a = s.enqueue(&all).await.unwrap();
+    assert_eq!(a.dedupe, Dedupe::New);
+    assert_eq!(a.job.platforms, None);
+    // A subset never joins the job for every platform: queued after it.
+    let b = s.enqueue(&amd).await.unwrap();
+    assert_eq!(b.dedupe, Dedupe::QueuedAfter(a.job.id));
+    assert_eq!(b.job.platforms, platforms(&["linux/amd64"]));
+    // Nor the job for every platform the subset queued after it.
+    let c = s.enqueue(&all).await.unwrap();
+    assert_eq!(c.dedupe, Dedupe::QueuedAfter(b.job.id));
+    // The newest live job asks for every platform: a request for the same joins it.
+    assert_eq!(s.enqueue(&all).await.unwrap().job.id, c.job.id);
+    // Two platforms, in either order and with a repeat, are one request.
+    let d = s.enqueue(&two).await.unwrap();
+    assert_eq!(d.dedupe, Dedupe::QueuedAfter(c.job.id));
+    assert_eq!(d.job.platforms, platforms(&["linux/amd64", "linux/arm64"]));
+    let e = s.enqueue(&two_again).await.unwrap();
+    assert_eq!((e.dedupe, e.job.id), (Dedupe::Joined, d.job.id));
+    // Stored as asked: a claim reads the set back.
+    let first = s.claim(Duration::from_secs(30)).await.unwrap().unwrap();
+    assert_eq!((first.job.id, first.job.platforms), (a.job.id, None));
+
+    // In one batch, as if one by one.
+    let db = Database::new(backend).await;
+    let s = db.open().await;
+    let out = s
+        .enqueue_many(&[all.clone(), amd.clone(), amd.clone(), all.clone()])
+        .await
+        .unwrap();
+    let out: Vec<_> = out.into_iter().map(Result::unwrap).collect();
+    assert_eq!(out[0].dedupe, Dedupe::New);
+    assert_eq!(out[1].dedupe, Dedupe::QueuedAfter(out[0].job.id));
+    assert_eq!(
+        (out[2].dedupe.clone(), out[2].job.id),
+        (Dedupe::Joined, out[1].job.id)
+    );
+    assert_eq!(out[3].dedupe, Dedupe::QueuedAfter(out[1].job.id));
+    assert_eq!(out[3].job.platforms, None);
+    assert_eq!(
+        s.get(out[1].job.id).await.unwrap().unwrap().platforms,
+        platforms(&["linux/amd64"])
+    );
+}
+
+/// A subset's record keeps what it copied, and is found by each child's digest (the one the
+/// tag names and the others), by the source index and by the rebuilt index.
+async fn a_subset_record_is_found_by_its_children(backend: Backend) {
+    let db = Database::new(backend).await;
+    let s = db.open().await;
+    let mut j = job("docker.io/library/x:1");
+    j.platforms = platforms(&["linux/amd64", "linux/arm64"]);
+    s.enqueue(&j).await.unwrap();
+    let l = claim_within(&s, Duration::from_secs(30)).await;
+    let mut want = record(l.job.id, "m/x");
+    want.mirror_digest = "sha256:rebuilt".into();
+    // Children only in the subset (not in the manifests) are still found.
+    want.manifests = vec![json!({"digest": "sha256:rebuilt", "media_type": "index", "size": 10})];
+    let subset = Subset {
+        platforms: vec!["linux/amd64".into(), "linux/arm64/v8".into()],
+        children: vec![
+            SubsetChild {
+                platform: "linux/amd64".into(),
+                digest: "sha256:amd".into(),
+                attestations: vec!["sha256:att".into()],
+            },
+            SubsetChild {
+                platform: "linux/arm64/v8".into(),
+                digest: "sha256:arm".into(),
+                attestations: vec![],
+            },
+        ],
+    };
+    want.subset = Some(subset.clone());
+    assert!(
+        s.succeed_with_record(&l, &want, ProgressRow::default(), None, None)
+            .await
+            .unwrap()
+    );
+    for digest in ["sha256:amd", "sha256:arm", "sha256:aa", "sha256:rebuilt"] {
+        let found = s.by_digest(digest).await.unwrap();
+        assert_eq!(found.len(), 1, "{digest}");
+        assert_eq!(found[0].subset.as_ref(), Some(&subset), "{digest}");
+        assert!(found[0].subset.as_ref().unwrap().index_rebuilt());
+        assert_eq!(found[0].mirror_digest, "sha256:rebuilt");
+        assert_eq!(found[0].source_digest, "sha256:aa");
+    }
+    let tag = s.by_repo_tag("m/x", "m1").await.unwrap();
+    assert_eq!(tag[0].subset.as_ref(), Some(&subset));
+    assert_eq!(s.watched().await.unwrap()[0].subset.as_ref(), Some(&subset));
+    // A whole image's record has none.
+    s.enqueue(&job("docker.io/library/y:1")).await.unwrap();
+    let l = claim_within(&s, Duration::from_secs(30)).await;
+    let mut whole = record(l.job.id, "m/y");
+    whole.source_repo = "docker.io/library/y".into();
+    whole.source_digest = "sha256:bb".into();
+    whole.mirror_digest = "sha256:bb".into();
+    whole.manifests = vec![];
+    assert!(
+        s.succeed_with_record(&l, &whole, ProgressRow::default(), None, None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.by_digest("sha256:bb").await.unwrap()[0].subset, None);
 }
 
 async fn a_request_to_several_targets_is_one_job_each_and_settles_one_digest(backend: Backend) {

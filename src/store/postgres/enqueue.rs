@@ -186,6 +186,7 @@ pub(super) async fn enqueue_all(
                     repair: new.repair,
                     referrers_state: None,
                     referrers_failed: None,
+                    platforms: new.platforms.clone(),
                 };
                 jobs.insert(0, job.clone());
                 inserts.push(job);
@@ -204,10 +205,10 @@ pub(super) async fn enqueue_all(
         let col = |f: fn(&Job) -> Option<String>| inserts.iter().map(f).collect::<Vec<_>>();
         let rows = sqlx::query_as::<_, JobRow>(concat!(
             "insert into job (source, target_repo, target_tag, state, max_attempts, run_at, requested_by,
-                 created_at, updated_at, referrers, policy, repair)
-             select s, r, t, 'queued', m, mm_now_ms(), b::jsonb, mm_now_ms(), mm_now_ms(), f, p, x
-             from unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::bool[], $7::text[], $8::bool[])
-                 with ordinality as i(s, r, t, m, b, f, p, x, n)
+                 created_at, updated_at, referrers, policy, repair, platforms)
+             select s, r, t, 'queued', m, mm_now_ms(), b::jsonb, mm_now_ms(), mm_now_ms(), f, p, x, ps::jsonb
+             from unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::bool[], $7::text[], $8::bool[], $9::text[])
+                 with ordinality as i(s, r, t, m, b, f, p, x, ps, n)
              order by n
              returning ",
             job_columns!()
@@ -220,6 +221,11 @@ pub(super) async fn enqueue_all(
         .bind(inserts.iter().map(|j| j.referrers).collect::<Vec<_>>())
         .bind(col(|j| j.policy.map(|p| p.as_str().to_string())))
         .bind(inserts.iter().map(|j| j.repair).collect::<Vec<_>>())
+        .bind(col(|j| {
+            j.platforms
+                .as_ref()
+                .map(|p| serde_json::Value::from(p.names().to_vec()).to_string())
+        }))
         .fetch_all(&mut *tx)
         .await?;
         inserted = rows
@@ -283,7 +289,13 @@ pub(super) async fn enqueue_all(
                 }),
                 Answer::Inserted { n, dedupe } => Ok(Enqueued {
                     job: inserted[n].clone(),
-                    dedupe,
+                    // Queued after a job this batch inserted (for other platforms): its real id.
+                    dedupe: match dedupe {
+                        Dedupe::QueuedAfter(id) if id < 0 => {
+                            Dedupe::QueuedAfter(inserted[(-id - 1) as usize].id)
+                        }
+                        other => other,
+                    },
                 }),
             })
         })

@@ -16,7 +16,7 @@ macro_rules! record_columns {
     () => {
         "r.id, r.job_id, r.source_repo, r.source_ref, r.tag, r.source_digest, r.mirror_repo,
     r.mirror_digest, r.media_type, r.manifests::text as manifests, r.size_bytes, r.requested_by::text as requested_by,
-    r.verified_at, r.mirror_tag, r.policy"
+    r.verified_at, r.mirror_tag, r.policy, r.subset::text as subset"
     };
 }
 
@@ -37,6 +37,7 @@ struct RecordRow {
     verified_at: i64,
     mirror_tag: Option<String>,
     policy: Option<String>,
+    subset: Option<String>,
 }
 
 impl RecordRow {
@@ -61,6 +62,11 @@ impl RecordRow {
             size_bytes: self.size_bytes,
             verified_at: self.verified_at,
             mirror_tag: self.mirror_tag,
+            subset: self
+                .subset
+                .as_deref()
+                .map(|s| serde_json::from_str(s).map_err(|_| corrupt("record subset", s)))
+                .transpose()?,
         })
     }
 }
@@ -167,8 +173,8 @@ impl PgStore {
         let manifests = serde_json::Value::from(r.manifests.clone()).to_string();
         let id: i64 = sqlx::query_scalar(
             "insert into mirror_record (job_id, source_repo, source_ref, tag, source_digest, mirror_repo, mirror_digest,
-                 media_type, manifests, size_bytes, requested_by, verified_at, mirror_tag, policy)
-             values ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11::jsonb, $12, $13, $14) returning id",
+                 media_type, manifests, size_bytes, requested_by, verified_at, mirror_tag, policy, subset)
+             values ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11::jsonb, $12, $13, $14, $15::jsonb) returning id",
         )
         .bind(r.job_id)
         .bind(&r.source_repo)
@@ -184,20 +190,35 @@ impl PgStore {
         .bind(r.verified_at)
         .bind(&r.mirror_tag)
         .bind(r.policy.map(|p| p.as_str()))
+        .bind(
+            r.subset
+                .as_ref()
+                .map(|s| serde_json::to_value(s).unwrap_or_default().to_string()),
+        )
         .fetch_one(&mut *tx)
         .await?;
-        // Every digest the record names: the image, each manifest, each referrer.
+        // Every digest the record names: the image (as the source and the mirror know it), each
+        // manifest, each referrer, each child of a subset.
         sqlx::query(
             "insert into record_manifest (record_id, digest)
              select $1, d from (
                  select $2::text as d
-                 union select e->>'digest' from jsonb_array_elements($3::jsonb) e) s
+                 union select $4::text
+                 union select e->>'digest' from jsonb_array_elements($3::jsonb) e
+                 union select c->>'digest'
+                     from jsonb_array_elements(coalesce($5::jsonb -> 'children', '[]'::jsonb)) c) s
              where d is not null
              on conflict do nothing",
         )
         .bind(id)
         .bind(&r.source_digest)
         .bind(&manifests)
+        .bind(&r.mirror_digest)
+        .bind(
+            r.subset
+                .as_ref()
+                .map(|s| serde_json::to_value(s).unwrap_or_default().to_string()),
+        )
         .execute(&mut *tx)
         .await?;
         // Whatever drift this job was queued to follow or repair is settled by it.

@@ -32,7 +32,7 @@ macro_rules! job_columns {
         "id, source, source_digest, target_repo, target_tag, state, attempts, max_attempts, run_at,
     lease_expires_at, last_error, requested_by::text as requested_by, bytes_done, bytes_total, blobs_done, blobs_total,
     created_at, updated_at, started_at, finished_at, referrers, policy, repair, referrers_state,
-    referrers_failed::text as referrers_failed"
+    referrers_failed::text as referrers_failed, platforms::text as platforms"
     };
 }
 pub(super) use job_columns;
@@ -64,6 +64,7 @@ pub(super) struct JobRow {
     repair: bool,
     referrers_state: Option<String>,
     referrers_failed: Option<String>,
+    platforms: Option<String>,
 }
 
 impl JobRow {
@@ -104,6 +105,11 @@ impl JobRow {
                 .referrers_failed
                 .as_deref()
                 .map(|f| parse_json("referrers_failed", f))
+                .transpose()?,
+            platforms: self
+                .platforms
+                .as_deref()
+                .map(|p| serde_json::from_str(p).map_err(|_| corrupt("job platforms", p)))
                 .transpose()?,
         })
     }

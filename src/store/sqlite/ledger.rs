@@ -25,6 +25,8 @@ pub struct NewRecord {
     pub mirror_tag: Option<String>,
     /// Drift policy in force for the tag (`follow`/`pin`); none means the service default.
     pub policy: Option<String>,
+    /// What a platform subset copied (JSON), or null for the whole image.
+    pub subset: Option<String>,
 }
 
 /// A stored record.
@@ -47,14 +49,16 @@ pub struct Record {
     pub mirror_tag: Option<String>,
     /// Drift policy in force for the tag (`follow`/`pin`); none means the service default.
     pub policy: Option<String>,
+    /// What a platform subset copied (JSON), or null for the whole image.
+    pub subset: Option<String>,
 }
 
 /// Appends a record inside the caller's transaction (the one that marks the job succeeded).
 pub async fn insert(conn: &mut sqlx::SqliteConnection, r: &NewRecord) -> sqlx::Result<i64> {
     let id: i64 = sqlx::query_scalar(
         "insert into mirror_record (job_id, source_repo, source_ref, tag, source_digest, mirror_repo, mirror_digest,
-             media_type, manifests, size_bytes, requested_by, verified_at, mirror_tag, policy)
-         values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) returning id",
+             media_type, manifests, size_bytes, requested_by, verified_at, mirror_tag, policy, subset)
+         values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) returning id",
     )
     .bind(r.job_id)
     .bind(&r.source_repo)
@@ -70,18 +74,25 @@ pub async fn insert(conn: &mut sqlx::SqliteConnection, r: &NewRecord) -> sqlx::R
     .bind(r.verified_at)
     .bind(&r.mirror_tag)
     .bind(&r.policy)
+    .bind(&r.subset)
     .fetch_one(&mut *conn)
     .await?;
-    // Every digest the record names: the image, each manifest, each referrer.
+    // Every digest the record names: the image (as the source and the mirror know it), each
+    // manifest, each referrer, each child of a subset.
     sqlx::query(
         "insert or ignore into record_manifest (record_id, digest)
          select ?1, ?2
+         union select ?1, ?4
          union select ?1, json_extract(m.value, '$.digest') from json_each(?3) m
-             where json_extract(m.value, '$.digest') is not null",
+             where json_extract(m.value, '$.digest') is not null
+         union select ?1, json_extract(c.value, '$.digest') from json_each(?5, '$.children') c
+             where json_extract(c.value, '$.digest') is not null",
     )
     .bind(id)
     .bind(&r.source_digest)
     .bind(&r.manifests)
+    .bind(&r.mirror_digest)
+    .bind(&r.subset)
     .execute(&mut *conn)
     .await?;
     Ok(id)
@@ -111,7 +122,8 @@ pub async fn by_repo_tag(db: &Db, repo: &str, tag: &str) -> sqlx::Result<Vec<Rec
     .await
 }
 
-/// Records whose image is `digest` or contains it (a platform's manifest), oldest first.
+/// Records whose image is `digest` or contains it (a platform's manifest, a subset's child),
+/// oldest first.
 pub async fn by_digest(db: &Db, digest: &str) -> sqlx::Result<Vec<Record>> {
     sqlx::query_as(
         "select * from mirror_record where id in (select record_id from record_manifest where digest = ?1)

@@ -52,6 +52,7 @@ impl From<queue::EnqueueError> for EnqueueError {
                 requested,
             },
             queue::EnqueueError::Db(e) => EnqueueError::Store(Error::Database(e)),
+            queue::EnqueueError::Corrupt(e) => EnqueueError::Store(e),
         }
     }
 }
@@ -93,6 +94,11 @@ fn job(j: queue::Job) -> Result<Job, Error> {
             .referrers_failed
             .as_deref()
             .map(|f| parse_json("referrers_failed", f))
+            .transpose()?,
+        platforms: j
+            .platforms
+            .as_deref()
+            .map(|p| serde_json::from_str(p).map_err(|_| corrupt("job platforms", p)))
             .transpose()?,
     })
 }
@@ -157,6 +163,7 @@ fn queue_lease(l: &Lease) -> queue::Lease {
             // Not read by the lease's writes.
             referrers_state: None,
             referrers_failed: None,
+            platforms: None,
         },
     }
 }
@@ -182,6 +189,11 @@ fn record(r: ledger::Record) -> Result<Record, Error> {
         size_bytes: r.size_bytes,
         verified_at: r.verified_at,
         mirror_tag: r.mirror_tag,
+        subset: r
+            .subset
+            .as_deref()
+            .map(|s| serde_json::from_str(s).map_err(|_| corrupt("record subset", s)))
+            .transpose()?,
     })
 }
 
@@ -259,6 +271,7 @@ impl SqliteStore {
         for n in new {
             match queue::enqueue_in(&mut tx, n).await {
                 Err(queue::EnqueueError::Db(e)) => return Err(e.into()),
+                Err(queue::EnqueueError::Corrupt(e)) => return Err(e),
                 Err(refused) => out.push(Err(refused.into())),
                 Ok(q) => out.push(Ok(enqueued(q)?)),
             }
@@ -386,6 +399,10 @@ impl SqliteStore {
             verified_at: r.verified_at,
             mirror_tag: r.mirror_tag.clone(),
             policy: r.policy.map(|p| p.as_str().to_string()),
+            subset: r
+                .subset
+                .as_ref()
+                .map(|s| serde_json::to_value(s).unwrap_or_default().to_string()),
         };
         Ok(queue::succeed(&self.db, &queue_lease(lease), &record, p, notice, referrers).await?)
     }
@@ -542,6 +559,7 @@ impl SqliteStore {
                     queued = Some(Ok(enqueued(q)?));
                 }
                 Err(queue::EnqueueError::Db(e)) => return Err(e.into()),
+                Err(queue::EnqueueError::Corrupt(e)) => return Err(e),
                 Err(refused) => queued = Some(Err(refused.into())),
             }
         }

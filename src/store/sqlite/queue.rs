@@ -11,7 +11,7 @@ use sqlx::FromRow;
 use super::db::{Db, now_ms};
 use super::ledger::{self, NewRecord};
 use super::outbox;
-use crate::store::{Dedupe, JobReferrers, NewJob, NewNotice, NewRequest, ProgressRow};
+use crate::store::{Decision, Dedupe, JobReferrers, NewJob, NewNotice, NewRequest, ProgressRow};
 
 /// A job as stored.
 #[derive(Debug, Clone, FromRow, Serialize)]
@@ -46,6 +46,8 @@ pub struct Job {
     pub referrers_state: Option<String>,
     /// What could not be looked up or copied, as JSON.
     pub referrers_failed: Option<String>,
+    /// Only these platforms (a JSON array), or the whole image (null).
+    pub platforms: Option<String>,
 }
 
 /// A claimed job: the job and the lease that lets its worker write it.
@@ -70,6 +72,9 @@ pub enum EnqueueError {
     /// The database failed.
     #[error(transparent)]
     Db(#[from] sqlx::Error),
+    /// A live job's row holds what the code never writes.
+    #[error(transparent)]
+    Corrupt(crate::store::Error),
 }
 
 /// A request stored, or joined to a live job.
@@ -132,58 +137,46 @@ pub async fn enqueue_in(
     .bind(&new.target_tag)
     .fetch_all(&mut *tx)
     .await?;
-    let mut after = None;
-    if let Some(queued) = live.iter().find(|j| j.state == "queued") {
-        // Not started: it will resolve the tag when it runs, so this request's wish is met by
-        // it; widen its options to cover both requests.
-        let referrers = queued.referrers || new.referrers;
-        let policy = new
-            .policy
-            .map(|p| p.as_str().to_string())
-            .or(queued.policy.clone());
-        let repair = queued.repair || new.repair;
-        if (referrers, &policy, repair) == (queued.referrers, &queued.policy, queued.repair) {
+    let typed = live
+        .iter()
+        .cloned()
+        .map(super::job)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(EnqueueError::Corrupt)?;
+    let after = match crate::store::decide(&typed, new) {
+        Decision::Join(i) => {
             return Ok(Enqueued {
-                job: queued.clone(),
+                job: live[i].clone(),
                 dedupe: Dedupe::Joined,
             });
         }
-        let job: Job = sqlx::query_as(
-            "update job set referrers = ?1, policy = ?2, repair = ?3, updated_at = ?4 where id = ?5 returning *",
-        )
-        .bind(referrers)
-        .bind(&policy)
-        .bind(repair)
-        .bind(now_ms())
-        .bind(queued.id)
-        .fetch_one(&mut *tx)
-        .await?;
-        return Ok(Enqueued {
-            job,
-            dedupe: Dedupe::Merged,
-        });
-    }
-    if let Some(running) = live.first() {
-        // Running: joining is right only if it copies what this request names now (a digest,
-        // or a tag it has not resolved yet) with at least the options asked for.
-        let same_content = new.source.contains('@') || running.source_digest.is_none();
-        let covers = (running.referrers || !new.referrers)
-            && (running.repair || !new.repair)
-            && new
-                .policy
-                .is_none_or(|p| running.policy.as_deref() == Some(p.as_str()));
-        if same_content && covers {
+        Decision::Merge {
+            index,
+            referrers,
+            policy,
+            repair,
+        } => {
+            let job: Job = sqlx::query_as(
+                "update job set referrers = ?1, policy = ?2, repair = ?3, updated_at = ?4 where id = ?5 returning *",
+            )
+            .bind(referrers)
+            .bind(policy.map(|p| p.as_str()))
+            .bind(repair)
+            .bind(now_ms())
+            .bind(live[index].id)
+            .fetch_one(&mut *tx)
+            .await?;
             return Ok(Enqueued {
-                job: running.clone(),
-                dedupe: Dedupe::Joined,
+                job,
+                dedupe: Dedupe::Merged,
             });
         }
-        after = Some(running.id);
-    }
+        Decision::Insert { after } => after,
+    };
     let now = now_ms();
     let job: Job = sqlx::query_as(
-        "insert into job (source, target_repo, target_tag, state, max_attempts, run_at, requested_by, created_at, updated_at, referrers, policy, repair)
-         values (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?5, ?5, ?7, ?8, ?9) returning *",
+        "insert into job (source, target_repo, target_tag, state, max_attempts, run_at, requested_by, created_at, updated_at, referrers, policy, repair, platforms)
+         values (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?5, ?5, ?7, ?8, ?9, ?10) returning *",
     )
     .bind(&new.source)
     .bind(&new.target_repo)
@@ -194,6 +187,11 @@ pub async fn enqueue_in(
     .bind(new.referrers)
     .bind(new.policy.map(|p| p.as_str()))
     .bind(new.repair)
+    .bind(
+        new.platforms
+            .as_ref()
+            .map(|p| serde_json::Value::from(p.names().to_vec()).to_string()),
+    )
     .fetch_one(&mut *tx)
     .await?;
     Ok(Enqueued {
