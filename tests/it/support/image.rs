@@ -202,19 +202,29 @@ impl Pusher {
         repo: &str,
         reference: &str,
     ) -> Option<(Vec<u8>, String, String)> {
-        let r = self
-            .req(
-                reqwest::Method::GET,
-                repo,
-                format!("{}/v2/{repo}/manifests/{reference}", self.base),
-            )
-            .header(
-                "accept",
-                format!("{OCI_INDEX}, {OCI_MANIFEST}, {DOCKER_LIST}, {DOCKER_MANIFEST}"),
-            )
-            .send()
-            .await
-            .unwrap();
+        // distribution's filesystem driver rewrites a tag's link file in place: a read racing a
+        // tag update (drift following a move) can get a 500 for a moment. Asked again then.
+        let mut tries = 0;
+        let r = loop {
+            let r = self
+                .req(
+                    reqwest::Method::GET,
+                    repo,
+                    format!("{}/v2/{repo}/manifests/{reference}", self.base),
+                )
+                .header(
+                    "accept",
+                    format!("{OCI_INDEX}, {OCI_MANIFEST}, {DOCKER_LIST}, {DOCKER_MANIFEST}"),
+                )
+                .send()
+                .await
+                .unwrap();
+            tries += 1;
+            if r.status() != 500 || tries == 20 {
+                break r;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
         if r.status() == 404 {
             return None;
         }
