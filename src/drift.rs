@@ -13,15 +13,15 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::{Db, now_ms};
 use crate::digest::Digest;
-use crate::ledger::{self, Drift, NewDrift, Record};
 use crate::notify::Notifier;
-use crate::outbox::{self, NewNotice, NoticeEvent};
-use crate::queue::{self, NewJob};
 use crate::reference::ImageRef;
 use crate::registry::{self, Client, Repo};
 use crate::rounds::{RoundStatus, Rounds, Trigger};
+use crate::store::{
+    self, Drift, DriftKind, NewDrift, NewJob, NewNotice, NoticeEvent, Record, RoundKind, Store,
+    now_ms,
+};
 
 /// What to do when a source tag moves upstream after it was mirrored.
 #[derive(
@@ -66,6 +66,10 @@ impl FromStr for Policy {
     }
 }
 
+/// Rounds asked for by `POST /drift/check` claim a slot this short: they always run, unless
+/// one asked for on another replica runs within the same moment.
+const ROUND_SLOT: Duration = Duration::from_millis(1);
+
 /// How drift watch runs.
 #[derive(Debug, Clone)]
 pub struct DriftConfig {
@@ -83,7 +87,7 @@ pub struct DriftConfig {
 }
 
 /// What one round found.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Round {
     /// The round's id (as `POST /drift/check` answered it).
     pub id: u64,
@@ -108,7 +112,7 @@ pub struct Round {
 /// Drift watch: shared by the schedule and `POST /drift/check`.
 #[derive(Clone)]
 pub struct Watch {
-    db: Db,
+    store: Store,
     client: Client,
     config: Arc<DriftConfig>,
     wake: Arc<Notify>,
@@ -119,7 +123,8 @@ pub struct Watch {
     /// rounds open drift, so it is set before a round records any and cleared after one that
     /// leaves none open.
     maybe_open: Arc<AtomicBool>,
-    last: Arc<std::sync::Mutex<Option<Round>>>,
+    /// Names this replica in the rounds it runs.
+    replica: Arc<str>,
 }
 
 /// What checking one mirrored tag found.
@@ -136,23 +141,25 @@ struct Findings {
 }
 
 impl Watch {
-    /// Drift watch over the ledger in `db`, looking with `client`; `wake` is rung after queueing.
+    /// Drift watch over the ledger in `store`, looking with `client`; `wake` is rung after
+    /// queueing; `replica` names this process in the rounds it runs.
     pub fn new(
-        db: Db,
+        store: Store,
         client: Client,
         config: DriftConfig,
         wake: Arc<Notify>,
         notifier: Option<Notifier>,
+        replica: &str,
     ) -> Watch {
         Watch {
-            db,
+            store,
             client,
             config: Arc::new(config),
             wake,
             notifier,
             rounds: Rounds::default(),
-            last: Arc::default(),
             maybe_open: Arc::new(AtomicBool::new(true)),
+            replica: replica.into(),
         }
     }
 
@@ -162,8 +169,8 @@ impl Watch {
     }
 
     /// Reads from the database whether any drift is open (at start, and after each round).
-    pub async fn refresh_open(&self) -> sqlx::Result<()> {
-        let open = !ledger::open_drift_counts(&self.db).await?.is_empty();
+    pub async fn refresh_open(&self) -> Result<(), store::Error> {
+        let open = !self.store.open_drift_counts().await?.is_empty();
         self.maybe_open.store(open, Ordering::SeqCst);
         Ok(())
     }
@@ -173,9 +180,17 @@ impl Watch {
         &self.config
     }
 
-    /// The last finished round.
-    pub fn last_round(&self) -> Option<Round> {
-        self.last.lock().expect("drift state poisoned").clone()
+    /// The last finished round, on whichever replica it ran.
+    pub async fn last_round(&self) -> Option<Round> {
+        match self.store.last_round(RoundKind::Drift).await {
+            Ok(r) => r
+                .and_then(|r| r.result)
+                .and_then(|v| serde_json::from_value(v).ok()),
+            Err(e) => {
+                tracing::warn!("reading the last drift round failed: {e}");
+                None
+            }
+        }
     }
 
     /// The round running now and the one queued behind it.
@@ -190,9 +205,42 @@ impl Watch {
         trigger: Trigger,
     ) -> (RoundStatus, Option<tokio::task::JoinHandle<()>>) {
         let watch = self.clone();
+        // A scheduled round runs once per interval across replicas (the first to claim the
+        // slot); one asked for runs here, now.
+        let slot = match (trigger, self.config.interval) {
+            (Trigger::Schedule, Some(every)) => every,
+            _ => ROUND_SLOT,
+        };
         self.rounds.request(trigger, move |id| async move {
-            if let Err(e) = watch.round(id).await {
-                tracing::error!(round.id = id, "drift round {id} failed: {e}");
+            let slot = match watch
+                .store
+                .claim_round(RoundKind::Drift, slot, &watch.replica)
+                .await
+            {
+                Ok(Some(slot)) => slot,
+                Ok(None) => {
+                    tracing::debug!(
+                        round.id = id,
+                        "drift round {id}: another replica runs this slot's round"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(round.id = id, "drift round {id} not started: {e}");
+                    return;
+                }
+            };
+            match watch.round(id).await {
+                Ok(round) => {
+                    let result = serde_json::to_value(&round).unwrap_or(Value::Null);
+                    if let Err(e) = watch.store.finish_round(slot, &result).await {
+                        tracing::warn!(
+                            round.id = id,
+                            "drift round {id}: recording its result failed: {e}"
+                        );
+                    }
+                }
+                Err(e) => tracing::error!(round.id = id, "drift round {id} failed: {e}"),
             }
         })
     }
@@ -209,8 +257,18 @@ impl Watch {
                 return;
             };
             loop {
+                // Slots are floor(database clock / interval): every replica wakes at the start
+                // of the next one, and the first to claim it runs the round.
+                let wait = match watch.store.next_round_in(every).await {
+                    // A little past the boundary, so the claim lands in the new slot.
+                    Ok(w) => w + Duration::from_millis(5),
+                    Err(e) => {
+                        tracing::warn!("drift schedule: reading the database clock failed: {e}");
+                        every
+                    }
+                };
                 tokio::select! {
-                    _ = tokio::time::sleep(every) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     _ = stop.cancelled() => break,
                 }
                 if let (_, Some(round)) = watch.request_round(Trigger::Schedule) {
@@ -227,14 +285,14 @@ impl Watch {
     /// Re-checks every mirrored tag now: HEAD the source tag, HEAD each mirrored manifest on the
     /// target; records drift and queues the jobs the policy asks for. Callers go through
     /// [`Watch::request_round`], which runs one at a time.
-    async fn round(&self, id: u64) -> sqlx::Result<Round> {
+    async fn round(&self, id: u64) -> Result<Round, store::Error> {
         let started = std::time::Instant::now();
         let mut round = Round {
             id,
             started_at: crate::http::rfc3339(now_ms()),
             ..Round::default()
         };
-        let watched = ledger::watched(&self.db).await?;
+        let watched = self.store.watched().await?;
         tracing::info!(
             round.id = id,
             images = watched.len(),
@@ -274,7 +332,6 @@ impl Watch {
             duration_ms = round.duration_ms,
             "drift round finished"
         );
-        *self.last.lock().expect("drift state poisoned") = Some(round.clone());
         Ok(round)
     }
 
@@ -366,20 +423,20 @@ impl Watch {
         source: &ImageRef,
         subject: &Digest,
     ) -> Result<Vec<String>, String> {
-        let wanted = queue::get(&self.db, r.job_id)
+        let wanted = self
+            .store
+            .get(r.job_id)
             .await
             .map_err(|e| e.to_string())?
             .is_none_or(|j| j.referrers);
         if !wanted {
             return Ok(Vec::new());
         }
-        let recorded: Vec<Value> = match serde_json::from_str::<Value>(&r.manifests) {
-            Ok(Value::Array(entries)) => entries
-                .into_iter()
-                .filter(|e| e.get("referrer_of").is_some())
-                .collect(),
-            _ => Vec::new(),
-        };
+        let recorded: Vec<&Value> = r
+            .manifests
+            .iter()
+            .filter(|e| e.get("referrer_of").is_some())
+            .collect();
         let mut out: Vec<String> = recorded
             .iter()
             .filter(|e| e.get("state").and_then(Value::as_str) == Some("failed"))
@@ -408,32 +465,28 @@ impl Watch {
     }
 
     /// Records what `f` found for `r`, queues what the policy asks for, resolves what is gone.
-    async fn settle(&self, r: &Record, f: Findings, round: &mut Round) -> sqlx::Result<()> {
-        let policy = r
-            .policy
-            .as_deref()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(self.config.policy);
+    async fn settle(&self, r: &Record, f: Findings, round: &mut Round) -> Result<(), store::Error> {
+        let policy = r.policy.unwrap_or(self.config.policy);
         let mirror_tag = r.mirror_tag.clone().or_else(|| r.tag.clone());
         let base = NewDrift {
             mirror_repo: r.mirror_repo.clone(),
             mirror_tag: mirror_tag.clone(),
             source_repo: r.source_repo.clone(),
             source_tag: r.tag.clone(),
-            kind: "",
+            kind: DriftKind::Missing,
             recorded_digest: r.source_digest.clone(),
             observed_digest: None,
             missing: None,
-            policy: policy.to_string(),
+            policy,
         };
         let mut seen = Vec::new();
-        let referrers = match queue::get(&self.db, r.job_id).await? {
+        let referrers = match self.store.get(r.job_id).await? {
             Some(job) => job.referrers,
             None => true,
         };
         // The tag keeps the policy its request chose; none stays none (the service default
         // then), so a change of MIRROR_DRIFT_POLICY still applies to it.
-        let chosen = r.policy.as_deref().and_then(|p| p.parse().ok());
+        let chosen = r.policy;
         let job = |source: String, repair: bool| NewJob {
             source,
             target_repo: r.mirror_repo.clone(),
@@ -448,7 +501,7 @@ impl Watch {
         if let (Some(now), Some(tag)) = (&f.moved_to, &r.tag) {
             round.upstream_moved += 1;
             let d = NewDrift {
-                kind: "upstream_moved",
+                kind: DriftKind::UpstreamMoved,
                 observed_digest: Some(now.to_string()),
                 ..base.clone()
             };
@@ -458,7 +511,7 @@ impl Watch {
         if f.gone {
             round.upstream_gone += 1;
             let d = NewDrift {
-                kind: "upstream_gone",
+                kind: DriftKind::UpstreamGone,
                 ..base.clone()
             };
             seen.push(self.record(d, None, round).await?);
@@ -466,8 +519,8 @@ impl Watch {
         if !f.missing.is_empty() {
             round.missing += 1;
             let d = NewDrift {
-                kind: "missing",
-                missing: serde_json::to_string(&f.missing).ok(),
+                kind: DriftKind::Missing,
+                missing: Some(f.missing.clone()),
                 ..base.clone()
             };
             // Following a moved tag rewrites the tag anyway; otherwise put back exactly what was
@@ -492,7 +545,7 @@ impl Watch {
             j.requested_by =
                 json!({ "kind": "drift", "reason": "referrers", "referrers": f.referrers })
                     .to_string();
-            match queue::enqueue(&self.db, &j).await {
+            match self.store.enqueue(&j).await {
                 Ok(q) => {
                     round.jobs_queued += 1;
                     if q.created() {
@@ -507,22 +560,21 @@ impl Watch {
                         f.referrers.join(", ")
                     );
                 }
-                Err(queue::EnqueueError::Db(e)) => return Err(e),
+                Err(store::EnqueueError::Store(e)) => return Err(e),
                 Err(refused) => tracing::warn!("no referrers job for {}: {refused}", describe(r)),
             }
         }
         if seen.is_empty() {
             round.in_sync += 1;
         }
-        ledger::resolve_unseen_drift(
-            &self.db,
-            &r.mirror_repo,
-            mirror_tag.as_deref(),
-            &r.source_digest,
-            &seen,
-            now_ms(),
-        )
-        .await?;
+        self.store
+            .resolve_unseen_drift(
+                &r.mirror_repo,
+                mirror_tag.as_deref(),
+                &r.source_digest,
+                &seen,
+            )
+            .await?;
         Ok(())
     }
 
@@ -533,44 +585,35 @@ impl Watch {
         d: NewDrift,
         job: Option<NewJob>,
         round: &mut Round,
-    ) -> sqlx::Result<i64> {
-        let now = now_ms();
+    ) -> Result<i64, store::Error> {
         self.maybe_open.store(true, Ordering::SeqCst);
-        let mut tx = self.db.write.begin_with("BEGIN IMMEDIATE").await?;
-        let (mut row, new) = ledger::upsert_drift(&mut tx, &d, now).await?;
-        let mut queued = None;
-        if let Some(mut job) = job {
-            job.requested_by =
-                json!({ "kind": "drift", "drift_id": row.id, "reason": d.kind }).to_string();
-            match queue::enqueue_in(&mut tx, &job).await {
-                Ok(q) => {
-                    ledger::set_drift_job(&mut tx, row.id, q.job.id).await?;
-                    row.job_id = Some(q.job.id);
-                    let created = q.created();
-                    queued = Some((q.job, created));
-                }
-                Err(queue::EnqueueError::Db(e)) => return Err(e),
-                Err(refused) => tracing::warn!(
+        let build = |row: &Drift| NewNotice {
+            event: NoticeEvent::Drift,
+            body: notice(row).to_string(),
+        };
+        let notice = self
+            .notifier
+            .as_ref()
+            .map(|_| &build as &(dyn Fn(&Drift) -> NewNotice + Sync));
+        let recorded = self.store.record_drift_and_enqueue(&d, job, notice).await?;
+        let (row, new) = (recorded.drift, recorded.new);
+        if let (true, Some(n)) = (recorded.noticed, &self.notifier) {
+            n.wake();
+        }
+        let queued = match recorded.queued {
+            Some(Ok(q)) => Some((q.created(), q.job)),
+            Some(Err(refused)) => {
+                tracing::warn!(
                     drift.id = row.id,
                     "drift {}: no job queued: {refused}",
                     row.id
-                ),
+                );
+                None
             }
-        }
-        // Announced once, when first seen: stored with the row, sent from the outbox.
-        let noticed = new && self.notifier.is_some();
-        if noticed {
-            let n = NewNotice {
-                event: NoticeEvent::Drift,
-                body: notice(&row).to_string(),
-            };
-            outbox::insert(&mut tx, &n).await?;
-        }
-        tx.commit().await?;
-        if let (true, Some(n)) = (noticed, &self.notifier) {
-            n.wake();
-        }
-        if let Some((j, created)) = queued {
+            None => None,
+        };
+        let kind = d.kind.as_str();
+        if let Some((created, j)) = queued {
             round.jobs_queued += 1;
             if created {
                 crate::metrics::METRICS.drift_jobs.add(1);
@@ -590,18 +633,18 @@ impl Watch {
                 .drift_found
                 .lock()
                 .expect("metrics poisoned")
-                .entry(d.kind)
+                .entry(kind)
                 .or_default() += 1;
             tracing::warn!(
                 drift.id = row.id,
-                kind = d.kind,
+                kind,
                 "drift: {}{} {} (recorded {}{})",
                 row.mirror_repo,
                 row.mirror_tag
                     .as_deref()
                     .map(|t| format!(":{t}"))
                     .unwrap_or_default(),
-                d.kind,
+                kind,
                 row.recorded_digest,
                 row.observed_digest
                     .as_deref()
@@ -626,7 +669,7 @@ pub fn view(d: &Drift) -> Value {
         "mirror_tag": d.mirror_tag,
         "recorded_digest": d.recorded_digest,
         "observed_digest": d.observed_digest,
-        "missing": d.missing.as_deref().and_then(|m| serde_json::from_str::<Value>(m).ok()),
+        "missing": d.missing,
         "policy": d.policy,
         "job_id": d.job_id,
         "job": d.job_id.map(|id| format!("/jobs/{id}")),
@@ -647,14 +690,12 @@ pub fn notice(d: &Drift) -> Value {
 /// The image's own manifests (top first, then platforms), without referrers.
 fn image_manifests(r: &Record) -> Vec<String> {
     let mut out = vec![r.mirror_digest.clone()];
-    if let Ok(Value::Array(entries)) = serde_json::from_str::<Value>(&r.manifests) {
-        for e in entries {
-            if e.get("referrer_of").is_none()
-                && let Some(d) = e.get("digest").and_then(Value::as_str)
-                && !out.iter().any(|o| o == d)
-            {
-                out.push(d.to_string());
-            }
+    for e in &r.manifests {
+        if e.get("referrer_of").is_none()
+            && let Some(d) = e.get("digest").and_then(Value::as_str)
+            && !out.iter().any(|o| o == d)
+        {
+            out.push(d.to_string());
         }
     }
     out

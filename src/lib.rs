@@ -1,22 +1,18 @@
 //! mirror-mirror: mirror container images between registries without changing a digest, and keep a
 //! ledger of the trusted digests.
 //!
-//! Data flows one way: `http` → `queue` → `worker` → `registry` → `ledger`.
+//! Data flows one way: `http` → `store` ← `worker`/`drift`/`sync` → `registry`.
 
 /// The one-shot commands (`copy`): glue between the command line and the library.
 pub mod cmd;
 /// Command-line and environment configuration.
 pub mod config;
-/// The SQLite database: opening, pragmas, migrations.
-pub mod db;
 /// Content digests (`sha256:…`): parsing, hashing, verification.
 pub mod digest;
 /// Drift watch: re-checking mirrored tags upstream and on the target.
 pub mod drift;
 /// The HTTP API: `/mirror`, `/jobs`, `/images`, `/digests`.
 pub mod http;
-/// Audit records of verified copies and the queries behind lookups.
-pub mod ledger;
 /// Where a source lands under the target prefix, and which sources are allowed.
 pub mod mapping;
 /// Process-wide counters rendered at `/metrics`.
@@ -25,10 +21,6 @@ pub mod metrics;
 pub mod mirrorlist;
 /// Signed notices to `MIRROR_NOTIFY_URL`, sent from the outbox with backoff.
 pub mod notify;
-/// The notice outbox: every SQL statement about notices waiting to be (or given up being) sent.
-pub mod outbox;
-/// The durable job queue: every SQL statement about jobs.
-pub mod queue;
 /// Image references: parsed and normalised at the edge.
 pub mod reference;
 /// The registry transport and the digest-preserving copy engine.

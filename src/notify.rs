@@ -12,11 +12,13 @@ use sha2::Sha256;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::{Db, now_ms};
-use crate::outbox::{self, Notice};
+use crate::store::{Notice, Store};
 
 /// Longest wait between two looks at the outbox (notices are also sent as soon as they are stored).
 const POLL: Duration = Duration::from_secs(5);
+
+/// How long a taken notice is left to its sender: longer than an attempt (10 s timeout) takes.
+const CLAIM: Duration = Duration::from_secs(60);
 
 /// Delivers the outbox's notices to one URL.
 #[derive(Clone)]
@@ -86,24 +88,38 @@ impl Notifier {
 
     /// Sends the outbox's due notices until `stop` is cancelled; what is pending then is sent
     /// after the next start.
-    pub fn spawn(&self, db: Db, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    pub fn spawn(&self, store: Store, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
         tokio::spawn(async move {
             while !stop.is_cancelled() {
-                match outbox::due(&db, now_ms(), 32).await {
-                    Ok(batch) => {
-                        for n in batch {
-                            tokio::select! {
-                                _ = this.attempt(&db, &n) => {}
-                                // Cut short: not counted, sent again after the restart.
-                                _ = stop.cancelled() => return,
+                // One at a time, under a lease longer than an attempt can take: a sender on
+                // another replica skips it meanwhile; a sender that dies leaves it due again
+                // when the lease ends.
+                loop {
+                    match store.claim_notices(1, CLAIM).await {
+                        Ok(batch) if batch.is_empty() => break,
+                        Ok(batch) => {
+                            for n in batch {
+                                tokio::select! {
+                                    _ = this.attempt(&store, &n) => {}
+                                    // Cut short: not counted, due again at once (after the restart).
+                                    _ = stop.cancelled() => {
+                                        if let Err(e) = store.release_notice(n.id).await {
+                                            tracing::warn!(notice.id = n.id, "notice {}: giving it back at shutdown failed (due again in {} s): {e}", n.id, CLAIM.as_secs());
+                                        }
+                                        return;
+                                    }
+                                }
                             }
                         }
+                        Err(e) => {
+                            tracing::error!("reading the notice outbox failed: {e}");
+                            break;
+                        }
                     }
-                    Err(e) => tracing::error!("reading the notice outbox failed: {e}"),
                 }
-                let wait = match outbox::next_due(&db).await {
-                    Ok(Some(due)) => Duration::from_millis((due - now_ms()).max(0) as u64),
+                let wait = match store.next_notice_in().await {
+                    Ok(Some(due)) => due,
                     _ => POLL,
                 }
                 .min(POLL);
@@ -117,12 +133,12 @@ impl Notifier {
     }
 
     /// One delivery attempt of `n`, and its outcome written back.
-    async fn attempt(&self, db: &Db, n: &Notice) {
+    async fn attempt(&self, store: &Store, n: &Notice) {
         let attempt = n.attempts + 1;
         let written = match self.deliver(n).await {
             Ok(()) => {
                 tracing::debug!(notice.id = n.id, "notice {} ({}) delivered", n.id, n.event);
-                outbox::delivered(db, n.id).await
+                store.notice_delivered(n.id).await
             }
             Err(e) if attempt >= self.max_attempts as i64 => {
                 tracing::error!(
@@ -132,7 +148,7 @@ impl Notifier {
                     n.id,
                     n.event
                 );
-                outbox::attempt_failed(db, n.id, &e, None).await
+                store.notice_failed(n.id, &e, None).await
             }
             Err(e) => {
                 let delay =
@@ -145,8 +161,7 @@ impl Notifier {
                     n.id,
                     n.event
                 );
-                let retry_at = now_ms() + delay.as_millis() as i64;
-                outbox::attempt_failed(db, n.id, &e, Some(retry_at)).await
+                store.notice_failed(n.id, &e, Some(delay)).await
             }
         };
         if let Err(e) = written {
@@ -165,7 +180,7 @@ impl Notifier {
             .post(self.url.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header("X-Mirror-Signature-256", &signature)
-            .header("X-Mirror-Event", &n.event)
+            .header("X-Mirror-Event", n.event.as_str())
             .header("X-Mirror-Notice-Id", n.id.to_string())
             .body(n.body.clone())
             .send()

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::now_ms;
+use crate::store::now_ms;
 
 /// Where a round is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -8,13 +8,13 @@ use anyhow::{Context as _, Result, bail};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ServeArgs;
-use crate::db::Db;
 use crate::drift::{DriftConfig, Watch};
 use crate::http::{self, ApiConfig, ApiToken, AppState, GithubConfig};
 use crate::mapping::{AllowList, TargetPrefix};
 use crate::notify::Notifier;
 use crate::registry::CopyOptions;
 use crate::registry::guard::NetworkPolicy;
+use crate::store::{Enqueuer, Store};
 use crate::sync::{Sync, SyncConfig};
 use crate::worker::{WorkerConfig, Workers};
 
@@ -116,7 +116,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         }
         (None, None) => None,
     };
-    let db = Db::open(&args.database).await?;
+    let store = Store::open(&args.database).await?;
+    let replica = replica_name();
     // Only public addresses, except the hosts the operator named: exact allow-listed sources and
     // the target.
     let mut trusted = allowed_sources.exact_hosts();
@@ -137,7 +138,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     }
     let client = crate::cmd::client(&args.registry, NetworkPolicy::public_only(trusted), reach)?;
     let workers = Workers::new(
-        db.clone(),
+        store.clone(),
         client.clone(),
         WorkerConfig {
             workers: args.workers as usize,
@@ -154,7 +155,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     )
     .with_notifier(notifier.clone());
     let drift = Watch::new(
-        db.clone(),
+        store.clone(),
         client.clone(),
         DriftConfig {
             interval: (args.drift_interval > 0).then(|| Duration::from_secs(args.drift_interval)),
@@ -165,13 +166,14 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         },
         workers.wake.clone(),
         notifier.clone(),
+        &replica,
     );
     drift.refresh_open().await?;
     let sync = match &args.sync_file {
         None => None,
         Some(file) => Some(
             Sync::new(
-                db.clone(),
+                store.clone(),
                 client.clone(),
                 SyncConfig {
                     file: file.clone(),
@@ -182,12 +184,14 @@ pub async fn run(args: ServeArgs) -> Result<()> {
                     max_attempts: args.max_attempts as i64,
                 },
                 workers.wake.clone(),
+                &replica,
             )
             .map_err(|e| anyhow::anyhow!("MIRROR_SYNC_FILE: the mirror list was refused:\n{e}"))?,
         ),
     };
+    let stop = CancellationToken::new();
     let state = AppState {
-        db: db.clone(),
+        store: store.clone(),
         config: Arc::new(ApiConfig {
             target: target.clone(),
             tokens,
@@ -197,27 +201,28 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             github,
         }),
         wake: workers.wake.clone(),
-        enqueuer: crate::queue::Enqueuer::start(db.clone()),
+        enqueuer: Enqueuer::start(store.clone()),
         workers_alive: workers.alive.clone(),
         workers_expected: args.workers as usize,
         drift: drift.clone(),
         client: client.clone(),
         sync: sync.clone(),
+        stopping: stop.clone(),
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("MIRROR_LISTEN: cannot listen on {}", args.listen))?;
-    let stop = CancellationToken::new();
     let abort = CancellationToken::new();
     let mut handles = workers.spawn(stop.clone(), abort.clone());
     handles.extend(drift.spawn(stop.clone()));
     handles.extend(sync.map(|s| s.spawn(stop.clone())));
-    handles.extend(notifier.map(|n| n.spawn(db.clone(), stop.clone())));
+    handles.extend(notifier.map(|n| n.spawn(store.clone(), stop.clone())));
     tracing::info!(
         listen = %listener.local_addr()?,
         target = %target.repo(),
         workers = args.workers,
-        database = %args.database,
+        database = store.backend(),
+        replica = %replica,
         "mirror-mirror serving on http://{}",
         listener.local_addr()?
     );
@@ -246,9 +251,20 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         abort.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(10), all).await;
     }
-    db.write.close().await;
+    store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// This process's name in the rounds it runs: the host (the pod's name on Kubernetes) and pid.
+fn replica_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}:{}", std::process::id())
 }
 
 async fn wait_for_signal() {

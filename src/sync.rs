@@ -6,22 +6,23 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::{Db, now_ms};
 use crate::drift::Policy;
-use crate::ledger;
 use crate::mapping::{AllowList, TargetPrefix};
 use crate::mirrorlist::{self, Entry, MirrorList};
-use crate::queue::{self, NewJob};
 use crate::registry::{Client, Repo};
 use crate::rounds::{RoundStatus, Rounds, Trigger};
+use crate::store::{self, NewJob, RoundKind, Store, now_ms};
 
 /// Tags asked for per page when listing a source's tags.
 const TAG_PAGE: usize = 1000;
+
+/// Syncs asked for by `POST /sync` claim a slot this short: they run here, now.
+const ROUND_SLOT: Duration = Duration::from_millis(1);
 
 /// How the mirror list is kept.
 #[derive(Debug, Clone)]
@@ -38,7 +39,7 @@ pub struct SyncConfig {
 }
 
 /// What one sync did.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Report {
     /// The sync's id (as `POST /sync` answered it).
     pub id: u64,
@@ -60,32 +61,34 @@ pub struct Report {
 /// The mirror list's keeper.
 #[derive(Clone)]
 pub struct Sync {
-    db: Db,
+    store: Store,
     client: Client,
     config: Arc<SyncConfig>,
     wake: Arc<Notify>,
     /// Syncs asked for and running: one at a time, in the background, stopped at shutdown.
     rounds: Rounds,
-    last: Arc<std::sync::Mutex<Option<Report>>>,
+    /// Names this replica in the rounds it runs.
+    replica: Arc<str>,
 }
 
 impl Sync {
     /// Loads and checks the file once, so a bad file stops start-up with the line at fault.
     pub fn new(
-        db: Db,
+        store: Store,
         client: Client,
         config: SyncConfig,
         wake: Arc<Notify>,
+        replica: &str,
     ) -> Result<Sync, String> {
         let list = mirrorlist::load(&config.file).map_err(|e| e.to_string())?;
         check_allowed(&config, &list)?;
         Ok(Sync {
-            db,
+            store,
             client,
             config: Arc::new(config),
             wake,
             rounds: Rounds::default(),
-            last: Arc::default(),
+            replica: replica.into(),
         })
     }
 
@@ -94,9 +97,17 @@ impl Sync {
         &self.config
     }
 
-    /// The last finished sync.
-    pub fn last_report(&self) -> Option<Report> {
-        self.last.lock().expect("sync state poisoned").clone()
+    /// The last finished sync, on whichever replica it ran.
+    pub async fn last_report(&self) -> Option<Report> {
+        match self.store.last_round(RoundKind::Sync).await {
+            Ok(r) => r
+                .and_then(|r| r.result)
+                .and_then(|v| serde_json::from_value(v).ok()),
+            Err(e) => {
+                tracing::warn!("reading the last mirror list sync failed: {e}");
+                None
+            }
+        }
     }
 
     /// The sync running now and the one queued behind it.
@@ -108,9 +119,42 @@ impl Sync {
     /// joined). It runs in the background after the running one; `GET /sync` shows it.
     pub fn request(&self, trigger: Trigger) -> (RoundStatus, Option<tokio::task::JoinHandle<()>>) {
         let sync = self.clone();
+        // The start's and the schedule's syncs run once per interval across replicas (the first
+        // to claim the slot); one asked for runs here, now.
+        let slot = match (trigger, self.config.interval) {
+            (Trigger::Start | Trigger::Schedule, Some(every)) => every,
+            _ => ROUND_SLOT,
+        };
         self.rounds.request(trigger, move |id| async move {
-            if let Err(e) = sync.run(id).await {
-                tracing::error!(round.id = id, "mirror list sync {id} failed: {e}");
+            let slot = match sync
+                .store
+                .claim_round(RoundKind::Sync, slot, &sync.replica)
+                .await
+            {
+                Ok(Some(slot)) => slot,
+                Ok(None) => {
+                    tracing::debug!(
+                        round.id = id,
+                        "mirror list sync {id}: another replica runs this slot's sync"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(round.id = id, "mirror list sync {id} not started: {e}");
+                    return;
+                }
+            };
+            match sync.run(id).await {
+                Ok(report) => {
+                    let result = serde_json::to_value(&report).unwrap_or(Value::Null);
+                    if let Err(e) = sync.store.finish_round(slot, &result).await {
+                        tracing::warn!(
+                            round.id = id,
+                            "mirror list sync {id}: recording its report failed: {e}"
+                        );
+                    }
+                }
+                Err(e) => tracing::error!(round.id = id, "mirror list sync {id} failed: {e}"),
             }
         })
     }
@@ -133,8 +177,17 @@ impl Sync {
                     stop.cancelled().await;
                     break;
                 };
+                // Slots are floor(database clock / interval): wake a little past the next
+                // boundary, so the claim lands in the new slot.
+                let wait = match sync.store.next_round_in(every).await {
+                    Ok(w) => w + Duration::from_millis(5),
+                    Err(e) => {
+                        tracing::warn!("sync schedule: reading the database clock failed: {e}");
+                        every
+                    }
+                };
                 tokio::select! {
-                    _ = tokio::time::sleep(every) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     _ = stop.cancelled() => break,
                 }
             }
@@ -145,7 +198,7 @@ impl Sync {
     /// Reads the file again and queues whatever is not mirrored as upstream has it. A file that
     /// no longer parses is reported (with its lines) and nothing is queued. Callers go through
     /// [`Sync::request`], which runs one at a time.
-    async fn run(&self, id: u64) -> sqlx::Result<Report> {
+    async fn run(&self, id: u64) -> Result<Report, store::Error> {
         let started = std::time::Instant::now();
         let mut report = Report {
             id,
@@ -188,7 +241,6 @@ impl Sync {
             duration_ms = report.duration_ms,
             "mirror list synced"
         );
-        *self.last.lock().expect("sync state poisoned") = Some(report.clone());
         report
     }
 
@@ -198,7 +250,7 @@ impl Sync {
         &self,
         entry: &Entry,
         report: &mut Report,
-    ) -> sqlx::Result<Result<(), String>> {
+    ) -> Result<Result<(), String>, store::Error> {
         let source = &entry.source;
         let target_repo = match self.config.target.repo_for(source) {
             Ok(r) => r,
@@ -208,7 +260,9 @@ impl Sync {
         // One pinned digest: mirrored once, by digest.
         if let Some(digest) = source.digest() {
             report.selected += 1;
-            let done = ledger::by_digest(&self.db, &digest.to_string())
+            let done = self
+                .store
+                .by_digest(&digest.to_string())
                 .await?
                 .iter()
                 .any(|r| r.mirror_repo == target_repo && r.source_digest == digest.to_string());
@@ -235,7 +289,7 @@ impl Sync {
         report.selected += tags.len();
         let mut problems = Vec::new();
         for tag in tags {
-            let current = ledger::by_repo_tag(&self.db, &target_repo, &tag).await?;
+            let current = self.store.by_repo_tag(&target_repo, &tag).await?;
             let record = current.iter().find(|r| r.mirror_repo == target_repo);
             // Mirrored before and pinned: it stays (drift watch records any move upstream).
             if record.is_some() && entry.policy == Policy::Pin {
@@ -300,10 +354,14 @@ impl Sync {
     }
 
     /// Queues `job`; a refusal (its mirror name belongs to another source) is reported, not fatal.
-    async fn enqueue(&self, job: NewJob, report: &mut Report) -> sqlx::Result<Result<(), String>> {
-        let queued = match queue::enqueue(&self.db, &job).await {
+    async fn enqueue(
+        &self,
+        job: NewJob,
+        report: &mut Report,
+    ) -> Result<Result<(), String>, store::Error> {
+        let queued = match self.store.enqueue(&job).await {
             Ok(q) => q,
-            Err(queue::EnqueueError::Db(e)) => return Err(e),
+            Err(store::EnqueueError::Store(e)) => return Err(e),
             Err(refused) => return Ok(Err(refused.to_string())),
         };
         let (j, created) = (queued.job.clone(), queued.created());

@@ -11,14 +11,14 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::db::{Db, now_ms};
 use crate::digest::Digest;
-use crate::ledger::NewRecord;
 use crate::notify::Notifier;
-use crate::outbox::{NewNotice, NoticeEvent};
-use crate::queue::{self, Lease, ProgressRow};
 use crate::reference::ImageRef;
 use crate::registry::{self, Client, CopyOptions, Progress};
+use crate::store::{
+    JobReferrers, JobState, Lease, NewNotice, NewRecord, NoticeEvent, ProgressRow, ReferrersState,
+    Store, now_ms,
+};
 
 /// How the workers run.
 #[derive(Debug, Clone)]
@@ -53,7 +53,7 @@ impl Default for WorkerConfig {
 /// What the workers share.
 #[derive(Clone)]
 pub struct Workers {
-    db: Db,
+    store: Store,
     client: Client,
     config: Arc<WorkerConfig>,
     /// Rung on enqueue so an idle worker starts at once.
@@ -64,13 +64,13 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Workers over `db`, copying with `client`.
-    pub fn new(db: Db, client: Client, config: WorkerConfig) -> Workers {
+    /// Workers over `store` (woken by its enqueues), copying with `client`.
+    pub fn new(store: Store, client: Client, config: WorkerConfig) -> Workers {
         Workers {
-            db,
+            wake: store.wake(),
+            store,
             client,
             config: Arc::new(config),
-            wake: Arc::new(Notify::new()),
             alive: Arc::default(),
             notifier: None,
         }
@@ -114,7 +114,7 @@ impl Workers {
             // The lease runs from before the claim was sent: the worker's idea of its expiry is
             // never later than the database's.
             let claimed_at = Instant::now();
-            match queue::claim(&self.db, self.config.lease).await {
+            match self.store.claim(self.config.lease).await {
                 Ok(Some(lease)) => {
                     let span = tracing::info_span!("job", job.id = lease.job.id, image.src = %lease.job.source);
                     self.run_job(lease, claimed_at, &abort)
@@ -122,10 +122,8 @@ impl Workers {
                         .await;
                 }
                 Ok(None) => {
-                    let wait = match queue::next_due(&self.db).await {
-                        Ok(Some(due)) => {
-                            Duration::from_millis((due - now_ms()).clamp(0, i64::MAX) as u64)
-                        }
+                    let wait = match self.store.next_due().await {
+                        Ok(Some(due)) => due,
                         _ => self.config.poll,
                     }
                     .min(self.config.poll);
@@ -160,7 +158,7 @@ impl Workers {
         let started = std::time::Instant::now();
         let lost = CancellationToken::new();
         let heartbeat = tokio::spawn(keep_lease(
-            self.db.clone(),
+            self.store.clone(),
             lease.clone(),
             progress.clone(),
             lost.clone(),
@@ -172,7 +170,7 @@ impl Workers {
             _ = lost.cancelled() => None,
             _ = abort.cancelled() => {
                 heartbeat.abort();
-                match queue::release(&self.db, &lease).await {
+                match self.store.release(&lease).await {
                     Ok(_) => tracing::info!("job {}: shutting down; returned to the queue", job.id),
                     Err(e) => tracing::error!("job {}: could not release its lease at shutdown (it expires on its own): {e}", job.id),
                 }
@@ -202,8 +200,8 @@ impl Workers {
                 let notice = self.notice(serde_json::json!({
                     "event": "job",
                     "job_id": job.id,
-                    "requested_by": serde_json::from_str::<serde_json::Value>(&job.requested_by).ok(),
-                    "state": queue::state::SUCCEEDED,
+                    "requested_by": job.requested_by,
+                    "state": JobState::Succeeded.as_str(),
                     "source": job.source,
                     "source_digest": record.source_digest,
                     "pull": { "by_tag": pull_tag, "by_digest": format!("{}@{}", record.mirror_repo, record.mirror_digest) },
@@ -219,25 +217,26 @@ impl Workers {
                             result.referrers_failed.len()
                         );
                     }
-                    queue::JobReferrers {
+                    JobReferrers {
                         state: if result.referrers_failed.is_empty() {
-                            queue::ReferrersState::Copied
+                            ReferrersState::Copied
                         } else {
-                            queue::ReferrersState::Failed
+                            ReferrersState::Failed
                         },
-                        failed: serde_json::to_string(&result.referrers_failed)
-                            .unwrap_or_else(|_| "[]".into()),
+                        failed: serde_json::to_value(&result.referrers_failed)
+                            .unwrap_or_else(|_| serde_json::json!([])),
                     }
                 });
-                let r = queue::succeed(
-                    &self.db,
-                    &lease,
-                    &record,
-                    progress_row(&progress),
-                    notice.as_ref(),
-                    referrers.as_ref(),
-                )
-                .await;
+                let r = self
+                    .store
+                    .succeed_with_record(
+                        &lease,
+                        &record,
+                        progress_row(&progress),
+                        referrers.as_ref(),
+                        notice.as_ref(),
+                    )
+                    .await;
                 if let Ok(true) = r {
                     tracing::info!(digest = %record.source_digest, "job {} succeeded: {}@{}", job.id, record.mirror_repo, record.source_digest);
                 }
@@ -249,8 +248,7 @@ impl Workers {
                     "job {} waits for a registry's rate limit; back in the queue, attempt not counted: {msg}",
                     job.id
                 );
-                let run_at = now_ms() + after.as_millis() as i64;
-                (queue::defer(&self.db, &lease, &msg, run_at).await, false)
+                (self.store.defer(&lease, &msg, after).await, false)
             }
             Err(JobError::Transient(msg)) if job.attempts < job.max_attempts => {
                 let delay = self.backoff(job.attempts as u32);
@@ -260,10 +258,7 @@ impl Workers {
                     job.id,
                     job.attempts
                 );
-                (
-                    queue::retry_later(&self.db, &lease, &msg, delay).await,
-                    false,
-                )
+                (self.store.retry_later(&lease, &msg, delay).await, false)
             }
             Err(JobError::Transient(msg) | JobError::Permanent(msg)) => {
                 tracing::error!("job {} failed: {msg}", job.id);
@@ -271,15 +266,15 @@ impl Workers {
                 let notice = self.notice(serde_json::json!({
                     "event": "job",
                     "job_id": job.id,
-                    "requested_by": serde_json::from_str::<serde_json::Value>(&job.requested_by).ok(),
-                    "state": queue::state::FAILED,
+                    "requested_by": job.requested_by,
+                    "state": JobState::Failed.as_str(),
                     "source": job.source,
                     "source_digest": job.source_digest,
                     "pull": null,
                     "error": msg,
                 }));
                 (
-                    queue::fail(&self.db, &lease, &msg, notice.as_ref()).await,
+                    self.store.fail(&lease, &msg, notice.as_ref()).await,
                     notice.is_some(),
                 )
             }
@@ -337,7 +332,7 @@ impl Workers {
                     .await
                     .map_err(JobError::from)?;
                 tracing::info!(digest = %d, "job {}: {} resolved to {d}", job.id, job.source);
-                match queue::set_source_digest(&self.db, lease, &d.to_string()).await {
+                match self.store.set_source_digest(lease, &d.to_string()).await {
                     Ok(true) => {}
                     Ok(false) => return Err(JobError::Permanent("lease lost".into())),
                     Err(e) => {
@@ -377,25 +372,22 @@ impl Workers {
             mirror_repo: job.target_repo.clone(),
             mirror_digest: result.target_digest.to_string(),
             media_type: result.media_type.clone(),
-            manifests: serde_json::to_string(
-                &result
-                    .manifests
-                    .iter()
-                    .map(|m| serde_json::to_value(m).unwrap_or_default())
-                    .chain(result.referrers.iter().map(|r| {
-                        serde_json::json!({ "digest": r.digest, "referrer_of": r.subject, "tag": r.tag, "state": "copied" })
-                    }))
-                    .chain(result.referrers_failed.iter().map(|f| {
-                        serde_json::json!({ "referrer_of": f.subject, "reference": f.reference, "state": "failed", "error": f.error })
-                    }))
-                    .collect::<Vec<_>>(),
-            )
-            .unwrap_or_else(|_| "[]".into()),
+            manifests: result
+                .manifests
+                .iter()
+                .map(|m| serde_json::to_value(m).unwrap_or_default())
+                .chain(result.referrers.iter().map(|r| {
+                    serde_json::json!({ "digest": r.digest, "referrer_of": r.subject, "tag": r.tag, "state": "copied" })
+                }))
+                .chain(result.referrers_failed.iter().map(|f| {
+                    serde_json::json!({ "referrer_of": f.subject, "reference": f.reference, "state": "failed", "error": f.error })
+                }))
+                .collect(),
             size_bytes: result.bytes_total as i64,
             requested_by: job.requested_by.clone(),
             verified_at: now_ms(),
             mirror_tag: job.target_tag.clone(),
-            policy: job.policy.clone(),
+            policy: job.policy,
         };
         Ok((record, result))
     }
@@ -460,7 +452,7 @@ where
 /// job was taken over (lost), or renewals keep failing or hanging until the lease runs out — it
 /// cancels `lost`, which stops the copy: a worker never copies or writes past its lease.
 async fn keep_lease(
-    db: Db,
+    store: Store,
     lease: Lease,
     progress: Arc<Progress>,
     lost: CancellationToken,
@@ -475,7 +467,7 @@ async fn keep_lease(
             break;
         }
         let sent = Instant::now();
-        let renewal = queue::heartbeat(&db, &lease, duration, progress_row(&progress));
+        let renewal = store.heartbeat(&lease, duration, progress_row(&progress));
         match tokio::time::timeout_at(valid_until, renewal).await {
             Ok(Ok(true)) => valid_until = sent + duration,
             Ok(Ok(false)) => {

@@ -9,7 +9,6 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, AppState, Caller};
-use crate::ledger;
 use crate::rounds::Trigger;
 
 pub use crate::drift::view;
@@ -38,7 +37,10 @@ pub async fn list(
     state.authenticate_read(&headers)?;
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let limit = super::page_limit(q.limit, 100)?;
-    let rows = ledger::list_drift(&state.db, q.all.unwrap_or(false), limit, q.before).await?;
+    let rows = state
+        .store
+        .list_drift(q.all.unwrap_or(false), limit, q.before)
+        .await?;
     let next = super::next_page(rows.iter().map(|r| r.id), limit);
     let config = state.drift.config();
     let (running, queued) = state.drift.current_rounds();
@@ -47,7 +49,7 @@ pub async fn list(
         "interval_seconds": config.interval.map(|i| i.as_secs()),
         "running_round": running,
         "queued_round": queued,
-        "last_round": state.drift.last_round(),
+        "last_round": state.drift.last_round().await,
         "drift": rows.iter().map(view).collect::<Vec<_>>(),
         "next": next,
     })))

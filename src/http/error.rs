@@ -65,16 +65,22 @@ impl ApiError {
     }
 }
 
-impl From<sqlx::Error> for ApiError {
-    fn from(e: sqlx::Error) -> Self {
-        ApiError::Internal(anyhow::Error::new(e).context("database"))
+impl From<crate::store::Error> for ApiError {
+    fn from(e: crate::store::Error) -> Self {
+        match e {
+            // A pool closing at shutdown, a database not ready: the caller should come back.
+            crate::store::Error::Closed | crate::store::Error::NotReady(_) => {
+                ApiError::Unavailable(format!("{e}; try again shortly"))
+            }
+            e => ApiError::Internal(anyhow::Error::new(e)),
+        }
     }
 }
 
-impl From<crate::queue::EnqueueError> for ApiError {
-    fn from(e: crate::queue::EnqueueError) -> Self {
+impl From<crate::store::EnqueueError> for ApiError {
+    fn from(e: crate::store::EnqueueError) -> Self {
         match e {
-            crate::queue::EnqueueError::Db(e) => e.into(),
+            crate::store::EnqueueError::Store(e) => e.into(),
             owned => ApiError::Conflict(owned.to_string()),
         }
     }

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use crate::metrics::METRICS;
+use crate::store::{DriftKind, JobState, NoticeState, WriterState};
 
 use super::{ApiError, AppState};
 
@@ -26,9 +27,12 @@ pub async fn health() -> Json<Value> {
 pub async fn ready(State(state): State<AppState>) -> Response {
     let mut failing = Vec::new();
     let mut writer = "idle";
-    match state.db.ready().await {
-        Ok(crate::db::WriterState::Idle) => {}
-        Ok(crate::db::WriterState::Busy) => writer = "busy",
+    if state.stopping.is_cancelled() {
+        failing.push("shutting down: finishing the requests and copies in hand".to_string());
+    }
+    match state.store.ready().await {
+        Ok(WriterState::Idle) => {}
+        Ok(WriterState::Busy) => writer = "busy",
         Err(e) => failing.push(format!("database: {e:#}")),
     }
     let alive = state.workers_alive.load(Ordering::SeqCst);
@@ -57,11 +61,13 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let (by_state, oldest_ms) = crate::queue::stats(&state.db).await?;
-    let jobs: Vec<(crate::metrics::Labels, f64)> = crate::queue::state::ALL
+    let stats = state.store.stats().await?;
+    let oldest_ms = stats.oldest_queued_ms;
+    let jobs: Vec<(crate::metrics::Labels, f64)> = JobState::ALL
         .iter()
         .map(|s| {
-            let n = by_state
+            let n = stats
+                .by_state
                 .iter()
                 .find(|(st, _)| st == s)
                 .map(|(_, n)| *n)
@@ -74,32 +80,29 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
         .find(|(l, _)| l[0].1 == "queued")
         .map(|(_, n)| *n)
         .unwrap_or(0.0);
-    let open = crate::ledger::open_drift_counts(&state.db).await?;
-    let drift_open: Vec<(crate::metrics::Labels, f64)> =
-        ["upstream_moved", "upstream_gone", "missing"]
-            .iter()
-            .map(|k| {
-                let n = open.iter().find(|(kind, _)| kind == k).map(|(_, n)| *n);
-                (
-                    vec![("kind".to_string(), k.to_string())],
-                    n.unwrap_or(0) as f64,
-                )
-            })
-            .collect();
+    let open = state.store.open_drift_counts().await?;
+    let drift_open: Vec<(crate::metrics::Labels, f64)> = DriftKind::ALL
+        .iter()
+        .map(|k| {
+            let n = open.iter().find(|(kind, _)| kind == k).map(|(_, n)| *n);
+            (
+                vec![("kind".to_string(), k.as_str().to_string())],
+                n.unwrap_or(0) as f64,
+            )
+        })
+        .collect();
     let last_round = state
         .drift
         .last_round()
+        .await
         .and_then(|r| chrono::DateTime::parse_from_rfc3339(&r.started_at).ok())
         .map(|t| t.timestamp_millis() as f64 / 1000.0)
         .unwrap_or(0.0);
-    let notices = crate::outbox::counts(&state.db).await?;
-    let notices: Vec<(crate::metrics::Labels, f64)> = crate::outbox::NoticeState::ALL
+    let notices = state.store.notice_counts().await?;
+    let notices: Vec<(crate::metrics::Labels, f64)> = NoticeState::ALL
         .iter()
         .map(|s| {
-            let n = notices
-                .iter()
-                .find(|(st, _)| st == s.as_str())
-                .map(|(_, n)| *n);
+            let n = notices.iter().find(|(st, _)| st == s).map(|(_, n)| *n);
             (
                 vec![("state".to_string(), s.as_str().to_string())],
                 n.unwrap_or(0) as f64,

@@ -9,32 +9,25 @@ use serde_json::{Value, json};
 
 use super::{ApiError, AppState, rfc3339};
 use crate::digest::Digest;
-use crate::ledger::{self, Drift, Record};
 use crate::reference::ImageRef;
+use crate::store::{Drift, Record};
 
 fn entry(r: &Record, drift: &[Drift]) -> Value {
-    let manifests: Value = serde_json::from_str(&r.manifests).unwrap_or(Value::Null);
-    let platforms: Vec<Value> = manifests
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|m| {
-                    m.get("platform")
-                        .is_some_and(|p| !p.as_str().unwrap_or("").starts_with("unknown/"))
-                })
-                .map(|m| json!({ "platform": m["platform"], "digest": m["digest"] }))
-                .collect()
+    let platforms: Vec<Value> = r
+        .manifests
+        .iter()
+        .filter(|m| {
+            m.get("platform")
+                .is_some_and(|p| !p.as_str().unwrap_or("").starts_with("unknown/"))
         })
-        .unwrap_or_default();
-    let referrers: Vec<Value> = manifests
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|m| m.get("referrer_of").is_some())
-                .cloned()
-                .collect()
-        })
-        .unwrap_or_default();
+        .map(|m| json!({ "platform": m["platform"], "digest": m["digest"] }))
+        .collect();
+    let referrers: Vec<Value> = r
+        .manifests
+        .iter()
+        .filter(|m| m.get("referrer_of").is_some())
+        .cloned()
+        .collect();
     json!({
         "tag": r.tag,
         "mirror_tag": mirror_tag(r),
@@ -49,7 +42,7 @@ fn entry(r: &Record, drift: &[Drift]) -> Value {
         "media_type": r.media_type,
         "platforms": platforms,
         "size_bytes": r.size_bytes,
-        "requested_by": serde_json::from_str::<Value>(&r.requested_by).unwrap_or(Value::Null),
+        "requested_by": r.requested_by,
         "job_id": r.job_id,
         "verified_at": rfc3339(r.verified_at),
         "policy": r.policy,
@@ -92,12 +85,12 @@ pub async fn show(
     }
     let repo = reference.repo_name();
     let drift = match state.drift.maybe_open() {
-        true => ledger::open_drift(&state.db, &repo).await?,
+        true => state.store.open_drift(&repo).await?,
         false => Vec::new(),
     };
     match reference.tag() {
         Some(tag) => {
-            let records = ledger::by_repo_tag(&state.db, &repo, tag).await?;
+            let records = state.store.by_repo_tag(&repo, tag).await?;
             let Some(current) = records.first() else {
                 return Err(ApiError::NotFound(format!(
                     "{repo}:{tag} has never been mirrored"
@@ -117,7 +110,7 @@ pub async fn show(
             Ok(Json(body))
         }
         None => {
-            let records = ledger::by_repo(&state.db, &repo).await?;
+            let records = state.store.by_repo(&repo).await?;
             if records.is_empty() {
                 return Err(ApiError::NotFound(format!(
                     "{repo} has never been mirrored"
@@ -160,7 +153,7 @@ pub async fn digest(
     state.authenticate_read(&headers)?;
     let d = Digest::parse(&digest)
         .map_err(|e| ApiError::BadRequest(format!("{digest:?} is not a digest: {e}")))?;
-    let records = ledger::by_digest(&state.db, &d.to_string()).await?;
+    let records = state.store.by_digest(&d.to_string()).await?;
     if records.is_empty() {
         return Err(ApiError::NotFound(format!(
             "{d} is not in the ledger: it was never mirrored here"

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, AppState, rfc3339};
-use crate::queue::{self, Job};
+use crate::store::{Job, JobState};
 
 /// A job as the API shows it.
 pub fn view(job: &Job) -> Value {
@@ -15,7 +15,7 @@ pub fn view(job: &Job) -> Value {
         Some(t) => format!("{}:{t}", job.target_repo),
         None => job.target_repo.clone(),
     };
-    let pull = (job.state == queue::state::SUCCEEDED)
+    let pull = (job.state == JobState::Succeeded)
         .then(|| {
             job.source_digest
                 .as_ref()
@@ -28,17 +28,17 @@ pub fn view(job: &Job) -> Value {
         "source": job.source,
         "source_digest": job.source_digest,
         "target": target,
-        "mirror_digest": if job.state == queue::state::SUCCEEDED { job.source_digest.clone() } else { None },
+        "mirror_digest": if job.state == JobState::Succeeded { job.source_digest.clone() } else { None },
         "pull": pull,
         "attempts": job.attempts,
         "max_attempts": job.max_attempts,
         "referrers": job.referrers,
         "referrers_state": job.referrers_state,
-        "referrers_failed": job.referrers_failed.as_deref().and_then(|f| serde_json::from_str::<Value>(f).ok()),
+        "referrers_failed": job.referrers_failed,
         "policy": job.policy,
         "repair": job.repair,
         "last_error": job.last_error,
-        "requested_by": serde_json::from_str::<Value>(&job.requested_by).unwrap_or(Value::Null),
+        "requested_by": job.requested_by,
         "progress": {
             "bytes_done": job.bytes_done,
             "bytes_total": job.bytes_total,
@@ -49,7 +49,7 @@ pub fn view(job: &Job) -> Value {
         "updated_at": rfc3339(job.updated_at),
         "started_at": job.started_at.map(rfc3339),
         "finished_at": job.finished_at.map(rfc3339),
-        "next_attempt_at": (job.state == queue::state::QUEUED).then(|| rfc3339(job.run_at)),
+        "next_attempt_at": (job.state == JobState::Queued).then(|| rfc3339(job.run_at)),
     })
 }
 
@@ -66,14 +66,16 @@ pub async fn show(
     let id: i64 = id
         .parse()
         .map_err(|_| ApiError::BadRequest(format!("job id {id:?} is not a number")))?;
-    let job = queue::get(&state.db, id)
+    let job = state
+        .store
+        .get(id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("there is no job {id}")))?;
     Ok(Json(view(&job)))
 }
 
 /// The values `GET /jobs?state=` takes, for the API description (the filter is checked against
-/// `queue::state::ALL`).
+/// `JobState::ALL`).
 #[derive(utoipa::ToSchema)]
 #[schema(rename_all = "lowercase")]
 #[allow(dead_code)]
@@ -106,16 +108,20 @@ pub async fn list(
 ) -> Result<Json<Value>, ApiError> {
     state.authenticate_read(&headers)?;
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    if let Some(s) = &q.state
-        && !queue::state::ALL.contains(&s.as_str())
-    {
-        return Err(ApiError::BadRequest(format!(
-            "state {s:?} is not one of {}",
-            queue::state::ALL.join(", ")
-        )));
-    }
+    let wanted = q
+        .state
+        .as_deref()
+        .map(|s| {
+            s.parse::<JobState>().map_err(|_| {
+                ApiError::BadRequest(format!(
+                    "state {s:?} is not one of {}",
+                    JobState::ALL.map(JobState::as_str).join(", ")
+                ))
+            })
+        })
+        .transpose()?;
     let limit = super::page_limit(q.limit, 50)?;
-    let jobs = queue::list(&state.db, q.state.as_deref(), limit, q.before).await?;
+    let jobs = state.store.list(wanted, limit, q.before).await?;
     let next = super::next_page(jobs.iter().map(|r| r.id), limit);
     Ok(Json(json!({
         "jobs": jobs.iter().map(view).collect::<Vec<_>>(),

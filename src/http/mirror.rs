@@ -8,8 +8,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, ApiJson, AppState, Caller};
-use crate::queue::{Dedupe, NewJob};
 use crate::reference::ImageRef;
+use crate::store::{Dedupe, NewJob};
 
 /// The request body.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]

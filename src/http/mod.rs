@@ -30,8 +30,8 @@ use utoipa_axum::routes;
 
 pub use error::{ApiError, ApiJson};
 
-use crate::db::Db;
 use crate::mapping::{AllowList, TargetPrefix};
+use crate::store::{Enqueuer, Store};
 
 /// Largest request body accepted (a mirror request is a few hundred bytes).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -98,12 +98,12 @@ pub struct ApiConfig {
 /// Shared state of the handlers.
 #[derive(Clone)]
 pub struct AppState {
-    pub db: Db,
+    pub store: Store,
     pub config: Arc<ApiConfig>,
     /// Rung after an enqueue to wake an idle worker.
     pub wake: Arc<tokio::sync::Notify>,
     /// Durable enqueues, group-committed.
-    pub enqueuer: crate::queue::Enqueuer,
+    pub enqueuer: Enqueuer,
     /// Worker tasks running, and how many should be.
     pub workers_alive: Arc<std::sync::atomic::AtomicUsize>,
     pub workers_expected: usize,
@@ -113,6 +113,9 @@ pub struct AppState {
     pub sync: Option<crate::sync::Sync>,
     /// The registry client (the workers' network policy), for dry runs of `POST /mirror`.
     pub client: crate::registry::Client,
+    /// Cancelled when shutdown begins: `/readyz` answers 503 from then on, so a load balancer
+    /// stops sending traffic while the requests in hand finish.
+    pub stopping: tokio_util::sync::CancellationToken,
 }
 
 impl AppState {

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, AppState, rfc3339};
-use crate::outbox::{self, Notice, NoticeState};
+use crate::store::{Notice, NoticeState};
 
 /// A notice as the API shows it.
 fn view(n: &Notice) -> Value {
@@ -18,7 +18,7 @@ fn view(n: &Notice) -> Value {
         "state": n.state,
         "attempts": n.attempts,
         "last_error": n.last_error,
-        "next_attempt_at": (n.state == NoticeState::Pending.as_str()).then(|| rfc3339(n.next_attempt_at)),
+        "next_attempt_at": (n.state == NoticeState::Pending).then(|| rfc3339(n.next_attempt_at)),
         "created_at": rfc3339(n.created_at),
         "delivered_at": n.delivered_at.map(rfc3339),
         "body": serde_json::from_str::<Value>(&n.body).unwrap_or(Value::Null),
@@ -55,7 +55,7 @@ pub async fn list(
         .transpose()
         .map_err(ApiError::BadRequest)?;
     let limit = super::page_limit(q.limit, 50)?;
-    let rows = outbox::list(&state.db, wanted, limit, q.before).await?;
+    let rows = state.store.notices(wanted, limit, q.before).await?;
     let next = super::next_page(rows.iter().map(|r| r.id), limit);
     Ok(Json(json!({
         "notices": rows.iter().map(view).collect::<Vec<_>>(),

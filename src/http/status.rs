@@ -11,9 +11,8 @@ use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 
 use super::{ApiError, AppState, rfc3339};
-use crate::ledger::{self, Drift, Record};
-use crate::queue;
 use crate::reference::ImageRef;
+use crate::store::{Drift, DriftKind, Record};
 
 /// The words of the pages in one language.
 #[derive(Debug)]
@@ -290,13 +289,19 @@ struct StatusPage<'a> {
 }
 
 fn drift_row(t: &'static Words, d: &Drift) -> DriftRow {
-    let (what, detail) = match d.kind.as_str() {
-        "upstream_moved" => (
+    let (what, detail) = match d.kind {
+        DriftKind::UpstreamMoved => (
             t.upstream_moved,
             d.observed_digest.clone().unwrap_or_default(),
         ),
-        "upstream_gone" => (t.upstream_gone, String::new()),
-        _ => (t.missing, d.missing.clone().unwrap_or_default()),
+        DriftKind::UpstreamGone => (t.upstream_gone, String::new()),
+        DriftKind::Missing => (
+            t.missing,
+            d.missing
+                .as_ref()
+                .map(|m| serde_json::to_string(m).unwrap_or_default())
+                .unwrap_or_default(),
+        ),
     };
     DriftRow {
         mirror: format!(
@@ -310,7 +315,7 @@ fn drift_row(t: &'static Words, d: &Drift) -> DriftRow {
         what,
         detail,
         recorded: d.recorded_digest.clone(),
-        policy: d.policy.clone(),
+        policy: d.policy.to_string(),
         job: d.job_id,
         last_seen: rfc3339(d.last_seen_at),
     }
@@ -338,9 +343,12 @@ pub async fn page(
     state.authenticate_read(&headers)?;
     let t = words(&headers);
     let q = search.q.as_deref().map(str::trim).unwrap_or("");
-    let jobs = queue::list(&state.db, None, 20, None).await?;
-    let images = ledger::latest(&state.db, (!q.is_empty()).then_some(q), 100).await?;
-    let drift = ledger::list_drift(&state.db, false, 50, None).await?;
+    let jobs = state.store.list(None, 20, None).await?;
+    let images = state
+        .store
+        .latest((!q.is_empty()).then_some(q), 100)
+        .await?;
+    let drift = state.store.list_drift(false, 50, None).await?;
     let page = StatusPage {
         t,
         target: state.config.target.repo(),
@@ -429,8 +437,7 @@ struct ImagePage<'a> {
 }
 
 fn entry(t: &'static Words, current: &Record, history: &[&Record], drift: &[Drift]) -> Entry {
-    let manifests: Vec<serde_json::Value> =
-        serde_json::from_str(&current.manifests).unwrap_or_default();
+    let manifests = &current.manifests;
     let platforms = manifests
         .iter()
         .filter_map(|m| {
@@ -461,14 +468,12 @@ fn entry(t: &'static Words, current: &Record, history: &[&Record], drift: &[Drif
         })
         .collect();
     let mirror_tag = current.mirror_tag.as_deref().or(current.tag.as_deref());
-    let requested_by = serde_json::from_str::<serde_json::Value>(&current.requested_by)
-        .ok()
-        .map(|v| match (v["kind"].as_str(), v["name"].as_str()) {
-            (Some(k), Some(n)) => format!("{k}: {n}"),
-            (Some(k), None) => k.to_string(),
-            _ => v.to_string(),
-        })
-        .unwrap_or_default();
+    let v = &current.requested_by;
+    let requested_by = match (v["kind"].as_str(), v["name"].as_str()) {
+        (Some(k), Some(n)) => format!("{k}: {n}"),
+        (Some(k), None) => k.to_string(),
+        _ => v.to_string(),
+    };
     Entry {
         tag: current.tag.clone(),
         digest: current.source_digest.clone(),
@@ -476,7 +481,7 @@ fn entry(t: &'static Words, current: &Record, history: &[&Record], drift: &[Drif
         verified: rfc3339(current.verified_at),
         policy: current
             .policy
-            .clone()
+            .map(|p| p.to_string())
             .unwrap_or_else(|| t.default_policy.to_string()),
         size: crate::cmd::human_bytes(current.size_bytes.max(0) as u64),
         requested_by,
@@ -518,8 +523,8 @@ pub async fn image(
     let reference = ImageRef::parse(&name)
         .map_err(|e| ApiError::BadRequest(format!("{name:?} is not an image name: {e}")))?;
     let repo = reference.repo_name();
-    let records = ledger::by_repo(&state.db, &repo).await?;
-    let drift = ledger::open_drift(&state.db, &repo).await?;
+    let records = state.store.by_repo(&repo).await?;
+    let drift = state.store.open_drift(&repo).await?;
     // Newest first: the first record of each tag (or digest) is what it is now.
     let mut keys: Vec<(Option<String>, String)> = Vec::new();
     for r in &records {

@@ -35,7 +35,7 @@ pub async fn show(
         "interval_seconds": config.interval.map(|i| i.as_secs()),
         "running_sync": running,
         "queued_sync": queued,
-        "last_sync": sync.last_report(),
+        "last_sync": sync.last_report().await,
     })))
 }
 

@@ -11,7 +11,6 @@ use serde_json::{Value, json};
 use sha2::Sha256;
 
 use super::{ApiError, AppState};
-use crate::queue;
 
 /// Largest webhook body accepted.
 pub const MAX_WEBHOOK_BYTES: usize = 1024 * 1024;
@@ -189,25 +188,25 @@ async fn handle(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let mut tx = state.db.write.begin_with("BEGIN IMMEDIATE").await?;
-    if let Some((status, response)) = queue::find_delivery(&mut tx, &delivery).await? {
-        tx.commit().await?;
-        tracing::info!(delivery = %delivery, "redelivery of GitHub delivery {delivery}: answering as before");
-        let status = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::ACCEPTED);
-        let body: Value = serde_json::from_str(&response).unwrap_or(Value::Null);
-        return Ok((status, axum::Json(body)).into_response());
-    }
-    let mut jobs = Vec::new();
-    for plan in &plans {
-        let queued = queue::enqueue_in(&mut tx, plan).await?;
-        let mut view = super::jobs::view(&queued.job);
-        view["dedupe"] = serde_json::json!(queued.dedupe.as_str());
-        jobs.push(view);
-    }
-    let response = json!({ "delivery": delivery, "jobs": jobs });
-    queue::store_delivery(&mut tx, &delivery, 202, &response.to_string()).await?;
-    tx.commit().await?;
-    state.wake.notify_waiters();
+    let respond = |queued: &[crate::store::Enqueued]| {
+        let jobs: Vec<Value> = queued
+            .iter()
+            .map(|q| {
+                let mut view = super::jobs::view(&q.job);
+                view["dedupe"] = json!(q.dedupe.as_str());
+                view
+            })
+            .collect();
+        json!({ "delivery": delivery, "jobs": jobs })
+    };
+    let (jobs, response) = match state.store.deliver(&delivery, &plans, &respond).await? {
+        crate::store::Delivery::Before { status, response } => {
+            tracing::info!(delivery = %delivery, "redelivery of GitHub delivery {delivery}: answering as before");
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::ACCEPTED);
+            return Ok((status, axum::Json(response)).into_response());
+        }
+        crate::store::Delivery::New { enqueued, response } => (enqueued, response),
+    };
     tracing::info!(delivery = %delivery, repository = %repository, jobs = jobs.len(), "GitHub delivery {delivery} from {repository}: {} job(s) queued", jobs.len());
     Ok((StatusCode::ACCEPTED, axum::Json(response)).into_response())
 }

@@ -15,8 +15,6 @@ use std::time::Duration;
 
 pub use types::*;
 
-pub use crate::db::WriterState;
-
 use crate::reference::ImageRef;
 
 /// What went wrong in the store.
@@ -179,15 +177,18 @@ impl Store {
         each!(self.set_source_digest(lease, digest))
     }
 
-    /// Marks the job succeeded, appends its ledger record and resolves the drift it was queued
-    /// for, in one transaction. False (and nothing written) when the lease is lost.
+    /// Marks the job succeeded (with how its referrers went), appends its ledger record, stores
+    /// its notice in the outbox and resolves the drift it was queued for, in one transaction.
+    /// False (and nothing written) when the lease is lost.
     pub async fn succeed_with_record(
         &self,
         lease: &Lease,
         record: &NewRecord,
         p: ProgressRow,
+        referrers: Option<&JobReferrers>,
+        notice: Option<&NewNotice>,
     ) -> Result<bool, Error> {
-        each!(self.succeed_with_record(lease, record, p))
+        each!(self.succeed_with_record(lease, record, p, referrers, notice))
     }
 
     /// Back to the queue until `after` has passed, with the error that made it wait.
@@ -206,9 +207,14 @@ impl Store {
         each!(self.defer(lease, error, after))
     }
 
-    /// Failed for good, with the reason.
-    pub async fn fail(&self, lease: &Lease, error: &str) -> Result<bool, Error> {
-        each!(self.fail(lease, error))
+    /// Failed for good, with the reason (and its notice stored in the same transaction).
+    pub async fn fail(
+        &self,
+        lease: &Lease,
+        error: &str,
+        notice: Option<&NewNotice>,
+    ) -> Result<bool, Error> {
+        each!(self.fail(lease, error, notice))
     }
 
     /// Back to the queue at shutdown without spending an attempt.
@@ -283,13 +289,15 @@ impl Store {
     /// Records `d` as open drift (or marks the open row for the same problem seen again) and,
     /// when `job` is given, enqueues it to follow or repair the drift — its `requested_by`
     /// becomes `{"kind":"drift","drift_id":…,"reason":…}` — and notes it on the row; one
-    /// transaction.
+    /// transaction. Drift seen for the first time is announced: `notice` builds the notice
+    /// from the row, stored in the outbox in the same transaction.
     pub async fn record_drift_and_enqueue(
         &self,
         d: &NewDrift,
         job: Option<NewJob>,
+        notice: Option<&(dyn Fn(&Drift) -> NewNotice + Sync)>,
     ) -> Result<DriftRecorded, Error> {
-        each!(self.record_drift_and_enqueue(d, job))
+        each!(self.record_drift_and_enqueue(d, job, notice))
     }
 
     /// Resolves the open drift of one mirrored tag (or digest-only mirror) that the latest check
@@ -352,7 +360,7 @@ impl Store {
         each!(self.finish_round(slot, result))
     }
 
-    /// The newest round of `kind`, on whichever replica it ran.
+    /// The last finished round of `kind`, on whichever replica it ran.
     pub async fn last_round(&self, kind: RoundKind) -> Result<Option<Round>, Error> {
         each!(self.last_round(kind))
     }
@@ -384,6 +392,55 @@ impl Store {
     /// Forgets that `repo` holds `digest` (a mount from it failed: garbage collection removed it).
     pub async fn forget_blob(&self, registry: &str, repo: &str, digest: &str) -> Result<(), Error> {
         each!(self.forget_blob(registry, repo, digest))
+    }
+}
+
+impl Store {
+    /// Takes up to `limit` due notices for sending: each is not due again for `lease` (so
+    /// another replica's sender skips it) unless its attempt is recorded first.
+    pub async fn claim_notices(&self, limit: i64, lease: Duration) -> Result<Vec<Notice>, Error> {
+        each!(self.claim_notices(limit, lease))
+    }
+
+    /// Gives a taken notice back, due now, its attempt not counted (a sender stopping).
+    pub async fn release_notice(&self, id: i64) -> Result<(), Error> {
+        each!(self.release_notice(id))
+    }
+
+    /// How long until the next pending notice is due.
+    pub async fn next_notice_in(&self) -> Result<Option<Duration>, Error> {
+        each!(self.next_notice_in())
+    }
+
+    /// Marks notice `id` delivered (its attempt counted).
+    pub async fn notice_delivered(&self, id: i64) -> Result<(), Error> {
+        each!(self.notice_delivered(id))
+    }
+
+    /// Records a failed attempt: pending again after `retry_after`, or failed for good when it
+    /// is none.
+    pub async fn notice_failed(
+        &self,
+        id: i64,
+        error: &str,
+        retry_after: Option<Duration>,
+    ) -> Result<(), Error> {
+        each!(self.notice_failed(id, error, retry_after))
+    }
+
+    /// Notices newest first, optionally in one state, with ids below `before` (for paging).
+    pub async fn notices(
+        &self,
+        state: Option<NoticeState>,
+        limit: i64,
+        before: Option<i64>,
+    ) -> Result<Vec<Notice>, Error> {
+        each!(self.notices(state, limit, before))
+    }
+
+    /// Notices per state, for metrics.
+    pub async fn notice_counts(&self) -> Result<Vec<(NoticeState, i64)>, Error> {
+        each!(self.notice_counts())
     }
 }
 

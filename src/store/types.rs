@@ -8,7 +8,6 @@ use serde::Serialize;
 use serde_json::Value;
 
 pub use crate::drift::Policy;
-pub use crate::queue::{Dedupe, NewJob, ProgressRow};
 
 /// Where a job is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -136,6 +135,10 @@ pub struct Job {
     pub policy: Option<Policy>,
     /// Re-check every manifest on the target (drift repair), not only the top one.
     pub repair: bool,
+    /// How its referrers went, once it succeeded with referrers on.
+    pub referrers_state: Option<ReferrersState>,
+    /// What could not be looked up or copied (`[{"subject", "reference", "error", "transient"}]`).
+    pub referrers_failed: Option<Value>,
 }
 
 /// A claimed job and the lease token that lets its worker write it.
@@ -251,8 +254,10 @@ pub struct Drift {
 pub struct DriftRecorded {
     /// The open row, with the job queued for it.
     pub drift: Drift,
-    /// Seen for the first time (announce it).
+    /// Seen for the first time.
     pub new: bool,
+    /// Its notice was stored in the outbox (wake the sender).
+    pub noticed: bool,
     /// The job asked for: stored, joined, or refused (the drift row stands either way).
     pub queued: Option<Result<Enqueued, super::EnqueueError>>,
 }
@@ -306,4 +311,218 @@ pub struct Round {
     pub started_at: i64,
     pub finished_at: Option<i64>,
     pub result: Option<Value>,
+}
+
+/// How a succeeded job's referrers went; the image's success stands either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReferrersState {
+    /// Every referrer found was copied (none found counts).
+    Copied,
+    /// Some could not be looked up or copied; drift watch tries again.
+    Failed,
+}
+
+impl ReferrersState {
+    /// The name in the database and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReferrersState::Copied => "copied",
+            ReferrersState::Failed => "failed",
+        }
+    }
+}
+
+impl FromStr for ReferrersState {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "copied" => Ok(ReferrersState::Copied),
+            "failed" => Ok(ReferrersState::Failed),
+            _ => Err(format!("unknown referrers state {s:?}")),
+        }
+    }
+}
+
+/// A succeeded job's referrers: the state and, as JSON, what failed.
+#[derive(Debug, Clone)]
+pub struct JobReferrers {
+    pub state: ReferrersState,
+    /// `[{"subject", "reference", "error", "transient"}]`.
+    pub failed: Value,
+}
+
+/// A request to mirror, before it is a job.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub source: String,
+    pub target_repo: String,
+    pub target_tag: Option<String>,
+    pub requested_by: String,
+    pub max_attempts: i64,
+    pub referrers: bool,
+    /// Drift policy for the mirrored tag; none means the service default.
+    pub policy: Option<Policy>,
+    /// Re-check every manifest on the target (drift repair), not only the top one.
+    pub repair: bool,
+}
+
+/// Progress counters written with each heartbeat.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProgressRow {
+    pub bytes_done: i64,
+    pub bytes_total: i64,
+    pub blobs_done: i64,
+    pub blobs_total: i64,
+}
+
+/// How a request met the jobs already live for the same source and target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dedupe {
+    /// No live job: a new one was stored.
+    New,
+    /// Joined a live job that will copy what the request asked for, options unchanged.
+    Joined,
+    /// Joined the queued job and widened its options (referrers on, the request's policy).
+    Merged,
+    /// The live job is running and already pinned to the digest it resolved, or was asked for
+    /// less: a new job was queued to run after it (one writer per target tag).
+    QueuedAfter(i64),
+}
+
+impl Dedupe {
+    /// The word used in API answers.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Dedupe::New => "new",
+            Dedupe::Joined => "joined",
+            Dedupe::Merged => "merged",
+            Dedupe::QueuedAfter(_) => "queued_after",
+        }
+    }
+}
+
+/// What a notice announces; sent as `X-Mirror-Event`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NoticeEvent {
+    /// A job succeeded or failed for good.
+    Job,
+    /// Drift watch found a problem for the first time.
+    Drift,
+}
+
+impl NoticeEvent {
+    /// The name in the database and the header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoticeEvent::Job => "job",
+            NoticeEvent::Drift => "drift",
+        }
+    }
+}
+
+impl fmt::Display for NoticeEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for NoticeEvent {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "job" => Ok(NoticeEvent::Job),
+            "drift" => Ok(NoticeEvent::Drift),
+            _ => Err(format!("unknown notice event {s:?}")),
+        }
+    }
+}
+
+/// Where a notice is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NoticeState {
+    /// To be sent (again) at `next_attempt_at`.
+    Pending,
+    Delivered,
+    /// Every attempt failed; kept to be seen (`GET /notices?state=failed`).
+    Failed,
+}
+
+impl NoticeState {
+    /// Every state, for validating filters.
+    pub const ALL: [NoticeState; 3] = [
+        NoticeState::Pending,
+        NoticeState::Delivered,
+        NoticeState::Failed,
+    ];
+
+    /// The name in the database and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoticeState::Pending => "pending",
+            NoticeState::Delivered => "delivered",
+            NoticeState::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for NoticeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for NoticeState {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        NoticeState::ALL
+            .into_iter()
+            .find(|n| n.as_str() == s)
+            .ok_or_else(|| format!("notice state {s:?} is not one of pending, delivered, failed"))
+    }
+}
+
+/// A notice to store.
+#[derive(Debug, Clone)]
+pub struct NewNotice {
+    pub event: NoticeEvent,
+    /// The JSON body, exactly as it is signed and sent.
+    pub body: String,
+}
+
+/// A notice as stored.
+#[derive(Debug, Clone)]
+pub struct Notice {
+    pub id: i64,
+    pub event: NoticeEvent,
+    /// The JSON body, exactly as it is signed and sent.
+    pub body: String,
+    pub state: NoticeState,
+    pub attempts: i64,
+    pub next_attempt_at: i64,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub delivered_at: Option<i64>,
+}
+
+/// How the database answered a readiness probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriterState {
+    /// It took a write at once.
+    Idle,
+    /// Busy with writes in progress (SQLite's one writer held, every PostgreSQL connection in
+    /// use): load, not a fault.
+    Busy,
+}
+
+/// The current time as unix milliseconds, the unit every time column uses (this process's
+/// clock: for records and messages; leases and due times use the database's).
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
 }

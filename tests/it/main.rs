@@ -15,7 +15,6 @@ mod namespace;
 mod notices;
 mod platforms;
 mod proxy;
-mod queue;
 mod quirks;
 mod referrers;
 mod registries;

@@ -7,8 +7,9 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use mirror_mirror::store::{
-    Dedupe, Delivery, DriftKind, EnqueueError, JobState, NewDrift, NewJob, NewRecord, Policy,
-    ProgressRow, RoundKind, Store, WriterState,
+    Dedupe, Delivery, DriftKind, EnqueueError, JobReferrers, JobState, NewDrift, NewJob, NewNotice,
+    NewRecord, NoticeEvent, NoticeState, Policy, ProgressRow, ReferrersState, RoundKind, Store,
+    WriterState,
 };
 use serde_json::json;
 
@@ -87,6 +88,9 @@ conformance!(
     racing_workers_write_a_tag_one_at_a_time_in_request_order,
     claims_and_completions_keep_up,
     a_blob_written_by_one_replica_is_found_by_another,
+    a_request_for_a_running_pinned_job_waits_its_turn_on_the_tag,
+    notices_are_stored_with_what_they_announce_and_sent_by_one_replica,
+    referrers_state_is_kept_with_the_job,
 );
 
 fn job(source: &str) -> NewJob {
@@ -167,9 +171,15 @@ async fn fifty_identical_requests_make_one_job(backend: Backend) {
     // Once it finished, the same request makes a new job.
     let lease = a.claim(Duration::from_secs(30)).await.unwrap().unwrap();
     assert!(
-        a.succeed_with_record(&lease, &record(lease.job.id, "m/x"), ProgressRow::default())
-            .await
-            .unwrap()
+        a.succeed_with_record(
+            &lease,
+            &record(lease.job.id, "m/x"),
+            ProgressRow::default(),
+            None,
+            None
+        )
+        .await
+        .unwrap()
     );
     let again = b.enqueue(&job("docker.io/library/a:1")).await.unwrap();
     assert_eq!(again.dedupe, Dedupe::New);
@@ -229,11 +239,11 @@ async fn a_stale_lease_writes_nothing_and_any_replica_rescues(backend: Backend) 
     );
     assert!(!a.set_source_digest(&stale, "sha256:bb").await.unwrap());
     assert!(
-        !a.succeed_with_record(&stale, &record(stale.job.id, "m/x"), p)
+        !a.succeed_with_record(&stale, &record(stale.job.id, "m/x"), p, None, None)
             .await
             .unwrap()
     );
-    assert!(!a.fail(&stale, "x").await.unwrap());
+    assert!(!a.fail(&stale, "x", None).await.unwrap());
     assert!(!a.retry_later(&stale, "x", Duration::ZERO).await.unwrap());
     assert!(!a.defer(&stale, "x", Duration::ZERO).await.unwrap());
     assert!(!a.release(&stale).await.unwrap());
@@ -250,7 +260,7 @@ async fn a_stale_lease_writes_nothing_and_any_replica_rescues(backend: Backend) 
             .unwrap()
     );
     assert!(
-        b.succeed_with_record(&live, &record(live.job.id, "m/x"), p)
+        b.succeed_with_record(&live, &record(live.job.id, "m/x"), p, None, None)
             .await
             .unwrap()
     );
@@ -369,7 +379,7 @@ async fn one_writer_per_target_tag_in_request_order(backend: Backend) {
     assert!(a.next_due().await.unwrap().is_none(), "nothing to wake for");
     let p = ProgressRow::default();
     assert!(
-        a.succeed_with_record(&lease, &record(lease.job.id, "m/t"), p)
+        a.succeed_with_record(&lease, &record(lease.job.id, "m/t"), p, None, None)
             .await
             .unwrap()
     );
@@ -377,7 +387,7 @@ async fn one_writer_per_target_tag_in_request_order(backend: Backend) {
     let turn = b.claim(Duration::from_secs(30)).await.unwrap().unwrap();
     assert_eq!(turn.job.id, second.job.id);
     assert!(a.claim(Duration::from_secs(30)).await.unwrap().is_none());
-    assert!(a.fail(&turn, "gone").await.unwrap());
+    assert!(a.fail(&turn, "gone", None).await.unwrap());
     let last = a.claim(Duration::from_secs(30)).await.unwrap().unwrap();
     assert_eq!(last.job.id, third.job.id);
 }
@@ -457,7 +467,7 @@ async fn records_are_found_by_every_digest_they_name(backend: Backend) {
     let l = s.claim(Duration::from_secs(30)).await.unwrap().unwrap();
     let want = record(l.job.id, "m/x");
     assert!(
-        s.succeed_with_record(&l, &want, ProgressRow::default())
+        s.succeed_with_record(&l, &want, ProgressRow::default(), None, None)
             .await
             .unwrap()
     );
@@ -514,7 +524,7 @@ async fn drift_is_recorded_once_and_its_job_resolves_it(backend: Backend) {
     let mut repair = job(&format!("docker.io/library/d@sha256:{}", "a".repeat(64)));
     repair.repair = true;
     let first = a
-        .record_drift_and_enqueue(&d, Some(repair.clone()))
+        .record_drift_and_enqueue(&d, Some(repair.clone()), None)
         .await
         .unwrap();
     assert!(first.new);
@@ -526,7 +536,10 @@ async fn drift_is_recorded_once_and_its_job_resolves_it(backend: Backend) {
         json!({"kind": "drift", "drift_id": first.drift.id, "reason": "missing"})
     );
     // Seen again (by another replica): the same row, the same job.
-    let again = b.record_drift_and_enqueue(&d, Some(repair)).await.unwrap();
+    let again = b
+        .record_drift_and_enqueue(&d, Some(repair), None)
+        .await
+        .unwrap();
     assert!(!again.new);
     assert_eq!(again.drift.id, first.drift.id);
     assert_eq!(again.queued.unwrap().unwrap().job.id, q.job.id);
@@ -543,7 +556,9 @@ async fn drift_is_recorded_once_and_its_job_resolves_it(backend: Backend) {
         b.succeed_with_record(
             &l,
             &record(l.job.id, &d.mirror_repo),
-            ProgressRow::default()
+            ProgressRow::default(),
+            None,
+            None
         )
         .await
         .unwrap()
@@ -558,7 +573,7 @@ async fn drift_is_recorded_once_and_its_job_resolves_it(backend: Backend) {
         missing: None,
         ..d.clone()
     };
-    let row = a.record_drift_and_enqueue(&gone, None).await.unwrap();
+    let row = a.record_drift_and_enqueue(&gone, None, None).await.unwrap();
     assert!(row.new && row.queued.is_none());
     let mirror_tag = d.mirror_tag.as_deref();
     assert_eq!(
@@ -887,7 +902,7 @@ async fn racing_workers_write_a_tag_one_at_a_time_in_request_order(backend: Back
                     running.fetch_sub(1, Ordering::SeqCst);
                     let r = record(l.job.id, &l.job.target_repo);
                     assert!(
-                        s.succeed_with_record(&l, &r, ProgressRow::default())
+                        s.succeed_with_record(&l, &r, ProgressRow::default(), None, None)
                             .await
                             .unwrap()
                     );
@@ -930,7 +945,7 @@ async fn claims_and_completions_keep_up(backend: Backend) {
                 while let Some(l) = s.claim(Duration::from_secs(30)).await.unwrap() {
                     let r = record(l.job.id, &l.job.target_repo);
                     assert!(
-                        s.succeed_with_record(&l, &r, ProgressRow::default())
+                        s.succeed_with_record(&l, &r, ProgressRow::default(), None, None)
                             .await
                             .unwrap()
                     );
@@ -1107,5 +1122,166 @@ async fn postgres_replicas_starting_at_once_migrate_once() {
             .await
             .unwrap()
             .is_some()
+    );
+}
+
+async fn a_request_for_a_running_pinned_job_waits_its_turn_on_the_tag(backend: Backend) {
+    let db = Database::new(backend).await;
+    let s = db.open().await;
+    let first = s.enqueue(&job("docker.io/library/t:1")).await.unwrap();
+    let lease = s.claim(Duration::from_secs(30)).await.unwrap().unwrap();
+    assert!(s.set_source_digest(&lease, "sha256:aa").await.unwrap());
+    // The running job already copies the digest the tag had: a new request for the tag is a new
+    // job, queued after it.
+    let second = s.enqueue(&job("docker.io/library/t:1")).await.unwrap();
+    assert_eq!(second.dedupe, Dedupe::QueuedAfter(first.job.id));
+    // A digest-only job of another repository is not held up, but the second job waits.
+    let mut other = job("docker.io/library/u@sha256:bb");
+    other.target_tag = None;
+    let other = s.enqueue(&other).await.unwrap();
+    let next = s.claim(Duration::from_secs(30)).await.unwrap().unwrap();
+    assert_eq!(next.job.id, other.job.id);
+    assert!(
+        s.claim(Duration::from_secs(30)).await.unwrap().is_none(),
+        "one writer per target tag"
+    );
+    assert!(s.next_due().await.unwrap().is_none(), "nothing to wake for");
+    assert!(
+        s.succeed_with_record(
+            &lease,
+            &record(lease.job.id, "m/t"),
+            ProgressRow::default(),
+            None,
+            None
+        )
+        .await
+        .unwrap()
+    );
+    let turn = s.claim(Duration::from_secs(30)).await.unwrap().unwrap();
+    assert_eq!(turn.job.id, second.job.id);
+}
+
+async fn notices_are_stored_with_what_they_announce_and_sent_by_one_replica(backend: Backend) {
+    let db = Database::new(backend).await;
+    let (a, b) = (db.open().await, db.open().await);
+    let notice = |n: i64| NewNotice {
+        event: NoticeEvent::Job,
+        body: json!({ "n": n }).to_string(),
+    };
+    // A lost lease writes neither the result nor its notice.
+    a.enqueue(&job("docker.io/library/n:1")).await.unwrap();
+    let lease = a.claim(Duration::from_secs(30)).await.unwrap().unwrap();
+    let mut stale = lease.clone();
+    stale.token = "not-the-token".into();
+    assert!(!a.fail(&stale, "x", Some(&notice(0))).await.unwrap());
+    assert!(
+        a.succeed_with_record(
+            &lease,
+            &record(lease.job.id, "m/n"),
+            ProgressRow::default(),
+            None,
+            Some(&notice(1))
+        )
+        .await
+        .unwrap()
+    );
+    a.enqueue(&job("docker.io/library/o:1")).await.unwrap();
+    let lease = a.claim(Duration::from_secs(30)).await.unwrap().unwrap();
+    assert!(a.fail(&lease, "gone", Some(&notice(2))).await.unwrap());
+    let pending = b
+        .notices(Some(NoticeState::Pending), 10, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        pending.iter().map(|n| n.body.as_str()).collect::<Vec<_>>(),
+        [r#"{"n":2}"#, r#"{"n":1}"#],
+        "newest first, only what was written"
+    );
+    // Two senders at once: each notice goes to one of them.
+    let (x, y) = tokio::join!(
+        a.claim_notices(10, Duration::from_secs(60)),
+        b.claim_notices(10, Duration::from_secs(60))
+    );
+    let (x, y) = (x.unwrap(), y.unwrap());
+    let mut taken: Vec<i64> = x.iter().chain(&y).map(|n| n.id).collect();
+    taken.sort();
+    taken.dedup();
+    assert_eq!(taken.len(), 2, "{x:?} {y:?}");
+    assert_eq!(x.len() + y.len(), 2, "no notice taken twice");
+    assert!(
+        a.claim_notices(10, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let (first, second) = (pending[1].id, pending[0].id);
+    b.notice_delivered(first).await.unwrap();
+    // A failed attempt comes back after its backoff; given back at shutdown, at once.
+    b.notice_failed(second, "HTTP 500", Some(Duration::ZERO))
+        .await
+        .unwrap();
+    let again = a.claim_notices(10, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(
+        again.iter().map(|n| (n.id, n.attempts)).collect::<Vec<_>>(),
+        [(second, 1)]
+    );
+    a.release_notice(second).await.unwrap();
+    assert_eq!(
+        a.claim_notices(10, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    a.notice_failed(second, "HTTP 500", None).await.unwrap();
+    let mut counts = b.notice_counts().await.unwrap();
+    counts.sort();
+    assert_eq!(
+        counts,
+        [(NoticeState::Delivered, 1), (NoticeState::Failed, 1)]
+    );
+    assert!(
+        b.next_notice_in().await.unwrap().is_none(),
+        "nothing pending"
+    );
+    let failed = b
+        .notices(Some(NoticeState::Failed), 10, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (failed[0].attempts, failed[0].last_error.as_deref()),
+        (2, Some("HTTP 500"))
+    );
+}
+
+async fn referrers_state_is_kept_with_the_job(backend: Backend) {
+    let db = Database::new(backend).await;
+    let s = db.open().await;
+    s.enqueue(&job("docker.io/library/r:1")).await.unwrap();
+    let lease = s.claim(Duration::from_secs(30)).await.unwrap().unwrap();
+    let failed = json!([{ "subject": "sha256:aa", "reference": "r:sha256-aa.sig", "error": "403", "transient": false }]);
+    let referrers = JobReferrers {
+        state: ReferrersState::Failed,
+        failed: failed.clone(),
+    };
+    assert!(
+        s.succeed_with_record(
+            &lease,
+            &record(lease.job.id, "m/r"),
+            ProgressRow::default(),
+            Some(&referrers),
+            None
+        )
+        .await
+        .unwrap()
+    );
+    let j = s.get(lease.job.id).await.unwrap().unwrap();
+    assert_eq!(
+        (j.state, j.referrers_state, j.referrers_failed),
+        (
+            JobState::Succeeded,
+            Some(ReferrersState::Failed),
+            Some(failed)
+        )
     );
 }

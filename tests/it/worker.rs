@@ -12,16 +12,69 @@ use crate::faults::{Fault, Faulty, Route, Stall, seed, wait_for};
 use crate::support::service::Service;
 use crate::support::{Pusher, Registry};
 
-/// Takes SQLite's write lock on the service's database from outside, as a stuck writer would.
-pub(crate) async fn hold_writer(db: &Path) -> sqlx::SqliteConnection {
-    let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+/// A write lock on a service's database taken from outside, as a stuck writer would hold it:
+/// SQLite's lock (`BEGIN IMMEDIATE`), or on PostgreSQL an `EXCLUSIVE` lock of the job table (reads
+/// go on, every write of a job waits).
+pub(crate) enum HeldWriter {
+    Sqlite(sqlx::SqliteConnection),
+    Postgres(sqlx::PgConnection),
+}
+
+impl HeldWriter {
+    /// Sets the lease token of job `id`, inside the held transaction (another worker took it).
+    pub(crate) async fn take_over(&mut self, id: i64) {
+        match self {
+            HeldWriter::Sqlite(c) => {
+                sqlx::query("update job set lease_token = 'taken-over' where id = ?1")
+                    .bind(id)
+                    .execute(c)
+                    .await
+                    .unwrap();
+            }
+            HeldWriter::Postgres(c) => {
+                sqlx::query("update job set lease_token = 'taken-over' where id = $1")
+                    .bind(id)
+                    .execute(c)
+                    .await
+                    .unwrap();
+            }
+        };
+    }
+
+    /// Ends the held transaction with `COMMIT` or `ROLLBACK`.
+    pub(crate) async fn end(&mut self, how: &str) {
+        let how = sqlx::AssertSqlSafe(how.to_string());
+        match self {
+            HeldWriter::Sqlite(c) => {
+                sqlx::query(how).execute(c).await.unwrap();
+            }
+            HeldWriter::Postgres(c) => {
+                sqlx::query(how).execute(c).await.unwrap();
+            }
+        }
+    }
+}
+
+/// Takes the write lock on the service's database `db` from outside (see [`HeldWriter`]).
+pub(crate) async fn hold_writer(db: &Path) -> HeldWriter {
+    let location = crate::support::service::database_for(db).await;
+    if location.starts_with("postgres://") {
+        let mut c = sqlx::PgConnection::connect(&location).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut c).await.unwrap();
+        sqlx::query("LOCK TABLE job IN EXCLUSIVE MODE")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        return HeldWriter::Postgres(c);
+    }
+    let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{location}"))
         .await
         .unwrap();
     sqlx::query("BEGIN IMMEDIATE")
         .execute(&mut c)
         .await
         .unwrap();
-    c
+    HeldWriter::Sqlite(c)
 }
 
 /// The value of the unlabelled sample `name` in the service's `/metrics`.
@@ -94,7 +147,7 @@ async fn a_worker_that_cannot_renew_its_lease_stops_copying_within_the_lease() {
     );
     // The database works again and the source would send the rest: the abandoned copy writes
     // nothing — the job's expired lease is rescued (no attempts left: failed), the tag never lands.
-    sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+    lock.end("ROLLBACK").await;
     stall.release();
     let job = svc.wait_job(id, Duration::from_secs(30)).await;
     assert_eq!(job["state"], "failed", "{job}");
@@ -124,11 +177,7 @@ async fn a_job_that_lost_its_lease_before_its_result_was_written_is_not_counted(
     let (svc, down, stall, id, repo) = stalled_job(dir.path()).await;
     // Another worker takes the job over while this one's copy ends: its result cannot be written.
     let mut lock = hold_writer(&db).await;
-    sqlx::query("update job set lease_token = 'taken-over' where id = ?1")
-        .bind(id)
-        .execute(&mut lock)
-        .await
-        .unwrap();
+    lock.take_over(id).await;
     stall.release();
     let pusher = Pusher::new(&down);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -136,7 +185,7 @@ async fn a_job_that_lost_its_lease_before_its_result_was_written_is_not_counted(
         assert!(Instant::now() < deadline, "the copy did not finish");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    sqlx::query("COMMIT").execute(&mut lock).await.unwrap();
+    lock.end("COMMIT").await;
     // The lease runs out and no attempts are left: the job fails, and nothing was counted finished.
     let job: Value = svc.wait_job(id, Duration::from_secs(30)).await;
     assert_eq!(job["state"], "failed", "{job}");
@@ -158,7 +207,7 @@ async fn readiness_answers_within_a_second_while_the_writer_is_busy() {
     let svc = Service::start(&db, &format!("{}/mirror", down.host()), &up.host(), &[]).await;
     let (status, body) = svc.get("/readyz").await;
     assert_eq!(status, 200, "{body}");
-    // A long write holds SQLite's lock: the pod is busy, not broken.
+    // A long write holds the database's write lock: the pod is busy, not broken.
     let mut lock = hold_writer(&db).await;
     let asked = Instant::now();
     let (status, body) = svc.get("/readyz").await;
@@ -166,7 +215,7 @@ async fn readiness_answers_within_a_second_while_the_writer_is_busy() {
     eprintln!("figure: /readyz answered {status} in {took:?} while the writer was held");
     assert!(took < Duration::from_secs(1), "/readyz took {took:?}");
     assert_eq!((status, &body["writer"]), (200, &json!("busy")), "{body}");
-    sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+    lock.end("ROLLBACK").await;
     let (status, body) = svc.get("/readyz").await;
     assert_eq!((status, &body["writer"]), (200, &json!("idle")), "{body}");
 }

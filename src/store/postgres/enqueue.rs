@@ -15,7 +15,7 @@ use super::super::{
     Decision, EnqueueError, Enqueued, Error, Job, JobState, NewJob, decide, source_repo,
 };
 use super::queue::{JobRow, job_columns};
-use crate::queue::Dedupe;
+use crate::store::Dedupe;
 
 /// The dedupe key: source, target repository, target tag.
 type Key = (String, String, String);
@@ -188,6 +188,8 @@ pub(super) async fn enqueue_all(
                     referrers: new.referrers,
                     policy: new.policy,
                     repair: new.repair,
+                    referrers_state: None,
+                    referrers_failed: None,
                 };
                 jobs.insert(0, job.clone());
                 inserts.push(job);

@@ -5,8 +5,8 @@
 use sqlx::FromRow;
 
 use super::super::{
-    Drift, DriftKind, DriftRecorded, EnqueueError, Error, Lease, NewDrift, NewJob, NewRecord,
-    ProgressRow, Record, corrupt, parse_json, parse_policy,
+    Drift, DriftKind, DriftRecorded, EnqueueError, Error, JobReferrers, Lease, NewDrift, NewJob,
+    NewNotice, NewRecord, ProgressRow, Record, corrupt, parse_json, parse_policy,
 };
 use super::PgStore;
 use super::enqueue::enqueue_all;
@@ -138,12 +138,15 @@ impl PgStore {
         lease: &Lease,
         r: &NewRecord,
         p: ProgressRow,
+        referrers: Option<&JobReferrers>,
+        notice: Option<&NewNotice>,
     ) -> Result<bool, Error> {
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query(
             "update job set state = 'succeeded', lease_token = null, lease_expires_at = null, last_error = null,
                  bytes_done = $1, bytes_total = $2, blobs_done = $3, blobs_total = $4,
-                 finished_at = mm_now_ms(), updated_at = mm_now_ms()
+                 finished_at = mm_now_ms(), updated_at = mm_now_ms(),
+                 referrers_state = $7, referrers_failed = $8::jsonb
              where id = $5 and lease_token = $6 and state = 'running'",
         )
         .bind(p.bytes_done)
@@ -152,6 +155,8 @@ impl PgStore {
         .bind(p.blobs_total)
         .bind(lease.job.id)
         .bind(&lease.token)
+        .bind(referrers.map(|r| r.state.as_str()))
+        .bind(referrers.map(|r| r.failed.to_string()))
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -202,6 +207,9 @@ impl PgStore {
         .bind(lease.job.id)
         .execute(&mut *tx)
         .await?;
+        if let Some(n) = notice {
+            super::outbox::insert(&mut tx, n).await?;
+        }
         tx.commit().await?;
         Ok(true)
     }
@@ -290,6 +298,7 @@ impl PgStore {
         &self,
         d: &NewDrift,
         job: Option<NewJob>,
+        notice: Option<&(dyn Fn(&Drift) -> NewNotice + Sync)>,
     ) -> Result<DriftRecorded, Error> {
         let mut tx = self.pool.begin().await?;
         if let Some(j) = &job {
@@ -352,10 +361,23 @@ impl PgStore {
                 Err(refused) => queued = Some(Err(refused)),
             }
         }
+        // Announced once, when first seen: stored with the row, sent from the outbox.
+        let noticed = match notice.filter(|_| new) {
+            Some(build) => {
+                super::outbox::insert(&mut tx, &build(&drift)).await?;
+                true
+            }
+            None => false,
+        };
         notify(&mut tx, created).await?;
         tx.commit().await?;
         self.woke(created);
-        Ok(DriftRecorded { drift, new, queued })
+        Ok(DriftRecorded {
+            drift,
+            new,
+            noticed,
+            queued,
+        })
     }
 
     pub(in crate::store) async fn resolve_unseen_drift(

@@ -7,6 +7,7 @@
 mod blobs;
 mod enqueue;
 mod ledger;
+mod outbox;
 mod queue;
 mod rounds;
 
@@ -18,8 +19,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::Error;
-use crate::db::WriterState;
+use super::{Error, WriterState};
 
 /// The migrations in `migrations/postgres/`, embedded at build time. sqlx holds an advisory
 /// lock while it migrates, so replicas starting at once on an empty database migrate it once.
@@ -38,6 +38,11 @@ pub struct PgStore {
     stop: CancellationToken,
     /// Stops the LISTEN task when the last clone goes.
     _listening: Arc<DropGuard>,
+}
+
+/// A duration in ms, as the database's bigint times are.
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// The URL without its password, for messages.
@@ -107,8 +112,9 @@ impl PgStore {
         })
     }
 
-    /// Every migration applied and a query answered within a second. Every connection in use
-    /// for a second is load, not a fault: [`WriterState::Busy`].
+    /// Every migration applied, a query answered within a second and the job table takes
+    /// writes. Every connection in use for a second, or the table locked for half a second, is
+    /// load, not a fault: [`WriterState::Busy`].
     pub(in crate::store) async fn ready(&self) -> Result<WriterState, Error> {
         if self.pool.is_closed() {
             return Err(Error::Closed);
@@ -132,7 +138,25 @@ impl PgStore {
                 "{applied} of {want} migrations applied"
             )));
         }
-        Ok(WriterState::Idle)
+        // Whether the job table takes writes: the lock every insert and update takes, waited for
+        // half a second. Writers never block it; a table lock (maintenance, a stuck session)
+        // does: busy, not broken.
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        sqlx::query("set local lock_timeout = '500ms'")
+            .execute(&mut *tx)
+            .await?;
+        let probe = sqlx::query("lock table job in row exclusive mode")
+            .execute(&mut *tx)
+            .await;
+        tx.rollback().await?;
+        match probe {
+            Ok(_) => Ok(WriterState::Idle),
+            // 55P03 lock_not_available
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
+                Ok(WriterState::Busy)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub(in crate::store) async fn close(&self) {

@@ -20,18 +20,19 @@ use sha2::Digest as _;
 use sqlx::{FromRow, PgConnection};
 
 use super::super::{
-    Delivery, EnqueueError, Enqueued, Error, Job, JobState, JobStats, Lease, NewJob, ProgressRow,
-    corrupt, parse_json, parse_policy,
+    Delivery, EnqueueError, Enqueued, Error, Job, JobState, JobStats, Lease, NewJob, NewNotice,
+    ProgressRow, corrupt, parse_json, parse_policy,
 };
 use super::enqueue::enqueue_all;
-use super::{CHANNEL, PgStore};
+use super::{CHANNEL, PgStore, ms};
 
 /// The job columns, JSON as text (decoded at the edge, in [`JobRow::into_job`]).
 macro_rules! job_columns {
     () => {
         "id, source, source_digest, target_repo, target_tag, state, attempts, max_attempts, run_at,
     lease_expires_at, last_error, requested_by::text as requested_by, bytes_done, bytes_total, blobs_done, blobs_total,
-    created_at, updated_at, started_at, finished_at, referrers, policy, repair"
+    created_at, updated_at, started_at, finished_at, referrers, policy, repair, referrers_state,
+    referrers_failed::text as referrers_failed"
     };
 }
 pub(super) use job_columns;
@@ -61,6 +62,8 @@ pub(super) struct JobRow {
     referrers: bool,
     policy: Option<String>,
     repair: bool,
+    referrers_state: Option<String>,
+    referrers_failed: Option<String>,
 }
 
 impl JobRow {
@@ -92,6 +95,16 @@ impl JobRow {
             finished_at: self.finished_at,
             referrers: self.referrers,
             repair: self.repair,
+            referrers_state: self
+                .referrers_state
+                .as_deref()
+                .map(|r| r.parse().map_err(|_| corrupt("referrers state", r)))
+                .transpose()?,
+            referrers_failed: self
+                .referrers_failed
+                .as_deref()
+                .map(|f| parse_json("referrers_failed", f))
+                .transpose()?,
         })
     }
 }
@@ -146,10 +159,6 @@ pub(super) async fn notify(tx: &mut PgConnection, created: usize) -> sqlx::Resul
 
 fn lease_token() -> String {
     hex::encode(rand::rng().random::<[u8; 16]>())
-}
-
-fn ms(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 impl PgStore {
@@ -335,7 +344,13 @@ impl PgStore {
         self.requeue(lease, None, Duration::ZERO).await
     }
 
-    pub(in crate::store) async fn fail(&self, lease: &Lease, error: &str) -> Result<bool, Error> {
+    pub(in crate::store) async fn fail(
+        &self,
+        lease: &Lease,
+        error: &str,
+        notice: Option<&NewNotice>,
+    ) -> Result<bool, Error> {
+        let mut tx = self.pool.begin().await?;
         let n = sqlx::query(
             "update job set state = 'failed', lease_token = null, lease_expires_at = null, last_error = $1,
                  finished_at = mm_now_ms(), updated_at = mm_now_ms()
@@ -344,10 +359,18 @@ impl PgStore {
         .bind(error)
         .bind(lease.job.id)
         .bind(&lease.token)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
-        Ok(n == 1)
+        if n != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        if let Some(n) = notice {
+            super::outbox::insert(&mut tx, n).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
     }
 
     pub(in crate::store) async fn get(&self, id: i64) -> Result<Option<Job>, Error> {

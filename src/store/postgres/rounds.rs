@@ -3,13 +3,14 @@
 use std::time::Duration;
 
 use super::super::{Error, Round, RoundKind, RoundSlot, corrupt, parse_json};
-use super::PgStore;
+use super::{PgStore, ms};
 
 /// slot, replica, started_at, finished_at, result (JSON text).
 type RoundRow = (i64, String, i64, Option<i64>, Option<String>);
 
-fn ms(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
+/// An interval in ms, at least 1 (slots divide by it).
+fn interval_ms(d: Duration) -> i64 {
+    ms(d).max(1)
 }
 
 impl PgStore {
@@ -26,7 +27,7 @@ impl PgStore {
              returning slot",
         )
         .bind(kind.as_str())
-        .bind(ms(interval))
+        .bind(interval_ms(interval))
         .bind(replica)
         .fetch_optional(&self.pool)
         .await?;
@@ -38,7 +39,7 @@ impl PgStore {
         interval: Duration,
     ) -> Result<Duration, Error> {
         let left: i64 = sqlx::query_scalar("select $1 - mm_now_ms() % $1")
-            .bind(ms(interval))
+            .bind(interval_ms(interval))
             .fetch_one(&self.pool)
             .await?;
         Ok(Duration::from_millis(left.max(0) as u64))
@@ -67,7 +68,7 @@ impl PgStore {
     ) -> Result<Option<Round>, Error> {
         let row: Option<RoundRow> = sqlx::query_as(
             "select slot, replica, started_at, finished_at, result::text from round_slot
-             where kind = $1 order by slot desc limit 1",
+             where kind = $1 and finished_at is not null order by finished_at desc, slot desc limit 1",
         )
         .bind(kind.as_str())
         .fetch_optional(&self.pool)

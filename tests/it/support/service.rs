@@ -1,4 +1,6 @@
-//! Runs `mirror-mirror serve` as a real process on a free port with a real SQLite file.
+//! Runs `mirror-mirror serve` as a real process on a free port with a real SQLite file — or,
+//! with `MIRROR_TEST_DATABASE=postgres`, a database of the harness's PostgreSQL server (one per
+//! path, so a service started again on the same path finds its data).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -8,6 +10,30 @@ use serde_json::Value;
 
 /// The API token every test service accepts (named `ci`).
 pub const TOKEN: &str = "test-token-0123456789abcdef";
+
+/// Whether services run on PostgreSQL (`MIRROR_TEST_DATABASE=postgres`) rather than SQLite.
+pub fn on_postgres() -> bool {
+    std::env::var("MIRROR_TEST_DATABASE").is_ok_and(|v| v == "postgres")
+}
+
+/// What `MIRROR_DATABASE` is for a service whose test named the file `db`: the file itself, or
+/// (on PostgreSQL) the database made for that path the first time it was named.
+pub async fn database_for(db: &Path) -> String {
+    if !on_postgres() {
+        return db.display().to_string();
+    }
+    static DATABASES: std::sync::Mutex<Vec<(PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
+    if let Some((_, url)) = DATABASES.lock().unwrap().iter().find(|(p, _)| p == db) {
+        return url.clone();
+    }
+    let url = super::postgres::shared().database().await;
+    let mut known = DATABASES.lock().unwrap();
+    if let Some((_, url)) = known.iter().find(|(p, _)| p == db) {
+        return url.clone();
+    }
+    known.push((db.to_path_buf(), url.clone()));
+    url
+}
 
 /// A running service.
 pub struct Service {
@@ -28,10 +54,11 @@ impl Service {
             .port();
         let log = db.with_extension(format!("{port}.log"));
         let out = std::fs::File::create(&log).unwrap();
+        let database = database_for(db).await;
         let mut cmd = Command::new(super::bin());
         cmd.arg("serve")
             .env("MIRROR_LISTEN", format!("127.0.0.1:{port}"))
-            .env("MIRROR_DATABASE", db)
+            .env("MIRROR_DATABASE", &database)
             .env("MIRROR_TARGET", target)
             .env("MIRROR_ALLOWED_SOURCES", allowed)
             .env("MIRROR_API_TOKENS", format!("ci={TOKEN}"))

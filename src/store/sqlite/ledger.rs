@@ -3,7 +3,7 @@
 use serde::Serialize;
 use sqlx::FromRow;
 
-use crate::db::Db;
+use super::db::Db;
 
 /// A record to append after a verified copy.
 #[derive(Debug, Clone)]

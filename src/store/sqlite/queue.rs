@@ -8,10 +8,10 @@ use rand::Rng as _;
 use serde::Serialize;
 use sqlx::FromRow;
 
-use crate::db::{Db, now_ms};
-use crate::ledger::{self, NewRecord};
-use crate::outbox::{self, NewNotice};
-use crate::reference::ImageRef;
+use super::db::{Db, now_ms};
+use super::ledger::{self, NewRecord};
+use super::outbox;
+use crate::store::{Dedupe, JobReferrers, NewJob, NewNotice, ProgressRow};
 
 /// A job as stored.
 #[derive(Debug, Clone, FromRow, Serialize)]
@@ -25,8 +25,6 @@ pub struct Job {
     pub attempts: i64,
     pub max_attempts: i64,
     pub run_at: i64,
-    #[serde(skip)]
-    pub lease_token: Option<String>,
     pub lease_expires_at: Option<i64>,
     pub last_error: Option<String>,
     pub requested_by: String,
@@ -50,72 +48,11 @@ pub struct Job {
     pub referrers_failed: Option<String>,
 }
 
-/// How a succeeded job's referrers went; the image's success stands either way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ReferrersState {
-    /// Every referrer found was copied (none found counts).
-    Copied,
-    /// Some could not be looked up or copied; drift watch tries again.
-    Failed,
-}
-
-impl ReferrersState {
-    /// The name in the database and the API.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ReferrersState::Copied => "copied",
-            ReferrersState::Failed => "failed",
-        }
-    }
-}
-
-/// A succeeded job's referrers: the state and, as JSON, what failed.
-#[derive(Debug, Clone)]
-pub struct JobReferrers {
-    pub state: ReferrersState,
-    pub failed: String,
-}
-
-/// Job states.
-pub mod state {
-    pub const QUEUED: &str = "queued";
-    pub const RUNNING: &str = "running";
-    pub const SUCCEEDED: &str = "succeeded";
-    pub const FAILED: &str = "failed";
-    /// Every state, for validating filters.
-    pub const ALL: [&str; 4] = [QUEUED, RUNNING, SUCCEEDED, FAILED];
-}
-
-/// A request to mirror, before it is a job.
-#[derive(Debug, Clone)]
-pub struct NewJob {
-    pub source: String,
-    pub target_repo: String,
-    pub target_tag: Option<String>,
-    pub requested_by: String,
-    pub max_attempts: i64,
-    pub referrers: bool,
-    /// Drift policy for the mirrored tag; none means the service default.
-    pub policy: Option<crate::drift::Policy>,
-    /// Re-check every manifest on the target (drift repair), not only the top one.
-    pub repair: bool,
-}
-
 /// A claimed job: the job and the lease that lets its worker write it.
 #[derive(Debug, Clone)]
 pub struct Lease {
     pub job: Job,
     pub token: String,
-}
-
-/// Progress counters written with each heartbeat.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ProgressRow {
-    pub bytes_done: i64,
-    pub bytes_total: i64,
-    pub blobs_done: i64,
-    pub blobs_total: i64,
 }
 
 /// Why a request was not stored as a job.
@@ -135,59 +72,11 @@ pub enum EnqueueError {
     Db(#[from] sqlx::Error),
 }
 
-/// How a request met the jobs already live for the same source and target.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Dedupe {
-    /// No live job: a new one was stored.
-    New,
-    /// Joined a live job that will copy what the request asked for, options unchanged.
-    Joined,
-    /// Joined the queued job and widened its options (referrers on, the request's policy).
-    Merged,
-    /// The live job is running and already pinned to the digest it resolved, or was asked for
-    /// less: a new job was queued to run after it (one writer per target tag).
-    QueuedAfter(i64),
-}
-
-impl Dedupe {
-    /// The word used in API answers.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Dedupe::New => "new",
-            Dedupe::Joined => "joined",
-            Dedupe::Merged => "merged",
-            Dedupe::QueuedAfter(_) => "queued_after",
-        }
-    }
-}
-
 /// A request stored, or joined to a live job.
 #[derive(Debug, Clone)]
 pub struct Enqueued {
     pub job: Job,
     pub dedupe: Dedupe,
-}
-
-impl Enqueued {
-    /// Whether a new job row was written (workers should be woken).
-    pub fn created(&self) -> bool {
-        matches!(self.dedupe, Dedupe::New | Dedupe::QueuedAfter(_))
-    }
-}
-
-/// Stores a job, or joins the live job for the same source and target (see [`Dedupe`]).
-pub async fn enqueue(db: &Db, new: &NewJob) -> Result<Enqueued, EnqueueError> {
-    let mut tx = db.write.begin_with("BEGIN IMMEDIATE").await?;
-    let out = enqueue_in(&mut tx, new).await?;
-    tx.commit().await?;
-    Ok(out)
-}
-
-/// The source repository of a job's source reference (`docker.io/library/nginx`).
-fn source_repo(source: &str) -> String {
-    ImageRef::parse_source(source)
-        .map(|r| r.repo_name())
-        .unwrap_or_else(|_| source.to_string())
 }
 
 /// The owner of `mirror_repo`, claiming it for `source_repo` if it has none yet.
@@ -219,12 +108,13 @@ pub async fn owner(db: &Db, mirror_repo: &str) -> sqlx::Result<Option<String>> {
         .await
 }
 
-/// [`enqueue`] inside the caller's (immediate) transaction, to store other rows with the jobs.
+/// Stores a job, or joins the live job for the same source and target (see `Dedupe`), inside
+/// the caller's (immediate) transaction, to store other rows with the jobs.
 pub async fn enqueue_in(
     tx: &mut sqlx::SqliteConnection,
     new: &NewJob,
 ) -> Result<Enqueued, EnqueueError> {
-    let source = source_repo(&new.source);
+    let source = crate::store::source_repo(&new.source);
     let owner = claim_owner(tx, &new.target_repo, &source).await?;
     if owner != source {
         return Err(EnqueueError::Owned {
@@ -243,7 +133,7 @@ pub async fn enqueue_in(
     .fetch_all(&mut *tx)
     .await?;
     let mut after = None;
-    if let Some(queued) = live.iter().find(|j| j.state == state::QUEUED) {
+    if let Some(queued) = live.iter().find(|j| j.state == "queued") {
         // Not started: it will resolve the tag when it runs, so this request's wish is met by
         // it; widen its options to cover both requests.
         let referrers = queued.referrers || new.referrers;
@@ -447,7 +337,7 @@ pub async fn succeed(
     .bind(lease.job.id)
     .bind(&lease.token)
     .bind(referrers.map(|r| r.state.as_str()))
-    .bind(referrers.map(|r| r.failed.as_str()))
+    .bind(referrers.map(|r| r.failed.to_string()))
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -630,77 +520,4 @@ pub async fn store_delivery(
         .execute(&mut *tx)
         .await?;
     Ok(())
-}
-
-type EnqueueReply = tokio::sync::oneshot::Sender<Result<Enqueued, EnqueueError>>;
-
-/// Group commit for enqueues: requests arriving together share one transaction and one fsync, so
-/// a `202` still means "on disk" without paying a disk flush per request.
-#[derive(Clone)]
-pub struct Enqueuer {
-    tx: tokio::sync::mpsc::Sender<(NewJob, EnqueueReply)>,
-}
-
-/// Most enqueues committed together.
-const MAX_BATCH: usize = 256;
-
-impl Enqueuer {
-    /// Starts the batching task on `db`.
-    pub fn start(db: Db) -> Enqueuer {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<(NewJob, EnqueueReply)>(4 * MAX_BATCH);
-        tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(next) => batch.push(next),
-                        Err(_) => break,
-                    }
-                }
-                match enqueue_batch(&db, &batch).await {
-                    Ok(results) => {
-                        for ((_, reply), r) in batch.into_iter().zip(results) {
-                            let _ = reply.send(r);
-                        }
-                    }
-                    // One bad request must not fail its neighbours: fall back to one by one.
-                    Err(_) => {
-                        for (new, reply) in batch {
-                            let _ = reply.send(enqueue(&db, &new).await);
-                        }
-                    }
-                }
-            }
-        });
-        Enqueuer { tx }
-    }
-
-    /// Enqueues `new` durably (see [`enqueue`]).
-    pub async fn enqueue(&self, new: NewJob) -> Result<Enqueued, EnqueueError> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.tx
-            .send((new, reply))
-            .await
-            .map_err(|_| sqlx::Error::PoolClosed)?;
-        answer.await.map_err(|_| sqlx::Error::PoolClosed)?
-    }
-}
-
-/// One transaction for the batch. A request refused for its target (another source owns it)
-/// gets its refusal without failing its neighbours; a database error fails the batch, which is
-/// then retried one by one.
-async fn enqueue_batch(
-    db: &Db,
-    batch: &[(NewJob, EnqueueReply)],
-) -> sqlx::Result<Vec<Result<Enqueued, EnqueueError>>> {
-    let mut tx = db.write.begin_with("BEGIN IMMEDIATE").await?;
-    let mut out = Vec::with_capacity(batch.len());
-    for (new, _) in batch {
-        match enqueue_in(&mut tx, new).await {
-            Err(EnqueueError::Db(e)) => return Err(e),
-            r => out.push(r),
-        }
-    }
-    tx.commit().await?;
-    Ok(out)
 }

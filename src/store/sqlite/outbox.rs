@@ -1,89 +1,12 @@
 //! Every SQL statement about the notice outbox: notices are stored in the transaction that records
 //! what they announce, then delivered (or given up on) by the sender in `notify`.
 
-use std::fmt;
-use std::str::FromStr;
-
-use serde::Serialize;
 use sqlx::FromRow;
 
-use crate::db::{Db, now_ms};
+use super::db::{Db, now_ms};
+use crate::store::{NewNotice, NoticeState};
 
-/// What a notice announces; sent as `X-Mirror-Event`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NoticeEvent {
-    /// A job succeeded or failed for good.
-    Job,
-    /// Drift watch found a problem for the first time.
-    Drift,
-}
-
-impl NoticeEvent {
-    /// The name in the database and the header.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NoticeEvent::Job => "job",
-            NoticeEvent::Drift => "drift",
-        }
-    }
-}
-
-/// Where a notice is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum NoticeState {
-    /// To be sent (again) at `next_attempt_at`.
-    Pending,
-    Delivered,
-    /// Every attempt failed; kept to be seen (`GET /notices?state=failed`).
-    Failed,
-}
-
-impl NoticeState {
-    /// Every state, for validating filters.
-    pub const ALL: [NoticeState; 3] = [
-        NoticeState::Pending,
-        NoticeState::Delivered,
-        NoticeState::Failed,
-    ];
-
-    /// The name in the database and the API.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NoticeState::Pending => "pending",
-            NoticeState::Delivered => "delivered",
-            NoticeState::Failed => "failed",
-        }
-    }
-}
-
-impl fmt::Display for NoticeState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for NoticeState {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        NoticeState::ALL
-            .into_iter()
-            .find(|n| n.as_str() == s)
-            .ok_or_else(|| format!("notice state {s:?} is not one of pending, delivered, failed"))
-    }
-}
-
-/// A notice to store.
-#[derive(Debug, Clone)]
-pub struct NewNotice {
-    pub event: NoticeEvent,
-    /// The JSON body.
-    pub body: String,
-}
-
-/// A notice as stored (`event` and `state` as their names; see [`NoticeEvent`], [`NoticeState`]).
+/// A notice row (`event` and `state` as their names; see `NoticeEvent`, `NoticeState`).
 #[derive(Debug, Clone, FromRow)]
 pub struct Notice {
     pub id: i64,
@@ -112,15 +35,32 @@ pub async fn insert(tx: &mut sqlx::SqliteConnection, n: &NewNotice) -> sqlx::Res
     .await
 }
 
-/// Pending notices due at `now`, oldest first.
-pub async fn due(db: &Db, now: i64, limit: i64) -> sqlx::Result<Vec<Notice>> {
-    sqlx::query_as(
-        "select * from notice where state = 'pending' and next_attempt_at <= ?1 order by next_attempt_at, id limit ?2",
+/// Takes up to `limit` pending notices due at `now`, oldest first: each is not due again for
+/// `lease_ms` unless its attempt is recorded before.
+pub async fn claim(db: &Db, now: i64, limit: i64, lease_ms: i64) -> sqlx::Result<Vec<Notice>> {
+    let mut due: Vec<Notice> = sqlx::query_as(
+        "update notice set next_attempt_at = ?1 + ?3
+         where id in (select id from notice where state = 'pending' and next_attempt_at <= ?1
+                      order by next_attempt_at, id limit ?2)
+         returning *",
     )
     .bind(now)
     .bind(limit)
-    .fetch_all(&db.read)
-    .await
+    .bind(lease_ms)
+    .fetch_all(&db.write)
+    .await?;
+    due.sort_by_key(|n| n.id);
+    Ok(due)
+}
+
+/// Makes taken notice `id` due at `now` again, its attempt not counted.
+pub async fn release(db: &Db, id: i64, now: i64) -> sqlx::Result<()> {
+    sqlx::query("update notice set next_attempt_at = ?1 where id = ?2 and state = 'pending'")
+        .bind(now)
+        .bind(id)
+        .execute(&db.write)
+        .await?;
+    Ok(())
 }
 
 /// When the next pending notice is due (unix ms).

@@ -4,6 +4,8 @@ use std::str::FromStr as _;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
+
+pub use crate::store::{WriterState, now_ms};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -19,16 +21,6 @@ pub struct Db {
     pub read: SqlitePool,
     /// The single writer connection.
     pub write: SqlitePool,
-}
-
-/// How the writer answered a readiness probe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WriterState {
-    /// It took a write transaction at once.
-    Idle,
-    /// It is held by a write in progress (a worker's result, a batch of enqueues): busy, not
-    /// broken.
-    Busy,
 }
 
 impl Db {
@@ -82,11 +74,6 @@ fn is_busy(e: &dyn sqlx::error::DatabaseError) -> bool {
 
 /// How long a statement waits for SQLite's lock before it answers busy.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The current time as unix milliseconds, the unit every time column uses.
-pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
 
 impl Db {
     /// Opens (creating if missing) the database at `location` — a file path or a `sqlite:` URL —

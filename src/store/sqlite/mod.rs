@@ -1,7 +1,12 @@
 //! The SQLite backend: one file, WAL, `synchronous=FULL`, one writer connection, `BEGIN
-//! IMMEDIATE` for every read-then-write. For now it wraps the functions of `queue.rs`,
-//! `ledger.rs` and `db.rs` and maps their rows to the store's typed records; the SQL moves here
-//! when those modules settle.
+//! IMMEDIATE` for every read-then-write. The statements live in `queue`, `ledger` and `outbox`
+//! (functions over an executor or a transaction, so units of work compose them); this module
+//! maps their rows to the store's typed records.
+
+mod db;
+mod ledger;
+mod outbox;
+mod queue;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,12 +14,14 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use super::{
-    Delivery, Drift, DriftKind, DriftRecorded, EnqueueError, Enqueued, Error, Job, JobState,
-    JobStats, Lease, NewDrift, NewJob, NewRecord, ProgressRow, Record, Round, RoundKind, RoundSlot,
-    corrupt, parse_json, parse_policy,
+    Delivery, Drift, DriftKind, DriftRecorded, EnqueueError, Enqueued, Error, Job, JobReferrers,
+    JobState, JobStats, Lease, NewDrift, NewJob, NewNotice, NewRecord, Notice, NoticeState,
+    ProgressRow, Record, Round, RoundKind, RoundSlot, WriterState, corrupt, now_ms, parse_json,
+    parse_policy,
 };
-use crate::db::{Db, WriterState, now_ms};
-use crate::{ledger, queue};
+use db::Db;
+
+pub use db::MIGRATOR;
 
 /// SQLite through the existing `Db` pools.
 #[derive(Clone, Debug)]
@@ -25,11 +32,20 @@ pub struct SqliteStore {
     /// The rounds of this process. One process owns a SQLite file, so "once per slot across
     /// replicas" is once per slot here; kept in memory until migration 0008 (round_slot) lands
     /// for SQLite, so a restart forgets the last results.
-    rounds: Arc<std::sync::Mutex<std::collections::HashMap<RoundKind, Round>>>,
+    rounds: Arc<std::sync::Mutex<Rounds>>,
     /// Where blobs are on targets: (registry, digest) → repository → when seen (ms). In memory
     /// until migration 0009 (blob_location) lands for SQLite: one process, like the copy
     /// engine's own per-process knowledge.
     blobs: Arc<std::sync::Mutex<BlobMap>>,
+}
+
+/// The rounds of this process: the newest slot claimed per kind and interval (a round asked for
+/// claims a slot of its own, 1 ms long), the rounds running, and the last finished of each kind.
+#[derive(Debug, Default)]
+struct Rounds {
+    claimed: std::collections::HashMap<(RoundKind, i64), i64>,
+    running: std::collections::HashMap<(RoundKind, i64), Round>,
+    last: std::collections::HashMap<RoundKind, Round>,
 }
 
 type BlobMap = std::collections::HashMap<(String, String), std::collections::HashMap<String, i64>>;
@@ -79,6 +95,37 @@ fn job(j: queue::Job) -> Result<Job, Error> {
         finished_at: j.finished_at,
         referrers: j.referrers,
         repair: j.repair,
+        referrers_state: j
+            .referrers_state
+            .as_deref()
+            .map(|r| r.parse().map_err(|_| corrupt("referrers state", r)))
+            .transpose()?,
+        referrers_failed: j
+            .referrers_failed
+            .as_deref()
+            .map(|f| parse_json("referrers_failed", f))
+            .transpose()?,
+    })
+}
+
+fn notice(n: outbox::Notice) -> Result<Notice, Error> {
+    Ok(Notice {
+        event: n
+            .event
+            .parse()
+            .map_err(|_| corrupt("notice event", &n.event))?,
+        state: n
+            .state
+            .parse()
+            .map_err(|_| corrupt("notice state", &n.state))?,
+        id: n.id,
+        body: n.body,
+        attempts: n.attempts,
+        next_attempt_at: n.next_attempt_at,
+        last_error: n.last_error,
+        created_at: n.created_at,
+        updated_at: n.updated_at,
+        delivered_at: n.delivered_at,
     })
 }
 
@@ -104,7 +151,6 @@ fn queue_lease(l: &Lease) -> queue::Lease {
             attempts: j.attempts,
             max_attempts: j.max_attempts,
             run_at: j.run_at,
-            lease_token: Some(l.token.clone()),
             lease_expires_at: j.lease_expires_at,
             last_error: j.last_error.clone(),
             requested_by: j.requested_by.to_string(),
@@ -119,7 +165,7 @@ fn queue_lease(l: &Lease) -> queue::Lease {
             referrers: j.referrers,
             policy: j.policy.map(|p| p.as_str().to_string()),
             repair: j.repair,
-            // Not read by queue.rs's writes; the store's Job does not carry them yet.
+            // Not read by the lease's writes.
             referrers_state: None,
             referrers_failed: None,
         },
@@ -198,11 +244,6 @@ impl SqliteStore {
         }
     }
 
-    /// The pools, for the call sites not yet moved behind the store.
-    pub fn db(&self) -> &Db {
-        &self.db
-    }
-
     pub(super) async fn ready(&self) -> Result<WriterState, Error> {
         self.db
             .ready()
@@ -275,6 +316,8 @@ impl SqliteStore {
         lease: &Lease,
         r: &NewRecord,
         p: ProgressRow,
+        referrers: Option<&JobReferrers>,
+        notice: Option<&NewNotice>,
     ) -> Result<bool, Error> {
         let record = ledger::NewRecord {
             job_id: r.job_id,
@@ -292,9 +335,7 @@ impl SqliteStore {
             mirror_tag: r.mirror_tag.clone(),
             policy: r.policy.map(|p| p.as_str().to_string()),
         };
-        // The store's interface does not carry the notice outbox and the referrers' state yet
-        // (the service still writes them through queue.rs); see README "The store".
-        Ok(queue::succeed(&self.db, &queue_lease(lease), &record, p, None, None).await?)
+        Ok(queue::succeed(&self.db, &queue_lease(lease), &record, p, notice, referrers).await?)
     }
 
     pub(super) async fn retry_later(
@@ -316,8 +357,13 @@ impl SqliteStore {
         Ok(queue::defer(&self.db, &queue_lease(lease), error, run_at).await?)
     }
 
-    pub(super) async fn fail(&self, lease: &Lease, error: &str) -> Result<bool, Error> {
-        Ok(queue::fail(&self.db, &queue_lease(lease), error, None).await?)
+    pub(super) async fn fail(
+        &self,
+        lease: &Lease,
+        error: &str,
+        notice: Option<&NewNotice>,
+    ) -> Result<bool, Error> {
+        Ok(queue::fail(&self.db, &queue_lease(lease), error, notice).await?)
     }
 
     pub(super) async fn release(&self, lease: &Lease) -> Result<bool, Error> {
@@ -416,6 +462,7 @@ impl SqliteStore {
         &self,
         d: &NewDrift,
         job: Option<NewJob>,
+        notice: Option<&(dyn Fn(&Drift) -> NewNotice + Sync)>,
     ) -> Result<DriftRecorded, Error> {
         let new_drift = ledger::NewDrift {
             mirror_repo: d.mirror_repo.clone(),
@@ -448,13 +495,23 @@ impl SqliteStore {
                 Err(refused) => queued = Some(Err(refused.into())),
             }
         }
+        // Announced once, when first seen: stored with the row, sent from the outbox.
+        let drift = drift(row)?;
+        let noticed = match notice.filter(|_| new) {
+            Some(build) => {
+                outbox::insert(&mut tx, &build(&drift)).await?;
+                true
+            }
+            None => false,
+        };
         tx.commit().await?;
         if let Some(Ok(q)) = &queued {
             self.woke(q.created() as usize);
         }
         Ok(DriftRecorded {
-            drift: drift(row)?,
+            drift,
             new,
+            noticed,
             queued,
         })
     }
@@ -513,13 +570,16 @@ impl SqliteStore {
         replica: &str,
     ) -> Result<Option<RoundSlot>, Error> {
         let now = now_ms();
-        let slot = now / (interval.as_millis() as i64).max(1);
+        let every = (interval.as_millis() as i64).max(1);
+        let slot = now / every;
         let mut rounds = self.rounds.lock().expect("rounds lock");
-        if rounds.get(&kind).is_some_and(|r| r.slot >= slot) {
+        let claimed = rounds.claimed.entry((kind, every)).or_insert(i64::MIN);
+        if *claimed >= slot {
             return Ok(None);
         }
-        rounds.insert(
-            kind,
+        *claimed = slot;
+        rounds.running.insert(
+            (kind, slot),
             Round {
                 kind,
                 slot,
@@ -543,15 +603,22 @@ impl SqliteStore {
         result: &serde_json::Value,
     ) -> Result<(), Error> {
         let mut rounds = self.rounds.lock().expect("rounds lock");
-        if let Some(r) = rounds.get_mut(&slot.kind).filter(|r| r.slot == slot.slot) {
+        if let Some(mut r) = rounds.running.remove(&(slot.kind, slot.slot)) {
             r.finished_at = Some(now_ms());
             r.result = Some(result.clone());
+            rounds.last.insert(slot.kind, r);
         }
         Ok(())
     }
 
     pub(super) async fn last_round(&self, kind: RoundKind) -> Result<Option<Round>, Error> {
-        Ok(self.rounds.lock().expect("rounds lock").get(&kind).cloned())
+        Ok(self
+            .rounds
+            .lock()
+            .expect("rounds lock")
+            .last
+            .get(&kind)
+            .cloned())
     }
 
     pub(super) async fn record_blobs(
@@ -601,5 +668,62 @@ impl SqliteStore {
             m.remove(repo);
         }
         Ok(())
+    }
+
+    pub(super) async fn claim_notices(
+        &self,
+        limit: i64,
+        lease: Duration,
+    ) -> Result<Vec<Notice>, Error> {
+        outbox::claim(&self.db, now_ms(), limit, lease.as_millis() as i64)
+            .await?
+            .into_iter()
+            .map(notice)
+            .collect()
+    }
+
+    pub(super) async fn release_notice(&self, id: i64) -> Result<(), Error> {
+        Ok(outbox::release(&self.db, id, now_ms()).await?)
+    }
+
+    pub(super) async fn next_notice_in(&self) -> Result<Option<Duration>, Error> {
+        Ok(outbox::next_due(&self.db)
+            .await?
+            .map(|due| Duration::from_millis((due - now_ms()).max(0) as u64)))
+    }
+
+    pub(super) async fn notice_delivered(&self, id: i64) -> Result<(), Error> {
+        Ok(outbox::delivered(&self.db, id).await?)
+    }
+
+    pub(super) async fn notice_failed(
+        &self,
+        id: i64,
+        error: &str,
+        retry_after: Option<Duration>,
+    ) -> Result<(), Error> {
+        let retry_at = retry_after.map(|d| now_ms() + d.as_millis() as i64);
+        Ok(outbox::attempt_failed(&self.db, id, error, retry_at).await?)
+    }
+
+    pub(super) async fn notices(
+        &self,
+        state: Option<NoticeState>,
+        limit: i64,
+        before: Option<i64>,
+    ) -> Result<Vec<Notice>, Error> {
+        outbox::list(&self.db, state, limit, before)
+            .await?
+            .into_iter()
+            .map(notice)
+            .collect()
+    }
+
+    pub(super) async fn notice_counts(&self) -> Result<Vec<(NoticeState, i64)>, Error> {
+        outbox::counts(&self.db)
+            .await?
+            .into_iter()
+            .map(|(s, n)| Ok((s.parse().map_err(|_| corrupt("notice state", s))?, n)))
+            .collect()
     }
 }
