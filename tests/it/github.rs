@@ -14,13 +14,13 @@ use crate::support::image::{Style, platform};
 use crate::support::service::Service;
 use crate::support::{Pusher, Registry};
 
-fn sign(secret: &str, body: &[u8]) -> String {
+pub(crate) fn sign(secret: &str, body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(body);
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-fn dispatch(images: Value, repo: &str) -> Vec<u8> {
+pub(crate) fn dispatch(images: Value, repo: &str) -> Vec<u8> {
     json!({
         "action": "mirror",
         "branch": "main",

@@ -18,6 +18,7 @@ mod proxy;
 mod quirks;
 mod referrers;
 mod registries;
+mod replicas;
 mod retries;
 mod rounds;
 mod service;
