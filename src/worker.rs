@@ -20,6 +20,49 @@ use crate::store::{
     Store, now_ms,
 };
 
+/// The store's `blob_location` as the copy engine's shared record of where blobs are on
+/// targets: a copy on any replica mounts what another uploaded. A failed look-up or write costs
+/// at most an upload later, so it is logged, not fatal.
+pub struct StoreLocations(pub Store);
+
+/// Repositories tried per blob before uploading it.
+const MOUNT_CANDIDATES: i64 = 4;
+
+impl registry::locations::BlobLocations for StoreLocations {
+    fn repos<'a>(
+        &'a self,
+        registry: &'a str,
+        digest: &'a str,
+    ) -> registry::locations::Pending<'a, Vec<String>> {
+        Box::pin(async move {
+            self.0
+                .blob_repos(registry, digest, MOUNT_CANDIDATES)
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!("looking up where {digest} is on {registry} failed (it is uploaded if missing): {e}");
+                    Vec::new()
+                })
+        })
+    }
+
+    fn record<'a>(
+        &'a self,
+        registry: &'a str,
+        repo: &'a str,
+        digest: &'a str,
+    ) -> registry::locations::Pending<'a, ()> {
+        Box::pin(async move {
+            if let Err(e) = self
+                .0
+                .record_blobs(registry, repo, &[digest.to_string()])
+                .await
+            {
+                tracing::warn!("recording that {registry}/{repo} holds {digest} failed: {e}");
+            }
+        })
+    }
+}
+
 /// How the workers run.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {

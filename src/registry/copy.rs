@@ -1194,8 +1194,25 @@ impl Engine<'_> {
     async fn transfer_unguarded(&self, d: &Descriptor) -> Result<BlobOutcome> {
         let slot = self.client.blob_slot(&self.dst.registry, &d.digest);
         let mut known = slot.lock().await;
+        // Unknown here: maybe another replica put it in another repository of the target.
+        if known.is_none()
+            && let Some(shared) = self.client.blob_locations()
+        {
+            let digest = d.digest.to_string();
+            *known = shared
+                .repos(&self.dst.registry, &digest)
+                .await
+                .into_iter()
+                .find(|r| *r != self.dst.name);
+        }
         let outcome = self.transfer_locked(d, known.as_deref()).await?;
         *known = Some(self.dst.name.clone());
+        if let Some(shared) = self.client.blob_locations() {
+            let digest = d.digest.to_string();
+            shared
+                .record(&self.dst.registry, &self.dst.name, &digest)
+                .await;
+        }
         Ok(outcome)
     }
 
@@ -1222,6 +1239,11 @@ impl Engine<'_> {
             let _permit = self.requests.acquire().await.expect("semaphore closed");
             futures_util::future::join(self.client.blob_size(&self.dst, &d.digest), open).await
         };
+        // A mount that answered 201 linked it, whatever the HEAD sent beside it saw (the two race:
+        // the HEAD may land after the mount).
+        if matches!(opened, Ok(None)) {
+            return Ok(BlobOutcome::Mounted);
+        }
         if present?.is_some() {
             if let Ok(Some(s)) = opened {
                 // Not needed after all: give the session back (best effort, off the critical path).

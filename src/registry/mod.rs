@@ -10,6 +10,7 @@ pub mod credential_helper;
 pub mod credentials;
 pub mod error;
 pub mod guard;
+pub mod locations;
 pub mod manifest;
 pub mod platforms;
 pub mod proxy;

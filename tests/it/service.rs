@@ -815,3 +815,58 @@ async fn the_ledger_records_the_signatures_copied_with_the_image() {
         .await;
     assert_eq!(job["referrers"], false, "{job}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_mounts_what_another_replica_uploaded() {
+    let (up, down) = (Registry::anonymous().await, Registry::anonymous().await);
+    // The same image (same seed: same config and layers) under two source names.
+    let p = Pusher::new(&up);
+    for repo in ["app", "other"] {
+        let img = p
+            .image(repo, 77, &[150_000, 250_000], true, Style::Compact)
+            .await;
+        p.manifest(repo, "v1", &img.media_type, &img.bytes).await;
+    }
+    let database = crate::support::postgres::shared().database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let target = format!("{}/mirror", down.host());
+    let env = [("MIRROR_DATABASE", database.as_str())];
+    let mut a = Service::start(&dir.path().join("a.db"), &target, &up.host(), &env).await;
+    let (status, job) = a
+        .mirror(&json!({ "image": format!("{}/app:v1", up.host()) }))
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let done = a
+        .wait_job(job["id"].as_i64().unwrap(), Duration::from_secs(30))
+        .await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let (a_uploaded, a_mounted) = (
+        crate::worker::metric(&a, "mirror_blobs_uploaded_total").await,
+        crate::worker::metric(&a, "mirror_blobs_mounted_total").await,
+    );
+    a.terminate(Duration::from_secs(10));
+    // Replica B never saw those blobs (and A is gone): only the shared record says where they are.
+    let b = Service::start(&dir.path().join("b.db"), &target, &up.host(), &env).await;
+    let (status, job) = b
+        .mirror(&json!({ "image": format!("{}/other:v1", up.host()) }))
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_i64().unwrap();
+    let done = b.wait_job(id, Duration::from_secs(30)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let mounted = a_mounted + crate::worker::metric(&b, "mirror_blobs_mounted_total").await;
+    let uploaded = a_uploaded + crate::worker::metric(&b, "mirror_blobs_uploaded_total").await;
+    assert_eq!(
+        (uploaded, mounted),
+        (3.0, 3.0),
+        "config and 2 layers uploaded once, then mounted into the second repository\nA:\n{}\nB:\n{}",
+        a.log(),
+        b.log()
+    );
+    let raw = skopeo::inspect_raw(done["target"].as_str().unwrap(), None);
+    assert_eq!(
+        sha256(&raw),
+        done["source_digest"].as_str().unwrap(),
+        "skopeo reads the mirror under the official digest"
+    );
+}

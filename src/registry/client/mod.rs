@@ -125,6 +125,8 @@ pub type ByteCounter = Arc<std::sync::atomic::AtomicU64>;
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
+    /// Where blobs are on targets, shared beyond this process (none: this process's memory).
+    locations: Option<Arc<dyn crate::registry::locations::BlobLocations>>,
 }
 
 struct Inner {
@@ -220,7 +222,22 @@ impl Client {
                 default_upload_limits: config.default_upload_limits,
                 learned_chunks: Mutex::new(HashMap::new()),
             }),
+            locations: None,
         })
+    }
+
+    /// This client, consulting and updating `locations` when it moves blobs into a target.
+    pub fn with_blob_locations(
+        mut self,
+        locations: Arc<dyn crate::registry::locations::BlobLocations>,
+    ) -> Client {
+        self.locations = Some(locations);
+        self
+    }
+
+    /// The shared record of where blobs are, if any.
+    pub fn blob_locations(&self) -> Option<&dyn crate::registry::locations::BlobLocations> {
+        self.locations.as_deref()
     }
 
     /// The slot of `digest` on `registry` (see [`BlobSlot`]).
