@@ -586,3 +586,70 @@ async fn one_sqlite_replica_restarted_behind_the_front_answers_again_with_its_qu
     let upstreams: BTreeSet<String> = r.front.requests().into_iter().map(|l| l.upstream).collect();
     assert_eq!(upstreams.len(), 1, "one replica, one port: {upstreams:?}");
 }
+
+/// Issue 14's d) target across replicas: a layer shared by images that three replicas copy at the
+/// same moment goes up to the target registry once, and the others mount it. Fails today: the
+/// `blob_location` record is written once a blob is on the target, and nothing tells a replica
+/// that another is uploading the same blob right now, so each replica uploads it once (the
+/// in-process lock covers one process only). Run it with `--ignored`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "issue 14: no cross-replica claim on a blob being uploaded; each replica uploads a shared layer once"]
+async fn a_layer_shared_by_images_copied_at_once_on_three_replicas_is_uploaded_once() {
+    let src = Registry::anonymous().await;
+    let dst = Registry::anonymous().await;
+    let target = Nginx::front(&dst.host(), "");
+    let p = Pusher::new(&src);
+    let base = crate::support::image::bytes(11, 4 * MIB as usize);
+    let base_digest = crate::support::sha256(&base);
+    let mut digests = Vec::new();
+    for i in 0..3 {
+        let own = crate::support::image::bytes(200 + i, 2_000);
+        let config = format!(r#"{{"architecture":"amd64","os":"linux","n":{i}}}"#);
+        digests.push(
+            push(
+                &p,
+                &format!("shared/app-{i}"),
+                &config,
+                &[base.clone(), own],
+            )
+            .await,
+        );
+    }
+    let url = postgres::shared().database().await;
+    let r = Replicas::start(
+        3,
+        &url,
+        &format!("{}/mirror", target.host()),
+        &src.host(),
+        // One worker each: every replica copies one of the three.
+        &[("MIRROR_DRIFT_INTERVAL", "0"), ("MIRROR_WORKERS", "1")],
+    )
+    .await;
+    // One image per replica, at once.
+    let bodies: Vec<Value> = (0..3)
+        .map(|i| json!({ "image": format!("{}/shared/app-{i}:v1", src.host()) }))
+        .collect();
+    let posts = bodies
+        .iter()
+        .enumerate()
+        .map(|(i, b)| r.replica(i).mirror(b));
+    let answers = futures_util::future::join_all(posts).await;
+    for (i, (status, job)) in answers.iter().enumerate() {
+        assert_eq!(*status, 202, "{job}");
+        let done = r
+            .replica(i)
+            .wait_job(job["id"].as_i64().unwrap(), Duration::from_secs(60))
+            .await;
+        assert_eq!(done["state"], "succeeded", "{done}");
+        assert_eq!(done["mirror_digest"], json!(digests[i]));
+    }
+    let uploads: usize = completed_uploads(&target)
+        .iter()
+        .filter(|((_, d), _)| *d == base_digest)
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(
+        uploads, 1,
+        "the shared 4 MiB layer went up {uploads} times to one registry"
+    );
+}
