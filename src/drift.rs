@@ -491,7 +491,7 @@ impl Watch {
             source,
             target_repo: r.mirror_repo.clone(),
             target_tag: mirror_tag.clone(),
-            requested_by: String::new(),
+            requested_by: Value::Null,
             max_attempts: self.config.max_attempts,
             referrers,
             policy: chosen,
@@ -543,8 +543,7 @@ impl Watch {
             let mut j = job(source, false);
             j.referrers = true;
             j.requested_by =
-                json!({ "kind": "drift", "reason": "referrers", "referrers": f.referrers })
-                    .to_string();
+                json!({ "kind": "drift", "reason": "referrers", "referrers": f.referrers });
             match self.store.enqueue(&j).await {
                 Ok(q) => {
                     round.jobs_queued += 1;

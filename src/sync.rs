@@ -344,8 +344,7 @@ impl Sync {
                 "kind": "sync",
                 "file": self.config.file.display().to_string(),
                 "line": entry.line,
-            })
-            .to_string(),
+            }),
             max_attempts: self.config.max_attempts,
             referrers: entry.referrers,
             policy: Some(entry.policy),

@@ -149,7 +149,7 @@ pub fn plan(
         source: source.to_string(),
         target_repo,
         target_tag,
-        requested_by: requested_by.to_string(),
+        requested_by,
         max_attempts: config.max_attempts,
         referrers: true,
         // A request that names a digest asked for that image: drift watch keeps it there

@@ -359,7 +359,8 @@ pub struct NewJob {
     pub source: String,
     pub target_repo: String,
     pub target_tag: Option<String>,
-    pub requested_by: String,
+    /// Who asked: `{"kind":"token","name":"ci"}`, `{"kind":"github",…}`, `{"kind":"drift",…}`.
+    pub requested_by: Value,
     pub max_attempts: i64,
     pub referrers: bool,
     /// Drift policy for the mirrored tag; none means the service default.

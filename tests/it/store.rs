@@ -101,7 +101,7 @@ fn job(source: &str) -> NewJob {
             source.split([':', '@']).next().unwrap()
         ),
         target_tag: Some("1".into()),
-        requested_by: r#"{"kind":"token","name":"t"}"#.into(),
+        requested_by: json!({"kind": "token", "name": "t"}),
         max_attempts: 3,
         referrers: true,
         policy: None,

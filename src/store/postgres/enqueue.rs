@@ -158,11 +158,7 @@ pub(super) async fn enqueue_all(
                 answers.push(answer(j.id, Dedupe::Merged));
             }
             Decision::Insert { after } => {
-                let requested_by =
-                    serde_json::from_str(&new.requested_by).map_err(|_| Error::Corrupt {
-                        what: "requested_by (not JSON)",
-                        value: new.requested_by.clone(),
-                    })?;
+                let requested_by = new.requested_by.clone();
                 let n = inserts.len();
                 let job = Job {
                     id: pending_id(n),

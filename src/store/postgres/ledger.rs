@@ -343,8 +343,7 @@ impl PgStore {
         if let Some(mut job) = job {
             job.requested_by = serde_json::json!({
                 "kind": "drift", "drift_id": drift.id, "reason": d.kind.as_str()
-            })
-            .to_string();
+            });
             let mut answers = enqueue_all(&mut tx, std::slice::from_ref(&job)).await?;
             match answers.pop().expect("one answer per request") {
                 Ok(q) => {

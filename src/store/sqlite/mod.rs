@@ -482,9 +482,7 @@ impl SqliteStore {
         let (mut row, new) = ledger::upsert_drift(&mut tx, &new_drift, now_ms()).await?;
         let mut queued = None;
         if let Some(mut job) = job {
-            job.requested_by =
-                serde_json::json!({ "kind": "drift", "drift_id": row.id, "reason": d.kind.as_str() })
-                    .to_string();
+            job.requested_by = serde_json::json!({ "kind": "drift", "drift_id": row.id, "reason": d.kind.as_str() });
             match queue::enqueue_in(&mut tx, &job).await {
                 Ok(q) => {
                     ledger::set_drift_job(&mut tx, row.id, q.job.id).await?;

@@ -190,7 +190,7 @@ pub async fn enqueue_in(
     .bind(&new.target_tag)
     .bind(new.max_attempts)
     .bind(now)
-    .bind(&new.requested_by)
+    .bind(new.requested_by.to_string())
     .bind(new.referrers)
     .bind(new.policy.map(|p| p.as_str()))
     .bind(new.repair)
