@@ -475,10 +475,12 @@ async fn drift_rounds_run_once_per_interval_across_three_replicas() {
     let started: usize = (0..r.len())
         .map(|i| round_started.find_iter(&r.log_of(i)).count())
         .sum();
-    assert_eq!(
-        started,
-        slots.len(),
-        "rounds started in the logs vs slots claimed: {slots:?}"
+    // No round ran without its slot; a slot claimed just before a replica stopped may have no
+    // "started" line (the round is cancelled at SIGTERM), at most one per replica.
+    assert!(
+        started <= slots.len() && slots.len() <= started + r.len(),
+        "{started} rounds started in the logs, {} slots claimed: {slots:?}",
+        slots.len()
     );
     let span = slots.last().unwrap().0 - slots.first().unwrap().0 + 1;
     assert!(
