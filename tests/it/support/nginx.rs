@@ -42,11 +42,11 @@ impl Nginx {
     }
 
     /// A front spreading requests over `servers` (`host:port` each) round-robin, as a load
-    /// balancer before replicas does: a request that finds its server refusing connections, cut,
-    /// timing out or answering `502`/`503` goes to the next one (POSTs too: what goes through here
-    /// must be safe to repeat, as webhook deliveries and mirror requests are), and a server that
-    /// failed is left out for a second. The access log names the server that answered
-    /// (`upstream=`), every one tried in order.
+    /// balancer before replicas does: a request whose server refuses the connection or times out
+    /// goes to the next one, and so does a `GET` answered `502`/`503` (nginx's default: a `POST`
+    /// a server has received is never sent again, so a delivery is never repeated by the front);
+    /// a server that failed is left out for a second. The access log names the server that
+    /// answered (`upstream=`), every one tried in order.
     #[track_caller]
     pub fn balance(servers: &[String], rules: &str) -> Nginx {
         assert!(!servers.is_empty());
@@ -58,7 +58,7 @@ impl Nginx {
         }
         upstream.push_str("    }\n");
         let rules = format!(
-            "proxy_next_upstream error timeout http_502 http_503 non_idempotent;\n        \
+            "proxy_next_upstream error timeout http_502 http_503;\n        \
              proxy_next_upstream_tries {};\n        proxy_connect_timeout 2s;\n        {rules}",
             servers.len()
         );
