@@ -224,13 +224,20 @@ pub struct ServeArgs {
     #[arg(long, env = "MIRROR_DATABASE", default_value = "./mirror-mirror.db")]
     pub database: String,
 
-    /// Repository prefix mirrors are written under, such as `ghcr.io/acme/mirror`.
+    /// Repository prefix mirrors are written under, such as `ghcr.io/acme/mirror` (the one-target
+    /// form of `MIRROR_TARGETS`; its name is `default`).
     #[arg(long, env = "MIRROR_TARGET")]
     pub target: Option<String>,
 
+    /// Several named targets, each request mirrored to every one (or to those it names in
+    /// `"targets"`): comma-separated `name=registry/prefix`, such as
+    /// `ghcr=ghcr.io/acme/mirror,home=registry.example.cn/acme`. Instead of `MIRROR_TARGET`.
+    #[arg(long, env = "MIRROR_TARGETS")]
+    pub targets: Option<String>,
+
     /// How sources are named under the target: `nested` (`prefix/registry/path`) or `flat` (one
     /// name below the prefix, for registries that take only `namespace/repo`: Docker Hub, Quay, ACR).
-    /// Unset: the target registry's `layout` in the registries file, else `nested`.
+    /// Unset: each target registry's `layout` in the registries file, else `nested`.
     #[arg(long, env = "MIRROR_TARGET_LAYOUT")]
     pub target_layout: Option<crate::mapping::Layout>,
 

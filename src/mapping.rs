@@ -189,6 +189,141 @@ impl TargetPrefix {
     }
 }
 
+/// A named target: a registry prefix (with its layout) a request can send mirrors to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The name requests use (`ghcr`, `home`); `default` for the one-target form.
+    pub name: String,
+    pub prefix: TargetPrefix,
+}
+
+/// The configured targets, in the order configured (`MIRROR_TARGETS`, or the one of
+/// `MIRROR_TARGET` named `default`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Targets(Vec<Target>);
+
+/// The name of the one target of `MIRROR_TARGET`.
+pub const DEFAULT_TARGET: &str = "default";
+
+impl Targets {
+    /// The one target of `MIRROR_TARGET`, named [`DEFAULT_TARGET`].
+    pub fn single(prefix: TargetPrefix) -> Targets {
+        Targets(vec![Target {
+            name: DEFAULT_TARGET.to_string(),
+            prefix,
+        }])
+    }
+
+    /// Parses `MIRROR_TARGETS`: comma-separated `name=registry/prefix`.
+    pub fn parse(s: &str) -> Result<Targets, String> {
+        let mut out: Vec<Target> = Vec::new();
+        for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let Some((name, prefix)) = entry.split_once('=') else {
+                return Err(format!(
+                    "entry {entry:?} has no name: write name=registry/prefix, such as ghcr=ghcr.io/acme/mirror"
+                ));
+            };
+            let name = name.trim();
+            if name.is_empty()
+                || name.len() > 32
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            {
+                return Err(format!(
+                    "target name {name:?} must be 1 to 32 of a-z, 0-9, '-', '_' (it is what requests name in \"targets\")"
+                ));
+            }
+            let prefix = TargetPrefix::parse(prefix).map_err(|e| format!("target {name}: {e}"))?;
+            if let Some(twin) = out.iter().find(|t| t.name == name) {
+                return Err(format!("target name {:?} is given twice", twin.name));
+            }
+            if let Some(other) = out.iter().find(|t| {
+                t.prefix.contains(&prefix.repo())
+                    || prefix.contains(&t.prefix.repo())
+                    || t.prefix.repo() == prefix.repo()
+            }) {
+                return Err(format!(
+                    "targets {} ({}) and {name} ({}) overlap; give each target its own prefix",
+                    other.name,
+                    other.prefix.repo(),
+                    prefix.repo()
+                ));
+            }
+            out.push(Target {
+                name: name.to_string(),
+                prefix,
+            });
+        }
+        if out.is_empty() {
+            return Err(
+                "no targets; write name=registry/prefix,… such as ghcr=ghcr.io/acme/mirror".into(),
+            );
+        }
+        Ok(Targets(out))
+    }
+
+    /// Every target, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &Target> {
+        self.0.iter()
+    }
+
+    /// Every target, mutably (to set their layouts).
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Target> {
+        self.0.iter_mut()
+    }
+
+    /// The targets `names` picks (each once, in the order given), or every target when `None`;
+    /// an unknown name is an error naming the known ones.
+    pub fn select(&self, names: Option<&[String]>) -> Result<Vec<&Target>, String> {
+        let Some(names) = names else {
+            return Ok(self.0.iter().collect());
+        };
+        if names.is_empty() {
+            return Err(format!(
+                "\"targets\" is empty; name one or more of {}, or leave it out for all",
+                self.names()
+            ));
+        }
+        let mut out: Vec<&Target> = Vec::new();
+        for n in names {
+            let t = self.0.iter().find(|t| &t.name == n).ok_or_else(|| {
+                format!(
+                    "target {n:?} is not configured; known targets: {}",
+                    self.names()
+                )
+            })?;
+            if !out.iter().any(|o| o.name == t.name) {
+                out.push(t);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The target whose prefix holds `repo`.
+    pub fn containing(&self, repo: &str) -> Option<&Target> {
+        self.0.iter().find(|t| t.prefix.contains(repo))
+    }
+
+    /// The names, comma-separated (for messages).
+    pub fn names(&self) -> String {
+        self.0
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The prefixes, comma-separated (for messages and the status page).
+    pub fn repos(&self) -> String {
+        self.0
+            .iter()
+            .map(|t| t.prefix.repo())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 /// Sources that may be mirrored: registries, registry/path prefixes, and `*.suffix` host wildcards.
 #[derive(Debug, Clone)]
 pub struct AllowList(Vec<(String, String)>);
@@ -251,6 +386,48 @@ impl AllowList {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn named_targets_parse_select_and_refuse_what_is_wrong() {
+        let t = Targets::parse("ghcr=ghcr.io/acme/mirror, home=registry.example.cn/acme").unwrap();
+        assert_eq!(t.names(), "ghcr, home");
+        assert_eq!(t.repos(), "ghcr.io/acme/mirror, registry.example.cn/acme");
+        let all: Vec<&str> = t
+            .select(None)
+            .unwrap()
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect();
+        assert_eq!(all, ["ghcr", "home"]);
+        let some = t
+            .select(Some(&["home".into(), "home".into()]))
+            .unwrap()
+            .into_iter()
+            .map(|t| t.name.clone())
+            .collect::<Vec<_>>();
+        assert_eq!(some, ["home"]);
+        assert_eq!(
+            t.select(Some(&["cn".into()])).unwrap_err(),
+            "target \"cn\" is not configured; known targets: ghcr, home"
+        );
+        assert!(t.select(Some(&[])).unwrap_err().contains("is empty"));
+        assert_eq!(
+            t.containing("registry.example.cn/acme/x")
+                .map(|t| t.name.as_str()),
+            Some("home")
+        );
+        for (bad, why) in [
+            ("ghcr.io/acme", "has no name"),
+            ("G=ghcr.io/a", "must be 1 to 32"),
+            ("a=ghcr.io/x,a=quay.io/y", "given twice"),
+            ("a=ghcr.io/x,b=ghcr.io/x/y", "overlap"),
+            ("a=nohost", "does not name a registry"),
+            ("", "no targets"),
+        ] {
+            let e = Targets::parse(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
 
     fn src(s: &str) -> ImageRef {
         ImageRef::parse_source(s).unwrap()

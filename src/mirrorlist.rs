@@ -17,6 +17,7 @@
 //!     policy: pin
 //!   - source: registry.k8s.io/coredns/coredns:v1.11.1   # one tag
 //!   - source: ghcr.io/acme/tool@sha256:…                # one digest
+//!     targets: [home]       # only these of MIRROR_TARGETS (default: every target)
 //! ```
 //!
 //! Selection rules: explicit tags (in `tags:` or the source) are always selected, listed upstream
@@ -41,7 +42,7 @@ use crate::drift::Policy;
 use crate::reference::{ImageRef, ReferenceError};
 
 /// Keys of an entry under `images`.
-const ENTRY_KEYS: [&str; 7] = [
+const ENTRY_KEYS: [&str; 8] = [
     "source",
     "tags",
     "tag_regex",
@@ -49,6 +50,7 @@ const ENTRY_KEYS: [&str; 7] = [
     "latest",
     "policy",
     "referrers",
+    "targets",
 ];
 /// Keys of `defaults`.
 const DEFAULT_KEYS: [&str; 2] = ["policy", "referrers"];
@@ -84,6 +86,8 @@ pub struct Entry {
     pub policy: Policy,
     /// Whether signatures, attestations and SBOMs are copied with each image.
     pub referrers: bool,
+    /// The named targets (`MIRROR_TARGETS`) it is mirrored to; none: every target.
+    pub targets: Option<Vec<String>>,
 }
 
 impl Entry {
@@ -522,6 +526,30 @@ fn entry(
             ),
         }
     }
+    let targets = map.get_node("targets").map(|n| {
+        let mut names: Vec<String> = Vec::new();
+        match n.as_sequence() {
+            Some(items) if !items.is_empty() => {
+                for t in items.iter() {
+                    if let Some(s) = scalar(t, "each target", p) {
+                        if names.iter().any(|x| x == s.as_str()) {
+                            p.at(
+                                s.span(),
+                                format!("target {:?} is listed twice; keep one", s.as_str()),
+                            );
+                        } else {
+                            names.push(s.as_str().to_string());
+                        }
+                    }
+                }
+            }
+            _ => p.at(
+                n.span(),
+                "targets must be a non-empty list of target names (MIRROR_TARGETS), e.g. `targets: [ghcr, home]`; leave it out for every target".into(),
+            ),
+        }
+        names
+    });
     let tag_regex = map.get_node("tag_regex").and_then(|n| {
         let s = scalar(n, "tag_regex", p)?;
         if s.as_str().is_empty() {
@@ -637,6 +665,7 @@ fn entry(
         latest,
         policy,
         referrers,
+        targets,
     })
 }
 
@@ -665,6 +694,29 @@ images:
   - source: registry.k8s.io/coredns/coredns:v1.11.1
   - source: ghcr.io/acme/tool@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855
 "#;
+
+    #[test]
+    fn an_entry_names_its_targets() {
+        let list = parse(
+            "m.yaml",
+            "images:\n  - source: a/b:1\n    targets: [home, ghcr]\n  - source: a/c:1\n",
+        )
+        .unwrap();
+        assert_eq!(
+            list.entries[0].targets.as_deref(),
+            Some(&["home".to_string(), "ghcr".to_string()][..])
+        );
+        assert_eq!(list.entries[1].targets, None, "none named: every target");
+        for (yaml, why) in [
+            ("    targets: []\n", "targets must be a non-empty list"),
+            ("    targets: [home, home]\n", "listed twice"),
+        ] {
+            let e = parse("m.yaml", &format!("images:\n  - source: a/b:1\n{yaml}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("m.yaml:3:") && e.contains(why), "{e}");
+        }
+    }
 
     #[test]
     fn a_valid_list_in_every_form() {

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ServeArgs;
 use crate::drift::{DriftConfig, Watch};
 use crate::http::{self, ApiConfig, ApiToken, AppState, GithubConfig};
-use crate::mapping::{AllowList, TargetPrefix};
+use crate::mapping::{AllowList, TargetPrefix, Targets};
 use crate::notify::Notifier;
 use crate::registry::CopyOptions;
 use crate::registry::guard::NetworkPolicy;
@@ -55,19 +55,33 @@ pub fn parse_tokens(s: &str) -> Result<Vec<ApiToken>> {
 
 /// Runs the service until Ctrl-C or SIGTERM.
 pub async fn run(args: ServeArgs) -> Result<()> {
-    let target = args
-        .target
-        .as_deref()
-        .context("MIRROR_TARGET is not set: name the repository prefix mirrors go under, such as ghcr.io/acme/mirror")?;
-    let target = TargetPrefix::parse(target).map_err(|e| anyhow::anyhow!("MIRROR_TARGET: {e}"))?;
-    let layout = match args.target_layout {
-        Some(l) => l,
-        None => crate::cmd::registries(&args.registry)?
-            .get(&target.registry)
-            .layout()
-            .unwrap_or_default(),
+    // An empty value (a compose file's `MIRROR_TARGET=`) is no value.
+    let named = |v: &Option<String>| v.clone().filter(|s| !s.trim().is_empty());
+    let mut targets = match (named(&args.target), named(&args.targets)) {
+        (Some(_), Some(_)) => bail!(
+            "MIRROR_TARGET and MIRROR_TARGETS are both set; set MIRROR_TARGETS (name=prefix,…) alone, or MIRROR_TARGET for one target"
+        ),
+        (None, Some(list)) => {
+            Targets::parse(&list).map_err(|e| anyhow::anyhow!("MIRROR_TARGETS: {e}"))?
+        }
+        (Some(one), None) => Targets::single(
+            TargetPrefix::parse(&one).map_err(|e| anyhow::anyhow!("MIRROR_TARGET: {e}"))?,
+        ),
+        (None, None) => bail!(
+            "MIRROR_TARGET is not set: name the repository prefix mirrors go under, such as ghcr.io/acme/mirror (or MIRROR_TARGETS=name=prefix,… for several)"
+        ),
     };
-    let target = target.with_layout(layout);
+    let registries = crate::cmd::registries(&args.registry)?;
+    for t in targets.iter_mut() {
+        let layout = match args.target_layout {
+            Some(l) => l,
+            None => registries
+                .get(&t.prefix.registry)
+                .layout()
+                .unwrap_or_default(),
+        };
+        t.prefix = t.prefix.clone().with_layout(layout);
+    }
     let tokens = parse_tokens(args.api_tokens.as_deref().context(
         "MIRROR_API_TOKENS is not set: POST /mirror needs at least one bearer token (name=token,…)",
     )?)?;
@@ -121,19 +135,23 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     // Only public addresses, except the hosts the operator named: exact allow-listed sources and
     // the target.
     let mut trusted = allowed_sources.exact_hosts();
-    trusted.push(target.registry.clone());
-    // The target's credentials read the mirror namespace and the trusted sources only.
-    let reach = crate::registry::trust::CredentialReach::for_target(
-        &target.registry,
-        &target.path,
+    trusted.extend(targets.iter().map(|t| t.prefix.registry.clone()));
+    // The targets' credentials read the mirror namespaces and the trusted sources only.
+    let prefixes: Vec<(String, String)> = targets
+        .iter()
+        .map(|t| (t.prefix.registry.clone(), t.prefix.path.clone()))
+        .collect();
+    let reach = crate::registry::trust::CredentialReach::for_targets(
+        &prefixes,
         &args.trusted_source_credentials,
     )
     .map_err(anyhow::Error::msg)?;
-    if target.path.is_empty() {
+    for t in targets.iter().filter(|t| t.prefix.path.is_empty()) {
         tracing::warn!(
-            "MIRROR_TARGET has no path: the whole of {} is the mirror's namespace, so its credentials can read any source there; put the mirrors under a path (such as {}/acme/mirror) to keep its private repositories out of requests' reach",
-            target.registry,
-            target.registry
+            "target {} has no path: the whole of {} is the mirror's namespace, so its credentials can read any source there; put the mirrors under a path (such as {}/acme/mirror) to keep its private repositories out of requests' reach",
+            t.name,
+            t.prefix.registry,
+            t.prefix.registry
         );
     }
     let client = crate::cmd::client(&args.registry, NetworkPolicy::public_only(trusted), reach)?
@@ -181,7 +199,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
                     file: file.clone(),
                     interval: (args.sync_interval > 0)
                         .then(|| Duration::from_secs(args.sync_interval)),
-                    target: target.clone(),
+                    targets: targets.clone(),
                     allowed_sources: allowed_sources.clone(),
                     max_attempts: args.max_attempts as i64,
                 },
@@ -195,7 +213,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let state = AppState {
         store: store.clone(),
         config: Arc::new(ApiConfig {
-            target: target.clone(),
+            targets: targets.clone(),
             tokens,
             allowed_sources,
             read_requires_token: args.read_requires_token,
@@ -221,7 +239,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     handles.extend(notifier.map(|n| n.spawn(store.clone(), stop.clone())));
     tracing::info!(
         listen = %listener.local_addr()?,
-        target = %target.repo(),
+        targets = %targets.repos(),
         workers = args.workers,
         database = store.backend(),
         replica = %replica,

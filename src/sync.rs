@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::drift::Policy;
-use crate::mapping::{AllowList, TargetPrefix};
+use crate::mapping::{AllowList, Targets};
 use crate::mirrorlist::{self, Entry, MirrorList};
 use crate::registry::{Client, Repo};
 use crate::rounds::{RoundStatus, Rounds, Trigger};
@@ -32,7 +32,7 @@ pub struct SyncConfig {
     /// Time between syncs; `None`: only at start and on `POST /sync`.
     pub interval: Option<Duration>,
     /// Where mirrors go, and which sources may be mirrored (as for `POST /mirror`).
-    pub target: TargetPrefix,
+    pub targets: Targets,
     pub allowed_sources: AllowList,
     /// Attempts given to the jobs a sync queues.
     pub max_attempts: i64,
@@ -251,11 +251,39 @@ impl Sync {
         entry: &Entry,
         report: &mut Report,
     ) -> Result<Result<(), String>, store::Error> {
-        let source = &entry.source;
-        let target_repo = match self.config.target.repo_for(source) {
-            Ok(r) => r,
+        let targets = match self.config.targets.select(entry.targets.as_deref()) {
+            Ok(t) => t,
             Err(e) => return Ok(Err(e)),
         };
+        let mut problems = Vec::new();
+        for t in targets {
+            let target_repo = match t.prefix.repo_for(&entry.source) {
+                Ok(r) => r,
+                Err(e) => {
+                    problems.push(e);
+                    continue;
+                }
+            };
+            if let Err(e) = self.sync_entry_to(entry, &target_repo, report).await? {
+                problems.push(e);
+            }
+        }
+        Ok(if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        })
+    }
+
+    /// One entry into one target repository (see [`Sync::sync_entry`]).
+    async fn sync_entry_to(
+        &self,
+        entry: &Entry,
+        target_repo: &str,
+        report: &mut Report,
+    ) -> Result<Result<(), String>, store::Error> {
+        let source = &entry.source;
+        let target_repo = target_repo.to_string();
         let repo = Repo::of(source);
         // One pinned digest: mirrored once, by digest.
         if let Some(digest) = source.digest() {
@@ -380,8 +408,22 @@ impl Sync {
     }
 }
 
-/// Every entry's source must be allowed, as for a request.
+/// Every entry's source must be allowed, as for a request, and its targets configured.
 fn check_allowed(config: &SyncConfig, list: &MirrorList) -> Result<(), String> {
+    let unknown: Vec<String> = list
+        .entries
+        .iter()
+        .filter_map(|e| {
+            config
+                .targets
+                .select(e.targets.as_deref())
+                .err()
+                .map(|why| format!("{}:{}: {why}", config.file.display(), e.line))
+        })
+        .collect();
+    if !unknown.is_empty() {
+        return Err(unknown.join("\n"));
+    }
     let refused: Vec<String> = list
         .entries
         .iter()

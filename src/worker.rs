@@ -371,9 +371,28 @@ impl Workers {
             Some(d) => Digest::parse(d)
                 .map_err(|e| JobError::Permanent(format!("stored digest {d:?} is invalid: {e}")))?,
             None => {
-                let d = registry::resolve(&self.client, &source)
-                    .await
-                    .map_err(JobError::from)?;
+                // One request, one image: a target whose sibling resolved the source takes that
+                // digest; the first to resolve settles it for the others.
+                let settled = self.store.request_digest(job.id).await.map_err(|e| {
+                    JobError::Transient(format!("reading the request's digest: {e}"))
+                })?;
+                let d = match settled {
+                    Some(d) => d,
+                    None => {
+                        let d = registry::resolve(&self.client, &source)
+                            .await
+                            .map_err(JobError::from)?;
+                        self.store
+                            .settle_request_digest(job.id, &d.to_string())
+                            .await
+                            .map_err(|e| {
+                                JobError::Transient(format!("storing the request's digest: {e}"))
+                            })?
+                    }
+                };
+                let d = Digest::parse(&d).map_err(|e| {
+                    JobError::Permanent(format!("the request's digest {d:?} is invalid: {e}"))
+                })?;
                 tracing::info!(digest = %d, "job {}: {} resolved to {d}", job.id, job.source);
                 match self.store.set_source_digest(lease, &d.to_string()).await {
                     Ok(true) => {}

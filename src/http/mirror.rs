@@ -8,8 +8,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, ApiJson, AppState, Caller};
+use crate::mapping::Target;
 use crate::reference::ImageRef;
-use crate::store::{Dedupe, NewJob};
+use crate::store::{Dedupe, EnqueueError, Enqueued, NewJob, NewRequest};
 
 /// The request body.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -21,12 +22,16 @@ pub struct MirrorRequest {
         max_length = 200
     )]
     pub image: String,
-    /// Optional target (repository or repository:tag), which must lie under `MIRROR_TARGET`.
+    /// Optional target (repository or repository:tag), which must lie under one of the targets
+    /// (`MIRROR_TARGET`, `MIRROR_TARGETS`); then the request goes there only.
     #[schema(
         pattern = "^(?:[a-z][a-z0-9]{0,15}(?:[.-][a-z0-9]{1,14}){0,3}(?::[1-9][0-9]{0,3})?/)?[a-z0-9]+(?:[_-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*){0,3}(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,63})?$",
         max_length = 200
     )]
     pub target: Option<String>,
+    /// The named targets (`MIRROR_TARGETS`) to mirror to; default: every one.
+    #[schema(max_items = 32, value_type = Option<Vec<String>>)]
+    pub targets: Option<Vec<TargetName>>,
     /// Copy signatures, attestations and other referrers too (default: the service setting).
     pub referrers: Option<bool>,
     /// What drift watch does when the source tag moves: `follow` (mirror the new digest) or `pin`
@@ -36,6 +41,12 @@ pub struct MirrorRequest {
     /// mount or skip, bytes), found by reading the source and `HEAD`s on the target only.
     pub dry_run: Option<bool>,
 }
+
+/// A target's name in a request.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[schema(pattern = "^[a-z0-9_-]{1,32}$")]
+#[serde(transparent)]
+pub struct TargetName(pub String);
 
 /// How long a dry run of `POST /mirror` may take before it answers 503.
 pub const DRY_RUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -86,13 +97,16 @@ async fn dry_run(state: &AppState, new: &NewJob) -> Result<Response, ApiError> {
         .into_response())
 }
 
-/// What to enqueue for `image` (and an optional `target`), or why not. Shared with the webhook.
+/// What to enqueue for `image`: one job per target `targets` names (all when `None`), or the
+/// one job `target` (an explicit repository under a target) asks for; or why not. Shared with
+/// the webhook.
 pub fn plan(
     state: &AppState,
     image: &str,
     target: Option<&str>,
+    targets: Option<&[String]>,
     requested_by: Value,
-) -> Result<NewJob, ApiError> {
+) -> Result<NewRequest, ApiError> {
     let source = ImageRef::parse_source(image).map_err(|e| {
         ApiError::BadRequest(format!("image {image:?} is not a valid reference: {e}"))
     })?;
@@ -104,16 +118,36 @@ pub fn plan(
             source.registry()
         )));
     }
-    // A digest-only source with no target tag is written by digest only.
-    let (target_repo, target_tag) = match target {
-        None => (
-            config
-                .target
-                .repo_for(&source)
-                .map_err(ApiError::BadRequest)?,
-            source.tag().map(str::to_string),
-        ),
+    let job = |target_repo: String, target_tag: Option<String>| NewJob {
+        source: source.to_string(),
+        target_repo,
+        target_tag,
+        requested_by: requested_by.clone(),
+        max_attempts: config.max_attempts,
+        referrers: true,
+        // A request that names a digest asked for that image: drift watch keeps it there
+        // unless the request says `"policy": "follow"`.
+        policy: source.digest().map(|_| crate::drift::Policy::Pin),
+        repair: false,
+    };
+    let jobs = match target {
+        // A digest-only source with no target tag is written by digest only.
+        None => config
+            .targets
+            .select(targets)
+            .map_err(ApiError::BadRequest)?
+            .into_iter()
+            .map(|t: &Target| {
+                let repo = t.prefix.repo_for(&source).map_err(ApiError::BadRequest)?;
+                Ok((t.name.clone(), job(repo, source.tag().map(str::to_string))))
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?,
         Some(t) => {
+            if targets.is_some() {
+                return Err(ApiError::BadRequest(
+                    "give \"target\" (one repository) or \"targets\" (names of configured targets), not both".into(),
+                ));
+            }
             let t_ref = ImageRef::parse(t).map_err(|e| {
                 ApiError::BadRequest(format!("target {t:?} is not a valid reference: {e}"))
             })?;
@@ -123,14 +157,19 @@ pub fn plan(
                 )));
             }
             let repo = t_ref.repo_name();
-            if !config.target.contains(&repo) {
+            let Some(under) = config.targets.containing(&repo) else {
                 return Err(ApiError::Forbidden(format!(
-                    "target {repo} is not under MIRROR_TARGET {}",
-                    config.target.repo()
+                    "target {repo} is not under {} {}",
+                    if config.targets.iter().count() == 1 {
+                        "MIRROR_TARGET"
+                    } else {
+                        "any of MIRROR_TARGETS:"
+                    },
+                    config.targets.repos()
                 )));
-            }
+            };
             // A name of the default mapping is reserved for its own source, used or not.
-            if let Some(owner) = config.target.source_of(&repo)
+            if let Some(owner) = under.prefix.source_of(&repo)
                 && owner != source.repo_name()
             {
                 return Err(ApiError::Conflict(format!(
@@ -142,21 +181,39 @@ pub fn plan(
                 .tag()
                 .map(str::to_string)
                 .or_else(|| source.tag().map(str::to_string));
-            (repo, tag)
+            vec![(under.name.clone(), job(repo, tag))]
         }
     };
-    Ok(NewJob {
+    Ok(NewRequest {
         source: source.to_string(),
-        target_repo,
-        target_tag,
         requested_by,
-        max_attempts: config.max_attempts,
-        referrers: true,
-        // A request that names a digest asked for that image: drift watch keeps it there
-        // unless the request says `"policy": "follow"`.
-        policy: source.digest().map(|_| crate::drift::Policy::Pin),
-        repair: false,
+        jobs,
     })
+}
+
+/// A target's answer in a request's reply: the job (with how the request met it), or why the
+/// target refused it.
+fn target_view(target: &str, answer: &Result<Enqueued, EnqueueError>) -> Value {
+    match answer {
+        Ok(q) => {
+            let mut body = super::jobs::view(&q.job);
+            body["target_name"] = json!(target);
+            body["deduplicated"] = json!(!matches!(q.dedupe, Dedupe::New));
+            // How the request met the live jobs: `new`, `joined` (same job, same options),
+            // `merged` (same queued job, options widened: referrers on, this request's policy),
+            // `queued_after` (the running job was already pinned to an older digest or asked
+            // for less).
+            body["dedupe"] = json!(q.dedupe.as_str());
+            if let Dedupe::QueuedAfter(id) = q.dedupe {
+                body["queued_after"] = json!(id);
+            }
+            body
+        }
+        Err(e) => json!({
+            "target_name": target,
+            "error": { "code": "conflict", "message": e.to_string() },
+        }),
+    }
 }
 
 /// `POST /mirror` → `202 Accepted` with `Location: /jobs/{id}` and the job.
@@ -164,11 +221,11 @@ pub fn plan(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "with \"dry_run\": true: nothing queued; what a copy would do (manifests_pushed, blobs_uploaded/mounted/skipped, bytes_moved, \"dry_run\": true)"),
-        (status = 202, description = "queued (or the queued/running job for the same source and target); Location: /jobs/{id}"),
-        (status = 400, description = "invalid reference, saying which part"),
+        (status = 202, description = "queued (or the queued/running job for the same source and target); one target: the job, Location: /jobs/{id}; several: `request_id` and each target's job (`target_name`, `dedupe`) or refusal, Location: /requests/{id}"),
+        (status = 400, description = "invalid reference, saying which part; an unknown target name (naming the known ones); both `target` and `targets`"),
         (status = 401, description = "missing or unknown bearer token"),
-        (status = 403, description = "source not in MIRROR_ALLOWED_SOURCES, or target outside MIRROR_TARGET"),
-        (status = 409, description = "the target repository belongs to another source (it was used for it first, or it is where the default mapping puts that source)"),
+        (status = 403, description = "source not in MIRROR_ALLOWED_SOURCES, or target outside every target prefix"),
+        (status = 409, description = "(every target's) target repository belongs to another source (it was used for it first, or it is where the default mapping puts that source)"),
         (status = 413, description = "body over 64 KiB"),
         (status = 415, description = "not JSON"),
         (status = 422, description = "JSON that does not fit the body: an unknown field, a wrong type, a missing `image`; with \"dry_run\": true, also: the copy would fail (the source does not exist, a manifest is refused), saying why"),
@@ -178,41 +235,88 @@ pub async fn create(
     Caller(who): Caller,
     ApiJson(req): ApiJson<MirrorRequest>,
 ) -> Result<Response, ApiError> {
-    let mut new = plan(
+    let mut request = plan(
         &state,
         &req.image,
         req.target.as_deref(),
+        req.targets
+            .as_ref()
+            .map(|t| t.iter().map(|n| n.0.clone()).collect::<Vec<_>>())
+            .as_deref(),
         json!({ "kind": "token", "name": who }),
     )?;
-    new.referrers = req.referrers.unwrap_or(true);
-    new.policy = req.policy.or(new.policy);
+    for (_, new) in &mut request.jobs {
+        new.referrers = req.referrers.unwrap_or(true);
+        new.policy = req.policy.or(new.policy);
+    }
     if req.dry_run == Some(true) {
-        return dry_run(&state, &new).await;
+        if let [(_, new)] = request.jobs.as_slice() {
+            return dry_run(&state, new).await;
+        }
+        let mut plans = Vec::new();
+        for (target, new) in &request.jobs {
+            let planned = dry_run(&state, new).await?;
+            let bytes = axum::body::to_bytes(planned.into_body(), super::MAX_BODY_BYTES * 16)
+                .await
+                .map_err(|e| anyhow::anyhow!("reading a dry run's answer: {e}"))?;
+            let mut plan: Value = serde_json::from_slice(&bytes).map_err(anyhow::Error::from)?;
+            plan["target_name"] = json!(target);
+            plans.push(plan);
+        }
+        return Ok((
+            StatusCode::OK,
+            Json(json!({ "dry_run": true, "targets": plans })),
+        )
+            .into_response());
     }
-    let queued = state.enqueuer.enqueue(new).await?;
-    let (job, created) = (&queued.job, queued.created());
-    if created {
-        state.wake.notify_one();
-        tracing::info!(
-            job.id = job.id,
-            "job {} queued: {} → {}",
-            job.id,
-            job.source,
-            job.target_repo
-        );
+    let several = request.jobs.len() > 1;
+    let queued = state.enqueuer.enqueue(request).await?;
+    for (target, q) in queued
+        .jobs
+        .iter()
+        .filter_map(|(t, q)| q.as_ref().ok().map(|q| (t, q)))
+    {
+        if q.created() {
+            state.wake.notify_one();
+            tracing::info!(
+                job.id = q.job.id,
+                request.id = queued.id,
+                "job {} queued: {} → {} (target {target})",
+                q.job.id,
+                q.job.source,
+                q.job.target_repo
+            );
+        }
     }
-    let mut body = super::jobs::view(job);
-    body["deduplicated"] = json!(!matches!(queued.dedupe, Dedupe::New));
-    // How the request met the live jobs: `new`, `joined` (same job, same options), `merged`
-    // (same queued job, options widened: referrers on, this request's policy), `queued_after`
-    // (the running job was already pinned to an older digest or asked for less).
-    body["dedupe"] = json!(queued.dedupe.as_str());
-    if let Dedupe::QueuedAfter(id) = queued.dedupe {
-        body["queued_after"] = json!(id);
+    let Some(request_id) = queued.id else {
+        // Every target refused it: the first refusal says why.
+        let refusal = queued
+            .jobs
+            .into_iter()
+            .find_map(|(_, q)| q.err())
+            .expect("a request with no job has a refusal");
+        return Err(refusal.into());
+    };
+    if !several {
+        let (target, answer) = &queued.jobs[0];
+        let mut body = target_view(target, answer);
+        body["request_id"] = json!(request_id);
+        let id = body["id"].as_i64().unwrap_or_default();
+        return Ok((
+            StatusCode::ACCEPTED,
+            [(header::LOCATION, format!("/jobs/{id}"))],
+            Json(body),
+        )
+            .into_response());
     }
+    let body = json!({
+        "request_id": request_id,
+        "request": format!("/requests/{request_id}"),
+        "jobs": queued.jobs.iter().map(|(t, q)| target_view(t, q)).collect::<Vec<_>>(),
+    });
     Ok((
         StatusCode::ACCEPTED,
-        [(header::LOCATION, format!("/jobs/{}", job.id))],
+        [(header::LOCATION, format!("/requests/{request_id}"))],
         Json(body),
     )
         .into_response())

@@ -7,6 +7,7 @@ mod images;
 mod jobs;
 mod mirror;
 mod notices;
+mod requests;
 mod status;
 mod sync;
 mod webhook;
@@ -30,7 +31,7 @@ use utoipa_axum::routes;
 
 pub use error::{ApiError, ApiJson};
 
-use crate::mapping::{AllowList, TargetPrefix};
+use crate::mapping::{AllowList, Targets};
 use crate::store::{Enqueuer, Store};
 
 /// Largest request body accepted (a mirror request is a few hundred bytes).
@@ -87,7 +88,7 @@ impl std::fmt::Debug for GithubConfig {
 /// What the service's handlers need.
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
-    pub target: TargetPrefix,
+    pub targets: Targets,
     pub tokens: Vec<ApiToken>,
     pub allowed_sources: AllowList,
     pub read_requires_token: bool,
@@ -199,6 +200,7 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(mirror::create))
         .routes(routes!(jobs::list))
         .routes(routes!(jobs::show))
+        .routes(routes!(requests::show))
         .routes(routes!(images::show))
         .routes(routes!(images::digest))
         .routes(routes!(drift::list))

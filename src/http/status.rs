@@ -351,7 +351,7 @@ pub async fn page(
     let drift = state.store.list_drift(false, 50, None).await?;
     let page = StatusPage {
         t,
-        target: state.config.target.repo(),
+        target: state.config.targets.repos(),
         q,
         images: images
             .iter()

@@ -178,21 +178,45 @@ async fn handle(
         "installation": payload["installation"]["id"],
         "delivery": delivery,
     });
+    let targets: Option<Vec<String>> = match &client_payload["targets"] {
+        Value::Null => None,
+        Value::Array(list) => Some(
+            list.iter()
+                .map(|v| v.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    ApiError::Unprocessable(
+                        "client_payload.targets must be a list of target names".into(),
+                    )
+                })?,
+        ),
+        _ => {
+            return Err(ApiError::Unprocessable(
+                "client_payload.targets must be a list of target names".into(),
+            ));
+        }
+    };
     // Validate everything before storing anything: a delivery is all or nothing.
     let plans = images
         .iter()
         .map(|image| {
-            super::mirror::plan(&state, image, None, who.clone()).map_err(|e| match e {
-                ApiError::BadRequest(m) => ApiError::Unprocessable(m),
-                other => other,
+            super::mirror::plan(&state, image, None, targets.as_deref(), who.clone()).map_err(|e| {
+                match e {
+                    ApiError::BadRequest(m) => ApiError::Unprocessable(m),
+                    other => other,
+                }
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let (names, plans): (Vec<String>, Vec<crate::store::NewJob>) =
+        plans.into_iter().flat_map(|r| r.jobs).unzip();
     let respond = |queued: &[crate::store::Enqueued]| {
         let jobs: Vec<Value> = queued
             .iter()
-            .map(|q| {
+            .zip(&names)
+            .map(|(q, target)| {
                 let mut view = super::jobs::view(&q.job);
+                view["target_name"] = json!(target);
                 view["dedupe"] = json!(q.dedupe.as_str());
                 view
             })

@@ -64,6 +64,45 @@ impl CredentialReach {
         Ok(CredentialReach { restricted })
     }
 
+    /// [`CredentialReach::for_target`] for several targets: each target registry's credentials
+    /// serve the prefixes of every target on it, and the trusted entries on it. A trusted entry
+    /// on none of the target registries is an error.
+    pub fn for_targets(targets: &[(String, String)], trusted: &[String]) -> Result<Self, String> {
+        let mut restricted: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (registry, path) in targets {
+            let mine: Vec<String> = trusted
+                .iter()
+                .filter(|t| {
+                    t.trim()
+                        .split_once('/')
+                        .is_some_and(|(r, _)| r.eq_ignore_ascii_case(registry))
+                })
+                .cloned()
+                .collect();
+            let one = CredentialReach::for_target(registry, path, &mine)?;
+            for (r, paths) in one.restricted {
+                let entry = restricted.entry(r).or_default();
+                for p in paths {
+                    if !entry.contains(&p) {
+                        entry.push(p);
+                    }
+                }
+            }
+        }
+        if let Some(stray) = trusted.iter().map(|t| t.trim()).find(|t| {
+            !t.is_empty()
+                && !targets.iter().any(|(r, _)| {
+                    t.split_once('/')
+                        .is_some_and(|(tr, _)| tr.eq_ignore_ascii_case(r))
+                })
+        }) {
+            // The one-target rule says why, in its words.
+            let (registry, path) = &targets[0];
+            CredentialReach::for_target(registry, path, &[stray.to_string()])?;
+        }
+        Ok(CredentialReach { restricted })
+    }
+
     /// Whether the credentials stored for `registry` may be used for repository `name` on it.
     pub fn allows(&self, registry: &str, name: &str) -> bool {
         match self.restricted.get(&registry.to_ascii_lowercase()) {

@@ -150,6 +150,33 @@ impl Store {
         each!(self.enqueue_many(new))
     }
 
+    /// Stores requests: each target's job (new, or a live one joined, as [`Store::enqueue`]),
+    /// and the request with its jobs, all in one transaction. A target refused (another source
+    /// owns its mirror name) gets its refusal and the others go on; a request every target
+    /// refused is not stored.
+    pub async fn enqueue_requests(
+        &self,
+        requests: &[NewRequest],
+    ) -> Result<Vec<RequestEnqueued>, Error> {
+        each!(self.enqueue_requests(requests))
+    }
+
+    /// One request by id, with the job of each target.
+    pub async fn request(&self, id: i64) -> Result<Option<Request>, Error> {
+        each!(self.request(id))
+    }
+
+    /// The digest the request of job `job_id` settled on, if a job of it resolved the source.
+    pub async fn request_digest(&self, job_id: i64) -> Result<Option<String>, Error> {
+        each!(self.request_digest(job_id))
+    }
+
+    /// Settles the request of job `job_id` on `digest` unless one of its jobs settled it
+    /// first; returns the request's digest (`digest` itself for a job of no request).
+    pub async fn settle_request_digest(&self, job_id: i64, digest: &str) -> Result<String, Error> {
+        each!(self.settle_request_digest(job_id, digest))
+    }
+
     /// The source repository a mirror repository belongs to, if it was ever used.
     pub async fn owner(&self, mirror_repo: &str) -> Result<Option<String>, Error> {
         each!(self.owner(mirror_repo))
@@ -502,23 +529,23 @@ pub(crate) fn decide(live: &[Job], new: &NewJob) -> Decision {
     }
 }
 
-type EnqueueReply = tokio::sync::oneshot::Sender<Result<Enqueued, EnqueueError>>;
+type EnqueueReply = tokio::sync::oneshot::Sender<Result<RequestEnqueued, Error>>;
 
 /// Group commit for enqueues: requests arriving together share one transaction and one fsync
 /// (one `COMMIT` with `synchronous_commit=on` on PostgreSQL), so a `202` still means "durable"
 /// without a flush per request.
 #[derive(Clone)]
 pub struct Enqueuer {
-    tx: tokio::sync::mpsc::Sender<(NewJob, EnqueueReply)>,
+    tx: tokio::sync::mpsc::Sender<(NewRequest, EnqueueReply)>,
 }
 
-/// Most enqueues committed together.
+/// Most requests committed together.
 const MAX_BATCH: usize = 256;
 
 impl Enqueuer {
     /// Starts the batching task on `store`.
     pub fn start(store: Store) -> Enqueuer {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<(NewJob, EnqueueReply)>(4 * MAX_BATCH);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(NewRequest, EnqueueReply)>(4 * MAX_BATCH);
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
                 let mut batch = vec![first];
@@ -528,18 +555,23 @@ impl Enqueuer {
                         Err(_) => break,
                     }
                 }
-                let (jobs, replies): (Vec<NewJob>, Vec<EnqueueReply>) = batch.into_iter().unzip();
-                match store.enqueue_many(&jobs).await {
+                let (requests, replies): (Vec<NewRequest>, Vec<EnqueueReply>) =
+                    batch.into_iter().unzip();
+                match store.enqueue_requests(&requests).await {
                     Ok(results) => {
                         for (reply, r) in replies.into_iter().zip(results) {
-                            let _ = reply.send(r);
+                            let _ = reply.send(Ok(r));
                         }
                     }
                     // A database error (a deadlock victim, a dropped connection) fails the whole
                     // batch: one by one then, so each request gets its own answer.
                     Err(_) => {
-                        for (new, reply) in jobs.iter().zip(replies) {
-                            let _ = reply.send(store.enqueue(new).await);
+                        for (r, reply) in requests.iter().zip(replies) {
+                            let one = store
+                                .enqueue_requests(std::slice::from_ref(r))
+                                .await
+                                .map(|mut v| v.pop().expect("one answer per request"));
+                            let _ = reply.send(one);
                         }
                     }
                 }
@@ -548,11 +580,11 @@ impl Enqueuer {
         Enqueuer { tx }
     }
 
-    /// Enqueues `new` durably (see [`Store::enqueue`]).
-    pub async fn enqueue(&self, new: NewJob) -> Result<Enqueued, EnqueueError> {
+    /// Stores `request` durably (see [`Store::enqueue_requests`]).
+    pub async fn enqueue(&self, request: NewRequest) -> Result<RequestEnqueued, Error> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.tx
-            .send((new, reply))
+            .send((request, reply))
             .await
             .map_err(|_| Error::Closed)?;
         answer.await.map_err(|_| Error::Closed)?

@@ -527,3 +527,57 @@ pub enum WriterState {
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
+
+/// One request for several targets (or one), before it is jobs: `jobs` are `(target name, job)`
+/// in the order the targets were named.
+#[derive(Debug, Clone)]
+pub struct NewRequest {
+    /// The source as requested, canonical.
+    pub source: String,
+    pub requested_by: Value,
+    pub jobs: Vec<(String, NewJob)>,
+}
+
+/// A request stored: its id (none when every target refused it) and each target's answer.
+#[derive(Debug)]
+pub struct RequestEnqueued {
+    pub id: Option<i64>,
+    pub jobs: Vec<(String, Result<Enqueued, super::EnqueueError>)>,
+}
+
+/// A request as stored, with the job of each target.
+#[derive(Debug, Clone, Serialize)]
+pub struct Request {
+    pub id: i64,
+    pub source: String,
+    /// The digest every target gets, once the first job resolved the source.
+    pub source_digest: Option<String>,
+    pub requested_by: Value,
+    pub created_at: i64,
+    /// `(target name, job)`, in the order the targets were named.
+    pub jobs: Vec<(String, Job)>,
+}
+
+impl Request {
+    /// Where the request is as a whole: `succeeded` (every target), `failed` (every target,
+    /// for good), `partial` (some target succeeded and another failed for good or waits to try
+    /// again after a failed attempt), `queued` (no target started), else `running`.
+    pub fn state(&self) -> &'static str {
+        let jobs = || self.jobs.iter().map(|(_, j)| j);
+        let every = |s: JobState| jobs().all(|j| j.state == s);
+        let troubled = |j: &Job| {
+            j.state == JobState::Failed || (j.state == JobState::Queued && j.last_error.is_some())
+        };
+        if every(JobState::Succeeded) {
+            "succeeded"
+        } else if every(JobState::Failed) {
+            "failed"
+        } else if jobs().any(|j| j.state == JobState::Succeeded) && jobs().any(troubled) {
+            "partial"
+        } else if every(JobState::Queued) && !jobs().any(troubled) {
+            "queued"
+        } else {
+            "running"
+        }
+    }
+}

@@ -27,6 +27,7 @@ mod status;
 mod store;
 mod support;
 mod sync;
+mod targets;
 mod tls;
 mod uploads;
 mod verify;

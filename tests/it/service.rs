@@ -511,6 +511,7 @@ async fn readiness_metrics_request_ids_and_json_logs() {
             "/notices",
             "/openapi.json",
             "/readyz",
+            "/requests/{id}",
             "/sync",
             "/ui/images/{name}",
             "/webhooks/github"

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use mirror_mirror::store::{
     Dedupe, Delivery, DriftKind, EnqueueError, JobReferrers, JobState, NewDrift, NewJob, NewNotice,
-    NewRecord, NoticeEvent, NoticeState, Policy, ProgressRow, ReferrersState, RoundKind, Store,
-    WriterState,
+    NewRecord, NewRequest, NoticeEvent, NoticeState, Policy, ProgressRow, ReferrersState,
+    RoundKind, Store, WriterState,
 };
 use serde_json::json;
 
@@ -91,6 +91,7 @@ conformance!(
     a_request_for_a_running_pinned_job_waits_its_turn_on_the_tag,
     notices_are_stored_with_what_they_announce_and_sent_by_one_replica,
     referrers_state_is_kept_with_the_job,
+    a_request_to_several_targets_is_one_job_each_and_settles_one_digest,
 );
 
 fn job(source: &str) -> NewJob {
@@ -681,10 +682,18 @@ async fn group_commit_enqueues_many_durably(backend: Backend) {
             tokio::spawn(async move {
                 let mut ids = Vec::new();
                 for i in (w..N).step_by(64) {
-                    let q = enqueuer
-                        .enqueue(job(&format!("docker.io/library/e{i}:1")))
+                    let new = job(&format!("docker.io/library/e{i}:1"));
+                    let mut r = enqueuer
+                        .enqueue(NewRequest {
+                            source: new.source.clone(),
+                            requested_by: new.requested_by.clone(),
+                            jobs: vec![("default".into(), new)],
+                        })
                         .await
                         .unwrap();
+                    assert!(r.id.is_some());
+                    let (_, q) = r.jobs.pop().unwrap();
+                    let q = q.unwrap();
                     assert_eq!(q.dedupe, Dedupe::New);
                     ids.push(q.job.id);
                 }
@@ -845,6 +854,10 @@ async fn a_round_runs_once_per_interval_across_replicas(backend: Backend) {
         slots.push(slot.slot);
     }
     assert!(slots.windows(2).all(|w| w[1] > w[0]), "{slots:?}");
+    // A replica started later (or a restart) sees the last round and what it found.
+    let later = db.open().await;
+    let last = later.last_round(RoundKind::Drift).await.unwrap().unwrap();
+    assert_eq!(last.slot, *slots.last().unwrap());
     // Kinds are independent.
     assert!(
         first
@@ -1284,4 +1297,109 @@ async fn referrers_state_is_kept_with_the_job(backend: Backend) {
             Some(failed)
         )
     );
+}
+
+async fn a_request_to_several_targets_is_one_job_each_and_settles_one_digest(backend: Backend) {
+    let db = Database::new(backend).await;
+    let (a, b) = (db.open().await, db.open().await);
+    let to = |target: &str, repo: &str| {
+        let mut j = job("docker.io/library/multi:1");
+        j.target_repo = repo.to_string();
+        (target.to_string(), j)
+    };
+    // Another source owns the third target's name: that target refuses, the others go on.
+    let mut squatter = job("docker.io/library/other:1");
+    squatter.target_repo = "h:3/m/multi".into();
+    a.enqueue(&squatter).await.unwrap();
+    let request = NewRequest {
+        source: "docker.io/library/multi:1".into(),
+        requested_by: json!({"kind": "token", "name": "t"}),
+        jobs: vec![
+            to("ghcr", "h:1/m/multi"),
+            to("home", "h:2/m/multi"),
+            to("third", "h:3/m/multi"),
+        ],
+    };
+    let mut out = a
+        .enqueue_requests(std::slice::from_ref(&request))
+        .await
+        .unwrap();
+    let r = out.pop().unwrap();
+    let id = r.id.expect("stored");
+    assert_eq!(
+        r.jobs
+            .iter()
+            .map(|(t, q)| (t.as_str(), q.is_ok()))
+            .collect::<Vec<_>>(),
+        [("ghcr", true), ("home", true), ("third", false)]
+    );
+    assert!(matches!(&r.jobs[2].1, Err(EnqueueError::Owned { .. })));
+    let stored = b.request(id).await.unwrap().unwrap();
+    assert_eq!(
+        stored
+            .jobs
+            .iter()
+            .map(|(t, j)| (t.as_str(), j.target_repo.as_str()))
+            .collect::<Vec<_>>(),
+        [("ghcr", "h:1/m/multi"), ("home", "h:2/m/multi")]
+    );
+    assert_eq!(
+        (stored.state(), stored.source_digest.as_deref()),
+        ("queued", None)
+    );
+    // The same request again joins both jobs: a second request, the same jobs.
+    let again = b.enqueue_requests(&[request]).await.unwrap().pop().unwrap();
+    assert_ne!(again.id, Some(id));
+    assert!(
+        again.jobs[..2]
+            .iter()
+            .all(|(_, q)| q.as_ref().unwrap().dedupe == Dedupe::Joined)
+    );
+    // The first job to resolve settles the digest; the second adopts it even if the tag moved.
+    let ghcr = stored.jobs[0].1.id;
+    let home = stored.jobs[1].1.id;
+    assert_eq!(a.request_digest(home).await.unwrap(), None);
+    assert_eq!(
+        a.settle_request_digest(ghcr, "sha256:first").await.unwrap(),
+        "sha256:first"
+    );
+    assert_eq!(
+        b.settle_request_digest(home, "sha256:moved").await.unwrap(),
+        "sha256:first"
+    );
+    assert_eq!(
+        b.request_digest(home).await.unwrap().as_deref(),
+        Some("sha256:first")
+    );
+    assert_eq!(
+        a.settle_request_digest(squatter_id(&a).await, "sha256:own")
+            .await
+            .unwrap(),
+        "sha256:own",
+        "a job of no request keeps what it resolved"
+    );
+    // Finished apart: one target failed for good, the other succeeded → partial.
+    while let Some(l) = a.claim(Duration::from_secs(30)).await.unwrap() {
+        let running = b.request(id).await.unwrap().unwrap();
+        if l.job.id == home {
+            assert_eq!(running.state(), "running");
+            assert!(a.fail(&l, "registry down", None).await.unwrap());
+        } else {
+            let r = record(l.job.id, &l.job.target_repo);
+            let p = ProgressRow::default();
+            assert!(a.succeed_with_record(&l, &r, p, None, None).await.unwrap());
+        }
+    }
+    assert_eq!(b.request(id).await.unwrap().unwrap().state(), "partial");
+}
+
+/// The id of the job that owns `h:3/m/multi` for another source.
+async fn squatter_id(s: &Store) -> i64 {
+    s.list(None, 100, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|j| j.source == "docker.io/library/other:1")
+        .unwrap()
+        .id
 }

@@ -21,7 +21,7 @@ use sqlx::{FromRow, PgConnection};
 
 use super::super::{
     Delivery, EnqueueError, Enqueued, Error, Job, JobState, JobStats, Lease, NewJob, NewNotice,
-    ProgressRow, corrupt, parse_json, parse_policy,
+    NewRequest, ProgressRow, Request, RequestEnqueued, corrupt, parse_json, parse_policy,
 };
 use super::enqueue::enqueue_all;
 use super::{CHANNEL, PgStore, ms};
@@ -174,6 +174,160 @@ impl PgStore {
         tx.commit().await?;
         self.woke(created);
         Ok(out)
+    }
+
+    pub(in crate::store) async fn enqueue_requests(
+        &self,
+        requests: &[NewRequest],
+    ) -> Result<Vec<RequestEnqueued>, Error> {
+        let flat: Vec<NewJob> = requests
+            .iter()
+            .flat_map(|r| r.jobs.iter().map(|(_, j)| j.clone()))
+            .collect();
+        let mut tx = self.pool.begin().await?;
+        lock(&mut tx, job_keys(&flat)).await?;
+        let mut answers = enqueue_all(&mut tx, &flat).await?.into_iter();
+        let mut out: Vec<RequestEnqueued> = Vec::with_capacity(requests.len());
+        for r in requests {
+            let jobs: Vec<_> = r
+                .jobs
+                .iter()
+                .map(|(t, _)| (t.clone(), answers.next().expect("one answer per job")))
+                .collect();
+            out.push(RequestEnqueued { id: None, jobs });
+        }
+        let created = out
+            .iter()
+            .flat_map(|r| &r.jobs)
+            .filter(|(_, q)| q.as_ref().is_ok_and(Enqueued::created))
+            .count();
+        // The requests with a stored job, in one statement; then their jobs, in another.
+        let keep: Vec<usize> = (0..out.len())
+            .filter(|&i| out[i].jobs.iter().any(|(_, q)| q.is_ok()))
+            .collect();
+        if !keep.is_empty() {
+            let ids: Vec<i64> = sqlx::query_scalar(
+                "insert into request (source, requested_by, created_at)
+                 select s, b::jsonb, mm_now_ms() from unnest($1::text[], $2::text[])
+                     with ordinality as i(s, b, n)
+                 order by n
+                 returning id",
+            )
+            .bind(
+                keep.iter()
+                    .map(|&i| requests[i].source.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                keep.iter()
+                    .map(|&i| requests[i].requested_by.to_string())
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_all(&mut *tx)
+            .await?;
+            let (mut rid, mut pos, mut target, mut job) = (vec![], vec![], vec![], vec![]);
+            for (&i, id) in keep.iter().zip(&ids) {
+                out[i].id = Some(*id);
+                for (p, (t, q)) in out[i]
+                    .jobs
+                    .iter()
+                    .filter_map(|(t, q)| q.as_ref().ok().map(|q| (t, q)))
+                    .enumerate()
+                {
+                    rid.push(*id);
+                    pos.push(p as i64);
+                    target.push(t.clone());
+                    job.push(q.job.id);
+                }
+            }
+            sqlx::query(
+                "insert into request_job (request_id, position, target, job_id)
+                 select * from unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[])",
+            )
+            .bind(rid)
+            .bind(pos)
+            .bind(target)
+            .bind(job)
+            .execute(&mut *tx)
+            .await?;
+        }
+        notify(&mut tx, created).await?;
+        tx.commit().await?;
+        self.woke(created);
+        Ok(out)
+    }
+
+    pub(in crate::store) async fn request(&self, id: i64) -> Result<Option<Request>, Error> {
+        let Some((source, source_digest, requested_by, created_at)): Option<(
+            String,
+            Option<String>,
+            String,
+            i64,
+        )> = sqlx::query_as(
+            "select source, source_digest, requested_by::text, created_at from request where id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        #[derive(FromRow)]
+        struct Targeted {
+            target: String,
+            #[sqlx(flatten)]
+            job: JobRow,
+        }
+        let rows: Vec<Targeted> = sqlx::query_as(concat!(
+            "select rj.target as target, ",
+            job_columns!(),
+            " from request_job rj join job on job.id = rj.job_id where rj.request_id = $1 order by rj.position"
+        ))
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Some(Request {
+            id,
+            source,
+            source_digest,
+            requested_by: parse_json("requested_by", &requested_by)?,
+            created_at,
+            jobs: rows
+                .into_iter()
+                .map(|t| Ok((t.target, t.job.into_job()?)))
+                .collect::<Result<_, Error>>()?,
+        }))
+    }
+
+    pub(in crate::store) async fn request_digest(
+        &self,
+        job_id: i64,
+    ) -> Result<Option<String>, Error> {
+        Ok(sqlx::query_scalar(
+            "select r.source_digest from request r
+             where r.id = (select min(request_id) from request_job where job_id = $1)",
+        )
+        .bind(job_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .flatten())
+    }
+
+    pub(in crate::store) async fn settle_request_digest(
+        &self,
+        job_id: i64,
+        digest: &str,
+    ) -> Result<String, Error> {
+        let settled: Option<String> = sqlx::query_scalar(
+            "update request set source_digest = coalesce(source_digest, $1)
+             where id = (select min(request_id) from request_job where job_id = $2)
+             returning source_digest",
+        )
+        .bind(digest)
+        .bind(job_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(settled.unwrap_or_else(|| digest.to_string()))
     }
 
     pub(in crate::store) async fn owner(&self, mirror_repo: &str) -> Result<Option<String>, Error> {

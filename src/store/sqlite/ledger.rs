@@ -51,7 +51,7 @@ pub struct Record {
 
 /// Appends a record inside the caller's transaction (the one that marks the job succeeded).
 pub async fn insert(conn: &mut sqlx::SqliteConnection, r: &NewRecord) -> sqlx::Result<i64> {
-    sqlx::query_scalar(
+    let id: i64 = sqlx::query_scalar(
         "insert into mirror_record (job_id, source_repo, source_ref, tag, source_digest, mirror_repo, mirror_digest,
              media_type, manifests, size_bytes, requested_by, verified_at, mirror_tag, policy)
          values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) returning id",
@@ -71,7 +71,20 @@ pub async fn insert(conn: &mut sqlx::SqliteConnection, r: &NewRecord) -> sqlx::R
     .bind(&r.mirror_tag)
     .bind(&r.policy)
     .fetch_one(&mut *conn)
-    .await
+    .await?;
+    // Every digest the record names: the image, each manifest, each referrer.
+    sqlx::query(
+        "insert or ignore into record_manifest (record_id, digest)
+         select ?1, ?2
+         union select ?1, json_extract(m.value, '$.digest') from json_each(?3) m
+             where json_extract(m.value, '$.digest') is not null",
+    )
+    .bind(id)
+    .bind(&r.source_digest)
+    .bind(&r.manifests)
+    .execute(&mut *conn)
+    .await?;
+    Ok(id)
 }
 
 /// Every record of a repository, named by its source or its mirror name, newest first.
@@ -101,8 +114,7 @@ pub async fn by_repo_tag(db: &Db, repo: &str, tag: &str) -> sqlx::Result<Vec<Rec
 /// Records whose image is `digest` or contains it (a platform's manifest), oldest first.
 pub async fn by_digest(db: &Db, digest: &str) -> sqlx::Result<Vec<Record>> {
     sqlx::query_as(
-        "select * from mirror_record where source_digest = ?1
-             or exists (select 1 from json_each(mirror_record.manifests) where json_extract(value, '$.digest') = ?1)
+        "select * from mirror_record where id in (select record_id from record_manifest where digest = ?1)
          order by verified_at, id",
     )
     .bind(digest)

@@ -15,9 +15,9 @@ use tokio::sync::Notify;
 
 use super::{
     Delivery, Drift, DriftKind, DriftRecorded, EnqueueError, Enqueued, Error, Job, JobReferrers,
-    JobState, JobStats, Lease, NewDrift, NewJob, NewNotice, NewRecord, Notice, NoticeState,
-    ProgressRow, Record, Round, RoundKind, RoundSlot, WriterState, corrupt, now_ms, parse_json,
-    parse_policy,
+    JobState, JobStats, Lease, NewDrift, NewJob, NewNotice, NewRecord, NewRequest, Notice,
+    NoticeState, ProgressRow, Record, Request, RequestEnqueued, Round, RoundKind, RoundSlot,
+    WriterState, corrupt, now_ms, parse_json, parse_policy,
 };
 use db::Db;
 
@@ -29,24 +29,13 @@ pub struct SqliteStore {
     db: Db,
     /// Rung after an enqueue that created a job (one process: no one else to tell).
     pub(super) wake: Arc<Notify>,
-    /// The rounds of this process. One process owns a SQLite file, so "once per slot across
-    /// replicas" is once per slot here; kept in memory until migration 0008 (round_slot) lands
-    /// for SQLite, so a restart forgets the last results.
-    rounds: Arc<std::sync::Mutex<Rounds>>,
-    /// Where blobs are on targets: (registry, digest) → repository → when seen (ms). In memory
-    /// until migration 0009 (blob_location) lands for SQLite: one process, like the copy
-    /// engine's own per-process knowledge.
+    /// Where blobs are on targets: (registry, digest) → repository → when seen (ms). In memory:
+    /// one process owns the file, and it knows what it put where (migrations/sqlite-next/).
     blobs: Arc<std::sync::Mutex<BlobMap>>,
 }
 
-/// The rounds of this process: the newest slot claimed per kind and interval (a round asked for
-/// claims a slot of its own, 1 ms long), the rounds running, and the last finished of each kind.
-#[derive(Debug, Default)]
-struct Rounds {
-    claimed: std::collections::HashMap<(RoundKind, i64), i64>,
-    running: std::collections::HashMap<(RoundKind, i64), Round>,
-    last: std::collections::HashMap<RoundKind, Round>,
-}
+/// slot, replica, started_at, finished_at, result (JSON text).
+type RoundRow = (i64, String, i64, Option<i64>, Option<String>);
 
 type BlobMap = std::collections::HashMap<(String, String), std::collections::HashMap<String, i64>>;
 
@@ -239,7 +228,6 @@ impl SqliteStore {
         SqliteStore {
             db,
             wake: Arc::new(Notify::new()),
-            rounds: Arc::default(),
             blobs: Arc::default(),
         }
     }
@@ -278,6 +266,70 @@ impl SqliteStore {
         tx.commit().await?;
         self.woke(out.iter().flatten().filter(|q| q.created()).count());
         Ok(out)
+    }
+
+    pub(super) async fn enqueue_requests(
+        &self,
+        requests: &[NewRequest],
+    ) -> Result<Vec<RequestEnqueued>, Error> {
+        let mut tx = self.db.write.begin_with("BEGIN IMMEDIATE").await?;
+        let mut out = Vec::with_capacity(requests.len());
+        let mut created = 0;
+        for r in requests {
+            let mut jobs = Vec::with_capacity(r.jobs.len());
+            for (target, n) in &r.jobs {
+                match queue::enqueue_in(&mut tx, n).await {
+                    Err(queue::EnqueueError::Db(e)) => return Err(e.into()),
+                    Err(refused) => jobs.push((target.clone(), Err(refused.into()))),
+                    Ok(q) => {
+                        let q = enqueued(q)?;
+                        created += q.created() as usize;
+                        jobs.push((target.clone(), Ok(q)));
+                    }
+                }
+            }
+            let stored: Vec<(&str, i64)> = jobs
+                .iter()
+                .filter_map(|(t, q)| q.as_ref().ok().map(|q| (t.as_str(), q.job.id)))
+                .collect();
+            let id = match stored.is_empty() {
+                true => None,
+                false => Some(queue::insert_request(&mut tx, r, &stored).await?),
+            };
+            out.push(RequestEnqueued { id, jobs });
+        }
+        tx.commit().await?;
+        self.woke(created);
+        Ok(out)
+    }
+
+    pub(super) async fn request(&self, id: i64) -> Result<Option<Request>, Error> {
+        let Some((row, jobs)) = queue::request(&self.db, id).await? else {
+            return Ok(None);
+        };
+        Ok(Some(Request {
+            id: row.id,
+            source: row.source,
+            source_digest: row.source_digest,
+            requested_by: parse_json("requested_by", &row.requested_by)?,
+            created_at: row.created_at,
+            jobs: jobs
+                .into_iter()
+                .map(|(t, j)| Ok((t, job(j)?)))
+                .collect::<Result<_, Error>>()?,
+        }))
+    }
+
+    pub(super) async fn request_digest(&self, job_id: i64) -> Result<Option<String>, Error> {
+        Ok(queue::request_digest(&self.db, job_id).await?)
+    }
+
+    pub(super) async fn settle_request_digest(
+        &self,
+        job_id: i64,
+        digest: &str,
+    ) -> Result<String, Error> {
+        Ok(queue::settle_request_digest(&self.db, job_id, digest).await?)
     }
 
     pub(super) async fn owner(&self, mirror_repo: &str) -> Result<Option<String>, Error> {
@@ -569,25 +621,18 @@ impl SqliteStore {
     ) -> Result<Option<RoundSlot>, Error> {
         let now = now_ms();
         let every = (interval.as_millis() as i64).max(1);
-        let slot = now / every;
-        let mut rounds = self.rounds.lock().expect("rounds lock");
-        let claimed = rounds.claimed.entry((kind, every)).or_insert(i64::MIN);
-        if *claimed >= slot {
-            return Ok(None);
-        }
-        *claimed = slot;
-        rounds.running.insert(
-            (kind, slot),
-            Round {
-                kind,
-                slot,
-                replica: replica.to_string(),
-                started_at: now,
-                finished_at: None,
-                result: None,
-            },
-        );
-        Ok(Some(RoundSlot { kind, slot }))
+        let slot: Option<i64> = sqlx::query_scalar(
+            "insert into round_slot (kind, slot, interval_ms, replica, started_at)
+             values (?1, ?2, ?3, ?4, ?5) on conflict (kind, slot) do nothing returning slot",
+        )
+        .bind(kind.as_str())
+        .bind(now / every)
+        .bind(every)
+        .bind(replica)
+        .bind(now)
+        .fetch_optional(&self.db.write)
+        .await?;
+        Ok(slot.map(|slot| RoundSlot { kind, slot }))
     }
 
     pub(super) async fn next_round_in(&self, interval: Duration) -> Result<Duration, Error> {
@@ -600,23 +645,37 @@ impl SqliteStore {
         slot: RoundSlot,
         result: &serde_json::Value,
     ) -> Result<(), Error> {
-        let mut rounds = self.rounds.lock().expect("rounds lock");
-        if let Some(mut r) = rounds.running.remove(&(slot.kind, slot.slot)) {
-            r.finished_at = Some(now_ms());
-            r.result = Some(result.clone());
-            rounds.last.insert(slot.kind, r);
-        }
+        sqlx::query(
+            "update round_slot set finished_at = ?1, result = ?2 where kind = ?3 and slot = ?4",
+        )
+        .bind(now_ms())
+        .bind(result.to_string())
+        .bind(slot.kind.as_str())
+        .bind(slot.slot)
+        .execute(&self.db.write)
+        .await?;
         Ok(())
     }
 
     pub(super) async fn last_round(&self, kind: RoundKind) -> Result<Option<Round>, Error> {
-        Ok(self
-            .rounds
-            .lock()
-            .expect("rounds lock")
-            .last
-            .get(&kind)
-            .cloned())
+        let row: Option<RoundRow> = sqlx::query_as(
+            "select slot, replica, started_at, finished_at, result from round_slot
+             where kind = ?1 and finished_at is not null order by finished_at desc, slot desc limit 1",
+        )
+        .bind(kind.as_str())
+        .fetch_optional(&self.db.read)
+        .await?;
+        row.map(|(slot, replica, started_at, finished_at, result)| {
+            Ok(Round {
+                kind,
+                slot,
+                replica,
+                started_at,
+                finished_at,
+                result: result.map(|r| parse_json("round result", &r)).transpose()?,
+            })
+        })
+        .transpose()
     }
 
     pub(super) async fn record_blobs(

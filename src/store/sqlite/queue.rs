@@ -11,7 +11,7 @@ use sqlx::FromRow;
 use super::db::{Db, now_ms};
 use super::ledger::{self, NewRecord};
 use super::outbox;
-use crate::store::{Dedupe, JobReferrers, NewJob, NewNotice, ProgressRow};
+use crate::store::{Dedupe, JobReferrers, NewJob, NewNotice, NewRequest, ProgressRow};
 
 /// A job as stored.
 #[derive(Debug, Clone, FromRow, Serialize)]
@@ -520,4 +520,97 @@ pub async fn store_delivery(
         .execute(&mut *tx)
         .await?;
     Ok(())
+}
+
+/// Stores request `r` whose targets got the jobs `jobs` (`(target, job id)`, in order).
+pub async fn insert_request(
+    tx: &mut sqlx::SqliteConnection,
+    r: &NewRequest,
+    jobs: &[(&str, i64)],
+) -> sqlx::Result<i64> {
+    let id: i64 = sqlx::query_scalar(
+        "insert into request (source, requested_by, created_at) values (?1, ?2, ?3) returning id",
+    )
+    .bind(&r.source)
+    .bind(r.requested_by.to_string())
+    .bind(now_ms())
+    .fetch_one(&mut *tx)
+    .await?;
+    for (position, (target, job_id)) in jobs.iter().enumerate() {
+        sqlx::query(
+            "insert into request_job (request_id, position, target, job_id) values (?1, ?2, ?3, ?4)",
+        )
+        .bind(id)
+        .bind(position as i64)
+        .bind(target)
+        .bind(job_id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(id)
+}
+
+/// A request row.
+#[derive(Debug, Clone, FromRow)]
+pub struct RequestRow {
+    pub id: i64,
+    pub source: String,
+    pub source_digest: Option<String>,
+    pub requested_by: String,
+    pub created_at: i64,
+}
+
+/// Request `id` and its `(target, job)`s in order.
+pub async fn request(db: &Db, id: i64) -> sqlx::Result<Option<(RequestRow, Vec<(String, Job)>)>> {
+    let Some(row): Option<RequestRow> = sqlx::query_as("select * from request where id = ?1")
+        .bind(id)
+        .fetch_optional(&db.read)
+        .await?
+    else {
+        return Ok(None);
+    };
+    #[derive(FromRow)]
+    struct Targeted {
+        target: String,
+        #[sqlx(flatten)]
+        job: Job,
+    }
+    let jobs: Vec<Targeted> = sqlx::query_as(
+        "select rj.target as target, j.* from request_job rj join job j on j.id = rj.job_id
+         where rj.request_id = ?1 order by rj.position",
+    )
+    .bind(id)
+    .fetch_all(&db.read)
+    .await?;
+    Ok(Some((
+        row,
+        jobs.into_iter().map(|t| (t.target, t.job)).collect(),
+    )))
+}
+
+/// The digest the first request of job `job_id` settled on, if any.
+pub async fn request_digest(db: &Db, job_id: i64) -> sqlx::Result<Option<String>> {
+    sqlx::query_scalar(
+        "select r.source_digest from request r
+         where r.id = (select min(request_id) from request_job where job_id = ?1)",
+    )
+    .bind(job_id)
+    .fetch_optional(&db.read)
+    .await
+    .map(Option::flatten)
+}
+
+/// Settles the first request of job `job_id` on `digest` unless it already has one; returns
+/// the request's digest (`digest` for a job of no request).
+pub async fn settle_request_digest(db: &Db, job_id: i64, digest: &str) -> sqlx::Result<String> {
+    let settled: Option<String> = sqlx::query_scalar(
+        "update request set source_digest = ifnull(source_digest, ?1)
+         where id = (select min(request_id) from request_job where job_id = ?2)
+         returning source_digest",
+    )
+    .bind(digest)
+    .bind(job_id)
+    .fetch_optional(&db.write)
+    .await?;
+    Ok(settled.unwrap_or_else(|| digest.to_string()))
 }

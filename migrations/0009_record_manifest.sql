@@ -1,6 +1,5 @@
--- STAGED for the merge (moves to migrations/sqlite/ after jobs' 0006): not applied from here.
 -- Every digest a record names (the image, each manifest, each referrer), so `/digests/{digest}`
--- is an index look-up instead of json_each over every record. Backfilled from the records.
+-- is an index look-up instead of json_each over every record (as postgres/0001). Backfilled.
 create table record_manifest (
     record_id integer not null references mirror_record (id),
     digest text not null,

@@ -1,6 +1,5 @@
--- STAGED for the merge (moves to migrations/sqlite/): not applied from here.
--- Periodic rounds: one row per (kind, slot), slot = floor(unix ms / interval ms); the process that
--- inserts it runs the round and records what it found (kept across restarts).
+-- Periodic rounds (as postgres/0002): one row per (kind, slot), slot = floor(unix ms / interval
+-- ms); the process that inserts it runs the round and records what it found, kept across restarts.
 create table round_slot (
     kind text not null check (kind in ('drift', 'sync')),
     slot integer not null,

@@ -1,0 +1,218 @@
+//! One request, several registries (issue 15): `MIRROR_TARGETS` names targets, a request becomes
+//! one job per target under a request id, every target gets the same official digest, and a
+//! target that is down does not hold up the others.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::front::{Action, Front};
+use crate::support::image::{Style, platform};
+use crate::support::nginx::{Nginx, TWO_LEVEL_NAMES};
+use crate::support::service::Service;
+use crate::support::{Pusher, Registry, sha256, skopeo};
+
+/// A 2-platform index at `repo:v1` upstream; its digest.
+async fn two_platforms(up: &Registry, repo: &str, seed: u64) -> String {
+    let p = Pusher::new(up);
+    let a = p
+        .image(repo, seed, &[20_000, 40_000], false, Style::Compact)
+        .await;
+    let b = p
+        .image(repo, seed + 1, &[30_000], false, Style::Compact)
+        .await;
+    p.index(
+        repo,
+        Some("v1"),
+        &[
+            (a, platform("linux", "amd64")),
+            (b, platform("linux", "arm64")),
+        ],
+        false,
+        Style::Compact,
+    )
+    .await
+    .digest
+}
+
+/// Polls `GET /requests/{id}` until `done` holds for it (bounded).
+async fn wait_request(
+    svc: &Service,
+    id: i64,
+    limit: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (status, r) = svc.get(&format!("/requests/{id}")).await;
+        assert_eq!(status, 200, "{r}");
+        if done(&r) {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "request {id} not there in {limit:?}: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn digest_of(reference: &str) -> String {
+    sha256(&skopeo::inspect_raw(reference, None))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_request_lands_on_every_target_with_the_official_digest() {
+    let up = Registry::anonymous().await;
+    let (a, b) = (Registry::anonymous().await, Registry::anonymous().await);
+    // The second target takes only two-level names, as Docker Hub or ACR do: flat layout there.
+    let front = Nginx::front(&b.host(), TWO_LEVEL_NAMES);
+    let digest = two_platforms(&up, "field/app", 500).await;
+    let dir = tempfile::tempdir().unwrap();
+    let registries = dir.path().join("registries.yaml");
+    std::fs::write(&registries, format!("{}:\n  layout: flat\n", front.host())).unwrap();
+    let targets = format!("ghcr={}/mirror,home={}/acme", a.host(), front.host());
+    let svc = Service::start(
+        &dir.path().join("m.db"),
+        "unused",
+        &up.host(),
+        &[
+            ("MIRROR_TARGET", ""),
+            ("MIRROR_TARGETS", &targets),
+            ("MIRROR_REGISTRIES_FILE", registries.to_str().unwrap()),
+        ],
+    )
+    .await;
+    let source = format!("{}/field/app:v1", up.host());
+    let (status, body) = svc.mirror(&json!({ "image": source })).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["request_id"].as_i64().expect("a request id");
+    let jobs = body["jobs"].as_array().unwrap();
+    assert_eq!(
+        jobs.iter()
+            .map(|j| j["target_name"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["ghcr", "home"],
+        "{body}"
+    );
+    assert_ne!(jobs[0]["id"], jobs[1]["id"], "one job per target: {body}");
+    let done = wait_request(&svc, id, Duration::from_secs(60), |r| {
+        r["state"] == "succeeded"
+    })
+    .await;
+    assert_eq!(done["source_digest"], json!(digest), "{done}");
+    let mapped_up = up.host().replace(':', "_");
+    let nested = format!("{}/mirror/{mapped_up}/field/app", a.host());
+    let flat = format!("{}/acme/{mapped_up}__field__app", front.host());
+    for (mirror, job) in [&nested, &flat]
+        .iter()
+        .zip(done["targets"].as_array().unwrap())
+    {
+        assert_eq!(job["pull"], json!(format!("{mirror}@{digest}")), "{done}");
+        assert_eq!(
+            digest_of(&format!("{mirror}:v1")),
+            digest,
+            "skopeo reads {mirror} by tag"
+        );
+    }
+    // The ledger lists the tag's mirror on each target.
+    let (status, image) = svc.get(&format!("/images/{source}")).await;
+    assert_eq!(status, 200, "{image}");
+    let mut mirrors: Vec<&str> = image["mirrors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mirror"].as_str().unwrap())
+        .collect();
+    mirrors.sort();
+    let mut want = vec![nested.as_str(), flat.as_str()];
+    want.sort();
+    assert_eq!(mirrors, want, "{image}");
+
+    // Naming targets: one of them, or an unknown one.
+    let (status, one) = svc
+        .mirror(&json!({ "image": source, "targets": ["home"] }))
+        .await;
+    assert_eq!(status, 202, "{one}");
+    assert_eq!(
+        one["target_name"], "home",
+        "one target: the job itself: {one}"
+    );
+    let (status, err) = svc
+        .mirror(&json!({ "image": source, "targets": ["cn"] }))
+        .await;
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(
+        err["error"]["message"], "target \"cn\" is not configured; known targets: ghcr, home",
+        "{err}"
+    );
+    let (status, err) = svc
+        .mirror(&json!({ "image": source, "targets": ["home"], "target": format!("{nested}:x") }))
+        .await;
+    assert_eq!(status, 400, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_that_is_down_does_not_hold_up_the_other() {
+    let up = Registry::anonymous().await;
+    let (a, b) = (Registry::anonymous().await, Registry::anonymous().await);
+    // The second target's registry is down behind its load balancer until `down` is cleared.
+    let down = Arc::new(AtomicBool::new(true));
+    let gate = down.clone();
+    let front = Front::start(&b.host(), move |_| {
+        if gate.load(Ordering::SeqCst) {
+            Action::Answer(503, "UNAVAILABLE")
+        } else {
+            Action::Pass
+        }
+    })
+    .await;
+    let digest = two_platforms(&up, "field/tool", 600).await;
+    let dir = tempfile::tempdir().unwrap();
+    let targets = format!("ghcr={}/mirror,home={}/mirror", a.host(), front.host());
+    let svc = Service::start(
+        &dir.path().join("m.db"),
+        "unused",
+        &up.host(),
+        &[("MIRROR_TARGET", ""), ("MIRROR_TARGETS", &targets)],
+    )
+    .await;
+    let (status, body) = svc
+        .mirror(&json!({ "image": format!("{}/field/tool:v1", up.host()) }))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["request_id"].as_i64().unwrap();
+    // The first target is done while the second waits to try again: partial.
+    let partial = wait_request(&svc, id, Duration::from_secs(30), |r| {
+        r["state"] == "partial"
+    })
+    .await;
+    let (ghcr, home) = (&partial["targets"][0], &partial["targets"][1]);
+    assert_eq!(
+        (ghcr["target_name"].as_str(), ghcr["state"].as_str()),
+        (Some("ghcr"), Some("succeeded")),
+        "{partial}"
+    );
+    assert_eq!(home["state"], "queued", "{partial}");
+    assert!(
+        home["last_error"].as_str().unwrap().contains("503"),
+        "the second target's failure is kept: {partial}"
+    );
+    // Back up: the retry completes it, with the digest the request settled on.
+    down.store(false, Ordering::SeqCst);
+    let done = wait_request(&svc, id, Duration::from_secs(60), |r| {
+        r["state"] == "succeeded"
+    })
+    .await;
+    assert_eq!(done["source_digest"], json!(digest), "{done}");
+    let mapped_up = up.host().replace(':', "_");
+    for host in [a.host(), b.host()] {
+        assert_eq!(
+            digest_of(&format!("{host}/mirror/{mapped_up}/field/tool:v1")),
+            digest,
+            "skopeo reads the mirror on {host}"
+        );
+    }
+}
