@@ -156,7 +156,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     }
     let client = crate::cmd::client(&args.registry, NetworkPolicy::public_only(trusted), reach)?
         // Blobs any replica put on the target are mounted from where they are, not uploaded.
-        .with_blob_locations(Arc::new(crate::worker::StoreLocations(store.clone())));
+        .with_blob_locations(Arc::new(crate::worker::StoreLocations::new(store.clone())));
     let workers = Workers::new(
         store.clone(),
         client.clone(),

@@ -21,27 +21,154 @@ use crate::store::{
 };
 
 /// The store's `blob_location` as the copy engine's shared record of where blobs are on
-/// targets: a copy on any replica mounts what another uploaded. A failed look-up or write costs
-/// at most an upload later, so it is logged, not fatal.
-pub struct StoreLocations(pub Store);
+/// targets: a copy on any replica mounts what another uploaded, and a blob one replica is moving
+/// now is waited for (the store's `blob_claim`) instead of uploaded again. A failed look-up or
+/// write costs at most an upload, so it is logged, not fatal.
+pub struct StoreLocations {
+    store: Store,
+    /// The claims this process holds: (registry, digest) → token, and the task renewing it.
+    held: std::sync::Mutex<
+        std::collections::HashMap<(String, String), (String, tokio::task::AbortHandle)>,
+    >,
+}
+
+impl StoreLocations {
+    /// The record in `store`.
+    pub fn new(store: Store) -> StoreLocations {
+        StoreLocations {
+            store,
+            held: Default::default(),
+        }
+    }
+
+    async fn release(&self, registry: &str, digest: &str) {
+        let held = self
+            .held
+            .lock()
+            .expect("claims poisoned")
+            .remove(&(registry.to_string(), digest.to_string()));
+        if let Some((token, renewing)) = held {
+            renewing.abort();
+            if let Err(e) = self
+                .store
+                .release_blob_claim(registry, digest, &token)
+                .await
+            {
+                tracing::warn!(
+                    "releasing the claim on {digest} at {registry} failed (it expires in {} s): {e}",
+                    BLOB_CLAIM.as_secs()
+                );
+            }
+        }
+    }
+}
 
 /// Repositories tried per blob before uploading it.
 const MOUNT_CANDIDATES: i64 = 4;
 
+/// A claim on a blob in flight: renewed every third of it while the transfer runs.
+const BLOB_CLAIM: Duration = Duration::from_secs(30);
+
+/// How often a copy waiting for another replica's transfer looks again.
+const BLOB_WAIT_POLL: Duration = Duration::from_millis(200);
+
+/// Longest a copy waits for another replica's transfer before it uploads the blob itself (a
+/// holder whose copy was dropped mid-transfer keeps renewing until [`BLOB_HOLD`]).
+const BLOB_WAIT: Duration = Duration::from_secs(300);
+
+/// Longest a claim is renewed.
+const BLOB_HOLD: Duration = Duration::from_secs(900);
+
 impl registry::locations::BlobLocations for StoreLocations {
-    fn repos<'a>(
+    fn locate<'a>(
         &'a self,
         registry: &'a str,
         digest: &'a str,
+        repo: &'a str,
     ) -> registry::locations::Pending<'a, Vec<String>> {
         Box::pin(async move {
-            self.0
-                .blob_repos(registry, digest, MOUNT_CANDIDATES)
-                .await
-                .unwrap_or_else(|e| {
-                    tracing::warn!("looking up where {digest} is on {registry} failed (it is uploaded if missing): {e}");
-                    Vec::new()
-                })
+            let mut waited = false;
+            let deadline = tokio::time::Instant::now() + BLOB_WAIT;
+            loop {
+                match self
+                    .store
+                    .blob_repos(registry, digest, MOUNT_CANDIDATES)
+                    .await
+                {
+                    Ok(repos) if !repos.is_empty() => {
+                        if waited {
+                            tracing::debug!(
+                                blob = digest,
+                                "another replica moved {digest} into {registry}; mounting it"
+                            );
+                        }
+                        return repos;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(
+                            "looking up where {digest} is on {registry} failed (it is uploaded if missing): {e}"
+                        );
+                        return Vec::new();
+                    }
+                }
+                let token = hex::encode(rand::random::<[u8; 16]>());
+                match self
+                    .store
+                    .claim_blob(registry, digest, repo, &token, BLOB_CLAIM)
+                    .await
+                {
+                    Ok(None) => {
+                        let (store, r, d, t) = (
+                            self.store.clone(),
+                            registry.to_string(),
+                            digest.to_string(),
+                            token.clone(),
+                        );
+                        let renewing = tokio::spawn(async move {
+                            let until = tokio::time::Instant::now() + BLOB_HOLD;
+                            while tokio::time::Instant::now() < until {
+                                tokio::time::sleep(BLOB_CLAIM / 3).await;
+                                match store.renew_blob_claim(&r, &d, &t, BLOB_CLAIM).await {
+                                    Ok(true) => {}
+                                    Ok(false) => return,
+                                    Err(e) => tracing::warn!(
+                                        "renewing the claim on {d} at {r} failed: {e}"
+                                    ),
+                                }
+                            }
+                        });
+                        self.held.lock().expect("claims poisoned").insert(
+                            (registry.to_string(), digest.to_string()),
+                            (token, renewing.abort_handle()),
+                        );
+                        return Vec::new();
+                    }
+                    Ok(Some(holder)) if tokio::time::Instant::now() < deadline => {
+                        if !waited {
+                            tracing::debug!(
+                                blob = digest,
+                                "another replica is moving {digest} into {registry}/{holder}; waiting to mount it"
+                            );
+                        }
+                        waited = true;
+                        tokio::time::sleep(BLOB_WAIT_POLL).await;
+                    }
+                    Ok(Some(holder)) => {
+                        tracing::warn!(
+                            "{registry}/{holder} has been getting {digest} for {} s; uploading it here too",
+                            BLOB_WAIT.as_secs()
+                        );
+                        return Vec::new();
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            "claiming the move of {digest} into {registry} failed (uploading it): {e}"
+                        );
+                        return Vec::new();
+                    }
+                }
+            }
         })
     }
 
@@ -53,13 +180,22 @@ impl registry::locations::BlobLocations for StoreLocations {
     ) -> registry::locations::Pending<'a, ()> {
         Box::pin(async move {
             if let Err(e) = self
-                .0
+                .store
                 .record_blobs(registry, repo, &[digest.to_string()])
                 .await
             {
                 tracing::warn!("recording that {registry}/{repo} holds {digest} failed: {e}");
             }
+            self.release(registry, digest).await;
         })
+    }
+
+    fn abandon<'a>(
+        &'a self,
+        registry: &'a str,
+        digest: &'a str,
+    ) -> registry::locations::Pending<'a, ()> {
+        Box::pin(self.release(registry, digest))
     }
 }
 

@@ -1200,12 +1200,22 @@ impl Engine<'_> {
         {
             let digest = d.digest.to_string();
             *known = shared
-                .repos(&self.dst.registry, &digest)
+                .locate(&self.dst.registry, &digest, &self.dst.name)
                 .await
                 .into_iter()
                 .find(|r| *r != self.dst.name);
         }
-        let outcome = self.transfer_locked(d, known.as_deref()).await?;
+        let outcome = match self.transfer_locked(d, known.as_deref()).await {
+            Ok(o) => o,
+            Err(e) => {
+                if let Some(shared) = self.client.blob_locations() {
+                    shared
+                        .abandon(&self.dst.registry, &d.digest.to_string())
+                        .await;
+                }
+                return Err(e);
+            }
+        };
         *known = Some(self.dst.name.clone());
         if let Some(shared) = self.client.blob_locations() {
             let digest = d.digest.to_string();

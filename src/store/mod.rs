@@ -416,6 +416,52 @@ impl Store {
         each!(self.blob_repos(registry, digest, limit))
     }
 
+    /// Claims the move of `digest` into `repo` on `registry` for `lease` under `token`: none
+    /// when the caller now holds it (nobody did, or the holder's lease ran out), else the
+    /// repository the holder is moving it into (the caller waits, then mounts from there). On
+    /// SQLite one process owns the file and its copy engine already moves a blob into a
+    /// registry once at a time: always the caller's.
+    pub async fn claim_blob(
+        &self,
+        registry: &str,
+        digest: &str,
+        repo: &str,
+        token: &str,
+        lease: Duration,
+    ) -> Result<Option<String>, Error> {
+        match self {
+            Store::Sqlite(_) => Ok(None),
+            Store::Postgres(s) => s.claim_blob(registry, digest, repo, token, lease).await,
+        }
+    }
+
+    /// Extends a held claim; false when it is no longer the caller's.
+    pub async fn renew_blob_claim(
+        &self,
+        registry: &str,
+        digest: &str,
+        token: &str,
+        lease: Duration,
+    ) -> Result<bool, Error> {
+        match self {
+            Store::Sqlite(_) => Ok(true),
+            Store::Postgres(s) => s.renew_blob_claim(registry, digest, token, lease).await,
+        }
+    }
+
+    /// Ends a held claim (the blob moved, or its move failed).
+    pub async fn release_blob_claim(
+        &self,
+        registry: &str,
+        digest: &str,
+        token: &str,
+    ) -> Result<(), Error> {
+        match self {
+            Store::Sqlite(_) => Ok(()),
+            Store::Postgres(s) => s.release_blob_claim(registry, digest, token).await,
+        }
+    }
+
     /// Forgets that `repo` holds `digest` (a mount from it failed: garbage collection removed it).
     pub async fn forget_blob(&self, registry: &str, repo: &str, digest: &str) -> Result<(), Error> {
         each!(self.forget_blob(registry, repo, digest))

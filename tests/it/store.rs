@@ -1403,3 +1403,73 @@ async fn squatter_id(s: &Store) -> i64 {
         .unwrap()
         .id
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_blob_in_flight_is_claimed_by_one_replica_until_released_or_expired() {
+    let db = Database::new(Backend::Postgres).await;
+    let (a, b) = (db.open().await, db.open().await);
+    let lease = Duration::from_secs(30);
+    assert_eq!(
+        a.claim_blob("h:1", "sha256:b", "m/one", "ta", lease)
+            .await
+            .unwrap(),
+        None,
+        "nobody held it: A's"
+    );
+    assert_eq!(
+        b.claim_blob("h:1", "sha256:b", "m/two", "tb", lease)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("m/one"),
+        "B waits for A's move into m/one"
+    );
+    assert!(
+        a.renew_blob_claim("h:1", "sha256:b", "ta", lease)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !b.renew_blob_claim("h:1", "sha256:b", "tb", lease)
+            .await
+            .unwrap()
+    );
+    // Another blob, or another registry, is free.
+    assert_eq!(
+        b.claim_blob("h:2", "sha256:b", "m/two", "tb", lease)
+            .await
+            .unwrap(),
+        None
+    );
+    a.release_blob_claim("h:1", "sha256:b", "ta").await.unwrap();
+    assert_eq!(
+        b.claim_blob("h:1", "sha256:b", "m/two", "tb", lease)
+            .await
+            .unwrap(),
+        None
+    );
+    // A holder that stopped renewing loses it when its lease runs out.
+    b.renew_blob_claim("h:1", "sha256:b", "tb", Duration::from_millis(1))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match a
+            .claim_blob("h:1", "sha256:b", "m/one", "ta2", lease)
+            .await
+            .unwrap()
+        {
+            None => break,
+            Some(_) => assert!(
+                Instant::now() < deadline,
+                "the expired claim was not taken over"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        !b.renew_blob_claim("h:1", "sha256:b", "tb", lease)
+            .await
+            .unwrap()
+    );
+}
