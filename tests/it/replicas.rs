@@ -2,8 +2,9 @@
 //! per test), behind a real nginx front. A replica killed mid-copy loses and duplicates nothing; a
 //! rolling restart under a stream of signed webhooks loses and duplicates no delivery; periodic
 //! rounds run once per interval across the replicas; replicas starting at once on an empty
-//! database migrate it once. Two ignored tests fail today and say why (`--ignored`): a shared
-//! layer goes up once per replica, and PostgreSQL's rescue can requeue a job with no attempts left.
+//! database migrate it once; a layer shared by images copied at once on three replicas goes up
+//! once. One ignored test fails today and says why (`--ignored`): PostgreSQL's rescue can requeue a
+//! job with no attempts left.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -591,12 +592,10 @@ async fn one_sqlite_replica_restarted_behind_the_front_answers_again_with_its_qu
 }
 
 /// Issue 14's d) target across replicas: a layer shared by images that three replicas copy at the
-/// same moment goes up to the target registry once, and the others mount it. Fails today: the
-/// `blob_location` record is written once a blob is on the target, and nothing tells a replica
-/// that another is uploading the same blob right now, so each replica uploads it once (the
-/// in-process lock covers one process only). Run it with `--ignored`.
+/// same moment goes up to the target registry once, and the others mount it (the copy engine's
+/// `blob_claim`: a replica moving a blob into a registry holds a renewed claim, the others wait for
+/// it and mount). Failed before that claim (each replica uploaded the layer once: 3 uploads).
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "issue 14: no cross-replica claim on a blob being uploaded; each replica uploads a shared layer once"]
 async fn a_layer_shared_by_images_copied_at_once_on_three_replicas_is_uploaded_once() {
     let src = Registry::anonymous().await;
     let dst = Registry::anonymous().await;
