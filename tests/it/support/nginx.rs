@@ -42,11 +42,18 @@ impl Nginx {
     }
 
     /// A front spreading requests over `servers` (`host:port` each) round-robin, as a load
-    /// balancer before replicas does: a request whose server refuses the connection or times out
-    /// goes to the next one, and so does a `GET` answered `502`/`503` (nginx's default: a `POST`
-    /// a server has received is never sent again, so a delivery is never repeated by the front);
-    /// a server that failed is left out for a second. The access log names the server that
-    /// answered (`upstream=`), every one tried in order.
+    /// balancer before replicas does: a request whose server refuses the connection, resets it,
+    /// times out or answers `502`/`503` goes to the next one, POSTs too (`non_idempotent`), and a
+    /// server that failed is left out for a second. The access log names the server that answered
+    /// (`upstream=`), every one tried in order.
+    ///
+    /// POSTs are retried because a replica stopping with SIGTERM closes its listener at once, and
+    /// a connection the kernel had already accepted for it is reset with the request unread: nginx
+    /// cannot tell that from a request the replica processed, so without `non_idempotent` it
+    /// answers `502` (seen under load: 1 of 101 deliveries). What goes through here must be safe to
+    /// repeat, as webhook deliveries (by `X-GitHub-Delivery`) and mirror requests (dedupe) are;
+    /// the tests check no repeat made a second job. In Kubernetes the `preStop` pause keeps
+    /// traffic away from a stopping pod instead.
     #[track_caller]
     pub fn balance(servers: &[String], rules: &str) -> Nginx {
         assert!(!servers.is_empty());
@@ -58,7 +65,7 @@ impl Nginx {
         }
         upstream.push_str("    }\n");
         let rules = format!(
-            "proxy_next_upstream error timeout http_502 http_503;\n        \
+            "proxy_next_upstream error timeout http_502 http_503 non_idempotent;\n        \
              proxy_next_upstream_tries {};\n        proxy_connect_timeout 2s;\n        {rules}",
             servers.len()
         );
