@@ -132,6 +132,13 @@ fn every_yaml_file_under_deploy_parses() {
         "deploy/kubernetes/pvc.yaml",
         "deploy/kubernetes/configmap.yaml",
         "deploy/kubernetes/secret.example.yaml",
+        "deploy/compose.postgres.yaml",
+        "deploy/kubernetes/postgres/kustomization.yaml",
+        "deploy/kubernetes/postgres/deployment.yaml",
+        "deploy/kubernetes/postgres/pdb.yaml",
+        "deploy/kubernetes/postgres/service.yaml",
+        "deploy/kubernetes/postgres/configmap.yaml",
+        "deploy/kubernetes/postgres/secret.example.yaml",
     ] {
         assert!(
             files.contains(&root().join(expected)),
@@ -163,15 +170,33 @@ fn every_yaml_file_under_deploy_parses() {
 
 // ---- Kubernetes -------------------------------------------------------------------------------------
 
-/// Every object in `deploy/kubernetes/`, keyed by kind and name.
+/// The SQLite mode's manifests (one replica).
+const SQLITE_MANIFESTS: &str = "deploy/kubernetes";
+/// The PostgreSQL mode's manifests (three replicas on one database).
+const POSTGRES_MANIFESTS: &str = "deploy/kubernetes/postgres";
+
+/// Every object in one directory of manifests (not its subdirectories: each is a mode of its own).
 struct Cluster {
+    dir: &'static str,
     objects: Vec<(String, Value)>,
 }
 
 impl Cluster {
+    /// The SQLite mode.
     fn load() -> Self {
-        let mut files = Vec::new();
-        yaml_files(&root().join("deploy/kubernetes"), &mut files);
+        Self::load_dir(SQLITE_MANIFESTS)
+    }
+
+    fn load_dir(dir: &'static str) -> Self {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(root().join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.is_file()
+                    && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+            })
+            .collect();
+        files.sort();
         let objects = files
             .iter()
             .flat_map(|f| {
@@ -179,7 +204,7 @@ impl Cluster {
                 documents(f).into_iter().map(move |d| (name.clone(), d))
             })
             .collect();
-        Cluster { objects }
+        Cluster { dir, objects }
     }
 
     #[track_caller]
@@ -188,7 +213,7 @@ impl Cluster {
             .iter()
             .map(|(_, o)| o)
             .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
-            .unwrap_or_else(|| panic!("no {kind} named {name} in deploy/kubernetes"))
+            .unwrap_or_else(|| panic!("no {kind} named {name} in {}", self.dir))
     }
 
     #[track_caller]
@@ -198,7 +223,7 @@ impl Cluster {
             .iter()
             .filter(|(_, o)| o["kind"] == kind)
             .collect();
-        assert_eq!(all.len(), 1, "expected one {kind}");
+        assert_eq!(all.len(), 1, "expected one {kind} in {}", self.dir);
         &all[0].1
     }
 
@@ -236,6 +261,13 @@ impl Cluster {
             .find_map(|e| e["secretRef"]["name"].as_str())
             .expect("envFrom a Secret");
         string_map(&self.get("Secret", name)["stringData"], "Secret stringData")
+    }
+
+    /// `MIRROR_SHUTDOWN_GRACE` as the ConfigMap sets it, or its default.
+    fn shutdown_grace(&self) -> u64 {
+        self.settings()
+            .get("MIRROR_SHUTDOWN_GRACE")
+            .map_or(DEFAULT_SHUTDOWN_GRACE, |g| g.parse().unwrap())
     }
 
     /// A container port by name or number, as its number.
@@ -288,15 +320,28 @@ fn kubernetes_runs_one_replica_with_probes_on_the_service_port() {
         deployment["spec"]["strategy"]["type"], "Recreate",
         "a rolling update would run two writers"
     );
+    assert_serves_on_one_port(&k);
+}
 
-    // The pod is what the Deployment and the Service select.
+/// The pod is what the Deployment and the Service select; one port is where `MIRROR_LISTEN`
+/// listens, where the Service sends traffic and where the probes look; the container runs `serve`.
+#[track_caller]
+fn assert_serves_on_one_port(k: &Cluster) {
+    let deployment = k.deployment();
     let labels = deployment["spec"]["template"]["metadata"]["labels"]
         .as_mapping()
         .expect("pod labels");
     for selector in [
         &deployment["spec"]["selector"]["matchLabels"],
         &k.get("Service", "mirror-mirror")["spec"]["selector"],
-    ] {
+    ]
+    .into_iter()
+    .chain(
+        k.objects
+            .iter()
+            .filter(|(_, o)| o["kind"] == "PodDisruptionBudget")
+            .map(|(_, o)| &o["spec"]["selector"]["matchLabels"]),
+    ) {
         let selector = selector.as_mapping().expect("a selector");
         assert!(!selector.is_empty());
         for (key, value) in selector {
@@ -403,6 +448,26 @@ fn kubernetes_keeps_the_database_on_the_claim_and_credentials_where_docker_confi
 fn kubernetes_runs_unprivileged_and_stops_within_the_grace() {
     let k = Cluster::load();
     let pod = &k.deployment()["spec"]["template"]["spec"];
+    assert_unprivileged(&k);
+    assert_eq!(
+        pod["securityContext"]["fsGroup"].as_u64(),
+        pod["securityContext"]["runAsUser"].as_u64(),
+        "the volume must be writable by the user"
+    );
+    let termination = pod["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("terminationGracePeriodSeconds");
+    assert!(
+        termination > k.shutdown_grace(),
+        "the pod is killed after {termination}s, before the {}s shutdown grace ends",
+        k.shutdown_grace()
+    );
+}
+
+/// Non-root as the image's user, read-only, no capabilities, memory bounded.
+#[track_caller]
+fn assert_unprivileged(k: &Cluster) {
+    let pod = &k.deployment()["spec"]["template"]["spec"];
     let ctx = &pod["securityContext"];
     assert_eq!(ctx["runAsNonRoot"].as_bool(), Some(true));
     let uid = ctx["runAsUser"].as_u64().expect("runAsUser");
@@ -411,11 +476,6 @@ fn kubernetes_runs_unprivileged_and_stops_within_the_grace() {
         uid,
         u64::from(Dockerfile::load().runtime_uid()),
         "the image's user"
-    );
-    assert_eq!(
-        ctx["fsGroup"].as_u64(),
-        Some(uid),
-        "the volume must be writable by the user"
     );
 
     let c = &k.container()["securityContext"];
@@ -430,35 +490,39 @@ fn kubernetes_runs_unprivileged_and_stops_within_the_grace() {
             "resources.{key}.memory"
         );
     }
-
-    let grace: u64 = k
-        .settings()
-        .get("MIRROR_SHUTDOWN_GRACE")
-        .map_or(DEFAULT_SHUTDOWN_GRACE, |g| g.parse().unwrap());
-    let termination = pod["terminationGracePeriodSeconds"]
-        .as_u64()
-        .expect("terminationGracePeriodSeconds");
-    assert!(
-        termination > grace,
-        "the pod is killed after {termination}s, before the {grace}s shutdown grace ends"
-    );
 }
 
 #[test]
 fn kubernetes_settings_are_documented_and_secrets_stay_in_the_secret() {
     let k = Cluster::load();
-    let settings = k.settings();
-    let secrets = k.secrets();
-    assert_documented(
-        settings.keys().chain(secrets.keys()).map(String::as_str),
-        "deploy/kubernetes",
-    );
     for required in ["MIRROR_TARGET", "MIRROR_DATABASE", "MIRROR_LISTEN"] {
         assert!(
-            settings.contains_key(required),
+            k.settings().contains_key(required),
             "ConfigMap lacks {required}"
         );
     }
+    assert_settings_documented_and_secrets_apart(&k);
+}
+
+/// Every setting is one the README documents; tokens and secrets are in the Secret only.
+#[track_caller]
+fn assert_settings_documented_and_secrets_apart(k: &Cluster) {
+    let settings = k.settings();
+    let secrets = k.secrets();
+    let env: Vec<String> = k.container()["env"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .map(|e| str_of(&e["name"], "env name").to_string())
+        .collect();
+    assert_documented(
+        settings
+            .keys()
+            .chain(secrets.keys())
+            .chain(&env)
+            .map(String::as_str),
+        k.dir,
+    );
     assert!(secrets.contains_key("MIRROR_API_TOKENS"));
     for secret in [
         "MIRROR_API_TOKENS",
@@ -488,13 +552,29 @@ fn kubernetes_settings_are_documented_and_secrets_stay_in_the_secret() {
 
 #[test]
 fn kustomization_lists_every_manifest_but_the_example_secrets() {
-    let kustomization = &documents(&root().join("deploy/kubernetes/kustomization.yaml"))[0];
+    assert_kustomization_renders(
+        &Cluster::load(),
+        &[
+            "ConfigMap",
+            "PersistentVolumeClaim",
+            "Deployment",
+            "Service",
+        ],
+    );
+}
+
+/// The kustomization of `k.dir` lists every manifest there but the examples, sets the
+/// Deployment's image, and (when kubectl is installed) renders `kinds` and no Secret.
+#[track_caller]
+fn assert_kustomization_renders(k: &Cluster, kinds: &[&str]) {
+    let dir = root().join(k.dir);
+    let kustomization = &documents(&dir.join("kustomization.yaml"))[0];
     let mut listed: Vec<_> = seq(&kustomization["resources"], "resources")
         .iter()
         .map(|r| str_of(r, "resource").to_string())
         .collect();
     listed.sort();
-    let mut files: Vec<_> = std::fs::read_dir(root().join("deploy/kubernetes"))
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|f| f.ends_with(".yaml") && f != "kustomization.yaml" && !f.contains("example"))
@@ -504,14 +584,14 @@ fn kustomization_lists_every_manifest_but_the_example_secrets() {
     assert!(
         seq(&kustomization["images"], "images")
             .iter()
-            .any(|i| i["name"] == Cluster::load().container()["image"]),
+            .any(|i| i["name"] == k.container()["image"]),
         "kustomization sets the Deployment's image"
     );
 
     // kubectl renders it offline, when installed.
     match Command::new("kubectl")
         .args(["kustomize"])
-        .arg(root().join("deploy/kubernetes"))
+        .arg(&dir)
         .output()
     {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -525,7 +605,7 @@ fn kustomization_lists_every_manifest_but_the_example_secrets() {
                 String::from_utf8_lossy(&out.stderr)
             );
             let rendered = String::from_utf8(out.stdout).unwrap();
-            let kinds: Vec<String> = serde_norway::Deserializer::from_str(&rendered)
+            let rendered: Vec<String> = serde_norway::Deserializer::from_str(&rendered)
                 .map(|d| {
                     Value::deserialize(d).unwrap()["kind"]
                         .as_str()
@@ -533,23 +613,178 @@ fn kustomization_lists_every_manifest_but_the_example_secrets() {
                         .to_string()
                 })
                 .collect();
-            for kind in [
-                "ConfigMap",
-                "PersistentVolumeClaim",
-                "Deployment",
-                "Service",
-            ] {
+            for kind in kinds {
                 assert!(
-                    kinds.iter().any(|k| k == kind),
-                    "{kind} not rendered: {kinds:?}"
+                    rendered.iter().any(|k| k == kind),
+                    "{kind} not rendered: {rendered:?}"
                 );
             }
             assert!(
-                !kinds.iter().any(|k| k == "Secret"),
+                !rendered.iter().any(|k| k == "Secret"),
                 "placeholders must not ship"
             );
         }
     }
+}
+
+// ---- Kubernetes, PostgreSQL mode ------------------------------------------------------------------
+
+/// Whether the service opens `location` with PostgreSQL (what `Store::open` checks).
+fn is_postgres_url(location: &str) -> bool {
+    location.starts_with("postgres://") || location.starts_with("postgresql://")
+}
+
+#[test]
+fn kubernetes_postgres_runs_three_replicas_that_roll_one_at_a_time() {
+    let k = Cluster::load_dir(POSTGRES_MANIFESTS);
+    let spec = &k.deployment()["spec"];
+    let replicas = spec["replicas"].as_u64().expect("replicas");
+    assert_eq!(replicas, 3);
+    assert_eq!(spec["strategy"]["type"], "RollingUpdate");
+    let rolling = &spec["strategy"]["rollingUpdate"];
+    assert_eq!(
+        rolling["maxUnavailable"].as_u64(),
+        Some(0),
+        "a replica stops only after its replacement is ready"
+    );
+    assert_eq!(
+        rolling["maxSurge"].as_u64(),
+        Some(1),
+        "one new pod at a time"
+    );
+
+    // Voluntary disruptions leave two replicas up; the budget can be met (below the replicas).
+    let pdb = k.only("PodDisruptionBudget");
+    assert_eq!(pdb["apiVersion"], "policy/v1");
+    let min = pdb["spec"]["minAvailable"].as_u64().expect("minAvailable");
+    assert_eq!(min, 2);
+    assert!(min < replicas, "minAvailable {min} would block every drain");
+
+    // Probes, ports, labels (the PDB selects the pods too), `serve`.
+    assert_serves_on_one_port(&k);
+    let readiness = &k.container()["readinessProbe"];
+    assert!(
+        readiness["periodSeconds"].as_u64().unwrap_or(10)
+            * readiness["failureThreshold"].as_u64().unwrap_or(3)
+            <= 15,
+        "a replica that cannot reach the database leaves the Service within 15 s"
+    );
+}
+
+#[test]
+fn kubernetes_postgres_takes_the_database_url_from_a_secret_and_keeps_nothing_on_disk() {
+    let k = Cluster::load_dir(POSTGRES_MANIFESTS);
+    assert!(
+        !k.settings().contains_key("MIRROR_DATABASE"),
+        "the URL holds a password: not in the ConfigMap"
+    );
+    assert!(
+        !k.secrets().contains_key("MIRROR_DATABASE"),
+        "MIRROR_DATABASE comes from its own Secret key (env), not from envFrom"
+    );
+    let env = seq(&k.container()["env"], "env");
+    let database: Vec<_> = env
+        .iter()
+        .filter(|e| e["name"] == "MIRROR_DATABASE")
+        .collect();
+    assert_eq!(database.len(), 1, "MIRROR_DATABASE set once");
+    let from = &database[0]["valueFrom"]["secretKeyRef"];
+    let secret = k.get("Secret", str_of(&from["name"], "secretKeyRef.name"));
+    let url = str_of(
+        &secret["stringData"][str_of(&from["key"], "secretKeyRef.key")],
+        "the database URL",
+    );
+    assert!(
+        is_postgres_url(url),
+        "{url} would open SQLite, one file per pod"
+    );
+    url::Url::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+
+    // No claim, no volume but the Docker config and /tmp.
+    assert!(
+        !k.objects
+            .iter()
+            .any(|(_, o)| o["kind"] == "PersistentVolumeClaim"),
+        "a ReadWriteOnce claim would pin every replica to one node"
+    );
+    let volumes = seq(
+        &k.deployment()["spec"]["template"]["spec"]["volumes"],
+        "volumes",
+    );
+    assert!(
+        volumes.iter().all(|v| v["persistentVolumeClaim"].is_null()),
+        "no claim"
+    );
+    let mount = k.mount_of("the Docker config", |v| {
+        v["secret"]["items"]
+            .as_sequence()
+            .is_some_and(|items| items.iter().any(|i| i["path"] == "config.json"))
+    });
+    assert_eq!(mount, k.settings()["DOCKER_CONFIG"]);
+    assert_eq!(k.mount_of("/tmp", |v| !v["emptyDir"].is_null()), "/tmp");
+    assert_eq!(
+        k.get("Secret", "mirror-mirror-registry-auth")["type"],
+        "kubernetes.io/dockerconfigjson"
+    );
+}
+
+#[test]
+fn kubernetes_postgres_drains_before_it_stops_and_is_killed_only_after_the_grace() {
+    let k = Cluster::load_dir(POSTGRES_MANIFESTS);
+    assert_unprivileged(&k);
+    // SIGTERM closes the listener at once (axum's graceful shutdown): the preStop pause keeps the
+    // pod answering while endpoints forget it.
+    let command: Vec<&str> = seq(
+        &k.container()["lifecycle"]["preStop"]["exec"]["command"],
+        "preStop.exec.command",
+    )
+    .iter()
+    .map(|c| str_of(c, "command"))
+    .collect();
+    let pause = match command.as_slice() {
+        ["sleep", n] => seconds(n),
+        other => panic!("preStop {other:?}: expected [\"sleep\", N]"),
+    };
+    assert!(
+        pause >= 5,
+        "a {pause}s pause is shorter than endpoint propagation"
+    );
+    // Then serve gives copies MIRROR_SHUTDOWN_GRACE, and up to 10 s more to put back the jobs it
+    // could not finish (src/serve.rs); the kubelet's clock runs from the preStop hook.
+    let needed = pause + k.shutdown_grace() + 10;
+    let termination = k.deployment()["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("terminationGracePeriodSeconds");
+    assert!(
+        termination > needed,
+        "killed after {termination}s, before the {pause}s pause, the {}s grace and 10 s of requeueing end",
+        k.shutdown_grace()
+    );
+}
+
+#[test]
+fn kubernetes_postgres_settings_are_documented_and_secrets_stay_in_secrets() {
+    let k = Cluster::load_dir(POSTGRES_MANIFESTS);
+    for required in ["MIRROR_TARGET", "MIRROR_LISTEN"] {
+        assert!(
+            k.settings().contains_key(required),
+            "ConfigMap lacks {required}"
+        );
+    }
+    assert_settings_documented_and_secrets_apart(&k);
+    // The same Service in both modes: switching keeps the address clients use.
+    assert_eq!(
+        k.get("Service", "mirror-mirror")["spec"],
+        Cluster::load().get("Service", "mirror-mirror")["spec"]
+    );
+}
+
+#[test]
+fn kustomization_of_the_postgres_mode_lists_every_manifest_but_the_example_secrets() {
+    assert_kustomization_renders(
+        &Cluster::load_dir(POSTGRES_MANIFESTS),
+        &["ConfigMap", "Deployment", "PodDisruptionBudget", "Service"],
+    );
 }
 
 // ---- compose ----------------------------------------------------------------------------------------
@@ -628,6 +863,114 @@ fn compose_runs_the_service_next_to_a_local_registry() {
     assert!(
         seconds(stop) > grace,
         "stop_grace_period {stop} must exceed the {grace}s shutdown grace"
+    );
+}
+
+#[test]
+fn compose_postgres_runs_replicas_on_one_database_next_to_a_local_registry() {
+    let compose = &documents(&root().join("deploy/compose.postgres.yaml"))[0];
+    let services = compose["services"].as_mapping().expect("services");
+    let (pg_name, pg) = services
+        .iter()
+        .find(|(_, s)| {
+            s["image"]
+                .as_str()
+                .is_some_and(|i| i.starts_with("postgres:"))
+        })
+        .expect("a postgres service");
+    let pg_name = str_of(pg_name, "service name");
+    let pg_env = string_map(&pg["environment"], "postgres environment");
+    assert!(
+        pg["volumes"].as_sequence().is_some_and(|v| v
+            .iter()
+            .any(|v| str_of(v, "volume").ends_with(":/var/lib/postgresql/data"))),
+        "PostgreSQL keeps its data on a volume"
+    );
+    assert!(
+        pg["healthcheck"]["test"].as_sequence().is_some_and(|t| t
+            .iter()
+            .any(|a| a.as_str().is_some_and(|a| a.contains("pg_isready")))),
+        "a health check the service can wait on"
+    );
+
+    let service = &compose["services"]["mirror-mirror"];
+    assert_eq!(
+        service["depends_on"][pg_name]["condition"], "service_healthy",
+        "the replicas start once PostgreSQL takes connections"
+    );
+    let context = root()
+        .join("deploy")
+        .join(str_of(&service["build"]["context"], "build.context"));
+    assert_eq!(
+        context
+            .join(
+                service["build"]["dockerfile"]
+                    .as_str()
+                    .unwrap_or("Dockerfile")
+            )
+            .canonicalize()
+            .unwrap(),
+        root().join("Dockerfile").canonicalize().unwrap()
+    );
+    let env = string_map(&service["environment"], "environment");
+    assert_documented(
+        env.keys().map(String::as_str),
+        "deploy/compose.postgres.yaml",
+    );
+
+    // The URL names the postgres service, its user and its database.
+    let database = &env["MIRROR_DATABASE"];
+    assert!(is_postgres_url(database), "{database}");
+    let url = url::Url::parse(&database.replace("${POSTGRES_PASSWORD}", "pw")).unwrap();
+    assert_eq!(url.host_str(), Some(pg_name));
+    assert_eq!(url.username(), pg_env["POSTGRES_USER"]);
+    assert_eq!(url.path().trim_start_matches('/'), pg_env["POSTGRES_DB"]);
+    assert!(
+        pg_env["POSTGRES_PASSWORD"].contains("POSTGRES_PASSWORD")
+            && database.contains("${POSTGRES_PASSWORD}"),
+        "one password, from the environment, in both"
+    );
+    assert!(
+        service["volumes"].is_null(),
+        "nothing of the service's is on disk"
+    );
+
+    // Several replicas, each published on its own host port.
+    let replicas = service["deploy"]["replicas"].as_u64().unwrap_or(1);
+    assert!(replicas >= 2, "{replicas} replica(s)");
+    let port = port_of(&env["MIRROR_LISTEN"]);
+    let published = seq(&service["ports"], "ports")
+        .iter()
+        .map(|p| str_of(p, "port"))
+        .find(|p| p.ends_with(&format!(":{port}")))
+        .expect("the API is published");
+    let host_ports = published.rsplit(':').nth(1).unwrap();
+    let (low, high) = host_ports.split_once('-').expect("a host port range");
+    let span = high.parse::<u64>().unwrap() - low.parse::<u64>().unwrap() + 1;
+    assert_eq!(span, replicas, "one host port per replica: {published}");
+
+    // The target registry, as in compose.yaml.
+    let target_host = env["MIRROR_TARGET"].split('/').next().unwrap().to_string();
+    let registry = &compose["services"][target_host.split(':').next().unwrap()];
+    assert!(
+        registry["image"]
+            .as_str()
+            .is_some_and(|i| i.starts_with("registry:2")),
+        "mirrors go to the local registry"
+    );
+    assert!(
+        env["MIRROR_INSECURE_REGISTRIES"]
+            .split(',')
+            .any(|h| h == target_host)
+    );
+
+    let grace: u64 = env
+        .get("MIRROR_SHUTDOWN_GRACE")
+        .map_or(DEFAULT_SHUTDOWN_GRACE, |g| g.parse().unwrap());
+    let stop = seconds(str_of(&service["stop_grace_period"], "stop_grace_period"));
+    assert!(
+        stop > grace + 10,
+        "stop_grace_period {stop}s must exceed the {grace}s grace and the 10 s of requeueing"
     );
 }
 

@@ -19,6 +19,7 @@ mod proxy;
 mod quirks;
 mod referrers;
 mod registries;
+mod replicas;
 mod retries;
 mod rounds;
 mod service;

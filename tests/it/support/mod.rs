@@ -10,6 +10,7 @@ pub mod postgres;
 pub mod prom;
 pub mod proxy;
 pub mod registry;
+pub mod replicas;
 pub mod service;
 pub mod skopeo;
 pub mod tls;

@@ -1,6 +1,7 @@
 //! Runs `mirror-mirror serve` as a real process on a free port with a real SQLite file — or,
 //! with `MIRROR_TEST_DATABASE=postgres`, a database of the harness's PostgreSQL server (one per
-//! path, so a service started again on the same path finds its data).
+//! path, so a service started again on the same path finds its data). Through [`Launch`], on any
+//! database URL and a port of the caller's choosing.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -35,6 +36,31 @@ pub async fn database_for(db: &Path) -> String {
     url
 }
 
+/// How to start one `serve`.
+pub struct Launch<'a> {
+    /// `MIRROR_DATABASE`: a SQLite path or a `postgres://` URL.
+    pub database: &'a str,
+    /// Where the Docker config (`DOCKER_CONFIG`) is looked for.
+    pub dir: &'a Path,
+    /// The loopback port it listens on.
+    pub port: u16,
+    /// Its stdout and stderr.
+    pub log: PathBuf,
+    pub target: &'a str,
+    pub allowed: &'a str,
+    /// Extra environment, set last (so it wins).
+    pub env: &'a [(&'a str, &'a str)],
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A running service.
 pub struct Service {
     child: Child,
@@ -47,59 +73,72 @@ impl Service {
     /// Starts `serve` with the database at `db`, mirrors under `target`, sources from `allowed`,
     /// and extra environment `env`.
     pub async fn start(db: &Path, target: &str, allowed: &str, env: &[(&str, &str)]) -> Service {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let log = db.with_extension(format!("{port}.log"));
-        let out = std::fs::File::create(&log).unwrap();
+        let port = free_port();
         let database = database_for(db).await;
+        let mut svc = Service::spawn(&Launch {
+            database: &database,
+            dir: db.parent().unwrap(),
+            port,
+            log: db.with_extension(format!("{port}.log")),
+            target,
+            allowed,
+            env,
+        });
+        svc.wait_answering("/healthz", Duration::from_secs(20))
+            .await;
+        svc
+    }
+
+    /// Starts `serve` as `launch` says and returns at once (see [`Service::wait_answering`]).
+    pub fn spawn(launch: &Launch<'_>) -> Service {
+        let out = std::fs::File::create(&launch.log).unwrap();
         let mut cmd = Command::new(super::bin());
         cmd.arg("serve")
-            .env("MIRROR_LISTEN", format!("127.0.0.1:{port}"))
-            .env("MIRROR_DATABASE", &database)
-            .env("MIRROR_TARGET", target)
-            .env("MIRROR_ALLOWED_SOURCES", allowed)
+            .env("MIRROR_LISTEN", format!("127.0.0.1:{}", launch.port))
+            .env("MIRROR_DATABASE", launch.database)
+            .env("MIRROR_TARGET", launch.target)
+            .env("MIRROR_ALLOWED_SOURCES", launch.allowed)
             .env("MIRROR_API_TOKENS", format!("ci={TOKEN}"))
             .env("MIRROR_LOG", "info")
-            .env("DOCKER_CONFIG", db.parent().unwrap())
+            .env("DOCKER_CONFIG", launch.dir)
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .stdin(Stdio::null());
-        for (k, v) in env {
+        for (k, v) in launch.env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("starting mirror-mirror serve");
-        let url = format!("http://127.0.0.1:{port}");
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let child = cmd.spawn().expect("starting mirror-mirror serve");
+        Service {
+            child,
+            url: format!("http://127.0.0.1:{}", launch.port),
+            log: launch.log.clone(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Waits (bounded) until `GET path` answers 200 (`/healthz`: it serves; `/readyz`: it is
+    /// ready for work); panics with the log if the process exits first.
+    pub async fn wait_answering(&mut self, path: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
         loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "serve exited with {status}:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("serve exited with {status}:\n{}", self.log());
             }
-            if http
-                .get(format!("{url}/healthz"))
+            if self
+                .http
+                .get(format!("{}{path}", self.url))
                 .send()
                 .await
                 .is_ok_and(|r| r.status() == 200)
             {
-                break;
+                return;
             }
             assert!(
                 Instant::now() < deadline,
-                "serve did not answer /healthz within 20 s"
+                "serve did not answer {path} with 200 within {limit:?}:\n{}",
+                self.log()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Service {
-            child,
-            url,
-            log,
-            http,
         }
     }
 
@@ -190,13 +229,7 @@ impl Service {
     /// Sends SIGTERM and waits (bounded) for the process to exit; returns how long it took.
     pub fn terminate(&mut self, limit: Duration) -> Duration {
         let started = Instant::now();
-        let pid = self.child.id().to_string();
-        let ok = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -TERM {pid}");
+        self.send_term();
         loop {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return started.elapsed();
@@ -207,6 +240,37 @@ impl Service {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// [`Service::terminate`] without blocking the runtime's thread (other tasks of the test go on
+    /// meanwhile); returns how long it took and the exit status.
+    pub async fn terminate_async(
+        &mut self,
+        limit: Duration,
+    ) -> (Duration, std::process::ExitStatus) {
+        let started = Instant::now();
+        self.send_term();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return (started.elapsed(), status);
+            }
+            assert!(
+                started.elapsed() < limit,
+                "serve did not exit within {limit:?} of SIGTERM:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn send_term(&self) {
+        let pid = self.child.id().to_string();
+        let ok = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -TERM {pid}");
     }
 
     /// SIGKILL, as a crash would.
