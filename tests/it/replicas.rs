@@ -3,8 +3,7 @@
 //! rolling restart under a stream of signed webhooks loses and duplicates no delivery; periodic
 //! rounds run once per interval across the replicas; replicas starting at once on an empty
 //! database migrate it once; a layer shared by images copied at once on three replicas goes up
-//! once. One ignored test fails today and says why (`--ignored`): PostgreSQL's rescue can requeue a
-//! job with no attempts left.
+//! once; a lease running out during a rescue does not buy a spent job another attempt.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -657,16 +656,14 @@ async fn a_layer_shared_by_images_copied_at_once_on_three_replicas_is_uploaded_o
 }
 
 /// A job with no attempts left whose worker stopped renewing its lease must fail, not run again
-/// (`MIRROR_MAX_ATTEMPTS`). Fails on PostgreSQL today: the store's rescue is two statements, each
-/// its own transaction with its own `now()` — "fail the expired ones with no attempts left", then
-/// "requeue every expired one" (`src/store/postgres/queue.rs`, `rescue`) — so a lease that expires
-/// between the two is requeued with its attempts spent and claimed once more. SQLite binds one
-/// `now` for both and is right. Here the first statement is held up on another job's row while the
-/// lease runs out; in production any lease expiring in the gap does it. Seen first as a flake of
-/// `worker::a_worker_that_cannot_renew_its_lease_stops_copying_within_the_lease` on PostgreSQL
-/// (the job `succeeded` with `attempts: 2` of `max_attempts: 1`). Run it with `--ignored`.
+/// (`MIRROR_MAX_ATTEMPTS`). The store's rescue on PostgreSQL is two statements, each with its own
+/// `now()` — "fail the expired ones with no attempts left", then "requeue the expired ones" — and
+/// a lease that expired between the two was requeued with its attempts spent and claimed once more
+/// (fixed in 05f1d38: the requeue takes only jobs with attempts left). Here the first statement is
+/// held up on another job's row while the lease runs out. Seen first as a flake of
+/// `worker::a_worker_that_cannot_renew_its_lease_stops_copying_within_the_lease` (the job
+/// `succeeded` with `attempts: 2` of `max_attempts: 1`).
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "issue 14: PostgreSQL rescue requeues a job with no attempts left when its lease expires between its two statements"]
 async fn a_lease_expiring_during_the_rescue_does_not_buy_a_spent_job_another_attempt() {
     use mirror_mirror::store::{JobState, NewJob, Store};
     use sqlx::Connection as _;
@@ -684,6 +681,7 @@ async fn a_lease_expiring_during_the_rescue_does_not_buy_a_spent_job_another_att
         referrers: false,
         policy: None,
         repair: false,
+        platforms: None,
     };
     a.enqueue(&new("x")).await.unwrap();
     a.enqueue(&new("y")).await.unwrap();
