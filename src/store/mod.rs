@@ -603,48 +603,12 @@ pub struct Enqueuer {
 /// Most requests committed together.
 const MAX_BATCH: usize = 256;
 
-/// Batches committing at once on PostgreSQL.
-const BATCHES_IN_FLIGHT: usize = 4;
-
-/// Commits one batch and answers each request.
-async fn commit_batch(store: &Store, batch: Vec<(NewRequest, EnqueueReply)>) {
-    let (requests, replies): (Vec<NewRequest>, Vec<EnqueueReply>) = batch.into_iter().unzip();
-    match store.enqueue_requests(&requests).await {
-        Ok(results) => {
-            for (reply, r) in replies.into_iter().zip(results) {
-                let _ = reply.send(Ok(r));
-            }
-        }
-        // A database error (a deadlock victim, a dropped connection) fails the whole batch:
-        // one by one then, so each request gets its own answer.
-        Err(_) => {
-            for (r, reply) in requests.iter().zip(replies) {
-                let one = store
-                    .enqueue_requests(std::slice::from_ref(r))
-                    .await
-                    .map(|mut v| v.pop().expect("one answer per request"));
-                let _ = reply.send(one);
-            }
-        }
-    }
-}
-
 impl Enqueuer {
     /// Starts the batching task on `store`.
     pub fn start(store: Store) -> Enqueuer {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(NewRequest, EnqueueReply)>(4 * MAX_BATCH);
-        // SQLite has one writer: one batch at a time. PostgreSQL commits several at once on
-        // their own connections, and its WAL writer flushes concurrent commits together, so a
-        // batch collects while the one before it commits.
-        let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(match &store {
-            Store::Sqlite(_) => 1,
-            Store::Postgres(_) => BATCHES_IN_FLIGHT,
-        }));
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
-                let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                    return;
-                };
                 let mut batch = vec![first];
                 while batch.len() < MAX_BATCH {
                     match rx.try_recv() {
@@ -652,11 +616,26 @@ impl Enqueuer {
                         Err(_) => break,
                     }
                 }
-                let store = store.clone();
-                tokio::spawn(async move {
-                    commit_batch(&store, batch).await;
-                    drop(permit);
-                });
+                let (requests, replies): (Vec<NewRequest>, Vec<EnqueueReply>) =
+                    batch.into_iter().unzip();
+                match store.enqueue_requests(&requests).await {
+                    Ok(results) => {
+                        for (reply, r) in replies.into_iter().zip(results) {
+                            let _ = reply.send(Ok(r));
+                        }
+                    }
+                    // A database error (a deadlock victim, a dropped connection) fails the whole
+                    // batch: one by one then, so each request gets its own answer.
+                    Err(_) => {
+                        for (r, reply) in requests.iter().zip(replies) {
+                            let one = store
+                                .enqueue_requests(std::slice::from_ref(r))
+                                .await
+                                .map(|mut v| v.pop().expect("one answer per request"));
+                            let _ = reply.send(one);
+                        }
+                    }
+                }
             }
         });
         Enqueuer { tx }
