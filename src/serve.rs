@@ -220,7 +220,6 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             max_attempts: args.max_attempts as i64,
             github,
         }),
-        wake: workers.wake.clone(),
         enqueuer: Enqueuer::start(store.clone()),
         workers_alive: workers.alive.clone(),
         workers_expected: args.workers as usize,

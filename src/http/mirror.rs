@@ -67,7 +67,7 @@ pub const DRY_RUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 
 /// `"dry_run": true`: the plan of the copy the request would queue, now, bounded by
 /// [`DRY_RUN_TIMEOUT`].
-async fn dry_run(state: &AppState, new: &NewJob) -> Result<Response, ApiError> {
+async fn dry_run(state: &AppState, new: &NewJob) -> Result<Value, ApiError> {
     let source = ImageRef::parse_source(&new.source)
         .map_err(|e| ApiError::BadRequest(format!("image {:?}: {e}", new.source)))?;
     let target = ImageRef::parse(&new.target_repo)
@@ -124,11 +124,7 @@ async fn dry_run(state: &AppState, new: &NewJob) -> Result<Response, ApiError> {
         plan.blobs_mounted,
         plan.blobs_skipped
     );
-    Ok((
-        StatusCode::OK,
-        Json(serde_json::to_value(&plan).map_err(anyhow::Error::from)?),
-    )
-        .into_response())
+    Ok(serde_json::to_value(&plan).map_err(anyhow::Error::from)?)
 }
 
 /// What to enqueue for `image`: one job per target `targets` names (all when `None`), or the
@@ -287,24 +283,19 @@ pub async fn create(
         new.platforms = platforms.clone();
     }
     if req.dry_run == Some(true) {
-        if let [(_, new)] = request.jobs.as_slice() {
-            return dry_run(&state, new).await;
-        }
-        let mut plans = Vec::new();
-        for (target, new) in &request.jobs {
-            let planned = dry_run(&state, new).await?;
-            let bytes = axum::body::to_bytes(planned.into_body(), super::MAX_BODY_BYTES * 16)
-                .await
-                .map_err(|e| anyhow::anyhow!("reading a dry run's answer: {e}"))?;
-            let mut plan: Value = serde_json::from_slice(&bytes).map_err(anyhow::Error::from)?;
-            plan["target_name"] = json!(target);
-            plans.push(plan);
-        }
-        return Ok((
-            StatusCode::OK,
-            Json(json!({ "dry_run": true, "targets": plans })),
-        )
-            .into_response());
+        let body = match request.jobs.as_slice() {
+            [(_, new)] => dry_run(&state, new).await?,
+            several => {
+                let mut plans = Vec::new();
+                for (target, new) in several {
+                    let mut plan = dry_run(&state, new).await?;
+                    plan["target_name"] = json!(target);
+                    plans.push(plan);
+                }
+                json!({ "dry_run": true, "targets": plans })
+            }
+        };
+        return Ok((StatusCode::OK, Json(body)).into_response());
     }
     let several = request.jobs.len() > 1;
     let queued = state.enqueuer.enqueue(request).await?;
@@ -314,7 +305,6 @@ pub async fn create(
         .filter_map(|(t, q)| q.as_ref().ok().map(|q| (t, q)))
     {
         if q.created() {
-            state.wake.notify_one();
             tracing::info!(
                 job.id = q.job.id,
                 request.id = queued.id,

@@ -101,8 +101,6 @@ pub struct ApiConfig {
 pub struct AppState {
     pub store: Store,
     pub config: Arc<ApiConfig>,
-    /// Rung after an enqueue to wake an idle worker.
-    pub wake: Arc<tokio::sync::Notify>,
     /// Durable enqueues, group-committed.
     pub enqueuer: Enqueuer,
     /// Worker tasks running, and how many should be.

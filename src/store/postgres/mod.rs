@@ -166,7 +166,8 @@ impl PgStore {
 
     /// Wakes local workers for `created` new jobs (other replicas hear the NOTIFY).
     fn woke(&self, created: usize) {
-        if created > 0 {
+        // One idle worker per new job (a request to several targets makes several at once).
+        for _ in 0..created {
             self.wake.notify_one();
         }
     }

@@ -257,7 +257,8 @@ impl SqliteStore {
     }
 
     fn woke(&self, created: usize) {
-        if created > 0 {
+        // One idle worker per new job (a request to several targets makes several at once).
+        for _ in 0..created {
             self.wake.notify_one();
         }
     }
