@@ -240,8 +240,15 @@ impl Budget {
             if q.limit.is_some() {
                 st.limit = q.limit;
             }
-            let new_window = st.reported.is_none_or(|r| q.remaining > r)
-                || st.window_end.is_some_and(|e| e <= now);
+            // Within a window whose end is known, a higher count is an answer the registry
+            // counted before another one that reached us first (two connections reorder), not a
+            // new window: only the window's end starts one. Without a known end, a higher count
+            // is the only sign of a new window.
+            let new_window = match (st.reported, st.window_end) {
+                (None, _) => true,
+                (Some(_), Some(end)) => end <= now,
+                (Some(r), None) => q.remaining > r,
+            };
             let left = q.remaining.saturating_sub(st.in_flight);
             st.remaining = match st.remaining {
                 Some(local) if !new_window => Some(local.min(left)),
@@ -682,6 +689,29 @@ mod tests {
             b.acquire("docker.io", true).await.is_err(),
             "one was left, not two"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn answers_the_registry_counted_in_another_order_do_not_raise_the_allowance() {
+        let b = budgets(0);
+        // Two GETs leave at once on two connections; the registry counts the second one first,
+        // so the first answer to arrive (to the first GET) says 0 and the second says 1.
+        let first = b.acquire("docker.io", true).await.unwrap();
+        let second = b.acquire("docker.io", true).await.unwrap();
+        first.observe(
+            StatusCode::OK,
+            &headers(&[("ratelimit-remaining", "0;w=30")]),
+        );
+        second.observe(
+            StatusCode::OK,
+            &headers(&[("ratelimit-remaining", "1;w=30")]),
+        );
+        assert!(
+            b.acquire("docker.io", true).await.is_err(),
+            "the 1 was counted before the 0: the allowance is spent until the window ends"
+        );
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(b.acquire("docker.io", true).await.is_ok(), "a new window");
     }
 
     #[tokio::test(start_paused = true)]
