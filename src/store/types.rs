@@ -477,6 +477,8 @@ pub enum NoticeEvent {
     Job,
     /// Drift watch found a problem for the first time.
     Drift,
+    /// Every target of a request to several targets is done (succeeded, or failed for good).
+    Request,
 }
 
 impl NoticeEvent {
@@ -485,6 +487,7 @@ impl NoticeEvent {
         match self {
             NoticeEvent::Job => "job",
             NoticeEvent::Drift => "drift",
+            NoticeEvent::Request => "request",
         }
     }
 }
@@ -502,6 +505,7 @@ impl FromStr for NoticeEvent {
         match s {
             "job" => Ok(NoticeEvent::Job),
             "drift" => Ok(NoticeEvent::Drift),
+            "request" => Ok(NoticeEvent::Request),
             _ => Err(format!("unknown notice event {s:?}")),
         }
     }
@@ -643,6 +647,65 @@ impl Request {
             "queued"
         } else {
             "running"
+        }
+    }
+}
+
+/// Where a request's target landed: its job's ledger record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Landed {
+    pub job_id: i64,
+    pub mirror_repo: String,
+    pub mirror_digest: String,
+}
+
+impl Request {
+    /// Whether every target's job is over: succeeded, or failed for good.
+    pub fn finished(&self) -> bool {
+        self.jobs
+            .iter()
+            .all(|(_, j)| matches!(j.state, JobState::Succeeded | JobState::Failed))
+    }
+
+    /// The request's one completion notice, once [`Request::finished`]: every target's outcome
+    /// (its job, state, pull lines from its ledger record in `landed`, or its error).
+    pub fn completion_notice(&self, landed: &[Landed]) -> NewNotice {
+        let targets: Vec<Value> = self
+            .jobs
+            .iter()
+            .map(|(name, job)| {
+                let pull = landed.iter().find(|l| l.job_id == job.id).map(|l| {
+                    serde_json::json!({
+                        "by_tag": job.target_tag.as_ref().map(|t| format!("{}:{t}@{}", l.mirror_repo, l.mirror_digest)),
+                        "by_digest": format!("{}@{}", l.mirror_repo, l.mirror_digest),
+                    })
+                });
+                serde_json::json!({
+                    "target_name": name,
+                    "job_id": job.id,
+                    "state": job.state,
+                    "target": match &job.target_tag {
+                        Some(t) => format!("{}:{t}", job.target_repo),
+                        None => job.target_repo.clone(),
+                    },
+                    "platforms": job.platforms,
+                    "pull": if job.state == JobState::Succeeded { pull } else { None },
+                    "error": if job.state == JobState::Failed { job.last_error.clone() } else { None },
+                })
+            })
+            .collect();
+        NewNotice {
+            event: NoticeEvent::Request,
+            body: serde_json::json!({
+                "event": "request",
+                "request_id": self.id,
+                "requested_by": self.requested_by,
+                "state": self.state(),
+                "source": self.source,
+                "source_digest": self.source_digest,
+                "targets": targets,
+            })
+            .to_string(),
         }
     }
 }

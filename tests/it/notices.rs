@@ -261,3 +261,95 @@ async fn notices_the_receiver_keeps_refusing_are_shown_as_failed() {
         "{bad}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_to_several_targets_sends_one_notice_with_every_target_outcome() {
+    use crate::support::front::{Action, Front};
+    let (up, a, b) = (
+        Registry::anonymous().await,
+        Registry::anonymous().await,
+        Registry::anonymous().await,
+    );
+    // The second target answers 503 to everything: with one attempt its job fails for good.
+    let front = Front::start(&b.host(), |_| Action::Answer(503, "UNAVAILABLE")).await;
+    let p = Pusher::new(&up);
+    let img = p
+        .image("note/multi", 8, &[4000], true, Style::Compact)
+        .await;
+    p.manifest("note/multi", "v1", &img.media_type, &img.bytes)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let receiver = Receiver::start(port, 204).await;
+    let targets = format!("ghcr={}/mirror,home={}/mirror", a.host(), front.host());
+    let svc = start(
+        dir.path(),
+        &up,
+        &a,
+        port,
+        &[
+            ("MIRROR_TARGET", ""),
+            ("MIRROR_TARGETS", &targets),
+            ("MIRROR_MAX_ATTEMPTS", "1"),
+        ],
+    )
+    .await;
+    let (status, body) = svc
+        .mirror(&json!({ "image": format!("{}/note/multi:v1", up.host()) }))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["request_id"].as_i64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while receiver.got().is_empty() {
+        assert!(Instant::now() < deadline, "a notice within 60 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, request) = svc.get(&format!("/requests/{id}")).await;
+    assert_eq!(request["state"], "partial", "{request}");
+    // Both jobs' results were written before the notice: any other notice is in the outbox now.
+    let (_, outbox) = svc.get("/notices").await;
+    assert_eq!(
+        outbox["notices"].as_array().map(Vec::len),
+        Some(1),
+        "one notice for the request, none per job: {outbox}"
+    );
+    let got = receiver.got();
+    assert_eq!(got.len(), 1, "{got:?}");
+    let n = &got[0];
+    assert!(n.signed, "{n:?}");
+    assert_eq!(n.event, "request", "{n:?}");
+    let body = &n.body;
+    assert_eq!(body["event"], "request", "{body}");
+    assert_eq!(body["request_id"], id, "{body}");
+    assert_eq!(body["state"], "partial", "{body}");
+    assert_eq!(body["source_digest"], json!(img.digest), "{body}");
+    let (ghcr, home) = (&body["targets"][0], &body["targets"][1]);
+    let mapped_up = up.host().replace(':', "_");
+    let mirror = format!("{}/mirror/{mapped_up}/note/multi", a.host());
+    assert_eq!(
+        (ghcr["target_name"].as_str(), ghcr["state"].as_str()),
+        (Some("ghcr"), Some("succeeded")),
+        "{body}"
+    );
+    assert_eq!(
+        ghcr["pull"]["by_digest"],
+        json!(format!("{mirror}@{}", img.digest)),
+        "{body}"
+    );
+    assert_eq!(
+        ghcr["pull"]["by_tag"],
+        json!(format!("{mirror}:v1@{}", img.digest)),
+        "{body}"
+    );
+    assert!(ghcr["error"].is_null(), "{body}");
+    assert_eq!(
+        (home["target_name"].as_str(), home["state"].as_str()),
+        (Some("home"), Some("failed")),
+        "{body}"
+    );
+    assert!(home["pull"].is_null(), "{body}");
+    assert!(
+        home["error"].as_str().is_some_and(|e| e.contains("503")),
+        "the failed target says why: {body}"
+    );
+}

@@ -94,6 +94,7 @@ conformance!(
     a_platform_subset_is_its_own_request,
     a_subset_record_is_found_by_its_children,
     a_request_to_several_targets_is_one_job_each_and_settles_one_digest,
+    a_request_to_several_targets_is_announced_once_when_its_last_job_ends,
 );
 
 fn job(source: &str) -> NewJob {
@@ -1598,5 +1599,91 @@ async fn postgres_a_blob_in_flight_is_claimed_by_one_replica_until_released_or_e
         !b.renew_blob_claim("h:1", "sha256:b", "tb", lease)
             .await
             .unwrap()
+    );
+}
+
+async fn a_request_to_several_targets_is_announced_once_when_its_last_job_ends(backend: Backend) {
+    let db = Database::new(backend).await;
+    let (a, b) = (db.open().await, db.open().await);
+    let job_notice = NewNotice {
+        event: NoticeEvent::Job,
+        body: json!({ "event": "job" }).to_string(),
+    };
+    // Each round: a request to two targets, one job claimed on each replica, both ending at
+    // once (one succeeds, one fails for good): one request notice, no job notice.
+    for round in 0..30 {
+        let source = format!("docker.io/library/end{round}:1");
+        let to = |target: &str, repo: &str| {
+            let mut j = job(&source);
+            j.target_repo = format!("{repo}/end{round}");
+            (target.to_string(), j)
+        };
+        let request = NewRequest {
+            source: source.clone(),
+            requested_by: json!({"kind": "token", "name": "t"}),
+            jobs: vec![to("ghcr", "h:1/m"), to("home", "h:2/m")],
+        };
+        let id = a
+            .enqueue_requests(std::slice::from_ref(&request))
+            .await
+            .unwrap()
+            .pop()
+            .unwrap()
+            .id
+            .unwrap();
+        let first = claim_within(&a, Duration::from_secs(30)).await;
+        let second = claim_within(&b, Duration::from_secs(30)).await;
+        let (ok, failed) = if first.job.target_repo.starts_with("h:1") {
+            (first, second)
+        } else {
+            (second, first)
+        };
+        let (a2, b2, n1, n2) = (a.clone(), b.clone(), job_notice.clone(), job_notice.clone());
+        let succeed = tokio::spawn(async move {
+            let r = record(ok.job.id, &ok.job.target_repo);
+            a2.succeed_with_record(&ok, &r, ProgressRow::default(), None, Some(&n1))
+                .await
+                .unwrap()
+        });
+        let fail =
+            tokio::spawn(async move { b2.fail(&failed, "HTTP 503", Some(&n2)).await.unwrap() });
+        assert!(succeed.await.unwrap() && fail.await.unwrap());
+        let notices = b.notices(None, 100, None).await.unwrap();
+        let ours: Vec<serde_json::Value> = notices
+            .iter()
+            .map(|n| serde_json::from_str(&n.body).unwrap())
+            .filter(|v: &serde_json::Value| v["request_id"] == id)
+            .collect();
+        assert_eq!(
+            ours.len(),
+            1,
+            "round {round}: one notice for the request: {ours:?}"
+        );
+        assert!(
+            notices.iter().all(|n| n.event != NoticeEvent::Job),
+            "round {round}: no job notice: {notices:?}"
+        );
+        let body = &ours[0];
+        assert_eq!(body["state"], "partial", "{body}");
+        assert_eq!(body["targets"][0]["state"], "succeeded", "{body}");
+        assert_eq!(
+            body["targets"][0]["pull"]["by_digest"],
+            json!(format!("h:1/m/end{round}@sha256:aa")),
+            "{body}"
+        );
+        assert_eq!(body["targets"][1]["state"], "failed", "{body}");
+        assert_eq!(body["targets"][1]["error"], "HTTP 503", "{body}");
+    }
+    // A job of no request (or of a request to one target) still announces itself.
+    a.enqueue(&job("docker.io/library/alone:1")).await.unwrap();
+    let lease = claim_within(&a, Duration::from_secs(30)).await;
+    assert!(a.fail(&lease, "gone", Some(&job_notice)).await.unwrap());
+    let notices = a.notices(None, 100, None).await.unwrap();
+    assert_eq!(
+        notices
+            .iter()
+            .filter(|n| n.event == NoticeEvent::Job)
+            .count(),
+        1
     );
 }

@@ -229,7 +229,7 @@ impl PgStore {
         .execute(&mut *tx)
         .await?;
         if let Some(n) = notice {
-            super::outbox::insert(&mut tx, n).await?;
+            super::queue::finish_notices(&mut tx, lease.job.id, n).await?;
         }
         tx.commit().await?;
         Ok(true)

@@ -20,8 +20,9 @@ use sha2::Digest as _;
 use sqlx::{FromRow, PgConnection};
 
 use super::super::{
-    Delivery, EnqueueError, Enqueued, Error, Job, JobState, JobStats, Lease, NewJob, NewNotice,
-    NewRequest, ProgressRow, Request, RequestEnqueued, corrupt, parse_json, parse_policy,
+    Delivery, EnqueueError, Enqueued, Error, Job, JobState, JobStats, Landed, Lease, NewJob,
+    NewNotice, NewRequest, ProgressRow, Request, RequestEnqueued, corrupt, parse_json,
+    parse_policy,
 };
 use super::enqueue::enqueue_all;
 use super::{CHANNEL, PgStore, ms};
@@ -264,45 +265,8 @@ impl PgStore {
     }
 
     pub(in crate::store) async fn request(&self, id: i64) -> Result<Option<Request>, Error> {
-        let Some((source, source_digest, requested_by, created_at)): Option<(
-            String,
-            Option<String>,
-            String,
-            i64,
-        )> = sqlx::query_as(
-            "select source, source_digest, requested_by::text, created_at from request where id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?
-        else {
-            return Ok(None);
-        };
-        #[derive(FromRow)]
-        struct Targeted {
-            target: String,
-            #[sqlx(flatten)]
-            job: JobRow,
-        }
-        let rows: Vec<Targeted> = sqlx::query_as(concat!(
-            "select rj.target as target, ",
-            job_columns!(),
-            " from request_job rj join job on job.id = rj.job_id where rj.request_id = $1 order by rj.position"
-        ))
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(Some(Request {
-            id,
-            source,
-            source_digest,
-            requested_by: parse_json("requested_by", &requested_by)?,
-            created_at,
-            jobs: rows
-                .into_iter()
-                .map(|t| Ok((t.target, t.job.into_job()?)))
-                .collect::<Result<_, Error>>()?,
-        }))
+        let mut conn = self.pool.acquire().await?;
+        request_on(&mut conn, id).await
     }
 
     pub(in crate::store) async fn request_digest(
@@ -529,7 +493,7 @@ impl PgStore {
             return Ok(false);
         }
         if let Some(n) = notice {
-            super::outbox::insert(&mut tx, n).await?;
+            finish_notices(&mut tx, lease.job.id, n).await?;
         }
         tx.commit().await?;
         Ok(true)
@@ -650,4 +614,95 @@ impl PgStore {
             response,
         })
     }
+}
+
+/// Request `id` with its targets' jobs, read on `conn` (inside a transaction: what it wrote so
+/// far counts).
+async fn request_on(conn: &mut PgConnection, id: i64) -> Result<Option<Request>, Error> {
+    let Some((source, source_digest, requested_by, created_at)): Option<(
+        String,
+        Option<String>,
+        String,
+        i64,
+    )> = sqlx::query_as(
+        "select source, source_digest, requested_by::text, created_at from request where id = $1",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?
+    else {
+        return Ok(None);
+    };
+    #[derive(FromRow)]
+    struct Targeted {
+        target: String,
+        #[sqlx(flatten)]
+        job: JobRow,
+    }
+    let rows: Vec<Targeted> = sqlx::query_as(concat!(
+        "select rj.target as target, ",
+        job_columns!(),
+        " from request_job rj join job on job.id = rj.job_id where rj.request_id = $1 order by rj.position"
+    ))
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(Some(Request {
+        id,
+        source,
+        source_digest,
+        requested_by: parse_json("requested_by", &requested_by)?,
+        created_at,
+        jobs: rows
+            .into_iter()
+            .map(|t| Ok((t.target, t.job.into_job()?)))
+            .collect::<Result<_, Error>>()?,
+    }))
+}
+
+/// Stores the notices of job `job_id`'s end in `tx`, with its result: its own `notice`, unless
+/// every request it belongs to names several targets — such a request announces itself once,
+/// with every target's outcome, when this job is the last of its jobs to end. The request rows
+/// are locked first, so two of its jobs ending at once on two replicas see each other: the one
+/// that ends second (after the other's commit) sends the notice.
+pub(super) async fn finish_notices(
+    tx: &mut PgConnection,
+    job_id: i64,
+    notice: &NewNotice,
+) -> Result<(), Error> {
+    let requests: Vec<(i64, i64)> = sqlx::query_as(
+        "select r.id, (select count(*) from request_job x where x.request_id = r.id)
+         from request r where r.id in (select request_id from request_job where job_id = $1)
+         order by r.id for update of r",
+    )
+    .bind(job_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    if requests.iter().any(|(_, targets)| *targets == 1) || requests.is_empty() {
+        super::outbox::insert(tx, notice).await?;
+    }
+    for (id, _) in requests.into_iter().filter(|(_, targets)| *targets > 1) {
+        let Some(request) = request_on(tx, id).await? else {
+            continue;
+        };
+        if !request.finished() {
+            continue;
+        }
+        let landed: Vec<Landed> = sqlx::query_as::<_, (i64, String, String)>(
+            "select job_id, mirror_repo, mirror_digest from mirror_record
+             where job_id in (select job_id from request_job where request_id = $1)",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|(job_id, mirror_repo, mirror_digest)| Landed {
+            job_id,
+            mirror_repo,
+            mirror_digest,
+        })
+        .collect();
+        super::outbox::insert(tx, &request.completion_notice(&landed)).await?;
+    }
+    Ok(())
 }

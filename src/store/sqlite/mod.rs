@@ -103,6 +103,20 @@ fn job(j: queue::Job) -> Result<Job, Error> {
     })
 }
 
+fn request_from(row: queue::RequestRow, jobs: Vec<(String, queue::Job)>) -> Result<Request, Error> {
+    Ok(Request {
+        id: row.id,
+        source: row.source,
+        source_digest: row.source_digest,
+        requested_by: parse_json("requested_by", &row.requested_by)?,
+        created_at: row.created_at,
+        jobs: jobs
+            .into_iter()
+            .map(|(t, j)| Ok((t, job(j)?)))
+            .collect::<Result<_, Error>>()?,
+    })
+}
+
 fn notice(n: outbox::Notice) -> Result<Notice, Error> {
     Ok(Notice {
         event: n
@@ -321,17 +335,7 @@ impl SqliteStore {
         let Some((row, jobs)) = queue::request(&self.db, id).await? else {
             return Ok(None);
         };
-        Ok(Some(Request {
-            id: row.id,
-            source: row.source,
-            source_digest: row.source_digest,
-            requested_by: parse_json("requested_by", &row.requested_by)?,
-            created_at: row.created_at,
-            jobs: jobs
-                .into_iter()
-                .map(|(t, j)| Ok((t, job(j)?)))
-                .collect::<Result<_, Error>>()?,
-        }))
+        request_from(row, jobs).map(Some)
     }
 
     pub(super) async fn request_digest(&self, job_id: i64) -> Result<Option<String>, Error> {

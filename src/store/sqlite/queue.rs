@@ -11,7 +11,9 @@ use sqlx::FromRow;
 use super::db::{Db, now_ms};
 use super::ledger::{self, NewRecord};
 use super::outbox;
-use crate::store::{Decision, Dedupe, JobReferrers, NewJob, NewNotice, NewRequest, ProgressRow};
+use crate::store::{
+    Decision, Dedupe, JobReferrers, Landed, NewJob, NewNotice, NewRequest, ProgressRow,
+};
 
 /// A job as stored.
 #[derive(Debug, Clone, FromRow, Serialize)]
@@ -345,7 +347,7 @@ pub async fn succeed(
     }
     ledger::insert(&mut tx, record).await?;
     if let Some(n) = notice {
-        outbox::insert(&mut tx, n).await?;
+        finish_notices(&mut tx, lease.job.id, n).await?;
     }
     // Whatever drift this job was queued to follow or repair is settled by it.
     sqlx::query("update drift set resolved_at = ?1 where job_id = ?2 and resolved_at is null")
@@ -431,7 +433,7 @@ pub async fn fail(
         return Ok(false);
     }
     if let Some(n) = notice {
-        outbox::insert(&mut tx, n).await?;
+        finish_notices(&mut tx, lease.job.id, n).await?;
     }
     tx.commit().await?;
     Ok(true)
@@ -560,9 +562,18 @@ pub struct RequestRow {
 
 /// Request `id` and its `(target, job)`s in order.
 pub async fn request(db: &Db, id: i64) -> sqlx::Result<Option<(RequestRow, Vec<(String, Job)>)>> {
+    let mut conn = db.read.acquire().await?;
+    request_on(&mut conn, id).await
+}
+
+/// [`request`] on `conn` (inside a transaction: what it wrote so far counts).
+async fn request_on(
+    conn: &mut sqlx::SqliteConnection,
+    id: i64,
+) -> sqlx::Result<Option<(RequestRow, Vec<(String, Job)>)>> {
     let Some(row): Option<RequestRow> = sqlx::query_as("select * from request where id = ?1")
         .bind(id)
-        .fetch_optional(&db.read)
+        .fetch_optional(&mut *conn)
         .await?
     else {
         return Ok(None);
@@ -578,12 +589,57 @@ pub async fn request(db: &Db, id: i64) -> sqlx::Result<Option<(RequestRow, Vec<(
          where rj.request_id = ?1 order by rj.position",
     )
     .bind(id)
-    .fetch_all(&db.read)
+    .fetch_all(&mut *conn)
     .await?;
     Ok(Some((
         row,
         jobs.into_iter().map(|t| (t.target, t.job)).collect(),
     )))
+}
+
+/// Stores the notices of job `job_id`'s end in `tx`, with its result: its own `notice`, unless
+/// every request it belongs to names several targets — such a request announces itself once,
+/// with every target's outcome, when this job is the last of its jobs to end.
+async fn finish_notices(
+    tx: &mut sqlx::SqliteConnection,
+    job_id: i64,
+    notice: &NewNotice,
+) -> sqlx::Result<()> {
+    let requests: Vec<(i64, i64)> = sqlx::query_as(
+        "select rj.request_id, (select count(*) from request_job x where x.request_id = rj.request_id)
+         from request_job rj where rj.job_id = ?1 group by rj.request_id order by rj.request_id",
+    )
+    .bind(job_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    if requests.is_empty() || requests.iter().any(|(_, targets)| *targets == 1) {
+        outbox::insert(tx, notice).await?;
+    }
+    for (id, _) in requests.into_iter().filter(|(_, targets)| *targets > 1) {
+        let Some((row, jobs)) = request_on(tx, id).await? else {
+            continue;
+        };
+        let request = super::request_from(row, jobs).map_err(|e| sqlx::Error::Decode(e.into()))?;
+        if !request.finished() {
+            continue;
+        }
+        let landed: Vec<Landed> = sqlx::query_as::<_, (i64, String, String)>(
+            "select job_id, mirror_repo, mirror_digest from mirror_record
+             where job_id in (select job_id from request_job where request_id = ?1)",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|(job_id, mirror_repo, mirror_digest)| Landed {
+            job_id,
+            mirror_repo,
+            mirror_digest,
+        })
+        .collect();
+        outbox::insert(tx, &request.completion_notice(&landed)).await?;
+    }
+    Ok(())
 }
 
 /// The digest the first request of job `job_id` settled on, if any.
