@@ -130,7 +130,9 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         }
         (None, None) => None,
     };
-    let store = Store::open(&args.database).await?;
+    let store = Store::open(&args.database)
+        .await?
+        .with_notices(notifier.is_some());
     let replica = replica_name();
     // Only public addresses, except the hosts the operator named: exact allow-listed sources and
     // the target.

@@ -16,8 +16,8 @@ use crate::notify::Notifier;
 use crate::reference::ImageRef;
 use crate::registry::{self, Client, CopyOptions, Progress};
 use crate::store::{
-    JobReferrers, JobState, Lease, NewNotice, NewRecord, NoticeEvent, ProgressRow, ReferrersState,
-    Store, Subset, SubsetChild, now_ms,
+    Job, JobReferrers, JobState, Landed, Lease, NewRecord, ProgressRow, ReferrersState, Store,
+    Subset, SubsetChild, now_ms,
 };
 
 /// The store's `blob_location` as the copy engine's shared record of where blobs are on
@@ -372,20 +372,19 @@ impl Workers {
                     result.blobs_skipped as u64,
                 ));
                 finished = true;
-                let pull_tag = job
-                    .target_tag
-                    .as_ref()
-                    .map(|t| format!("{}:{t}@{}", record.mirror_repo, record.mirror_digest));
-                let notice = self.notice(serde_json::json!({
-                    "event": "job",
-                    "job_id": job.id,
-                    "requested_by": job.requested_by,
-                    "state": JobState::Succeeded.as_str(),
-                    "source": job.source,
-                    "source_digest": record.source_digest,
-                    "pull": { "by_tag": pull_tag, "by_digest": format!("{}@{}", record.mirror_repo, record.mirror_digest) },
-                    "error": null,
-                }));
+                let notice = self.notifier.is_some().then(|| {
+                    let ended = Job {
+                        state: JobState::Succeeded,
+                        source_digest: Some(record.source_digest.clone()),
+                        last_error: None,
+                        ..job.clone()
+                    };
+                    ended.end_notice(Some(&Landed {
+                        job_id: job.id,
+                        mirror_repo: record.mirror_repo.clone(),
+                        mirror_digest: record.mirror_digest.clone(),
+                    }))
+                });
                 // Referrers are their own step: whatever happened to them, the image stands.
                 let referrers = (self.config.copy.referrers && job.referrers).then(|| {
                     if !result.referrers_failed.is_empty() {
@@ -442,16 +441,14 @@ impl Workers {
             Err(JobError::Transient(msg) | JobError::Permanent(msg)) => {
                 tracing::error!("job {} failed: {msg}", job.id);
                 finished = true;
-                let notice = self.notice(serde_json::json!({
-                    "event": "job",
-                    "job_id": job.id,
-                    "requested_by": job.requested_by,
-                    "state": JobState::Failed.as_str(),
-                    "source": job.source,
-                    "source_digest": job.source_digest,
-                    "pull": null,
-                    "error": msg,
-                }));
+                let notice = self.notifier.is_some().then(|| {
+                    let ended = Job {
+                        state: JobState::Failed,
+                        last_error: Some(msg.clone()),
+                        ..job.clone()
+                    };
+                    ended.end_notice(None)
+                });
                 (
                     self.store.fail(&lease, &msg, notice.as_ref()).await,
                     notice.is_some(),
@@ -479,14 +476,6 @@ impl Workers {
             ),
             Err(e) => tracing::error!("job {}: writing the result failed: {e}", job.id),
         }
-    }
-
-    /// The job's notice for the outbox, when notices are configured.
-    fn notice(&self, body: serde_json::Value) -> Option<NewNotice> {
-        self.notifier.as_ref().map(|_| NewNotice {
-            event: NoticeEvent::Job,
-            body: body.to_string(),
-        })
     }
 
     fn backoff(&self, attempt: u32) -> Duration {

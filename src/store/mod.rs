@@ -104,6 +104,17 @@ impl Store {
         }
     }
 
+    /// Jobs the rescue fails (their worker stopped and no attempts are left) announce their end
+    /// in the outbox as a worker's would, and end their request's: set when notices are
+    /// configured.
+    pub fn with_notices(mut self, on: bool) -> Store {
+        match &mut self {
+            Store::Sqlite(s) => s.announce = on,
+            Store::Postgres(s) => s.announce = on,
+        }
+        self
+    }
+
     /// `sqlite` or `postgres`.
     pub fn backend(&self) -> &'static str {
         match self {

@@ -659,6 +659,33 @@ pub struct Landed {
     pub mirror_digest: String,
 }
 
+impl Job {
+    /// The notice of this job's end (`X-Mirror-Event: job`), from the job as it ended (state,
+    /// digest, error) and, when it succeeded, where it landed.
+    pub fn end_notice(&self, landed: Option<&Landed>) -> NewNotice {
+        let pull = landed.map(|l| {
+            serde_json::json!({
+                "by_tag": self.target_tag.as_ref().map(|t| format!("{}:{t}@{}", l.mirror_repo, l.mirror_digest)),
+                "by_digest": format!("{}@{}", l.mirror_repo, l.mirror_digest),
+            })
+        });
+        NewNotice {
+            event: NoticeEvent::Job,
+            body: serde_json::json!({
+                "event": "job",
+                "job_id": self.id,
+                "requested_by": self.requested_by,
+                "state": self.state.as_str(),
+                "source": self.source,
+                "source_digest": self.source_digest,
+                "pull": pull,
+                "error": if self.state == JobState::Failed { self.last_error.clone() } else { None },
+            })
+            .to_string(),
+        }
+    }
+}
+
 impl Request {
     /// Whether every target's job is over: succeeded, or failed for good.
     pub fn finished(&self) -> bool {

@@ -95,6 +95,7 @@ conformance!(
     a_subset_record_is_found_by_its_children,
     a_request_to_several_targets_is_one_job_each_and_settles_one_digest,
     a_request_to_several_targets_is_announced_once_when_its_last_job_ends,
+    a_job_the_rescue_fails_announces_its_end_and_ends_its_request,
 );
 
 fn job(source: &str) -> NewJob {
@@ -1685,5 +1686,112 @@ async fn a_request_to_several_targets_is_announced_once_when_its_last_job_ends(b
             .filter(|n| n.event == NoticeEvent::Job)
             .count(),
         1
+    );
+}
+
+async fn a_job_the_rescue_fails_announces_its_end_and_ends_its_request(backend: Backend) {
+    let db = Database::new(backend).await;
+    let store = db.open().await.with_notices(true);
+    let one_attempt = |source: &str, repo: &str| {
+        let mut j = job(source);
+        j.target_repo = repo.to_string();
+        j.max_attempts = 1;
+        j
+    };
+    // A job of no request whose worker dies with no attempts left.
+    store
+        .enqueue(&one_attempt("docker.io/library/lone:1", "h:1/m/lone"))
+        .await
+        .unwrap();
+    let lone = claim_within(&store, Duration::from_secs(1)).await;
+    // A request to two targets: one succeeds, the other's worker dies.
+    let request = NewRequest {
+        source: "docker.io/library/two:1".into(),
+        requested_by: json!({"kind": "token", "name": "t"}),
+        jobs: vec![
+            (
+                "ghcr".into(),
+                one_attempt("docker.io/library/two:1", "h:1/m/two"),
+            ),
+            (
+                "home".into(),
+                one_attempt("docker.io/library/two:1", "h:2/m/two"),
+            ),
+        ],
+    };
+    let id = store
+        .enqueue_requests(std::slice::from_ref(&request))
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+        .id
+        .unwrap();
+    let ghcr = claim_within(&store, Duration::from_secs(30)).await;
+    let home = claim_within(&store, Duration::from_secs(1)).await;
+    assert_eq!(ghcr.job.target_repo, "h:1/m/two");
+    let ended = mirror_mirror::store::Job {
+        state: JobState::Succeeded,
+        ..ghcr.job.clone()
+    };
+    assert!(
+        store
+            .succeed_with_record(
+                &ghcr,
+                &record(ghcr.job.id, "h:1/m/two"),
+                ProgressRow::default(),
+                None,
+                Some(&ended.end_notice(None)),
+            )
+            .await
+            .unwrap()
+    );
+    assert!(
+        store.notices(None, 10, None).await.unwrap().is_empty(),
+        "the request is not over"
+    );
+    // Both leases run out; the next claim's rescue fails both jobs for good.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.get(home.job.id).await.unwrap().unwrap().state != JobState::Failed {
+        assert!(
+            store
+                .claim(Duration::from_secs(30))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(Instant::now() < deadline, "the rescue failed the job");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let notices = store.notices(None, 10, None).await.unwrap();
+    let bodies: Vec<(NoticeEvent, serde_json::Value)> = notices
+        .iter()
+        .map(|n| (n.event, serde_json::from_str(&n.body).unwrap()))
+        .collect();
+    assert_eq!(bodies.len(), 2, "{bodies:?}");
+    let job_notice = bodies
+        .iter()
+        .find(|(e, _)| *e == NoticeEvent::Job)
+        .map(|(_, b)| b)
+        .expect("the lone job's notice");
+    assert_eq!(job_notice["job_id"], lone.job.id, "{job_notice}");
+    assert_eq!(job_notice["state"], "failed", "{job_notice}");
+    assert!(
+        job_notice["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no attempts are left")),
+        "{job_notice}"
+    );
+    let request_notice = bodies
+        .iter()
+        .find(|(e, _)| *e == NoticeEvent::Request)
+        .map(|(_, b)| b)
+        .expect("the request's notice");
+    assert_eq!(request_notice["request_id"], id, "{request_notice}");
+    assert_eq!(request_notice["state"], "partial", "{request_notice}");
+    assert_eq!(
+        request_notice["targets"][1]["state"], "failed",
+        "{request_notice}"
     );
 }

@@ -38,6 +38,8 @@ pub struct PgStore {
     stop: CancellationToken,
     /// Stops the LISTEN task when the last clone goes.
     _listening: Arc<DropGuard>,
+    /// Whether jobs failed by the rescue announce their end (notices are configured).
+    pub(in crate::store) announce: bool,
 }
 
 /// A duration in ms, as the database's bigint times are.
@@ -109,6 +111,7 @@ impl PgStore {
             wake,
             stop: stop.clone(),
             _listening: Arc::new(stop.drop_guard()),
+            announce: false,
         })
     }
 

@@ -313,15 +313,31 @@ impl PgStore {
     /// attempts are spent. Any replica does it; two at once each touch a row once (the second
     /// re-checks the row after the first's update and finds the lease live or the job queued).
     async fn rescue(&self) -> Result<(), Error> {
-        let failed = sqlx::query(
+        const FAIL_SPENT: &str = concat!(
             "update job set state = 'failed', lease_token = null, lease_expires_at = null,
                  finished_at = mm_now_ms(), updated_at = mm_now_ms(),
                  last_error = coalesce(last_error || '; ', '') || 'the worker running it stopped and no attempts are left'
-             where state = 'running' and lease_expires_at < mm_now_ms() and attempts >= max_attempts",
-        )
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
+             where state = 'running' and lease_expires_at < mm_now_ms() and attempts >= max_attempts
+             returning ",
+            job_columns!()
+        );
+        let failed = if self.announce {
+            // Failed with the notices of their end, in one transaction.
+            let mut tx = self.pool.begin().await?;
+            let rows: Vec<JobRow> = sqlx::query_as(FAIL_SPENT).fetch_all(&mut *tx).await?;
+            let failed = rows.len() as u64;
+            for row in rows {
+                let ended = row.into_job()?;
+                finish_notices(&mut tx, ended.id, &ended.end_notice(None)).await?;
+            }
+            tx.commit().await?;
+            failed
+        } else {
+            sqlx::query(FAIL_SPENT)
+                .execute(&self.pool)
+                .await?
+                .rows_affected()
+        };
         // Its own statement, so its own "now": a lease that ran out since the one above is
         // requeued only with attempts left (else the next rescue fails it).
         let requeued = sqlx::query(

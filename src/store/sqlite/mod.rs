@@ -32,6 +32,8 @@ pub struct SqliteStore {
     /// Where blobs are on targets: (registry, digest) → repository → when seen (ms). In memory:
     /// one process owns the file, and it knows what it put where (migrations/sqlite-next/).
     blobs: Arc<std::sync::Mutex<BlobMap>>,
+    /// Whether jobs failed by the rescue announce their end (notices are configured).
+    pub(super) announce: bool,
 }
 
 /// slot, replica, started_at, finished_at, result (JSON text).
@@ -255,6 +257,7 @@ impl SqliteStore {
             db,
             wake: Arc::new(Notify::new()),
             blobs: Arc::default(),
+            announce: false,
         }
     }
 
@@ -355,7 +358,7 @@ impl SqliteStore {
     }
 
     pub(super) async fn claim(&self, lease: Duration) -> Result<Option<Lease>, Error> {
-        match queue::claim(&self.db, lease).await? {
+        match queue::claim(&self.db, lease, self.announce).await? {
             None => Ok(None),
             Some(l) => Ok(Some(Lease {
                 token: l.token,

@@ -218,11 +218,11 @@ fn lease_token() -> String {
 
 /// Claims the next due job for `lease`: one `UPDATE … RETURNING` that sets a fresh lease token.
 /// Jobs whose lease expired (their worker died) go back to the queue first.
-pub async fn claim(db: &Db, lease: Duration) -> sqlx::Result<Option<Lease>> {
+pub async fn claim(db: &Db, lease: Duration, announce: bool) -> sqlx::Result<Option<Lease>> {
     let now = now_ms();
     let token = lease_token();
     let mut tx = db.write.begin_with("BEGIN IMMEDIATE").await?;
-    rescue(&mut tx, now).await?;
+    rescue(&mut tx, now, announce).await?;
     let job: Option<Job> = sqlx::query_as(concat!(
         "update job set state = 'running', attempts = attempts + 1, lease_token = ?2, lease_expires_at = ?3,
              started_at = ifnull(started_at, ?1), updated_at = ?1
@@ -241,17 +241,24 @@ pub async fn claim(db: &Db, lease: Duration) -> sqlx::Result<Option<Lease>> {
 }
 
 /// Puts running jobs whose lease expired back in the queue (or fails them when their attempts are
-/// spent): a process killed mid-copy resumes after a restart.
-async fn rescue(conn: &mut sqlx::SqliteConnection, now: i64) -> sqlx::Result<()> {
-    let failed = sqlx::query(
+/// spent, announcing their end when `announce`): a process killed mid-copy resumes after a restart.
+async fn rescue(conn: &mut sqlx::SqliteConnection, now: i64, announce: bool) -> sqlx::Result<()> {
+    let failed: Vec<Job> = sqlx::query_as(
         "update job set state = 'failed', lease_token = null, lease_expires_at = null, finished_at = ?1, updated_at = ?1,
              last_error = ifnull(last_error || '; ', '') || 'the worker running it stopped and no attempts are left'
-         where state = 'running' and lease_expires_at < ?1 and attempts >= max_attempts",
+         where state = 'running' and lease_expires_at < ?1 and attempts >= max_attempts
+         returning *",
     )
     .bind(now)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
+    .fetch_all(&mut *conn)
+    .await?;
+    if announce {
+        for j in &failed {
+            let ended = super::job(j.clone()).map_err(|e| sqlx::Error::Decode(e.into()))?;
+            finish_notices(conn, j.id, &ended.end_notice(None)).await?;
+        }
+    }
+    let failed = failed.len() as u64;
     let requeued = sqlx::query(
         "update job set state = 'queued', lease_token = null, lease_expires_at = null, updated_at = ?1
          where state = 'running' and lease_expires_at < ?1 and attempts < max_attempts",
