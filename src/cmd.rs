@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
 
-use crate::config::{CopyArgs, RegistryArgs, VerifyArgs};
+use crate::config::{CopyArgs, ImportArgs, RegistryArgs, VerifyArgs};
 use crate::reference::ImageRef;
 use crate::registry::client::UploadLimits;
 use crate::registry::connect::TransportConfig;
@@ -235,6 +235,29 @@ pub async fn copy(args: CopyArgs) -> Result<()> {
         writeln!(out, "{}", result.pull)?;
     }
     Ok(())
+}
+
+/// `mirror-mirror import`: copies the SQLite store into the empty PostgreSQL one and prints what
+/// it moved, one line.
+pub async fn import(args: ImportArgs) -> Result<()> {
+    let moved = crate::store::import::sqlite_to_postgres(&args.from, &args.to).await?;
+    println!(
+        "imported {} into {}: {moved}",
+        args.from,
+        redact_url(&args.to)
+    );
+    Ok(())
+}
+
+/// `url` without its password, to print.
+fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
 }
 
 /// `mirror-mirror verify`: prints the verdict line (or the JSON report) on stdout, each problem

@@ -53,6 +53,20 @@ pub enum Command {
     /// Check that a mirror serves exactly the image of an official digest (exit 0 ok, 1 missing or
     /// different, 2 usage, 3 could not check).
     Verify(Box<VerifyArgs>),
+    /// Move a SQLite store (ledger, jobs, requests, drift, notices) into a new, empty PostgreSQL
+    /// database, keeping every id: the step before scaling out (docs/scaling-out.md).
+    Import(ImportArgs),
+}
+
+/// `mirror-mirror import`.
+#[derive(Debug, Clone, Args)]
+pub struct ImportArgs {
+    /// The SQLite file the service used (its MIRROR_DATABASE); stop the service first.
+    #[arg(long)]
+    pub from: String,
+    /// The new, empty PostgreSQL database: `postgres://user@host:port/db`.
+    #[arg(long)]
+    pub to: String,
 }
 
 /// Settings shared by everything that talks to registries.

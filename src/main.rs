@@ -10,7 +10,10 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    // PostgreSQL's notices ("relation … already exists, skipping" at every start) are not news.
+    let quiet = "sqlx::postgres::notice=warn";
+    let filter = EnvFilter::try_new(format!("{},{quiet}", cli.log))
+        .unwrap_or_else(|_| EnvFilter::new(format!("info,{quiet}")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -28,6 +31,9 @@ async fn main() -> ExitCode {
             .await
             .map(|()| ExitCode::SUCCESS),
         Command::Verify(args) => mirror_mirror::cmd::verify(*args).await.map(ExitCode::from),
+        Command::Import(args) => mirror_mirror::cmd::import(args)
+            .await
+            .map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -6,6 +6,7 @@
 //! `Store` is an enum over the backends rather than a trait object: the methods are async, the
 //! backends are two and known, and an enum needs no boxing of every future.
 
+pub mod import;
 pub mod postgres;
 pub mod sqlite;
 mod types;
@@ -51,6 +52,9 @@ pub enum Error {
     /// The store was closed.
     #[error("the store is closed")]
     Closed,
+    /// An import cannot start (what is wrong and what to do).
+    #[error("{0}")]
+    Import(String),
 }
 
 /// Why a request was not stored as a job.

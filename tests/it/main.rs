@@ -11,6 +11,7 @@ mod dryrun;
 mod faults;
 mod github;
 mod helpers;
+mod import;
 mod metrics;
 mod namespace;
 mod notices;

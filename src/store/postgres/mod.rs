@@ -162,6 +162,11 @@ impl PgStore {
         }
     }
 
+    /// The pool, for the importer.
+    pub(in crate::store) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
     pub(in crate::store) async fn close(&self) {
         self.stop.cancel();
         self.pool.close().await;
@@ -220,6 +225,8 @@ async fn listen(
                     Ok(Some(_)) => wake.notify_one(),
                     // The connection dropped; try_recv reconnects (and re-listens) next time.
                     Ok(None) => wake.notify_one(),
+                    // Closing the store closes the pool under it: not a fault.
+                    Err(_) if stop.is_cancelled() => return,
                     Err(e) => {
                         tracing::warn!("LISTEN {CHANNEL}: {e}; reconnecting");
                         wake.notify_one();

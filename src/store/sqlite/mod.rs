@@ -268,6 +268,11 @@ impl SqliteStore {
             .map_err(|e| Error::NotReady(format!("{e:#}")))
     }
 
+    /// The pools, for the importer.
+    pub(in crate::store) fn db(&self) -> &Db {
+        &self.db
+    }
+
     pub(super) async fn close(&self) {
         self.db.write.close().await;
         self.db.read.close().await;
