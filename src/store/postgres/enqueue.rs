@@ -1,10 +1,10 @@
 //! A batch of enqueues in a constant number of round trips, whatever its size (group commit that
 //! stays cheap as the batch grows): [`begin`] opens the transaction and takes the advisory locks
-//! in one; then one statement claims the owners of every target repository, one reads every
-//! live job the batch could join, each request is decided in order in memory (a request may join
-//! or widen one queued earlier in the same batch), and one statement writes it all: the new jobs
+//! in one; one statement claims the owners of every target repository and reads every live job
+//! the batch could join; each request is decided in order in memory (a request may join or
+//! widen one queued earlier in the same batch); and one statement writes it all: the new jobs
 //! (`INSERT … SELECT FROM unnest(…)`), the widened ones, the requests with their job links, and
-//! the `NOTIFY`. With `BEGIN` and `COMMIT` that is 5 round trips and one fsync per batch.
+//! the `NOTIFY`. With `COMMIT` that is 4 round trips and one fsync per batch.
 //!
 //! The transaction holds the advisory locks of every target repository in the batch (see
 //! `queue.rs`), so what is read here cannot change before the commit.
@@ -115,22 +115,6 @@ pub(super) async fn enqueue_all(
         }
     }
     let (repos, claimants): (Vec<String>, Vec<String>) = first_claim.into_iter().unzip();
-    let owners: HashMap<String, String> = sqlx::query_as::<_, (String, String)>(
-        "with claimed as (
-             insert into mirror_owner (mirror_repo, source_repo, created_at)
-             select r, s, mm_now_ms() from unnest($1::text[], $2::text[]) as c(r, s)
-             on conflict (mirror_repo) do nothing
-             returning mirror_repo, source_repo)
-         select mirror_repo, source_repo from claimed
-         union all
-         select mirror_repo, source_repo from mirror_owner where mirror_repo = any($1)",
-    )
-    .bind(&repos)
-    .bind(&claimants)
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .collect();
 
     // Every live job of the batch's keys, newest first per key: an index lookup per key.
     let keys: Vec<Key> = batch.iter().map(key).collect();
@@ -146,22 +130,51 @@ pub(super) async fn enqueue_all(
             (a, b, c)
         },
     );
-    let mut live: HashMap<Key, Vec<Job>> = HashMap::new();
-    let rows = sqlx::query_as::<_, JobRow>(concat!(
-        "select j.* from unnest($1::text[], $2::text[], $3::text[]) as k(s, r, t),
-         lateral (select ",
+
+    // Both in one statement: the owners as two arrays, the live jobs (usually none) as JSON.
+    let (owner_repos, owner_sources, live_json): (
+        Option<Vec<String>>,
+        Option<Vec<String>>,
+        String,
+    ) = sqlx::query_as(concat!(
+        "with claimed as (
+                 insert into mirror_owner (mirror_repo, source_repo, created_at)
+                 select r, s, mm_now_ms() from unnest($1::text[], $2::text[]) as c(r, s)
+                 on conflict (mirror_repo) do nothing
+                 returning mirror_repo, source_repo),
+             owners as (
+                 select mirror_repo, source_repo from claimed
+                 union all
+                 select mirror_repo, source_repo from mirror_owner where mirror_repo = any($1))
+             select o.repos, o.sources, coalesce(l.jobs::text, '[]')
+             from (select array_agg(mirror_repo) as repos, array_agg(source_repo) as sources
+                   from owners) as o,
+                  (select json_agg(j order by j.id desc) as jobs
+                   from unnest($3::text[], $4::text[], $5::text[]) as k(s, r, t),
+                   lateral (select ",
         job_columns!(),
         " from job
-             where state in ('queued', 'running')
-               and source = k.s and target_repo = k.r and coalesce(target_tag, '') = k.t
-             offset 0) as j
-         order by j.id desc"
+                       where state in ('queued', 'running')
+                         and source = k.s and target_repo = k.r and coalesce(target_tag, '') = k.t
+                       offset 0) as j) as l"
     ))
+    .bind(&repos)
+    .bind(&claimants)
     .bind(&ks)
     .bind(&kr)
     .bind(&kt)
-    .fetch_all(&mut *tx)
+    .fetch_one(&mut *tx)
     .await?;
+    let owners: HashMap<String, String> = owner_repos
+        .unwrap_or_default()
+        .into_iter()
+        .zip(owner_sources.unwrap_or_default())
+        .collect();
+    let rows: Vec<JobRow> = serde_json::from_str(&live_json).map_err(|e| Error::Corrupt {
+        what: "live jobs",
+        value: e.to_string(),
+    })?;
+    let mut live: HashMap<Key, Vec<Job>> = HashMap::new();
     for row in rows {
         let job = row.into_job()?;
         let k = (

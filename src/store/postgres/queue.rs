@@ -37,7 +37,8 @@ macro_rules! job_columns {
 }
 pub(super) use job_columns;
 
-#[derive(FromRow)]
+/// A job as read (JSON as text); also decoded from `json_agg` of the same columns.
+#[derive(FromRow, serde::Deserialize)]
 pub(super) struct JobRow {
     id: i64,
     source: String,
@@ -179,7 +180,7 @@ impl PgStore {
         Ok(written.answers)
     }
 
-    /// One batch: [`begin`], two reads, one write, `COMMIT` (see `enqueue.rs`).
+    /// One batch: [`begin`], one read, one write, `COMMIT` (see `enqueue.rs`).
     pub(in crate::store) async fn enqueue_requests(
         &self,
         requests: &[NewRequest],
