@@ -305,10 +305,8 @@ pub(super) async fn enqueue_all(
             value: format!("{next} jobs in the requests, {} in the batch", batch.len()),
         });
     }
-    let created = answers
-        .iter()
-        .filter(|a| matches!(a, Answer::Inserted { .. }))
-        .count();
+    // One per job inserted (the answers that join or widen one of them are not new jobs).
+    let created = inserts.len();
 
     // The writes, in one statement. Identity values follow the insert order (ordinality), so
     // the ids sorted are the inserts (and the requests) in order; every time is the
