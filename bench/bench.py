@@ -469,7 +469,7 @@ class Postgres:
         self.proc = subprocess.Popen(
             self.as_postgres + [os.path.join(self.bin, "postgres"), "-D", data, "-p", str(self.port), "-k", self.dir,
                                 "-c", "listen_addresses=127.0.0.1", "-c", "synchronous_commit=on", "-c", "fsync=on",
-                                "-c", "max_connections=300", "-c", "shared_buffers=64MB"],
+                                "-c", "max_connections=300", "-c", "shared_buffers=64MB", "-c", "min_wal_size=512MB"],
             stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.time() + 60
         while subprocess.run([os.path.join(self.bin, "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)]
@@ -478,8 +478,20 @@ class Postgres:
                 raise RuntimeError(f"PostgreSQL did not start: {open(self.log).read()[-2000:]}")
             time.sleep(0.1)
         self.n = 0
+        self.warm()
         log(f"PostgreSQL {os.path.basename(os.path.dirname(self.bin))} on 127.0.0.1:{self.port} "
-            "(synchronous_commit=on, fsync=on)")
+            "(synchronous_commit=on, fsync=on; WAL segments pre-allocated)")
+
+    def warm(self):
+        """A fresh initdb has one WAL segment: every 16 MB of WAL a run writes, PostgreSQL creates,
+        zero-fills and fsyncs the next (seconds of stalls on a busy disk: f) fell to 500/s with a
+        p99 of 2 s on the first round, 2,000/s once warm). A server that has been running recycles
+        its old segments instead. Write 256 MB of WAL and checkpoint, so the rounds meet a server
+        in that state (min_wal_size keeps the segments for reuse)."""
+        for sql in ("create table bench_warm (x bigint)",
+                    "insert into bench_warm select generate_series(1, 4000000)",
+                    "drop table bench_warm", "checkpoint", "select pg_switch_wal()", "checkpoint"):
+            self.psql("postgres", sql)
 
     def psql(self, db, sql):
         out = subprocess.run(["psql", "-X", "-q", "-A", "-t", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
@@ -780,11 +792,32 @@ def case_reads(args, svc, name):
     return runs
 
 
+def fsync_rate(directory, seconds=1.0):
+    """fdatasyncs of one 8 KiB write per second in `directory`, for one second: what a durable
+    commit costs on this disk now. With every 202 waiting for its batch's flush, f) can answer at
+    most (connections × this) per second, so the report gives it next to each round."""
+    path = os.path.join(directory, "fsync-probe")
+    n, block = 0, os.urandom(8192)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            os.pwrite(fd, block, 0)
+            os.fdatasync(fd)
+            n += 1
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return n / seconds
+
+
 def case_enqueue(args, work):
     """f) wrk POSTing distinct images (sources that do not exist) to a fresh service with 1 worker."""
     script = os.path.join(HERE, "post.lua")
     runs = []
     for rnd in range(1, args.rounds + 1):
+        disk = fsync_rate(PG[0].dir if PG else work)
+        load = os.getloadavg()[0]
         svc = Service(args, work, f"f-service-{rnd}", None, None, workers=1, allowed="127.0.0.1:9")
         try:
             r = wrk(args, f"http://{svc.host}/mirror", script,
@@ -799,7 +832,8 @@ def case_enqueue(args, work):
         else:
             with sqlite3.connect(svc.database) as db:
                 r["jobs_in_db"] = db.execute("select count(*) from job").fetchone()[0]
-        log(f"f) round {rnd}: {r.get('per_s')} jobs/s accepted ({r.get('accepted')} 202s, {r.get('other')} other "
+        r["fsync_per_s"], r["load"] = disk, load
+        log(f"f) round {rnd} (load {load:.1f}, {disk:.0f} fdatasync/s): {r.get('per_s')} jobs/s accepted ({r.get('accepted')} 202s, {r.get('other')} other "
             f"first {r.get('first_other')}), p99 {r['p99_ms']} ms, {r['jobs_in_db']} jobs in the database")
         runs.append(r)
     return runs
@@ -996,7 +1030,8 @@ def report(args, res, started, finished):
         details.append(f"**{label}** — wrk -t{args.wrk_threads} -c{args.wrk_connections} -d{args.wrk_seconds}s, "
                        "MIRROR_WORKERS=1, per round: " + ", ".join(
                            f"{fmt(r.get('per_s'), 0)} jobs/s ({r.get('accepted')} × 202, {r.get('other')} other, "
-                           f"first other {r.get('first_other')}, p99 {r['p99_ms']} ms, {r['jobs_in_db']} jobs in the database after SIGKILL)"
+                           f"first other {r.get('first_other')}, p99 {r['p99_ms']} ms, {r['jobs_in_db']} jobs in the database after SIGKILL; "
+                           f"load {r.get('load', 0):.1f}, disk {r.get('fsync_per_s', 0):.0f} fdatasync/s before the round)"
                            for r in runs) + (f" — {other} non-202 answers" if other else "") + "\n")
     else:
         row(label, "jobs/s", "error (see details)", "", "", "", f"≥ {f_target:,}", False)

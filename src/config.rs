@@ -279,6 +279,12 @@ pub struct ServeArgs {
     #[arg(long, env = "MIRROR_SHUTDOWN_GRACE", default_value_t = 30)]
     pub shutdown_grace: u64,
 
+    /// Seconds the listener keeps serving after SIGTERM, with `/readyz` answering 503, so a load
+    /// balancer that follows `/readyz` stops sending traffic before the port closes (where no
+    /// Kubernetes `preStop` pause does it). 0: the listener closes at once.
+    #[arg(long, env = "MIRROR_SHUTDOWN_DRAIN", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub shutdown_drain: u64,
+
     /// Seconds a worker's lease on a job lasts; renewed every third of it.
     #[arg(long, env = "MIRROR_LEASE", default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..=3600))]
     pub lease: u64,

@@ -251,11 +251,24 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         let stop = stop.clone();
         async move {
             wait_for_signal().await;
+            // From here `/readyz` answers 503 and nothing new is claimed.
+            stop.cancel();
+            if args.shutdown_drain > 0 {
+                tracing::info!(
+                    drain_s = args.shutdown_drain,
+                    "shutting down: /readyz answers 503; still serving for {}s (MIRROR_SHUTDOWN_DRAIN) while load balancers stop sending traffic; no new jobs are claimed",
+                    args.shutdown_drain
+                );
+                // A second signal ends the drain early.
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(args.shutdown_drain)) => {}
+                    _ = wait_for_signal() => tracing::info!("second signal: the drain ends now"),
+                }
+            }
             tracing::info!(
-                "shutting down: no new jobs are claimed; running copies get {}s",
+                "shutting down: the listener closes; no new jobs are claimed; running copies get {}s",
                 args.shutdown_grace
             );
-            stop.cancel();
         }
     };
     axum::serve(listener, http::router(state))

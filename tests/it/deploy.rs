@@ -967,10 +967,13 @@ fn compose_postgres_runs_replicas_on_one_database_next_to_a_local_registry() {
     let grace: u64 = env
         .get("MIRROR_SHUTDOWN_GRACE")
         .map_or(DEFAULT_SHUTDOWN_GRACE, |g| g.parse().unwrap());
+    let drain: u64 = env
+        .get("MIRROR_SHUTDOWN_DRAIN")
+        .map_or(0, |d| d.parse().unwrap());
     let stop = seconds(str_of(&service["stop_grace_period"], "stop_grace_period"));
     assert!(
-        stop > grace + 10,
-        "stop_grace_period {stop}s must exceed the {grace}s grace and the 10 s of requeueing"
+        stop > drain + grace + 10,
+        "stop_grace_period {stop}s must exceed the {drain}s drain, the {grace}s grace and the 10 s of requeueing"
     );
 }
 

@@ -613,6 +613,69 @@ async fn sigterm_stops_claiming_and_gives_running_jobs_back() {
     assert_eq!(other["source_digest"], json!(small.digest));
 }
 
+/// `MIRROR_SHUTDOWN_DRAIN`: after SIGTERM the replica says it is not ready but keeps serving for
+/// the drain, so a load balancer without a `preStop` pause stops sending traffic before the port
+/// closes; a request it still sends is answered and durable.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_with_a_drain_keeps_serving_while_readyz_says_503() {
+    let up = Registry::anonymous().await;
+    let down = Registry::anonymous().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("m.db");
+    let target = format!("{}/mirror", down.host());
+    let drain = Duration::from_secs(5);
+    let env = [
+        ("MIRROR_SHUTDOWN_DRAIN", "5"),
+        ("MIRROR_SHUTDOWN_GRACE", "1"),
+    ];
+    let mut svc = Service::start(&db, &target, &up.host(), &env).await;
+    svc.wait_answering("/readyz", Duration::from_secs(20)).await;
+    let signalled = Instant::now();
+    svc.send_term();
+    // Not ready at once...
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let ready = loop {
+        let (status, body) = svc.get("/readyz").await;
+        if status == 503 {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz still {status} 2 s after SIGTERM: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        ready["failing"].to_string().contains("shutting down"),
+        "{ready}"
+    );
+    // ...but still serving: a request that arrives during the drain is queued.
+    let image = format!("{}/drain/app:v1", up.host());
+    let (status, job) = svc.mirror(&json!({ "image": image })).await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_i64().unwrap();
+    assert!(
+        signalled.elapsed() < drain,
+        "the POST was answered {:?} after SIGTERM, after the drain: the test proves nothing",
+        signalled.elapsed()
+    );
+    let (status, body) = svc.get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    // Then the listener closes and the process exits cleanly, not before the drain is over.
+    let status = svc.wait_exit(drain + Duration::from_secs(20)).await;
+    assert!(status.success(), "exit {status}:\n{}", svc.log());
+    assert!(
+        signalled.elapsed() >= drain,
+        "exited {:?} after SIGTERM, before the {drain:?} drain",
+        signalled.elapsed()
+    );
+    // The 202 was durable: the next process finds the job.
+    let svc = Service::start(&db, &target, &up.host(), &[]).await;
+    let (status, stored) = svc.get(&format!("/jobs/{id}")).await;
+    assert_eq!(status, 200, "{stored}");
+    assert_eq!(stored["source"], json!(image), "{stored}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn secrets_never_reach_the_log() {
     let up = Registry::basic("reg-user", "registry-password-xyz").await;

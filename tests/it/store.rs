@@ -96,6 +96,7 @@ conformance!(
     a_request_to_several_targets_is_one_job_each_and_settles_one_digest,
     a_request_to_several_targets_is_announced_once_when_its_last_job_ends,
     a_job_the_rescue_fails_announces_its_end_and_ends_its_request,
+    a_batch_answers_each_request_with_the_jobs_as_stored,
 );
 
 fn job(source: &str) -> NewJob {
@@ -1794,4 +1795,145 @@ async fn a_job_the_rescue_fails_announces_its_end_and_ends_its_request(backend: 
         request_notice["targets"][1]["state"], "failed",
         "{request_notice}"
     );
+/// A batch of requests (group commit) answers with each job as the database holds it, whatever
+/// the answer: new, joined, widened (an earlier batch's job or one of this batch's), queued after
+/// a running job, refused; and each request is stored with its jobs in order.
+async fn a_batch_answers_each_request_with_the_jobs_as_stored(backend: Backend) {
+    let db = Database::new(backend).await;
+    let s = db.open().await;
+    let request = |source: &str, jobs: Vec<(&str, NewJob)>| NewRequest {
+        source: source.to_string(),
+        requested_by: json!({"kind": "token", "name": "batch"}),
+        jobs: jobs.into_iter().map(|(t, j)| (t.to_string(), j)).collect(),
+    };
+    // Before the batch: a running job to queue after, a queued one to widen, an owner to refuse.
+    let busy = job("docker.io/library/busy:1");
+    let running = s.enqueue(&busy).await.unwrap().job;
+    let lease = claim_within(&s, Duration::from_secs(60)).await;
+    assert_eq!(lease.job.id, running.id);
+    assert!(s.set_source_digest(&lease, "sha256:old").await.unwrap());
+    let mut narrow = job("docker.io/library/wide:1");
+    narrow.referrers = false;
+    let earlier = s.enqueue(&narrow).await.unwrap().job;
+    let mut squatter = job("docker.io/library/squat:1");
+    squatter.target_repo = "127.0.0.1:1/mirror/taken".into();
+    s.enqueue(&squatter).await.unwrap();
+
+    let fresh = job("docker.io/library/fresh:1");
+    let mut fresh_narrow = fresh.clone();
+    fresh_narrow.repair = true;
+    let mut taken = job("docker.io/library/other:1");
+    taken.target_repo = squatter.target_repo.clone();
+    let batch = vec![
+        request("docker.io/library/fresh:1", vec![("a", fresh.clone())]),
+        request("docker.io/library/fresh:1", vec![("a", fresh)]),
+        request("docker.io/library/fresh:1", vec![("a", fresh_narrow)]),
+        request(
+            "docker.io/library/wide:1",
+            vec![("a", job("docker.io/library/wide:1"))],
+        ),
+        request(
+            "docker.io/library/busy:1",
+            vec![("a", {
+                let mut b = busy.clone();
+                b.repair = true;
+                b
+            })],
+        ),
+        request("docker.io/library/other:1", vec![("a", taken.clone())]),
+        request(
+            "docker.io/library/other:1",
+            vec![("a", taken), ("b", job("docker.io/library/other:1"))],
+        ),
+    ];
+    let out = s.enqueue_requests(&batch).await.unwrap();
+    let words: Vec<Vec<String>> = out
+        .iter()
+        .map(|r| {
+            r.jobs
+                .iter()
+                .map(|(_, q)| match q {
+                    Ok(q) => q.dedupe.as_str().to_string(),
+                    Err(EnqueueError::Owned { .. }) => "owned".into(),
+                    Err(e) => panic!("{e}"),
+                })
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        words,
+        [
+            vec!["new"],
+            vec!["joined"],
+            vec!["merged"],
+            vec!["merged"],
+            vec!["queued_after"],
+            vec!["owned"],
+            vec!["owned", "new"],
+        ]
+    );
+    assert_eq!(
+        out[5].id, None,
+        "a request every target refused is not stored"
+    );
+    // The last answer naming a job is the job as stored; an earlier one may show it before a
+    // later request of the batch widened it (SQLite answers as of each request).
+    let answered: Vec<&mirror_mirror::store::Enqueued> = out
+        .iter()
+        .flat_map(|r| r.jobs.iter().filter_map(|(_, q)| q.as_ref().ok()))
+        .collect();
+    for (i, q) in answered.iter().enumerate() {
+        let stored = s.get(q.job.id).await.unwrap().unwrap();
+        if answered[i + 1..]
+            .iter()
+            .all(|later| later.job.id != q.job.id)
+        {
+            assert_eq!(
+                q.job, stored,
+                "answered {:?} for job {}",
+                q.dedupe, q.job.id
+            );
+        } else {
+            assert_eq!(
+                (
+                    &q.job.source,
+                    &q.job.target_repo,
+                    q.job.created_at,
+                    q.job.state
+                ),
+                (
+                    &stored.source,
+                    &stored.target_repo,
+                    stored.created_at,
+                    stored.state
+                )
+            );
+        }
+    }
+    for r in &out {
+        let Some(id) = r.id else { continue };
+        let stored = s.request(id).await.unwrap().unwrap();
+        assert_eq!(
+            stored
+                .jobs
+                .iter()
+                .map(|(t, j)| (t.clone(), j.id))
+                .collect::<Vec<_>>(),
+            r.jobs
+                .iter()
+                .filter_map(|(t, q)| q.as_ref().ok().map(|q| (t.clone(), q.job.id)))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            stored.requested_by,
+            json!({"kind": "token", "name": "batch"})
+        );
+    }
+    // The widened jobs are the stored ones, with the options of both requests.
+    let wide = &out[3].jobs[0].1.as_ref().unwrap().job;
+    assert_eq!((wide.id, wide.referrers), (earlier.id, true));
+    let merged = &out[2].jobs[0].1.as_ref().unwrap().job;
+    assert!(merged.repair, "{merged:?}");
+    let after = &out[4].jobs[0].1.as_ref().unwrap();
+    assert_eq!(after.dedupe, Dedupe::QueuedAfter(running.id));
 }

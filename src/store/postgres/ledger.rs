@@ -365,7 +365,9 @@ impl PgStore {
             job.requested_by = serde_json::json!({
                 "kind": "drift", "drift_id": drift.id, "reason": d.kind.as_str()
             });
-            let mut answers = enqueue_all(&mut tx, std::slice::from_ref(&job)).await?;
+            let mut answers = enqueue_all(&mut tx, std::slice::from_ref(&job), &[], false)
+                .await?
+                .answers;
             match answers.pop().expect("one answer per request") {
                 Ok(q) => {
                     sqlx::query("update drift set job_id = $1 where id = $2")

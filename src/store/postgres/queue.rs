@@ -24,7 +24,7 @@ use super::super::{
     NewNotice, NewRequest, ProgressRow, Request, RequestEnqueued, corrupt, parse_json,
     parse_policy,
 };
-use super::enqueue::enqueue_all;
+use super::enqueue::{RequestRow, begin, enqueue_all};
 use super::{CHANNEL, PgStore, ms};
 
 /// The job columns, JSON as text (decoded at the edge, in [`JobRow::into_job`]).
@@ -38,7 +38,8 @@ macro_rules! job_columns {
 }
 pub(super) use job_columns;
 
-#[derive(FromRow)]
+/// A job as read (JSON as text); also decoded from `json_agg` of the same columns.
+#[derive(FromRow, serde::Deserialize)]
 pub(super) struct JobRow {
     id: i64,
     source: String,
@@ -173,16 +174,14 @@ impl PgStore {
         &self,
         new: &[NewJob],
     ) -> Result<Vec<Result<Enqueued, EnqueueError>>, Error> {
-        let mut tx = self.pool.begin().await?;
-        lock(&mut tx, job_keys(new)).await?;
-        let out = enqueue_all(&mut tx, new).await?;
-        let created = out.iter().flatten().filter(|q| q.created()).count();
-        notify(&mut tx, created).await?;
+        let mut tx = begin(&self.pool, job_keys(new)).await?;
+        let written = enqueue_all(&mut tx, new, &[], true).await?;
         tx.commit().await?;
-        self.woke(created);
-        Ok(out)
+        self.woke(written.created);
+        Ok(written.answers)
     }
 
+    /// One batch: [`begin`], one read, one write, `COMMIT` (see `enqueue.rs`).
     pub(in crate::store) async fn enqueue_requests(
         &self,
         requests: &[NewRequest],
@@ -191,77 +190,31 @@ impl PgStore {
             .iter()
             .flat_map(|r| r.jobs.iter().map(|(_, j)| j.clone()))
             .collect();
-        let mut tx = self.pool.begin().await?;
-        lock(&mut tx, job_keys(&flat)).await?;
-        let mut answers = enqueue_all(&mut tx, &flat).await?.into_iter();
-        let mut out: Vec<RequestEnqueued> = Vec::with_capacity(requests.len());
-        for r in requests {
-            let jobs: Vec<_> = r
-                .jobs
-                .iter()
-                .map(|(t, _)| (t.clone(), answers.next().expect("one answer per job")))
-                .collect();
-            out.push(RequestEnqueued { id: None, jobs });
-        }
-        let created = out
+        let rows: Vec<RequestRow> = requests
             .iter()
-            .flat_map(|r| &r.jobs)
-            .filter(|(_, q)| q.as_ref().is_ok_and(Enqueued::created))
-            .count();
-        // The requests with a stored job, in one statement; then their jobs, in another.
-        let keep: Vec<usize> = (0..out.len())
-            .filter(|&i| out[i].jobs.iter().any(|(_, q)| q.is_ok()))
+            .map(|r| RequestRow {
+                source: &r.source,
+                requested_by: &r.requested_by,
+                targets: r.jobs.iter().map(|(t, _)| t.as_str()).collect(),
+            })
             .collect();
-        if !keep.is_empty() {
-            let ids: Vec<i64> = sqlx::query_scalar(
-                "insert into request (source, requested_by, created_at)
-                 select s, b::jsonb, mm_now_ms() from unnest($1::text[], $2::text[])
-                     with ordinality as i(s, b, n)
-                 order by n
-                 returning id",
-            )
-            .bind(
-                keep.iter()
-                    .map(|&i| requests[i].source.clone())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                keep.iter()
-                    .map(|&i| requests[i].requested_by.to_string())
-                    .collect::<Vec<_>>(),
-            )
-            .fetch_all(&mut *tx)
-            .await?;
-            let (mut rid, mut pos, mut target, mut job) = (vec![], vec![], vec![], vec![]);
-            for (&i, id) in keep.iter().zip(&ids) {
-                out[i].id = Some(*id);
-                for (p, (t, q)) in out[i]
+        let mut tx = begin(&self.pool, job_keys(&flat)).await?;
+        let written = enqueue_all(&mut tx, &flat, &rows, true).await?;
+        tx.commit().await?;
+        self.woke(written.created);
+        let mut answers = written.answers.into_iter();
+        Ok(requests
+            .iter()
+            .zip(written.requests)
+            .map(|(r, id)| RequestEnqueued {
+                id,
+                jobs: r
                     .jobs
                     .iter()
-                    .filter_map(|(t, q)| q.as_ref().ok().map(|q| (t, q)))
-                    .enumerate()
-                {
-                    rid.push(*id);
-                    pos.push(p as i64);
-                    target.push(t.clone());
-                    job.push(q.job.id);
-                }
-            }
-            sqlx::query(
-                "insert into request_job (request_id, position, target, job_id)
-                 select * from unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[])",
-            )
-            .bind(rid)
-            .bind(pos)
-            .bind(target)
-            .bind(job)
-            .execute(&mut *tx)
-            .await?;
-        }
-        notify(&mut tx, created).await?;
-        tx.commit().await?;
-        self.woke(created);
-        Ok(out)
+                    .map(|(t, _)| (t.clone(), answers.next().expect("one answer per job")))
+                    .collect(),
+            })
+            .collect())
     }
 
     pub(in crate::store) async fn request(&self, id: i64) -> Result<Option<Request>, Error> {
@@ -588,11 +541,10 @@ impl PgStore {
         jobs: &[NewJob],
         respond: &(dyn Fn(&[Enqueued]) -> serde_json::Value + Sync),
     ) -> Result<Delivery, EnqueueError> {
-        let mut tx = self.pool.begin().await?;
         let mut keys = job_keys(jobs);
         // Two replicas handling a redelivery at once: one answers, the other answers as before.
         keys.push(lock_key("delivery", delivery_id));
-        lock(&mut tx, keys).await?;
+        let mut tx = begin(&self.pool, keys).await?;
         let before: Option<(i64, String)> = sqlx::query_as(
             "select status, response::text from github_delivery where delivery_id = $1",
         )
@@ -608,10 +560,9 @@ impl PgStore {
             });
         }
         // All or nothing: the first refusal fails the delivery (the transaction rolls back).
-        let out = enqueue_all(&mut tx, jobs)
-            .await?
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()?;
+        let written = enqueue_all(&mut tx, jobs, &[], true).await?;
+        let created = written.created;
+        let out = written.answers.into_iter().collect::<Result<Vec<_>, _>>()?;
         let response = respond(&out);
         sqlx::query(
             "insert into github_delivery (delivery_id, status, response, created_at)
@@ -621,8 +572,6 @@ impl PgStore {
         .bind(response.to_string())
         .execute(&mut *tx)
         .await?;
-        let created = out.iter().filter(|q| q.created()).count();
-        notify(&mut tx, created).await?;
         tx.commit().await?;
         self.woke(created);
         Ok(Delivery::New {
