@@ -1795,6 +1795,8 @@ async fn a_job_the_rescue_fails_announces_its_end_and_ends_its_request(backend: 
         request_notice["targets"][1]["state"], "failed",
         "{request_notice}"
     );
+}
+
 /// A batch of requests (group commit) answers with each job as the database holds it, whatever
 /// the answer: new, joined, widened (an earlier batch's job or one of this batch's), queued after
 /// a running job, refused; and each request is stored with its jobs in order.
