@@ -151,7 +151,7 @@ async fn a_mount_that_answered_201_does_not_wait_for_the_head_beside_it() {
     let counter = heads.clone();
     // The target answers the HEAD of the shared layer in the second repository 500, as
     // distribution may while a mount links it there.
-    let path = format!("/m/b/blobs/{layer}");
+    let path = format!("/v2/m/b/blobs/{layer}");
     let front = Front::start(&dst.host(), move |r| {
         if r.method == Method::HEAD && r.path == path {
             counter.fetch_add(1, Ordering::SeqCst);
