@@ -492,46 +492,25 @@ impl Workers {
         let source = ImageRef::parse_source(&job.source).map_err(|e| {
             JobError::Permanent(format!("stored source {:?} is invalid: {e}", job.source))
         })?;
-        let digest = match &job.source_digest {
-            Some(d) => Digest::parse(d)
-                .map_err(|e| JobError::Permanent(format!("stored digest {d:?} is invalid: {e}")))?,
-            None => {
-                // One request, one image: a target whose sibling resolved the source takes that
-                // digest; the first to resolve settles it for the others.
-                let settled = self.store.request_digest(job.id).await.map_err(|e| {
+        // The digest copied: the job's, or its request's when a sibling settled it; else the copy
+        // resolves the source while it reads the target's tag (one round trip), and pins what it
+        // resolved as the request's digest before anything else uses it.
+        let digest =
+            match &job.source_digest {
+                Some(d) => Some(Digest::parse(d).map_err(|e| {
+                    JobError::Permanent(format!("stored digest {d:?} is invalid: {e}"))
+                })?),
+                None => match self.store.request_digest(job.id).await.map_err(|e| {
                     JobError::Transient(format!("reading the request's digest: {e}"))
-                })?;
-                let d = match settled {
-                    Some(d) => d,
-                    None => {
-                        let d = registry::resolve(&self.client, &source)
-                            .await
-                            .map_err(JobError::from)?;
-                        self.store
-                            .settle_request_digest(job.id, &d.to_string())
-                            .await
-                            .map_err(|e| {
-                                JobError::Transient(format!("storing the request's digest: {e}"))
-                            })?
-                    }
-                };
-                let d = Digest::parse(&d).map_err(|e| {
-                    JobError::Permanent(format!("the request's digest {d:?} is invalid: {e}"))
-                })?;
-                tracing::info!(digest = %d, "job {}: {} resolved to {d}", job.id, job.source);
-                match self.store.set_source_digest(lease, &d.to_string()).await {
-                    Ok(true) => {}
-                    Ok(false) => return Err(JobError::Permanent("lease lost".into())),
-                    Err(e) => {
-                        return Err(JobError::Transient(format!(
-                            "storing the resolved digest: {e}"
-                        )));
-                    }
-                }
-                d
-            }
+                })? {
+                    Some(d) => Some(self.pin(lease, &d).await?),
+                    None => None,
+                },
+            };
+        let source_for_copy = match &digest {
+            Some(d) => source.clone().with_digest(Some(d.clone())),
+            None => source.clone(),
         };
-        let pinned = source.clone().with_digest(Some(digest.clone()));
         let target_text = match &job.target_tag {
             Some(t) => format!("{}:{t}", job.target_repo),
             None => job.target_repo.clone(),
@@ -554,12 +533,16 @@ impl Workers {
                 })
             })
             .collect::<Result<_, _>>()?;
-        let result = match specs.is_empty() {
-            true => registry::copy(&self.client, &pinned, &target, &options, progress).await,
-            false => {
+        // Why pinning failed, when it did (the copy only sees that it did).
+        let pin_failed: std::sync::Mutex<Option<JobError>> = Default::default();
+        let result = match digest {
+            Some(_) if specs.is_empty() => {
+                registry::copy(&self.client, &source_for_copy, &target, &options, progress).await
+            }
+            Some(_) => {
                 registry::copy::copy_platforms(
                     &self.client,
-                    &pinned,
+                    &source_for_copy,
                     &target,
                     &options,
                     &specs,
@@ -568,8 +551,52 @@ impl Workers {
                 )
                 .await
             }
+            None => {
+                let failed = &pin_failed;
+                let settle: registry::copy::Settle<'_> = Box::new(move |resolved| {
+                    Box::pin(async move {
+                        let settled = async {
+                            let d = self
+                                .store
+                                .settle_request_digest(job.id, &resolved.to_string())
+                                .await
+                                .map_err(|e| {
+                                    JobError::Transient(format!(
+                                        "storing the request's digest: {e}"
+                                    ))
+                                })?;
+                            self.pin(lease, &d).await
+                        };
+                        settled.await.map_err(|e| {
+                            let text = match &e {
+                                JobError::Transient(m)
+                                | JobError::Permanent(m)
+                                | JobError::RateLimited(m, _) => m.clone(),
+                            };
+                            *failed.lock().expect("pin_failed poisoned") = Some(e);
+                            registry::Error::Invalid(text)
+                        })
+                    })
+                });
+                registry::copy::copy_settling(
+                    &self.client,
+                    &source_for_copy,
+                    &target,
+                    &options,
+                    &specs,
+                    progress,
+                    settle,
+                )
+                .await
+            }
         }
-        .map_err(JobError::from)?;
+        .map_err(|e| {
+            pin_failed
+                .lock()
+                .expect("pin_failed poisoned")
+                .take()
+                .unwrap_or_else(|| JobError::from(e))
+        })?;
         // A subset says what was left out: the children copied, by their official digests.
         let subset = result.subset.then(|| Subset {
             platforms: result.platforms.clone(),
@@ -614,6 +641,24 @@ impl Workers {
             subset,
         };
         Ok((record, result))
+    }
+}
+
+impl Workers {
+    /// Pins `settled`, the request's digest, as the job's (the lease still held).
+    async fn pin(&self, lease: &Lease, settled: &str) -> Result<Digest, JobError> {
+        let job = &lease.job;
+        let d = Digest::parse(settled).map_err(|e| {
+            JobError::Permanent(format!("the request's digest {settled:?} is invalid: {e}"))
+        })?;
+        tracing::info!(digest = %d, "job {}: {} resolved to {d}", job.id, job.source);
+        match self.store.set_source_digest(lease, &d.to_string()).await {
+            Ok(true) => Ok(d),
+            Ok(false) => Err(JobError::Permanent("lease lost".into())),
+            Err(e) => Err(JobError::Transient(format!(
+                "storing the resolved digest: {e}"
+            ))),
+        }
     }
 }
 

@@ -91,6 +91,18 @@ impl Budgets {
         Budgets::new(policy, identities)
     }
 
+    /// Whether manifest GETs to `registry` may count against an allowance: Docker Hub's do, and so
+    /// may any registry's until one of them was answered without an allowance (`RateLimit-*`),
+    /// and after any answer that told one.
+    pub fn meters(&self, registry: &str) -> bool {
+        if registry == "docker.io" {
+            return true;
+        }
+        let b = self.budget(registry);
+        let st = b.state.lock().expect("budget poisoned");
+        !st.unmetered || st.limit.is_some() || st.remaining.is_some()
+    }
+
     fn budget(&self, registry: &str) -> Arc<Budget> {
         let identity = self
             .identities
@@ -159,6 +171,8 @@ struct State {
     paused_until: Option<Instant>,
     /// Why, for the error and the log.
     pause_reason: String,
+    /// A manifest GET was answered without an allowance: this registry counts none.
+    unmetered: bool,
     /// Consecutive `429`s without `Retry-After`; any answer below 500 resets it.
     throttled: u32,
     /// Metered requests left: what the registry last said, less what was sent since. `None` when
@@ -231,9 +245,15 @@ impl Budget {
         if metered {
             st.in_flight = st.in_flight.saturating_sub(1);
         }
-        if quota
-            && seq > st.applied
-            && let Some(q) = parse_quota(headers, SystemTime::now())
+        let told = match quota {
+            true => parse_quota(headers, SystemTime::now()),
+            false => None,
+        };
+        if metered && quota && status.is_success() && told.is_none() {
+            st.unmetered = true;
+        }
+        if seq > st.applied
+            && let Some(q) = told
         {
             st.applied = seq;
             let was = st.remaining;
@@ -556,6 +576,39 @@ mod tests {
         )
         .unwrap();
         assert_eq!((q.remaining, q.limit, q.reset), (4, None, None));
+    }
+
+    #[tokio::test]
+    async fn manifest_gets_count_as_free_only_once_one_was_answered_without_an_allowance() {
+        let b = budgets(60);
+        assert!(b.meters("r.example"), "unknown: it may count");
+        // A HEAD, and a refused GET, say nothing about the allowance.
+        let head = b.acquire("r.example", false).await.unwrap();
+        assert!(head.observe(StatusCode::OK, &HeaderMap::new()).is_none());
+        let missing = b.acquire("r.example", true).await.unwrap();
+        assert!(
+            missing
+                .observe(StatusCode::NOT_FOUND, &HeaderMap::new())
+                .is_none()
+        );
+        assert!(b.meters("r.example"));
+        let get = b.acquire("r.example", true).await.unwrap();
+        assert!(get.observe(StatusCode::OK, &HeaderMap::new()).is_none());
+        assert!(
+            !b.meters("r.example"),
+            "a GET answered without an allowance"
+        );
+        // One that tells an allowance counts again, and Docker Hub always does.
+        let told = b.acquire("r.example", true).await.unwrap();
+        let limit = headers(&[
+            ("ratelimit-limit", "100;w=21600"),
+            ("ratelimit-remaining", "99;w=21600"),
+        ]);
+        assert!(told.observe(StatusCode::OK, &limit).is_none());
+        assert!(b.meters("r.example"));
+        let hub = b.acquire("docker.io", true).await.unwrap();
+        assert!(hub.observe(StatusCode::OK, &HeaderMap::new()).is_none());
+        assert!(b.meters("docker.io"));
     }
 
     #[tokio::test(start_paused = true)]

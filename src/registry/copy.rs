@@ -516,14 +516,34 @@ pub async fn resolve(client: &Client, source: &ImageRef) -> Result<Digest> {
             // Some registries omit Docker-Content-Digest on HEAD: hash the body instead.
             None => Ok(client.get_manifest(&repo, tag, None).await?.digest),
         },
-        None => Err(Error::Status {
-            method: "HEAD".into(),
-            url: format!("{source}"),
-            status: 404,
-            code: Some("MANIFEST_UNKNOWN".into()),
-            message: format!("{source} does not exist on {}", repo.registry),
-            retry_after: None,
-        }),
+        None => Err(missing(source, &repo, "HEAD")),
+    }
+}
+
+fn missing(source: &ImageRef, repo: &Repo, method: &str) -> Error {
+    Error::Status {
+        method: method.into(),
+        url: format!("{source}"),
+        status: 404,
+        code: Some("MANIFEST_UNKNOWN".into()),
+        message: format!("{source} does not exist on {}", repo.registry),
+        retry_after: None,
+    }
+}
+
+/// [`resolve`], reading the tag whole where a manifest GET costs nothing (the registry counts no
+/// allowance, [`Client::meters_manifest_gets`]): the bytes hashed are the digest, and a copy needs
+/// them next, so the GET by digest that would follow the `HEAD` is saved (one round trip).
+async fn resolve_reading(client: &Client, source: &ImageRef) -> Result<(Digest, Option<Manifest>)> {
+    let repo = Repo::of(source);
+    if source.digest().is_some() || client.meters_manifest_gets(&repo.registry) {
+        return Ok((resolve(client, source).await?, None));
+    }
+    let tag = source.tag().unwrap_or("latest");
+    match client.get_manifest(&repo, tag, None).await {
+        Ok(m) => Ok((m.digest.clone(), Some(m))),
+        Err(e) if e.status() == Some(404) => Err(missing(source, &repo, "GET")),
+        Err(e) => Err(e),
     }
 }
 
@@ -553,7 +573,41 @@ pub async fn copy(
     options: &CopyOptions,
     progress: Arc<Progress>,
 ) -> Result<CopyResult> {
-    run(client, source, target, options, progress, false, None).await
+    run(client, source, target, options, progress, false, None, None).await
+}
+
+/// Pins the digest a copy resolved its source to before anything else uses it, and may replace
+/// it: the service's worker stores it there (the first of a request's jobs to resolve settles it
+/// for the others).
+pub type Settle<'a> = Box<
+    dyn FnOnce(Digest) -> Pin<Box<dyn Future<Output = Result<Digest>> + Send + 'a>> + Send + 'a,
+>;
+
+/// [`copy`] (with `platforms`, [`copy_platforms`]) of a source named by tag whose digest `settle`
+/// pins as soon as it is resolved: the resolve goes in the same round trip as the target's tag
+/// read instead of one before it, and everything after uses the digest `settle` returns. The
+/// target is written as for a source named by that digest (a target without a tag gets none).
+pub async fn copy_settling(
+    client: &Client,
+    source: &ImageRef,
+    target: &ImageRef,
+    options: &CopyOptions,
+    platforms: &[PlatformSpec],
+    progress: Arc<Progress>,
+    settle: Settle<'_>,
+) -> Result<CopyResult> {
+    let platforms = (!platforms.is_empty()).then_some(platforms);
+    run(
+        client,
+        source,
+        target,
+        options,
+        progress,
+        false,
+        platforms,
+        Some(settle),
+    )
+    .await
 }
 
 /// Copies only the children of `source`'s index for `platforms` (`copy --platform`), each under
@@ -578,6 +632,7 @@ pub async fn copy_platforms(
         progress,
         dry_run,
         Some(platforms),
+        None,
     )
     .await
 }
@@ -641,9 +696,10 @@ pub async fn dry_run(
     options: &CopyOptions,
 ) -> Result<CopyResult> {
     let progress = Arc::new(Progress::default());
-    run(client, source, target, options, progress, true, None).await
+    run(client, source, target, options, progress, true, None, None).await
 }
 
+#[allow(clippy::too_many_arguments)] // the entry points above pick among them
 async fn run(
     client: &Client,
     source: &ImageRef,
@@ -652,11 +708,14 @@ async fn run(
     progress: Arc<Progress>,
     dry_run: bool,
     platforms: Option<&[PlatformSpec]>,
+    settle: Option<Settle<'_>>,
 ) -> Result<CopyResult> {
     let started = Instant::now();
     let tag = match (target.tag(), target.digest()) {
         (Some(t), _) => Some(t.to_string()),
-        (None, None) if source.digest().is_none() => source.tag().map(str::to_string),
+        (None, None) if source.digest().is_none() && settle.is_none() => {
+            source.tag().map(str::to_string)
+        }
         _ => None,
     };
     let dst = Repo::of(target);
@@ -676,8 +735,22 @@ async fn run(
             _ => Ok((None, None)),
         }
     };
-    let (digest, tag_head) = futures_util::future::join(resolve(client, source), head_tag).await;
-    let digest = digest?;
+    // A copy reads the source's tag whole when that is free (its GET by digest is then saved);
+    // a dry run, a subset and a repair resolve with a HEAD as before.
+    let reading = !dry_run && platforms.is_none_or(<[_]>::is_empty);
+    let resolved = async {
+        let (d, read) = match reading {
+            true => resolve_reading(client, source).await?,
+            false => (resolve(client, source).await?, None),
+        };
+        let d = match settle {
+            Some(settle) => settle(d).await?,
+            None => d,
+        };
+        Ok::<_, Error>((read.filter(|m| m.digest == d), d))
+    };
+    let (resolved, tag_head) = futures_util::future::join(resolved, head_tag).await;
+    let (source_read, digest) = resolved?;
     let (tag_head, tag_read) = tag_head?;
     if platforms.is_some() && target.digest().is_some() {
         return Err(Error::Invalid(
@@ -818,13 +891,15 @@ async fn run(
         }
         top
     } else if dry_run {
-        let (top, plan) = engine.plan_top(&digest, false).await?;
+        let (top, plan) = engine.plan_top(&digest, false, None).await?;
         if let Some(plan) = &plan {
             engine.dry_write(plan).await?;
         }
         top
     } else {
-        let (top, plan) = engine.plan_top(&digest, options.repair).await?;
+        let (top, plan) = engine
+            .plan_top(&digest, options.repair, source_read)
+            .await?;
         let write = async {
             match &plan {
                 // The top manifest goes up by its tag, last: the registry checks everything it
@@ -975,7 +1050,22 @@ impl Engine<'_> {
     /// Phase 1 for the top manifest: fetches it and plans what the target lacks; no plan when the
     /// target already has the manifest (and so, everything under it). With `repair`, its presence is
     /// not taken as proof that its children are there too.
-    async fn plan_top(&self, digest: &Digest, repair: bool) -> Result<(Manifest, Option<Plan>)> {
+    ///
+    /// `read` is the top manifest when the resolve read it whole: then the target is not asked
+    /// whether it has it by digest (its tag does not name it, or the copy would be up to date); the
+    /// children's or the blobs' existence checks, in the round trip that follows anyway, answer.
+    async fn plan_top(
+        &self,
+        digest: &Digest,
+        repair: bool,
+        read: Option<Manifest>,
+    ) -> Result<(Manifest, Option<Plan>)> {
+        if let Some(m) = read.filter(|m| &m.digest == digest) {
+            self.note_manifest(&m, None);
+            self.count_manifest_bytes(&m)?;
+            let plan = self.plan(m.clone(), 0).await?;
+            return Ok((m, Some(plan)));
+        }
         // Both at once: whether the target has it decides nothing about fetching it.
         let reference = digest.to_string();
         let on_target = async {
@@ -1308,8 +1398,17 @@ impl Engine<'_> {
             self.client.start_upload(&self.dst).await.map(Some)
         };
         let (present, opened) = {
+            use futures_util::future::{Either, select};
             let _permit = self.requests.acquire().await.expect("semaphore closed");
-            futures_util::future::join(self.client.blob_size(&self.dst, &d.digest), open).await
+            let head = std::pin::pin!(self.client.blob_size(&self.dst, &d.digest));
+            match select(head, std::pin::pin!(open)).await {
+                Either::Left((present, open)) => (present, open.await),
+                // A mount that answered 201 linked it, whatever the HEAD beside it will say: it is
+                // not waited for (distribution may answer a HEAD racing the link 500, and then it
+                // would be retried after a backoff).
+                Either::Right((Ok(None), _)) => return Ok(BlobOutcome::Mounted),
+                Either::Right((opened, head)) => (head.await, opened),
+            }
         };
         // A mount that answered 201 linked it, whatever the HEAD sent beside it saw (the two race:
         // the HEAD may land after the mount).

@@ -119,3 +119,81 @@ async fn a_503_while_reading_back_is_worth_another_attempt() {
     let r = run().await.expect("the next attempt verifies");
     assert_eq!(r.target_digest.to_string(), img.digest);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mount_that_answered_201_does_not_wait_for_the_head_beside_it() {
+    let (src, dst) = (Registry::anonymous().await, Registry::anonymous().await);
+    let p = Pusher::new(&src);
+    let shared = crate::support::image::bytes(61, 300_000);
+    let a = p
+        .image_with(
+            "mt/a",
+            br#"{"a":1}"#,
+            std::slice::from_ref(&shared),
+            false,
+            Style::Compact,
+        )
+        .await;
+    let b = p
+        .image_with(
+            "mt/b",
+            br#"{"b":1}"#,
+            &[shared.clone(), b"own".to_vec()],
+            false,
+            Style::Compact,
+        )
+        .await;
+    let layer = format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&shared))
+    );
+    let heads = Arc::new(AtomicUsize::new(0));
+    let counter = heads.clone();
+    // The target answers the HEAD of the shared layer in the second repository 500, as
+    // distribution may while a mount links it there.
+    let path = format!("/v2/m/b/blobs/{layer}");
+    let front = Front::start(&dst.host(), move |r| {
+        if r.method == Method::HEAD && r.path == path {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Action::Answer(500, "UNKNOWN")
+        } else {
+            Action::Pass
+        }
+    })
+    .await;
+    // Four attempts per operation, 500 ms apart at first: a HEAD waited for is asked 4 times.
+    let client = Client::new(
+        ClientConfig {
+            retry: RetryPolicy {
+                max_attempts: 4,
+                base: Duration::from_millis(500),
+                max_backoff: Duration::from_secs(2),
+                max_retry_after: Duration::from_secs(2),
+            },
+            ..ClientConfig::default()
+        },
+        CredentialStore::empty(),
+    )
+    .unwrap();
+    for (repo, img) in [("a", &a), ("b", &b)] {
+        let source = ImageRef::parse(&format!("{}/mt/{repo}@{}", src.host(), img.digest)).unwrap();
+        let target = ImageRef::parse(&format!("{}/m/{repo}:v1", front.host())).unwrap();
+        let r = copy(
+            &client,
+            &source,
+            &target,
+            &CopyOptions::default(),
+            Arc::new(Progress::default()),
+        )
+        .await
+        .expect("the copy succeeds");
+        if repo == "b" {
+            assert_eq!(r.blobs_mounted, 1, "the shared layer is mounted: {r:?}");
+        }
+    }
+    let asked = heads.load(Ordering::SeqCst);
+    assert!(
+        asked <= 2,
+        "the mount answered 201, yet its HEAD was asked {asked} times (waited for its retries)"
+    );
+}

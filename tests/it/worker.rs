@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use sqlx::Connection as _;
 
 use crate::faults::{Fault, Faulty, Route, Stall, seed, wait_for};
+use crate::support::image::Style;
 use crate::support::service::Service;
 use crate::support::{Pusher, Registry};
 
@@ -218,4 +219,82 @@ async fn readiness_answers_within_a_second_while_the_writer_is_busy() {
     lock.end("ROLLBACK").await;
     let (status, body) = svc.get("/readyz").await;
     assert_eq!((status, &body["writer"]), (200, &json!("idle")), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_reads_the_targets_tag_while_its_source_is_resolved() {
+    let f = Faulty::default();
+    seed(&f);
+    // The source's first manifest answer (the resolve) is held until released.
+    let stall = Arc::new(Stall::default());
+    f.then(Route::Manifest, &[Fault::Stall(stall.clone())]);
+    let up = f.start().await;
+    let down = Registry::anonymous().await;
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start(
+        &dir.path().join("m.db"),
+        &format!("{}/mirror", down.host()),
+        &up,
+        &[("MIRROR_WORKERS", "1")],
+    )
+    .await;
+    let (status, job) = svc
+        .mirror(&json!({ "image": format!("{up}/app:v1") }))
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let tag_read = format!("/v2/mirror/{}/app/manifests/v1 ", up.replace(':', "_"));
+    // One round trip for both: the target's tag is asked for before the resolve is answered.
+    wait_for(
+        "the target's tag read while the source's resolve is held",
+        Duration::from_secs(30),
+        || stall.reached() && down.log().contains(&tag_read),
+    )
+    .await;
+    stall.release();
+    let job = svc
+        .wait_job(job["id"].as_i64().unwrap(), Duration::from_secs(60))
+        .await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_that_counts_no_pulls_is_resolved_with_the_get_the_copy_needs() {
+    let (up, down) = (Registry::anonymous().await, Registry::anonymous().await);
+    let p = Pusher::new(&up);
+    for (i, repo) in ["first", "second"].into_iter().enumerate() {
+        let img = p
+            .image(repo, 300 + i as u64, &[1000], false, Style::Compact)
+            .await;
+        p.manifest(repo, "v1", &img.media_type, &img.bytes).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start(
+        &dir.path().join("m.db"),
+        &format!("{}/mirror", down.host()),
+        &up.host(),
+        &[("MIRROR_WORKERS", "1")],
+    )
+    .await;
+    for repo in ["first", "second"] {
+        let (status, job) = svc
+            .mirror(&json!({ "image": format!("{}/{repo}:v1", up.host()) }))
+            .await;
+        assert_eq!(status, 202, "{job}");
+        let job = svc
+            .wait_job(job["id"].as_i64().unwrap(), Duration::from_secs(60))
+            .await;
+        assert_eq!(job["state"], "succeeded", "{job}");
+    }
+    let log = up.log();
+    let asked = |method: &str, path: &str| {
+        log.lines()
+            .filter(|l| l.contains(&format!("\"{method} {path}")))
+            .count()
+    };
+    // The first resolve cannot know whether manifest GETs count (a HEAD does not); its GET by
+    // digest answered without an allowance, so the second reads the tag whole, once.
+    assert_eq!(asked("HEAD", "/v2/first/manifests/v1 "), 1, "{log}");
+    assert_eq!(asked("HEAD", "/v2/second/manifests/v1 "), 0, "{log}");
+    assert_eq!(asked("GET", "/v2/second/manifests/v1 "), 1, "{log}");
+    assert_eq!(asked("GET", "/v2/second/manifests/sha256:"), 0, "{log}");
 }

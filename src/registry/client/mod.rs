@@ -261,6 +261,12 @@ impl Client {
         self.inner.conn.settings(registry)
     }
 
+    /// Whether manifest GETs to `registry` count against an allowance (see [`Budgets::meters`]):
+    /// then a tag is resolved with a `HEAD`, which does not count.
+    pub fn meters_manifest_gets(&self, registry: &str) -> bool {
+        self.inner.budgets.meters(registry)
+    }
+
     /// The retry policy in force.
     pub fn retry_policy(&self) -> &RetryPolicy {
         &self.inner.retry
