@@ -28,6 +28,9 @@ pub enum Action {
     Strip(header::HeaderName),
     /// Pass it on and rewrite the answer's head.
     Rewrite(Box<dyn FnOnce(&mut response::Parts) + Send>),
+    /// Take this many bytes of the request's body (an upload), then answer this status without
+    /// passing it on: a target that fails in the middle of a blob.
+    FailAfter(u64, u16),
 }
 
 /// A request as the rule sees it.
@@ -160,6 +163,17 @@ async fn respond(
 ) -> Response {
     if let Action::Answer(status, code) = action {
         return oci_error(status, code);
+    }
+    if let Action::FailAfter(limit, status) = action {
+        let mut data = body.into_data_stream();
+        let mut taken = 0u64;
+        while taken < limit {
+            match data.next().await {
+                Some(Ok(c)) => taken += c.len() as u64,
+                _ => break,
+            }
+        }
+        return oci_error(status, "BLOB_UPLOAD_INVALID");
     }
     let mut out = s
         .http
