@@ -15,6 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{Notify, OnceCell, mpsc};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::client::{BlobSource, ByteCounter, Client, Repo};
 use super::error::{Error, Result};
@@ -182,6 +183,9 @@ enum Msg {
 struct Sub {
     tx: mpsc::UnboundedSender<Msg>,
     consumed: Arc<AtomicU64>,
+    /// Cancelled when the read drops this copy or fails: its upload may be stuck where no
+    /// message reaches it (a target that stopped reading), so it is stopped from outside.
+    dropped: CancellationToken,
 }
 
 /// The bytes of a blob from a shared read, for one copy's upload: verified as a whole by the
@@ -190,6 +194,7 @@ pub struct Feed {
     rx: mpsc::UnboundedReceiver<Msg>,
     consumed: Arc<AtomicU64>,
     room: Arc<Notify>,
+    dropped: CancellationToken,
     digest: Digest,
     size: u64,
     progress: Option<ByteCounter>,
@@ -204,6 +209,12 @@ impl Feed {
     /// The blob's size.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Cancelled when the shared read dropped this copy (it fell behind) or failed: stop the
+    /// upload then, even one stuck on a target that stopped reading.
+    pub fn dropped(&self) -> CancellationToken {
+        self.dropped.clone()
     }
 
     /// The next bytes, `None` after the last; an error when the shared read failed or dropped
@@ -334,9 +345,11 @@ impl Member {
         let key = (src.clone(), digest.clone());
         let (tx, rx) = mpsc::unbounded_channel();
         let consumed = Arc::new(AtomicU64::new(0));
+        let dropped = CancellationToken::new();
         let sub = Sub {
             tx,
             consumed: consumed.clone(),
+            dropped: dropped.clone(),
         };
         let i = self.inner.index;
         let (first, room) = self.with(|st| match st.casts.get_mut(&key) {
@@ -368,6 +381,7 @@ impl Member {
             rx,
             consumed,
             room,
+            dropped,
             digest: digest.clone(),
             size,
             progress,
@@ -431,6 +445,7 @@ async fn cast(hub: Arc<Hub>, key: Key, client: Client, size: u64, room: Arc<Noti
         Err(e) => {
             for s in &subs {
                 let _ = s.tx.send(Msg::Failed(e.to_string()));
+                s.dropped.cancel();
             }
             return;
         }
@@ -470,6 +485,7 @@ async fn cast(hub: Arc<Hub>, key: Key, client: Client, size: u64, room: Arc<Noti
                                 "this target fell {} MiB behind the others",
                                 LAG_BYTES / MIB
                             )));
+                            s.dropped.cancel();
                         }
                         !behind
                     });
@@ -497,6 +513,7 @@ async fn cast(hub: Arc<Hub>, key: Key, client: Client, size: u64, room: Arc<Noti
             Err(e) => {
                 for s in &subs {
                     let _ = s.tx.send(Msg::Failed(e.to_string()));
+                    s.dropped.cancel();
                 }
                 return;
             }

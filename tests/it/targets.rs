@@ -421,3 +421,85 @@ async fn a_target_failing_mid_blob_reads_the_source_on_its_own() {
         "the third target's failed upload, then its own: {puts:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_that_stalls_mid_blob_does_not_hold_up_the_others() {
+    let up = Registry::anonymous().await;
+    let (a, b, c) = (
+        Registry::anonymous().await,
+        Registry::anonymous().await,
+        Registry::anonymous().await,
+    );
+    let (digest, _, blobs) = two_platforms_with(&up, "field/slow", 900, 20 << 20).await;
+    let large = blobs[2].clone();
+    // The third target stops taking that layer's first upload after 1 MiB, for far longer than
+    // the whole request takes when nobody waits for it.
+    let stall = Duration::from_secs(60);
+    let stalled = Arc::new(AtomicBool::new(false));
+    let (once, needle) = (
+        stalled.clone(),
+        format!("digest={}", large.replace(':', "%3A")),
+    );
+    let front = Front::start(&c.host(), move |seen| {
+        if seen.method == "PUT" && seen.path.contains(&needle) && !once.swap(true, Ordering::SeqCst)
+        {
+            Action::StallAfter(1 << 20, stall)
+        } else {
+            Action::Pass
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let targets = format!(
+        "ghcr={}/mirror,home={}/mirror,lab={}/mirror",
+        a.host(),
+        b.host(),
+        front.host()
+    );
+    let svc = Service::start(
+        &dir.path().join("m.db"),
+        "unused",
+        &up.host(),
+        &[("MIRROR_TARGET", ""), ("MIRROR_TARGETS", &targets)],
+    )
+    .await;
+    let from = up.log().lines().count();
+    let (status, body) = svc
+        .mirror(&json!({ "image": format!("{}/field/slow:v1", up.host()) }))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["request_id"].as_i64().unwrap();
+    // Every target is done well within the stall: the stalled one was dropped from the shared
+    // read and read the source on its own.
+    let deadline = Instant::now() + stall / 2;
+    let done = loop {
+        let (status, r) = svc.get(&format!("/requests/{id}")).await;
+        assert_eq!(status, 200, "{r}");
+        if r["state"] == "succeeded" {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "request {id} not done in {:?}: {r}\nthe service's log:\n{}",
+            stall / 2,
+            svc.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(stalled.load(Ordering::SeqCst), "the upload was stalled");
+    let mapped_up = up.host().replace(':', "_");
+    for host in [a.host(), b.host(), c.host()] {
+        assert_eq!(
+            digest_of(&format!("{host}/mirror/{mapped_up}/field/slow:v1")),
+            digest,
+            "skopeo reads the mirror on {host}"
+        );
+    }
+    assert_eq!(done["source_digest"], json!(digest), "{done}");
+    assert_eq!(
+        served(&up, from, "GET", &format!("/v2/field/slow/blobs/{large}")),
+        2,
+        "the shared read and the stalled target's own; the source's log:\n{}",
+        up.log().lines().skip(from).collect::<Vec<_>>().join("\n")
+    );
+}

@@ -212,15 +212,24 @@ impl Client {
         feed: Feed,
     ) -> Result<()> {
         let limits = self.upload_limits(dst);
+        let (dropped, digest) = (feed.dropped(), feed.digest().clone());
         let mut body = BlobBytes::Fed(feed);
-        let result = if limits.chunks(size) {
-            self.upload_chunked(dst, &session, &mut body, size, limits.chunk())
-                .await
-        } else {
-            match self.inner.budgets.acquire(&dst.registry, false).await {
-                Ok(ticket) => self.put_streamed(dst, &session, body, ticket).await,
-                Err(e) => Err(e),
+        let upload = async {
+            if limits.chunks(size) {
+                self.upload_chunked(dst, &session, &mut body, size, limits.chunk())
+                    .await
+            } else {
+                let ticket = self.inner.budgets.acquire(&dst.registry, false).await?;
+                self.put_streamed(dst, &session, body, ticket).await
             }
+        };
+        // A target that stopped reading never polls the body again: stop its upload from here.
+        let result = tokio::select! {
+            r = upload => r,
+            _ = dropped.cancelled() => Err(Error::Restart {
+                what: format!("blob {}", digest.short()),
+                reason: "the shared read of the source dropped this target".into(),
+            }),
         };
         if result.is_err() {
             self.cancel_upload(dst, &session).await;
