@@ -303,7 +303,8 @@ impl Workers {
                             .instrument(span)
                             .await;
                     } else {
-                        self.run_together(lease, leases, claimed_at, &abort).await;
+                        // Boxed: the group's futures stay off the worker loop's own state (and stack).
+                        Box::pin(self.run_together(lease, leases, claimed_at, &abort)).await;
                     }
                 }
                 Ok(_) => {

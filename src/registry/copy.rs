@@ -314,6 +314,33 @@ async fn find_referrers(
     (out, failed)
 }
 
+/// [`find_referrers`], once for every copy of the fan-out that looks up the same manifests (the
+/// copies of a request to its targets: one lookup on the source, not one per target).
+async fn find_referrers_once(
+    client: &Client,
+    engine: &Engine<'_>,
+) -> (Vec<Found>, Vec<ReferrerFailure>) {
+    let Some(f) = &engine.fanout else {
+        return find_referrers(client, engine).await;
+    };
+    let key = {
+        let entries = engine.entries.lock().expect("entries poisoned");
+        let mut rest: Vec<String> = entries
+            .iter()
+            .skip(1)
+            .map(|e| e.digest.to_string())
+            .collect();
+        rest.sort();
+        rest.dedup();
+        let top = entries
+            .first()
+            .map(|e| e.digest.to_string())
+            .unwrap_or_default();
+        format!("referrers of {}@{top} {}", engine.src, rest.join(","))
+    };
+    f.once(key, Box::pin(find_referrers(client, engine))).await
+}
+
 /// The fallback tag of `subject`'s referrers (`sha256-<hex>`); cosign adds `.sig`, `.att`, `.sbom`.
 fn fallback_tag(subject: &Digest) -> String {
     format!(
@@ -782,7 +809,7 @@ async fn run(
             .fetch_add(1, Ordering::Relaxed);
         tracing::info!(target = %target_name, digest = %digest, "already up to date");
         if options.referrers && options.referrers_when_up_to_date {
-            referrers_found = Some(find_referrers(client, &engine).await);
+            referrers_found = Some(find_referrers_once(client, &engine).await);
         }
         m
     } else if let Some(sel) = &selection {
@@ -820,7 +847,7 @@ async fn run(
             };
             let find = async {
                 match options.referrers {
-                    true => Some(find_referrers(client, &engine).await),
+                    true => Some(find_referrers_once(client, &engine).await),
                     false => None,
                 }
             };
@@ -858,7 +885,7 @@ async fn run(
         // What refers to the image is looked up on the source while the blobs move.
         let find = async {
             match options.referrers {
-                true => Some(find_referrers(client, &engine).await),
+                true => Some(find_referrers_once(client, &engine).await),
                 false => None,
             }
         };
@@ -1448,7 +1475,8 @@ impl Engine<'_> {
     /// largest blobs first, retrying with a new session.
     async fn stream(&self, d: &Descriptor, session: Option<UploadSession>) -> Result<BlobOutcome> {
         let _permit = self.sem.acquire(d.size).await;
-        let session = match self.stream_fed(d, session).await {
+        // Boxed: a lone copy's stream (and its stack) does not carry the fan-out's upload.
+        let session = match Box::pin(self.stream_fed(d, session)).await {
             Ok(()) => return Ok(BlobOutcome::Uploaded),
             Err(session) => session,
         };

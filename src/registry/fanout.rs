@@ -123,6 +123,7 @@ struct State {
     small: HashMap<Key, (Arc<OnceCell<Bytes>>, u64)>,
     small_bytes: u64,
     casts: HashMap<Key, Cast>,
+    onces: HashMap<String, Arc<OnceCell<Arc<dyn std::any::Any + Send + Sync>>>>,
 }
 
 impl State {
@@ -299,6 +300,26 @@ impl Member {
                 .clone()
         };
         cell.get_or_try_init(|| fetch).await.cloned()
+    }
+
+    /// What `work` answers, computed once for every copy asking with the same `key` (a lookup on
+    /// the source, such as the image's referrers); kept while the fan-out lives. `key` names what
+    /// is asked and so its type: the same key always comes with the same `T`.
+    pub async fn once<T: Clone + Send + Sync + 'static>(
+        &self,
+        key: String,
+        work: impl Future<Output = T>,
+    ) -> T {
+        let cell = {
+            let mut st = self.inner.hub.state.lock().expect("fan-out poisoned");
+            st.onces.entry(key).or_default().clone()
+        };
+        let v = cell
+            .get_or_init(|| async { Arc::new(work.await) as Arc<dyn std::any::Any + Send + Sync> })
+            .await;
+        v.downcast_ref::<T>()
+            .expect("a fan-out key asked with another type")
+            .clone()
     }
 
     /// Small blob `digest` (`size` bytes) of `src`, read whole by `fetch` once for every copy and

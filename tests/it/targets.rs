@@ -334,6 +334,28 @@ async fn each_source_blob_is_read_once_for_every_target() {
         "the tag resolved once for 3 targets; the source's log:\n{}",
         log()
     );
+    // What refers to the image is looked up once too: the referrers API and the fallback tag
+    // of every manifest.
+    for m in &manifests {
+        let fallback = m.replace(':', "-");
+        assert_eq!(
+            served(&up, from, "GET", &format!("/v2/field/fan/referrers/{m}")),
+            1,
+            "referrers of {m} looked up once; the source's log:\n{}",
+            log()
+        );
+        assert_eq!(
+            served(
+                &up,
+                from,
+                "HEAD",
+                &format!("/v2/field/fan/manifests/{fallback}")
+            ),
+            1,
+            "{fallback} looked up once; the source's log:\n{}",
+            log()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
