@@ -259,14 +259,16 @@ impl Member {
 
     /// Says which blobs this copy's plan may move into `registry` (it has fetched every manifest
     /// it needs): a shared read waits for the copies that may need its blob, and no longer. A
-    /// copy to the same registry as a copy before it is not waited for: it mounts what that one
-    /// puts there.
+    /// copy to a registry another copy declared first is not waited for: it waits for that one's
+    /// transfer there and mounts what it put (waiting for it would hold both up).
     pub fn declare(&self, registry: &str, blobs: impl IntoIterator<Item = Digest>) {
         let i = self.inner.index;
         self.with(|st| {
-            let shared = st.registries[..i]
+            let shared = st
+                .registries
                 .iter()
-                .any(|r| r.as_deref() == Some(registry));
+                .enumerate()
+                .any(|(j, r)| j != i && r.as_deref() == Some(registry));
             st.registries[i] = Some(registry.to_string());
             st.declared[i] = Some(match shared {
                 true => HashSet::new(),
@@ -539,5 +541,62 @@ async fn cast(hub: Arc<Hub>, key: Key, client: Client, size: u64, room: Arc<Noti
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    fn repo() -> Repo {
+        Repo {
+            registry: "src.example".into(),
+            name: "a/b".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_small_blob_is_read_once_and_let_go_when_no_copy_needs_it() {
+        let fan = Fanout::new(2);
+        let (a, b) = (fan.member(0), fan.member(1));
+        let d = Digest::sha256_of(b"config");
+        a.declare("one.example", [d.clone()]);
+        b.declare("two.example", [d.clone()]);
+        let reads = AtomicUsize::new(0);
+        let fetch = || async {
+            reads.fetch_add(1, Ordering::SeqCst);
+            Ok(Bytes::from_static(b"config"))
+        };
+        assert_eq!(
+            a.small_blob(&repo(), &d, 6, fetch()).await.unwrap(),
+            "config"
+        );
+        assert_eq!(
+            b.small_blob(&repo(), &d, 6, fetch()).await.unwrap(),
+            "config"
+        );
+        assert_eq!(reads.load(Ordering::SeqCst), 1, "read once for both");
+        let held = || fan.hub.state.lock().unwrap().small_bytes;
+        a.done(&d);
+        assert_eq!(held(), 6, "kept while the second copy may need it");
+        drop(b);
+        assert_eq!(held(), 0, "let go once no copy may need it");
+    }
+
+    #[test]
+    fn a_copy_to_a_registry_another_declared_is_not_waited_for() {
+        let fan = Fanout::new(3);
+        let (a, b, c) = (fan.member(0), fan.member(1), fan.member(2));
+        let d = Digest::sha256_of(b"layer");
+        b.declare("same.example", [d.clone()]);
+        a.declare("same.example", [d.clone()]);
+        let st = fan.hub.state.lock().unwrap();
+        assert!(st.may_come(1, &d), "the first to declare the registry");
+        assert!(!st.may_come(0, &d), "it mounts what the other puts there");
+        assert!(st.may_come(2, &d), "not declared yet: it may come");
+        drop(st);
+        c.declare("other.example", Vec::new());
+        assert!(!fan.hub.state.lock().unwrap().may_come(2, &d));
     }
 }
