@@ -375,8 +375,20 @@ impl Workers {
         let Ok(source) = ImageRef::parse_source(&job.source) else {
             return;
         };
-        match registry::resolve(&self.client, &source).await {
-            Ok(d) => {
+        // Within a third of the lease: the jobs' heartbeats start after it (a source throttling
+        // us leaves the resolve to each job, under its renewed lease).
+        let resolved = tokio::time::timeout(
+            self.config.lease / 3,
+            registry::resolve(&self.client, &source),
+        )
+        .await;
+        match resolved {
+            Err(_) => tracing::debug!(
+                "job {}: resolving {} for the request took too long (each target resolves it)",
+                job.id,
+                job.source
+            ),
+            Ok(Ok(d)) => {
                 if let Err(e) = self
                     .store
                     .settle_request_digest(job.id, &d.to_string())
@@ -388,7 +400,7 @@ impl Workers {
                     );
                 }
             }
-            Err(e) => tracing::debug!(
+            Ok(Err(e)) => tracing::debug!(
                 "job {}: resolving {} for the request failed (each target tries on its own): {e}",
                 job.id,
                 job.source
