@@ -534,7 +534,7 @@ def database_for(args, root, name):
 # The service
 
 class Service:
-    def __init__(self, args, work, name, src, dst, workers=None, allowed=None, database=None):
+    def __init__(self, args, work, name, src, dst, workers=None, allowed=None, database=None, targets=None):
         self.root = os.path.join(work, name)
         os.makedirs(self.root, exist_ok=True)
         self.port = free_port()
@@ -548,6 +548,8 @@ class Service:
                    DOCKER_CONFIG=os.path.join(work, "docker-config"))
         if workers:
             env["MIRROR_WORKERS"] = str(workers)
+        if targets:  # named targets (MIRROR_TARGETS=name=prefix,…): one request, one job per target
+            env["MIRROR_TARGET"], env["MIRROR_TARGETS"] = "", targets
         self.proc = spawn([args.bin, "serve"], os.path.join(self.root, "serve.out"),
                           os.path.join(self.root, "serve.log"), env=env)
         wait_http(self.host, "/readyz", self.proc, f"mirror-mirror serve (log {self.root}/serve.log)")
@@ -711,6 +713,53 @@ def service_big(args, work, src, image):
     finally:
         svc.close()
         dst.close()
+
+
+def service_fanout(args, work, src, image, n=3):
+    """g) The big image through the service to `n` targets in one request: how often the source
+    served the layer (its access log) and the service's peak RSS growth."""
+    dsts = [Registry(os.path.join(work, f"g-target-{i}")) for i in range(n)]
+    svc = Service(args, work, "g-service", src, dsts[0],
+                  targets=",".join(f"t{i}={d.host}/mirror" for i, d in enumerate(dsts)))
+    try:
+        before = svc.status()
+        s0 = src.mark()
+        t0 = time.monotonic()
+        status, _, body = request(svc.host, "POST", "/mirror",
+                                  body=json.dumps({"image": f"{src.host}/{image.repo}:{image.tag}"}).encode(),
+                                  headers={"Authorization": f"Bearer {svc.token}",
+                                           "Content-Type": "application/json"})
+        if status != 202:
+            raise RuntimeError(f"POST /mirror: {status} {body[:300]!r}")
+        jobs = len(json.loads(body)["jobs"])
+        peak_rss = before["VmRSS"]
+        deadline = t0 + 900
+        while time.monotonic() < deadline:
+            peak_rss = max(peak_rss, svc.status()["VmRSS"])
+            if not svc.jobs("queued", 1) and not svc.jobs("running", 1):
+                break
+            time.sleep(0.05)
+        wall = time.monotonic() - t0
+        ok, bad = svc.jobs("succeeded"), svc.jobs("failed")
+        after = svc.status()
+        reqs = src.requests_since(s0)
+        layer = image.blobs[0]
+        r = {"before": before, "after": after, "wall": wall, "targets": n, "jobs": jobs,
+             "succeeded": len(ok) == n, "sampled_peak_rss": peak_rss,
+             "error": bad[0]["last_error"] if bad else None,
+             "layer_gets": sum(1 for m, path, _, _ in reqs if m == "GET" and path.endswith(f"/blobs/{layer}")),
+             "manifest_gets": sum(1 for m, path, _, _ in reqs if m == "GET" and "/manifests/" in path),
+             "digest_ok": all(d.digest_of(f"mirror/127.0.0.1_{src.port}/{image.repo}", image.tag) == image.digest
+                              for d in dsts)}
+        r["growth_kib"] = after["VmHWM"] - before["VmRSS"]
+        log(f"g) service, {n} targets: {wall:.2f}s, VmRSS {before['VmRSS']} KiB -> VmHWM {after['VmHWM']} KiB "
+            f"(growth {r['growth_kib'] / 1024:.1f} MiB), layer read {r['layer_gets']}× from the source, "
+            f"digest ok on every target {r['digest_ok']}")
+        return r
+    finally:
+        svc.close()
+        for d in dsts:
+            d.close()
 
 
 def case_service_many(args, cop, work, src, images, base):
@@ -998,6 +1047,25 @@ def report(args, res, started, finished):
     else:
         row(label, "total s", "error (see details)", "", "", "", "", False)
 
+    g = res.get("g")
+    label = f"g) 1 × {args.big_mib} MiB layer to 3 targets, one request (service)"
+    if "g" not in args.only:
+        pass
+    elif g:
+        gm = g["growth_kib"] / 1024
+        row(label, "service RSS growth MiB", fmt(gm, 1) + f" ({g['before']['VmRSS'] // 1024}→"
+            f"{g['after']['VmHWM'] // 1024} MiB, {g['wall']:.1f} s)", "", "", "", "≤ 16 MiB",
+            gm <= 16 and g["succeeded"] and g["digest_ok"])
+        row(label, "source GETs of the layer", str(g["layer_gets"]), "", "", "", "1 (3 without the fan-out)",
+            g["layer_gets"] == 1)
+        details.append(f"**{label}** — one POST /mirror, {g['jobs']} jobs ({g['targets']} MIRROR_TARGETS), "
+                       f"{g['wall']:.2f} s; the source served the layer {g['layer_gets']}× and "
+                       f"{g['manifest_gets']} manifest GET(s); VmRSS before {g['before']['VmRSS']} KiB, VmHWM after "
+                       f"{g['after']['VmHWM']} KiB; every target serves the digest: {g['digest_ok']}"
+                       + (f"; error: {g['error']}" if g.get("error") else "") + "\n")
+    else:
+        row(label, "service RSS growth MiB", "error (see details)", "", "", "", "≤ 16 MiB", False)
+
     runs = res.get("e")
     label = "e) GET /images/{name}" + (", PostgreSQL, one replica" if pg else "")
     e_target = 8000 if pg else 10000
@@ -1076,7 +1144,7 @@ def main():
     p.add_argument("--wrk-threads", type=int, default=2)
     p.add_argument("--wrk-connections", type=int, default=32)
     p.add_argument("--smoke", action="store_true", help="defaults for CI: 16 MiB layer, 1 round, 20 images, 3 s of wrk")
-    p.add_argument("--only", default="abcdef", help="cases to run, e.g. 'ab' (default: all)")
+    p.add_argument("--only", default="abcdefg", help="cases to run, e.g. 'ab' (default: all)")
     p.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite",
                    help="the service's database for d), e) and f): a SQLite file (default), or a throwaway "
                         "PostgreSQL server started here, a fresh database per service")
@@ -1122,7 +1190,7 @@ def main():
             PG_VERSION.append(PG[0].psql("postgres", "show server_version"))
         src = Registry(os.path.join(work, "source"))
         log(f"source registry {src.host}; building images")
-        big = make_big(src, work, args.big_mib) if "a" in args.only else None
+        big = make_big(src, work, args.big_mib) if set("ag") & set(args.only) else None
         multi = make_multi(src) if set("bc") & set(args.only) else None
         smalls, base = make_smalls(src, args.images, args.base_mib) if set("de") & set(args.only) else (None, None)
         log("images pushed")
@@ -1140,6 +1208,8 @@ def main():
         if "a" in args.only:
             guard("a", case_copy, args, cop, work, src, big, "a")
             guard("a-service", service_big, args, work, src, big)
+        if "g" in args.only:
+            guard("g", service_fanout, args, work, src, big)
         if "b" in args.only:
             guard("b", case_copy, args, cop, work, src, multi, "b")
         if "c" in args.only:

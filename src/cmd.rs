@@ -140,6 +140,7 @@ pub async fn copy(args: CopyArgs) -> Result<()> {
         referrers: !args.no_referrers,
         repair: false,
         referrers_when_up_to_date: false,
+        fanout: None,
     };
     if args.dry_run {
         let plan = if args.platforms.is_empty() {

@@ -7,8 +7,25 @@ use clap::Parser as _;
 use mirror_mirror::config::{Cli, Command};
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // Worker threads get a main thread's 8 MiB of stack rather than tokio's 2 MiB: a job's copy,
+    // with the referrer copies nested in it, is a deep chain of futures, and a debug build's poll
+    // frames are large (the tests' copies with signatures overflowed 2 MiB by a little). Untouched
+    // stack costs no memory.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_stack_size(8 * 1024 * 1024)
+        .build();
+    match runtime {
+        Ok(rt) => rt.block_on(run()),
+        Err(e) => {
+            eprintln!("error: starting the async runtime failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> ExitCode {
     let cli = Cli::parse();
     // PostgreSQL's notices ("relation … already exists, skipping" at every start) are not news.
     let quiet = "sqlx::postgres::notice=warn";

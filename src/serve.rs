@@ -171,6 +171,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
                 repair: false,
                 // A retried job still copies what refers to the image.
                 referrers_when_up_to_date: true,
+                fanout: None,
             },
             ..WorkerConfig::default()
         },

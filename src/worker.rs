@@ -14,6 +14,7 @@ use tracing::Instrument as _;
 use crate::digest::Digest;
 use crate::notify::Notifier;
 use crate::reference::ImageRef;
+use crate::registry::fanout::{Fanout, Member};
 use crate::registry::{self, Client, CopyOptions, Progress};
 use crate::store::{
     Job, JobReferrers, JobState, Landed, Lease, NewRecord, ProgressRow, ReferrersState, Store,
@@ -293,14 +294,20 @@ impl Workers {
             // The lease runs from before the claim was sent: the worker's idea of its expiry is
             // never later than the database's.
             let claimed_at = Instant::now();
-            match self.store.claim(self.config.lease).await {
-                Ok(Some(lease)) => {
-                    let span = tracing::info_span!("job", job.id = lease.job.id, image.src = %lease.job.source);
-                    self.run_job(lease, claimed_at, &abort)
-                        .instrument(span)
-                        .await;
+            match self.store.claim_group(self.config.lease).await {
+                Ok(mut leases) if !leases.is_empty() => {
+                    let lease = leases.remove(0);
+                    if leases.is_empty() {
+                        let span = tracing::info_span!("job", job.id = lease.job.id, image.src = %lease.job.source);
+                        self.run_job(lease, claimed_at, &abort, None)
+                            .instrument(span)
+                            .await;
+                    } else {
+                        // Boxed: the group's futures stay off the worker loop's own state (and stack).
+                        Box::pin(self.run_together(lease, leases, claimed_at, &abort)).await;
+                    }
                 }
-                Ok(None) => {
+                Ok(_) => {
                     let wait = match self.store.next_due().await {
                         Ok(Some(due)) => due,
                         _ => self.config.poll,
@@ -324,7 +331,90 @@ impl Workers {
         tracing::debug!(worker = n, "worker stopped");
     }
 
-    async fn run_job(&self, lease: Lease, claimed_at: Instant, abort: &CancellationToken) {
+    /// Jobs of one request (its targets) claimed together: the source resolved once, then one
+    /// copy per target, each under its own lease and with its own result, sharing the source
+    /// reads (a [`Fanout`]: each manifest and blob read from the source once for all of them).
+    async fn run_together(
+        &self,
+        lead: Lease,
+        others: Vec<Lease>,
+        claimed_at: Instant,
+        abort: &CancellationToken,
+    ) {
+        tracing::info!(
+            "job {}: copying with job(s) {} of the same request, reading the source once",
+            lead.job.id,
+            others
+                .iter()
+                .map(|l| l.job.id.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        self.settle_request_digest(&lead).await;
+        let fanout = Fanout::new(1 + others.len());
+        let runs = std::iter::once(lead)
+            .chain(others)
+            .enumerate()
+            .map(|(i, lease)| {
+                let span = tracing::info_span!("job", job.id = lease.job.id, image.src = %lease.job.source);
+                self.run_job(lease, claimed_at, abort, Some(fanout.member(i)))
+                    .instrument(span)
+            });
+        futures_util::future::join_all(runs).await;
+    }
+
+    /// Resolves the source of `lead`'s request once, for the jobs claimed with it: each then finds
+    /// the request's digest settled. A failure is left to each job's own resolve, which reports it.
+    async fn settle_request_digest(&self, lead: &Lease) {
+        let job = &lead.job;
+        if job.source_digest.is_some()
+            || !matches!(self.store.request_digest(job.id).await, Ok(None))
+        {
+            return;
+        }
+        let Ok(source) = ImageRef::parse_source(&job.source) else {
+            return;
+        };
+        // Within a third of the lease: the jobs' heartbeats start after it (a source throttling
+        // us leaves the resolve to each job, under its renewed lease).
+        let resolved = tokio::time::timeout(
+            self.config.lease / 3,
+            registry::resolve(&self.client, &source),
+        )
+        .await;
+        match resolved {
+            Err(_) => tracing::debug!(
+                "job {}: resolving {} for the request took too long (each target resolves it)",
+                job.id,
+                job.source
+            ),
+            Ok(Ok(d)) => {
+                if let Err(e) = self
+                    .store
+                    .settle_request_digest(job.id, &d.to_string())
+                    .await
+                {
+                    tracing::warn!(
+                        "job {}: storing the request's digest failed (each target resolves it): {e}",
+                        job.id
+                    );
+                }
+            }
+            Ok(Err(e)) => tracing::debug!(
+                "job {}: resolving {} for the request failed (each target tries on its own): {e}",
+                job.id,
+                job.source
+            ),
+        }
+    }
+
+    async fn run_job(
+        &self,
+        lease: Lease,
+        claimed_at: Instant,
+        abort: &CancellationToken,
+        fanout: Option<Member>,
+    ) {
         let job = &lease.job;
         tracing::info!(
             attempt = job.attempts,
@@ -345,7 +435,7 @@ impl Workers {
             self.config.lease,
         ));
         let outcome = tokio::select! {
-            r = self.copy(&lease, progress.clone()) => Some(r),
+            r = self.copy(&lease, progress.clone(), fanout) => Some(r),
             _ = lost.cancelled() => None,
             _ = abort.cancelled() => {
                 heartbeat.abort();
@@ -487,6 +577,7 @@ impl Workers {
         &self,
         lease: &Lease,
         progress: Arc<Progress>,
+        fanout: Option<Member>,
     ) -> Result<(NewRecord, registry::CopyResult), JobError> {
         let job = &lease.job;
         let source = ImageRef::parse_source(&job.source).map_err(|e| {
@@ -521,6 +612,7 @@ impl Workers {
         let options = registry::CopyOptions {
             referrers: self.config.copy.referrers && job.referrers,
             repair: job.repair,
+            fanout,
             ..self.config.copy.clone()
         };
         let specs: Vec<registry::platforms::PlatformSpec> = job

@@ -14,6 +14,7 @@ use tokio::sync::{OnceCell, Semaphore};
 
 use super::client::{Client, MountOutcome, Repo, UploadSession};
 use super::error::{Error, Result};
+use super::fanout::Member;
 use super::gate::Gate;
 use super::manifest::{Descriptor, Kind, Manifest};
 use super::platforms::{Chosen, PlatformSpec, config_platform, select, show_platform};
@@ -62,6 +63,10 @@ pub struct CopyOptions {
     /// does, so a retried job still copies them; the one-shot `copy` does not, so a no-op copy
     /// stays at 2 requests per registry).
     pub referrers_when_up_to_date: bool,
+    /// The copies of the same image to other targets that share this copy's source reads (the
+    /// service's worker, for one request's targets): each manifest and blob is read from the
+    /// source once for all of them. `None`: this copy reads the source on its own.
+    pub fanout: Option<Member>,
 }
 
 impl Default for CopyOptions {
@@ -71,6 +76,7 @@ impl Default for CopyOptions {
             referrers: true,
             repair: false,
             referrers_when_up_to_date: false,
+            fanout: None,
         }
     }
 }
@@ -308,6 +314,33 @@ async fn find_referrers(
     (out, failed)
 }
 
+/// [`find_referrers`], once for every copy of the fan-out that looks up the same manifests (the
+/// copies of a request to its targets: one lookup on the source, not one per target).
+async fn find_referrers_once(
+    client: &Client,
+    engine: &Engine<'_>,
+) -> (Vec<Found>, Vec<ReferrerFailure>) {
+    let Some(f) = &engine.fanout else {
+        return find_referrers(client, engine).await;
+    };
+    let key = {
+        let entries = engine.entries.lock().expect("entries poisoned");
+        let mut rest: Vec<String> = entries
+            .iter()
+            .skip(1)
+            .map(|e| e.digest.to_string())
+            .collect();
+        rest.sort();
+        rest.dedup();
+        let top = entries
+            .first()
+            .map(|e| e.digest.to_string())
+            .unwrap_or_default();
+        format!("referrers of {}@{top} {}", engine.src, rest.join(","))
+    };
+    f.once(key, Box::pin(find_referrers(client, engine))).await
+}
+
 /// The fallback tag of `subject`'s referrers (`sha256-<hex>`); cosign adds `.sig`, `.att`, `.sbom`.
 fn fallback_tag(subject: &Digest) -> String {
     format!(
@@ -379,6 +412,7 @@ async fn copy_referrers(
         referrers: false,
         repair: false,
         referrers_when_up_to_date: false,
+        fanout: None,
         ..options.clone()
     };
     let src_repo = source.clone().with_tag(None).with_digest(None);
@@ -650,6 +684,7 @@ async fn choose(
     source: &ImageRef,
     m: &Manifest,
     specs: &[PlatformSpec],
+    fanout: Option<&Member>,
 ) -> Result<Subset> {
     let what = source.clone().with_digest(None).to_string();
     match m.kind {
@@ -659,9 +694,14 @@ async fn choose(
                 reference: format!("{src}@{}", m.digest),
                 reason: "an image manifest without a config".into(),
             })?;
-            let bytes = client
-                .get_small_blob(src, &config.digest, config.size)
-                .await?;
+            let fetch = client.get_small_blob(src, &config.digest, config.size);
+            let bytes = match fanout {
+                Some(f) => {
+                    f.small_blob(src, &config.digest, config.size, fetch)
+                        .await?
+                }
+                None => fetch.await?,
+            };
             let Some(p) = config_platform(&bytes) else {
                 return Err(Error::Refused {
                     reason: format!(
@@ -761,10 +801,9 @@ async fn run(
     let subset = match platforms {
         Some(specs) if !specs.is_empty() => {
             let src = Repo::of(source);
-            let m = client
-                .get_manifest(&src, &digest.to_string(), Some(&digest))
-                .await?;
-            Some((choose(client, &src, source, &m, specs).await?, m))
+            let fanout = options.fanout.as_ref();
+            let m = source_manifest(client, fanout, &src, &digest).await?;
+            Some((choose(client, &src, source, &m, specs, fanout).await?, m))
         }
         _ => None,
     };
@@ -789,6 +828,7 @@ async fn run(
         progress,
         manifest_bytes: AtomicU64::new(0),
         dry_run,
+        fanout: options.fanout.clone().filter(|_| !dry_run),
     };
     let dst = engine.dst.clone();
     // What the tag names: the source's digest, or with a subset the one child or the rebuilt index.
@@ -821,6 +861,7 @@ async fn run(
     let up_to_date = matches!(head, Some(h) if h.digest.as_ref() == Some(&digest));
     let mut referrers_found = None;
     let top = if up_to_date {
+        engine.declare();
         // A dry run reads the source, never the target's body.
         let from = if dry_run { &engine.src } else { &dst };
         let m = match tag_read.filter(|m| m.digest == digest) {
@@ -841,16 +882,13 @@ async fn run(
             .fetch_add(1, Ordering::Relaxed);
         tracing::info!(target = %target_name, digest = %digest, "already up to date");
         if options.referrers && options.referrers_when_up_to_date {
-            referrers_found = Some(find_referrers(client, &engine).await);
+            referrers_found = Some(find_referrers_once(client, &engine).await);
         }
         m
     } else if let Some(sel) = &selection {
         let single = sel.chosen.len() == 1;
         let top = if single {
-            let d = &sel.chosen[0].digest;
-            client
-                .get_manifest(&engine.src, &d.to_string(), Some(d))
-                .await?
+            engine.source_manifest(&sel.chosen[0].digest).await?
         } else {
             engine.note_manifest(&sel.rebuilt, None);
             sel.rebuilt.clone()
@@ -858,6 +896,7 @@ async fn run(
         engine.count_manifest_bytes(&sel.rebuilt)?;
         // The chosen children and their attestations, by their official digests.
         let plan = engine.plan(sel.rebuilt.clone(), 0).await?;
+        engine.declare();
         if dry_run {
             match single {
                 true => {
@@ -881,7 +920,7 @@ async fn run(
             };
             let find = async {
                 match options.referrers {
-                    true => Some(find_referrers(client, &engine).await),
+                    true => Some(find_referrers_once(client, &engine).await),
                     false => None,
                 }
             };
@@ -900,6 +939,7 @@ async fn run(
         let (top, plan) = engine
             .plan_top(&digest, options.repair, source_read)
             .await?;
+        engine.declare();
         let write = async {
             match &plan {
                 // The top manifest goes up by its tag, last: the registry checks everything it
@@ -920,7 +960,7 @@ async fn run(
         // What refers to the image is looked up on the source while the blobs move.
         let find = async {
             match options.referrers {
-                true => Some(find_referrers(client, &engine).await),
+                true => Some(find_referrers_once(client, &engine).await),
                 false => None,
             }
         };
@@ -1018,9 +1058,45 @@ struct Engine<'a> {
     manifest_bytes: AtomicU64,
     /// A dry run: nothing is written.
     dry_run: bool,
+    /// The source reads shared with copies of the image to other targets.
+    fanout: Option<Member>,
+}
+
+/// Manifest `digest` of `src` (verified), fetched once for every copy sharing `fanout`.
+async fn source_manifest(
+    client: &Client,
+    fanout: Option<&Member>,
+    src: &Repo,
+    digest: &Digest,
+) -> Result<Manifest> {
+    let reference = digest.to_string();
+    let fetch = client.get_manifest(src, &reference, Some(digest));
+    match fanout {
+        Some(f) => f.manifest(src, digest, fetch).await,
+        None => fetch.await,
+    }
 }
 
 impl Engine<'_> {
+    /// Manifest `digest` of the source, verified (once for every copy of the fan-out).
+    async fn source_manifest(&self, digest: &Digest) -> Result<Manifest> {
+        source_manifest(self.client, self.fanout.as_ref(), &self.src, digest).await
+    }
+
+    /// Tells the fan-out which blobs this copy may move, once every manifest is planned.
+    fn declare(&self) {
+        if let Some(f) = &self.fanout {
+            let blobs: Vec<Digest> = self
+                .blobs
+                .lock()
+                .expect("blob map poisoned")
+                .keys()
+                .cloned()
+                .collect();
+            f.declare(&self.dst.registry, blobs);
+        }
+    }
+
     fn note_manifest(&self, m: &Manifest, platform: Option<String>) {
         self.entries
             .lock()
@@ -1074,12 +1150,8 @@ impl Engine<'_> {
                 false => self.client.head_manifest(&self.dst, &reference).await,
             }
         };
-        let (m, on_target) = futures_util::future::join(
-            self.client
-                .get_manifest(&self.src, &reference, Some(digest)),
-            on_target,
-        )
-        .await;
+        let (m, on_target) =
+            futures_util::future::join(self.source_manifest(digest), on_target).await;
         let m = m?;
         self.note_manifest(&m, None);
         self.count_manifest_bytes(&m)?;
@@ -1146,8 +1218,7 @@ impl Engine<'_> {
             let _permit = self.requests.acquire().await.expect("semaphore closed");
             let (on_target, m) = futures_util::future::join(
                 self.client.head_manifest(&self.dst, &reference),
-                self.client
-                    .get_manifest(&self.src, &reference, Some(&d.digest)),
+                self.source_manifest(&d.digest),
             )
             .await;
             if on_target?.is_some() {
@@ -1217,6 +1288,9 @@ impl Engine<'_> {
         self.count_blob(d);
         let cell = self.blobs.lock().expect("blob map poisoned")[&d.digest].clone();
         cell.get_or_try_init(|| self.transfer(d)).await?;
+        if let Some(f) = &self.fanout {
+            f.done(&d.digest);
+        }
         Ok(())
     }
 
@@ -1451,7 +1525,7 @@ impl Engine<'_> {
         let (present, opened, fetched) = futures_util::future::join3(
             self.client.blob_size(&self.dst, &d.digest),
             self.client.start_upload(&self.dst),
-            self.client.get_small_blob(&self.src, &d.digest, d.size),
+            self.small_blob(d),
         )
         .await;
         if present?.is_some() {
@@ -1481,6 +1555,15 @@ impl Engine<'_> {
         }
     }
 
+    /// Small blob `d` of the source, read whole (once for every copy of the fan-out).
+    async fn small_blob(&self, d: &Descriptor) -> Result<bytes::Bytes> {
+        let fetch = self.client.get_small_blob(&self.src, &d.digest, d.size);
+        match &self.fanout {
+            Some(f) => f.small_blob(&self.src, &d.digest, d.size, fetch).await,
+            None => fetch.await,
+        }
+    }
+
     /// Gives an upload session not needed after all back (best effort, off the critical path).
     fn give_back(&self, s: UploadSession) {
         let (client, dst) = (self.client.clone(), self.dst.clone());
@@ -1491,6 +1574,11 @@ impl Engine<'_> {
     /// largest blobs first, retrying with a new session.
     async fn stream(&self, d: &Descriptor, session: Option<UploadSession>) -> Result<BlobOutcome> {
         let _permit = self.sem.acquire(d.size).await;
+        // Boxed: a lone copy's stream (and its stack) does not carry the fan-out's upload.
+        let session = match Box::pin(self.stream_fed(d, session)).await {
+            Ok(()) => return Ok(BlobOutcome::Uploaded),
+            Err(session) => session,
+        };
         let session = Mutex::new(session);
         self.client
             .retry_policy()
@@ -1513,6 +1601,45 @@ impl Engine<'_> {
             })
             .await?;
         Ok(BlobOutcome::Uploaded)
+    }
+
+    /// With a fan-out: `d` fed by the shared read of the source into `session` (or a new one).
+    /// Gives the session back when there is no shared read for this copy (it reads the source on
+    /// its own, as it does after a failed fed upload).
+    async fn stream_fed(
+        &self,
+        d: &Descriptor,
+        session: Option<UploadSession>,
+    ) -> std::result::Result<(), Option<UploadSession>> {
+        let Some(f) = &self.fanout else {
+            return Err(session);
+        };
+        let session = match session {
+            Some(s) => s,
+            None => self
+                .client
+                .start_upload(&self.dst)
+                .await
+                .map_err(|_| None)?,
+        };
+        let progress = Some(self.progress.bytes_streamed.clone());
+        let Some(feed) = f
+            .open(self.client, &self.src, &d.digest, d.size, progress)
+            .await
+        else {
+            return Err(Some(session));
+        };
+        match self
+            .client
+            .upload_fed(&self.dst, session, d.size, feed)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::warn!(blob = %d.digest.short(), "uploading blob {} to {} from the shared read failed ({e}); reading the source on its own", d.digest.short(), self.dst);
+                Err(None)
+            }
+        }
     }
 
     /// Pushes `m` under `reference`. A registry that says a blob or child is unknown (deleted by
@@ -1563,10 +1690,7 @@ impl Engine<'_> {
                 }
                 Kind::Index => {
                     for d in &m.manifests {
-                        let child = self
-                            .client
-                            .get_manifest(&self.src, &d.digest.to_string(), Some(&d.digest))
-                            .await?;
+                        let child = self.source_manifest(&d.digest).await?;
                         self.repair(&child).await?;
                         self.client
                             .put_manifest(&self.dst, &d.digest.to_string(), &child)

@@ -9,6 +9,7 @@ pub mod copy;
 pub mod credential_helper;
 pub mod credentials;
 pub mod error;
+pub mod fanout;
 mod gate;
 pub mod guard;
 pub mod locations;

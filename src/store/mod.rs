@@ -204,6 +204,15 @@ impl Store {
         each!(self.claim(lease))
     }
 
+    /// [`Store::claim`], with the other queued, due jobs of the claimed job's requests (its other
+    /// targets), claimed in the same transaction, each with its own lease: one copy reads the
+    /// source once for all of them. The claimed job comes first; empty when nothing is due. A
+    /// sibling that waits for an older job writing its tag stays queued; one another replica
+    /// claimed first runs on its own there.
+    pub async fn claim_group(&self, lease: Duration) -> Result<Vec<Lease>, Error> {
+        each!(self.claim_group(lease))
+    }
+
     /// Renews the lease and records progress. False when the lease is lost: stop writing.
     pub async fn heartbeat(
         &self,

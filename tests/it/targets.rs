@@ -216,3 +216,312 @@ async fn a_target_that_is_down_does_not_hold_up_the_other() {
         );
     }
 }
+
+/// A 2-platform index at `repo:v1` upstream whose layers are a small one and one of `big` bytes
+/// per platform: its digest, and every manifest and blob digest of it.
+async fn two_platforms_with(
+    up: &Registry,
+    repo: &str,
+    seed: u64,
+    big: usize,
+) -> (String, Vec<String>, Vec<String>) {
+    let p = Pusher::new(up);
+    let a = p
+        .image(repo, seed, &[20_000, big], false, Style::Compact)
+        .await;
+    let b = p
+        .image(repo, seed + 1, &[30_000, big + 1], false, Style::Compact)
+        .await;
+    let index = p
+        .index(
+            repo,
+            Some("v1"),
+            &[
+                (a.clone(), platform("linux", "amd64")),
+                (b.clone(), platform("linux", "arm64")),
+            ],
+            false,
+            Style::Compact,
+        )
+        .await;
+    let manifests = vec![index.digest.clone(), a.digest, b.digest];
+    let blobs = a.blobs.into_iter().chain(b.blobs).collect();
+    (index.digest, manifests, blobs)
+}
+
+/// How many times the source's access log (from line `from` on) shows `method path`.
+fn served(up: &Registry, from: usize, method: &str, path: &str) -> usize {
+    let needle = format!("\"{method} {path} ");
+    up.log()
+        .lines()
+        .skip(from)
+        .filter(|l| l.contains(&needle))
+        .count()
+}
+
+/// Mirrors `source` through `svc` and waits for every target of the request to succeed.
+async fn mirror_all(svc: &Service, source: &str, targets: usize) -> Value {
+    let (status, body) = svc.mirror(&json!({ "image": source })).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(
+        body["jobs"].as_array().map(Vec::len),
+        Some(targets),
+        "{body}"
+    );
+    let id = body["request_id"].as_i64().expect("a request id");
+    wait_request(svc, id, Duration::from_secs(90), |r| {
+        r["state"] == "succeeded"
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_source_blob_is_read_once_for_every_target() {
+    let up = Registry::anonymous().await;
+    let (a, b, c) = (
+        Registry::anonymous().await,
+        Registry::anonymous().await,
+        Registry::anonymous().await,
+    );
+    // Layers past 1 MiB go through the shared stream; the small ones and the configs are read
+    // whole once and handed to each target.
+    let (digest, manifests, blobs) = two_platforms_with(&up, "field/fan", 700, 3 << 20).await;
+    let dir = tempfile::tempdir().unwrap();
+    let targets = format!(
+        "ghcr={}/mirror,home={}/mirror,lab={}/mirror",
+        a.host(),
+        b.host(),
+        c.host()
+    );
+    let svc = Service::start(
+        &dir.path().join("m.db"),
+        "unused",
+        &up.host(),
+        &[("MIRROR_TARGET", ""), ("MIRROR_TARGETS", &targets)],
+    )
+    .await;
+    let from = up.log().lines().count();
+    let done = mirror_all(&svc, &format!("{}/field/fan:v1", up.host()), 3).await;
+    assert_eq!(done["source_digest"], json!(digest), "{done}");
+    let mapped_up = up.host().replace(':', "_");
+    for host in [a.host(), b.host(), c.host()] {
+        assert_eq!(
+            digest_of(&format!("{host}/mirror/{mapped_up}/field/fan:v1")),
+            digest,
+            "skopeo reads the mirror on {host}"
+        );
+    }
+    let log = || up.log().lines().skip(from).collect::<Vec<_>>().join("\n");
+    for blob in &blobs {
+        assert_eq!(
+            served(&up, from, "GET", &format!("/v2/field/fan/blobs/{blob}")),
+            1,
+            "blob {blob} read once for 3 targets; the source's log:\n{}",
+            log()
+        );
+    }
+    for m in &manifests {
+        assert_eq!(
+            served(&up, from, "GET", &format!("/v2/field/fan/manifests/{m}")),
+            1,
+            "manifest {m} fetched once for 3 targets; the source's log:\n{}",
+            log()
+        );
+    }
+    assert_eq!(
+        served(&up, from, "HEAD", "/v2/field/fan/manifests/v1"),
+        1,
+        "the tag resolved once for 3 targets; the source's log:\n{}",
+        log()
+    );
+    // What refers to the image is looked up once too: the referrers API and the fallback tag
+    // of every manifest.
+    for m in &manifests {
+        let fallback = m.replace(':', "-");
+        assert_eq!(
+            served(&up, from, "GET", &format!("/v2/field/fan/referrers/{m}")),
+            1,
+            "referrers of {m} looked up once; the source's log:\n{}",
+            log()
+        );
+        assert_eq!(
+            served(
+                &up,
+                from,
+                "HEAD",
+                &format!("/v2/field/fan/manifests/{fallback}")
+            ),
+            1,
+            "{fallback} looked up once; the source's log:\n{}",
+            log()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_failing_mid_blob_reads_the_source_on_its_own() {
+    let up = Registry::anonymous().await;
+    let (a, b, c) = (
+        Registry::anonymous().await,
+        Registry::anonymous().await,
+        Registry::anonymous().await,
+    );
+    let big = 6 << 20;
+    let (digest, _, blobs) = two_platforms_with(&up, "field/cut", 800, big).await;
+    // The amd64 image's large layer (blobs: config, small, large; then arm64's).
+    let large = blobs[2].clone();
+    // The third target takes 1 MiB of that layer's first upload, then fails it.
+    let failed = Arc::new(AtomicBool::new(false));
+    let (once, needle) = (
+        failed.clone(),
+        format!("digest={}", large.replace(':', "%3A")),
+    );
+    let front = Front::start(&c.host(), move |seen| {
+        if seen.method == "PUT" && seen.path.contains(&needle) && !once.swap(true, Ordering::SeqCst)
+        {
+            Action::FailAfter(1 << 20, 500)
+        } else {
+            Action::Pass
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let targets = format!(
+        "ghcr={}/mirror,home={}/mirror,lab={}/mirror",
+        a.host(),
+        b.host(),
+        front.host()
+    );
+    let svc = Service::start(
+        &dir.path().join("m.db"),
+        "unused",
+        &up.host(),
+        &[("MIRROR_TARGET", ""), ("MIRROR_TARGETS", &targets)],
+    )
+    .await;
+    let from = up.log().lines().count();
+    let done = mirror_all(&svc, &format!("{}/field/cut:v1", up.host()), 3).await;
+    assert!(failed.load(Ordering::SeqCst), "the upload was failed once");
+    let mapped_up = up.host().replace(':', "_");
+    for host in [a.host(), b.host(), c.host()] {
+        assert_eq!(
+            digest_of(&format!("{host}/mirror/{mapped_up}/field/cut:v1")),
+            digest,
+            "skopeo reads the mirror on {host}"
+        );
+    }
+    for job in done["targets"].as_array().unwrap() {
+        assert_eq!(
+            job["attempts"], 1,
+            "no target needed another attempt: {done}"
+        );
+    }
+    let log = || up.log().lines().skip(from).collect::<Vec<_>>().join("\n");
+    // The shared read, and the failed target's own read after it dropped out.
+    assert_eq!(
+        served(&up, from, "GET", &format!("/v2/field/cut/blobs/{large}")),
+        2,
+        "the source's log:\n{}",
+        log()
+    );
+    for blob in blobs.iter().filter(|b| **b != large) {
+        assert_eq!(
+            served(&up, from, "GET", &format!("/v2/field/cut/blobs/{blob}")),
+            1,
+            "blob {blob}; the source's log:\n{}",
+            log()
+        );
+    }
+    let puts: Vec<u16> = front
+        .log()
+        .iter()
+        .filter(|l| l.method == "PUT" && l.path.contains("/blobs/uploads/"))
+        .map(|l| l.status)
+        .collect();
+    assert!(
+        puts.contains(&500) && puts.iter().filter(|s| **s == 201).count() >= 3,
+        "the third target's failed upload, then its own: {puts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_that_stalls_mid_blob_does_not_hold_up_the_others() {
+    let up = Registry::anonymous().await;
+    let (a, b, c) = (
+        Registry::anonymous().await,
+        Registry::anonymous().await,
+        Registry::anonymous().await,
+    );
+    let (digest, _, blobs) = two_platforms_with(&up, "field/slow", 900, 20 << 20).await;
+    let large = blobs[2].clone();
+    // The third target stops taking that layer's first upload after 1 MiB, for far longer than
+    // the whole request takes when nobody waits for it.
+    let stall = Duration::from_secs(60);
+    let stalled = Arc::new(AtomicBool::new(false));
+    let (once, needle) = (
+        stalled.clone(),
+        format!("digest={}", large.replace(':', "%3A")),
+    );
+    let front = Front::start(&c.host(), move |seen| {
+        if seen.method == "PUT" && seen.path.contains(&needle) && !once.swap(true, Ordering::SeqCst)
+        {
+            Action::StallAfter(1 << 20, stall)
+        } else {
+            Action::Pass
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let targets = format!(
+        "ghcr={}/mirror,home={}/mirror,lab={}/mirror",
+        a.host(),
+        b.host(),
+        front.host()
+    );
+    let svc = Service::start(
+        &dir.path().join("m.db"),
+        "unused",
+        &up.host(),
+        &[("MIRROR_TARGET", ""), ("MIRROR_TARGETS", &targets)],
+    )
+    .await;
+    let from = up.log().lines().count();
+    let (status, body) = svc
+        .mirror(&json!({ "image": format!("{}/field/slow:v1", up.host()) }))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["request_id"].as_i64().unwrap();
+    // Every target is done well within the stall: the stalled one was dropped from the shared
+    // read and read the source on its own.
+    let deadline = Instant::now() + stall / 2;
+    let done = loop {
+        let (status, r) = svc.get(&format!("/requests/{id}")).await;
+        assert_eq!(status, 200, "{r}");
+        if r["state"] == "succeeded" {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "request {id} not done in {:?}: {r}\nthe service's log:\n{}",
+            stall / 2,
+            svc.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(stalled.load(Ordering::SeqCst), "the upload was stalled");
+    let mapped_up = up.host().replace(':', "_");
+    for host in [a.host(), b.host(), c.host()] {
+        assert_eq!(
+            digest_of(&format!("{host}/mirror/{mapped_up}/field/slow:v1")),
+            digest,
+            "skopeo reads the mirror on {host}"
+        );
+    }
+    assert_eq!(done["source_digest"], json!(digest), "{done}");
+    assert_eq!(
+        served(&up, from, "GET", &format!("/v2/field/slow/blobs/{large}")),
+        2,
+        "the shared read and the stalled target's own; the source's log:\n{}",
+        up.log().lines().skip(from).collect::<Vec<_>>().join("\n")
+    );
+}

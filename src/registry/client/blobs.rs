@@ -16,6 +16,7 @@ use super::{ByteCounter, Client, Repo};
 use crate::digest::{Digest, DigestHasher};
 use crate::registry::budget::Ticket;
 use crate::registry::error::{Error, Result};
+use crate::registry::fanout::Feed;
 use crate::registry::retry::{Budget, RESUME_PROGRESS, backoff, take_retry_or};
 
 impl Client {
@@ -142,7 +143,8 @@ impl Client {
             let chunked = limits.chunks(size);
             let result = if chunked {
                 match Source::open(self, src, digest, size, progress.clone()).await {
-                    Ok(mut source) => {
+                    Ok(source) => {
+                        let mut source = BlobBytes::Read(Box::new(source));
                         self.upload_chunked(dst, &session, &mut source, size, limits.chunk())
                             .await
                     }
@@ -153,7 +155,15 @@ impl Client {
                 match self.inner.budgets.acquire(&dst.registry, false).await {
                     Ok(ticket) => {
                         match Source::open(self, src, digest, size, progress.clone()).await {
-                            Ok(source) => self.put_streamed(dst, &session, source, ticket).await,
+                            Ok(source) => {
+                                self.put_streamed(
+                                    dst,
+                                    &session,
+                                    BlobBytes::Read(Box::new(source)),
+                                    ticket,
+                                )
+                                .await
+                            }
                             Err(e) => Err(e),
                         }
                     }
@@ -190,15 +200,52 @@ impl Client {
         }
     }
 
+    /// Uploads blob `digest` (`size` bytes) into `session` on `dst` from `feed`, a shared read of
+    /// the source ([`crate::registry::fanout`]): one streamed `PUT`, or `PATCH` chunks when the
+    /// target's limits say so. A failure (of the target, or of the shared read) abandons the
+    /// session and is returned: the caller reads the source on its own then.
+    pub async fn upload_fed(
+        &self,
+        dst: &Repo,
+        session: UploadSession,
+        size: u64,
+        feed: Feed,
+    ) -> Result<()> {
+        let limits = self.upload_limits(dst);
+        let (dropped, digest) = (feed.dropped(), feed.digest().clone());
+        let mut body = BlobBytes::Fed(feed);
+        let upload = async {
+            if limits.chunks(size) {
+                self.upload_chunked(dst, &session, &mut body, size, limits.chunk())
+                    .await
+            } else {
+                let ticket = self.inner.budgets.acquire(&dst.registry, false).await?;
+                self.put_streamed(dst, &session, body, ticket).await
+            }
+        };
+        // A target that stopped reading never polls the body again: stop its upload from here.
+        let result = tokio::select! {
+            r = upload => r,
+            _ = dropped.cancelled() => Err(Error::Restart {
+                what: format!("blob {}", digest.short()),
+                reason: "the shared read of the source dropped this target".into(),
+            }),
+        };
+        if result.is_err() {
+            self.cancel_upload(dst, &session).await;
+        }
+        result
+    }
+
     /// The whole blob from `source` in one streamed `PUT` to `session`.
     async fn put_streamed(
         &self,
         dst: &Repo,
         session: &UploadSession,
-        source: Source,
+        source: BlobBytes,
         ticket: Ticket,
     ) -> Result<()> {
-        let (digest, size) = (source.digest.clone(), source.size);
+        let (digest, size) = (source.digest().clone(), source.size());
         let what = format!("blob {}", digest.short());
         self.inner
             .network
@@ -290,6 +337,35 @@ impl Client {
     }
 }
 
+/// The bytes of a blob being uploaded: read from its source here, or fed by a shared read.
+pub(super) enum BlobBytes {
+    Read(Box<Source>),
+    Fed(Feed),
+}
+
+impl BlobBytes {
+    pub(super) async fn next(&mut self) -> Result<Option<Bytes>> {
+        match self {
+            BlobBytes::Read(s) => s.next().await,
+            BlobBytes::Fed(f) => f.next().await,
+        }
+    }
+
+    pub(super) fn digest(&self) -> &Digest {
+        match self {
+            BlobBytes::Read(s) => &s.digest,
+            BlobBytes::Fed(f) => f.digest(),
+        }
+    }
+
+    fn size(&self) -> u64 {
+        match self {
+            BlobBytes::Read(s) => s.size,
+            BlobBytes::Fed(f) => f.size(),
+        }
+    }
+}
+
 type BodyStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
 
 /// A blob read from its source registry: hashed and counted as it arrives; a connection that
@@ -297,7 +373,7 @@ type BodyStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
 /// retry policy's attempts without progress. It fails on more bytes than `size` or a digest
 /// mismatch, and holds its last bytes back until the digest is verified, so a wrong blob never
 /// reaches its full length on the target.
-pub(super) struct Source {
+pub struct Source {
     client: Client,
     repo: Repo,
     url: url::Url,
@@ -319,7 +395,7 @@ pub(super) struct Source {
 
 impl Source {
     /// Opens blob `digest` of `repo` (`size` bytes by its descriptor).
-    pub(super) async fn open(
+    pub async fn open(
         client: &Client,
         repo: &Repo,
         digest: &Digest,
@@ -361,7 +437,7 @@ impl Source {
     }
 
     /// The digest being read.
-    pub(super) fn digest(&self) -> &Digest {
+    pub fn digest(&self) -> &Digest {
         &self.digest
     }
 
@@ -378,7 +454,7 @@ impl Source {
 
     /// The next bytes of the blob, `None` after the last (which come only once the digest is
     /// verified).
-    pub(super) async fn next(&mut self) -> Result<Option<Bytes>> {
+    pub async fn next(&mut self) -> Result<Option<Bytes>> {
         loop {
             if self.hasher.is_none() {
                 // Verified: release the held-back bytes, then end.

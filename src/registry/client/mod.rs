@@ -30,6 +30,7 @@ use super::trust::CredentialReach;
 use crate::digest::Digest;
 use crate::reference::ImageRef;
 
+pub use blobs::Source as BlobSource;
 pub use manifests::{MAX_MANIFEST_BYTES, ManifestHead};
 pub use tags::{MAX_TAG_PAGE_BYTES, MAX_TAG_PAGES, MAX_TAGS};
 pub use uploads::{MountOutcome, UploadLimits, UploadSession};

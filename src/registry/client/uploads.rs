@@ -6,7 +6,7 @@ use bytes::{Bytes, BytesMut};
 use reqwest::header::{self, HeaderMap};
 use reqwest::{Method, StatusCode};
 
-use super::blobs::Source;
+use super::blobs::BlobBytes;
 use super::requests::{Call, redact_query, refused_write, status_error};
 use super::{Client, Repo};
 use crate::digest::Digest;
@@ -281,7 +281,7 @@ impl Client {
         &self,
         dst: &Repo,
         session: &UploadSession,
-        source: &mut Source,
+        source: &mut BlobBytes,
         size: u64,
         chunk: u64,
     ) -> Result<()> {

@@ -311,13 +311,37 @@ impl PgStore {
     }
 
     pub(in crate::store) async fn claim(&self, lease: Duration) -> Result<Option<Lease>, Error> {
+        Ok(self.claim_with(lease, false).await?.into_iter().next())
+    }
+
+    pub(in crate::store) async fn claim_group(&self, lease: Duration) -> Result<Vec<Lease>, Error> {
+        self.claim_with(lease, true).await
+    }
+
+    /// The next due job and, with `siblings`, the other queued, due jobs of its requests, in
+    /// one transaction (the claimed job first).
+    async fn claim_with(&self, lease: Duration, siblings: bool) -> Result<Vec<Lease>, Error> {
         self.rescue().await?;
         let token = lease_token();
+        let mut tx = self.pool.begin().await?;
         // The CTE is materialized so the row lock is taken once, by the LIMIT 1 scan; SKIP
         // LOCKED lets racing replicas take the next job instead of queueing behind this one.
+        // With siblings, a job whose request has an older job claimable now is left to the
+        // worker claiming that one (it takes this one with it): two workers woken at once
+        // would otherwise split a request (this snapshot still sees the other's claim queued).
         let row = sqlx::query_as::<_, JobRow>(concat!("with next as materialized (
                  select j.id as next_id from job j
                  where j.state = 'queued' and j.run_at <= mm_now_ms() and ", not_waiting!(), "
+                     and (not $3 or not exists (
+                         select 1 from request_job mine
+                         join request_job theirs on theirs.request_id = mine.request_id
+                         join job s on s.id = theirs.job_id
+                         where mine.job_id = j.id and s.id < j.id and s.state = 'queued'
+                             and s.run_at <= mm_now_ms()
+                             and (s.target_tag is null or not exists (
+                                 select 1 from job o where o.target_repo = s.target_repo
+                                     and o.target_tag = s.target_tag
+                                     and o.state in ('queued', 'running') and o.id < s.id))))
                  order by j.run_at, j.id
                  limit 1
                  for update skip locked)
@@ -328,15 +352,60 @@ impl PgStore {
              returning ", job_columns!()))
         .bind(&token)
         .bind(ms(lease))
-        .fetch_optional(&self.pool)
+        .bind(siblings)
+        .fetch_optional(&mut *tx)
         .await?;
-        match row {
-            None => Ok(None),
-            Some(r) => Ok(Some(Lease {
-                job: r.into_job()?,
-                token,
-            })),
+        let Some(row) = row else {
+            tx.commit().await?;
+            return Ok(Vec::new());
+        };
+        let lead = Lease {
+            job: row.into_job()?,
+            token,
+        };
+        let lead_id = lead.job.id;
+        let mut out = vec![lead];
+        if !siblings {
+            tx.commit().await?;
+            return Ok(out);
         }
+        // SKIP LOCKED: a sibling another replica is claiming now is left to it.
+        let ids: Vec<i64> = sqlx::query_scalar(concat!(
+            "select j.id from job j
+             where j.id in (select rj.job_id from request_job rj where rj.request_id in
+                     (select request_id from request_job where job_id = $1))
+                 and j.id <> $1 and j.state = 'queued' and j.run_at <= mm_now_ms() and ",
+            not_waiting!(),
+            " order by j.id
+             for update of j skip locked"
+        ))
+        .bind(lead_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        for id in ids {
+            let token = lease_token();
+            let row = sqlx::query_as::<_, JobRow>(concat!(
+                "update job set state = 'running', attempts = attempts + 1, lease_token = $1,
+                     lease_expires_at = mm_now_ms() + $2, started_at = coalesce(started_at, mm_now_ms()),
+                     updated_at = mm_now_ms()
+                 where id = $3 and state = 'queued'
+                 returning ",
+                job_columns!()
+            ))
+            .bind(&token)
+            .bind(ms(lease))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(r) = row {
+                out.push(Lease {
+                    job: r.into_job()?,
+                    token,
+                });
+            }
+        }
+        tx.commit().await?;
+        Ok(out)
     }
 
     pub(in crate::store) async fn heartbeat(

@@ -372,6 +372,19 @@ impl SqliteStore {
         }
     }
 
+    pub(super) async fn claim_group(&self, lease: Duration) -> Result<Vec<Lease>, Error> {
+        queue::claim_group(&self.db, lease, true, self.announce)
+            .await?
+            .into_iter()
+            .map(|l| {
+                Ok(Lease {
+                    token: l.token,
+                    job: job(l.job)?,
+                })
+            })
+            .collect()
+    }
+
     pub(super) async fn heartbeat(
         &self,
         lease: &Lease,

@@ -219,6 +219,22 @@ fn lease_token() -> String {
 /// Claims the next due job for `lease`: one `UPDATE … RETURNING` that sets a fresh lease token.
 /// Jobs whose lease expired (their worker died) go back to the queue first.
 pub async fn claim(db: &Db, lease: Duration, announce: bool) -> sqlx::Result<Option<Lease>> {
+    Ok(claim_group(db, lease, false, announce)
+        .await?
+        .into_iter()
+        .next())
+}
+
+/// [`claim`], and with `siblings` the other queued and due jobs of the claimed job's requests
+/// (one per other target), each with a lease token of its own, in the same transaction: the
+/// worker copies them together, reading the source once. A sibling that waits for an older job
+/// writing its tag is left queued. The claimed job comes first.
+pub async fn claim_group(
+    db: &Db,
+    lease: Duration,
+    siblings: bool,
+    announce: bool,
+) -> sqlx::Result<Vec<Lease>> {
     let now = now_ms();
     let token = lease_token();
     let mut tx = db.write.begin_with("BEGIN IMMEDIATE").await?;
@@ -236,8 +252,42 @@ pub async fn claim(db: &Db, lease: Duration, announce: bool) -> sqlx::Result<Opt
     .bind(now + lease.as_millis() as i64)
     .fetch_optional(&mut *tx)
     .await?;
+    let Some(job) = job else {
+        tx.commit().await?;
+        return Ok(Vec::new());
+    };
+    let lead = job.id;
+    let mut out = vec![Lease { job, token }];
+    if siblings {
+        let ids: Vec<i64> = sqlx::query_scalar(concat!(
+            "select distinct j.id from job j join request_job rj on rj.job_id = j.id
+             where rj.request_id in (select request_id from request_job where job_id = ?1)
+                 and j.id <> ?1 and j.state = 'queued' and j.run_at <= ?2 and ",
+            not_waiting!(),
+            " order by j.id"
+        ))
+        .bind(lead)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        for id in ids {
+            let token = lease_token();
+            let job: Option<Job> = sqlx::query_as(
+                "update job set state = 'running', attempts = attempts + 1, lease_token = ?2, lease_expires_at = ?3,
+                     started_at = ifnull(started_at, ?1), updated_at = ?1
+                 where id = ?4 and state = 'queued' returning *",
+            )
+            .bind(now)
+            .bind(&token)
+            .bind(now + lease.as_millis() as i64)
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            out.extend(job.map(|job| Lease { job, token }));
+        }
+    }
     tx.commit().await?;
-    Ok(job.map(|job| Lease { job, token }))
+    Ok(out)
 }
 
 /// Puts running jobs whose lease expired back in the queue (or fails them when their attempts are

@@ -28,6 +28,12 @@ pub enum Action {
     Strip(header::HeaderName),
     /// Pass it on and rewrite the answer's head.
     Rewrite(Box<dyn FnOnce(&mut response::Parts) + Send>),
+    /// Take this many bytes of the request's body (an upload), then answer this status without
+    /// passing it on: a target that fails in the middle of a blob.
+    FailAfter(u64, u16),
+    /// Pass it on, but stop taking the request's body for this long after this many bytes: a
+    /// target that stalls in the middle of a blob.
+    StallAfter(u64, std::time::Duration),
 }
 
 /// A request as the rule sees it.
@@ -141,6 +147,26 @@ async fn handle(State(s): State<Shared>, req: Request) -> Response {
     resp
 }
 
+/// `data`, paused for `pause` once `after` bytes went through.
+fn stalled(
+    data: axum::body::BodyDataStream,
+    after: u64,
+    pause: std::time::Duration,
+) -> impl futures_util::Stream<Item = Result<Bytes, axum::Error>> + Send + 'static {
+    futures_util::stream::unfold(
+        (data, 0u64, false),
+        move |(mut data, seen, paused)| async move {
+            let pause_now = !paused && seen >= after;
+            if pause_now {
+                tokio::time::sleep(pause).await;
+            }
+            let item = data.next().await?;
+            let seen = seen + item.as_ref().map(|b| b.len() as u64).unwrap_or(0);
+            Some((item, (data, seen, paused || pause_now)))
+        },
+    )
+}
+
 fn oci_error(status: u16, code: &str) -> Response {
     (
         StatusCode::from_u16(status).unwrap(),
@@ -161,6 +187,17 @@ async fn respond(
     if let Action::Answer(status, code) = action {
         return oci_error(status, code);
     }
+    if let Action::FailAfter(limit, status) = action {
+        let mut data = body.into_data_stream();
+        let mut taken = 0u64;
+        while taken < limit {
+            match data.next().await {
+                Some(Ok(c)) => taken += c.len() as u64,
+                _ => break,
+            }
+        }
+        return oci_error(status, "BLOB_UPLOAD_INVALID");
+    }
     let mut out = s
         .http
         .request(method.clone(), format!("http://{}{path}", s.upstream));
@@ -174,10 +211,12 @@ async fn respond(
             out = out.header(k, v);
         }
     }
-    let sent = out
-        .body(reqwest::Body::wrap_stream(body.into_data_stream()))
-        .send()
-        .await;
+    let data = body.into_data_stream();
+    let data = match action {
+        Action::StallAfter(after, pause) => stalled(data, after, pause).boxed(),
+        _ => data.boxed(),
+    };
+    let sent = out.body(reqwest::Body::wrap_stream(data)).send().await;
     let up = match sent {
         Ok(r) => r,
         Err(e) => return (StatusCode::BAD_GATEWAY, format!("fault front: {e}")).into_response(),
