@@ -478,16 +478,16 @@ class Postgres:
                 raise RuntimeError(f"PostgreSQL did not start: {open(self.log).read()[-2000:]}")
             time.sleep(0.1)
         self.n = 0
-        self.warm()
         log(f"PostgreSQL {os.path.basename(os.path.dirname(self.bin))} on 127.0.0.1:{self.port} "
-            "(synchronous_commit=on, fsync=on; WAL segments pre-allocated)")
+            "(synchronous_commit=on, fsync=on)")
 
     def warm(self):
         """A fresh initdb has one WAL segment: every 16 MB of WAL a run writes, PostgreSQL creates,
         zero-fills and fsyncs the next (seconds of stalls on a busy disk: f) fell to 500/s with a
         p99 of 2 s on the first round, 2,000/s once warm). A server that has been running recycles
         its old segments instead. Write 256 MB of WAL and checkpoint, so the rounds meet a server
-        in that state (min_wal_size keeps the segments for reuse)."""
+        in that state (min_wal_size keeps the segments for reuse). Done just before f): the 256 MB
+        it leaves in the page cache and the checkpoint's writes cost e) a fifth of its reads/s."""
         for sql in ("create table bench_warm (x bigint)",
                     "insert into bench_warm select generate_series(1, 4000000)",
                     "drop table bench_warm", "checkpoint", "select pg_switch_wal()", "checkpoint"):
@@ -864,6 +864,9 @@ def case_enqueue(args, work):
     """f) wrk POSTing distinct images (sources that do not exist) to a fresh service with 1 worker."""
     script = os.path.join(HERE, "post.lua")
     runs = []
+    if PG:
+        PG[0].warm()
+        log("f) PostgreSQL's WAL segments pre-allocated")
     for rnd in range(1, args.rounds + 1):
         disk = fsync_rate(PG[0].dir if PG else work)
         load = os.getloadavg()[0]
