@@ -491,9 +491,26 @@ async fn a_target_that_stalls_mid_blob_does_not_hold_up_the_others() {
         .await;
     assert_eq!(status, 202, "{body}");
     let id = body["request_id"].as_i64().unwrap();
-    // Every target is done well within the stall: the stalled one was dropped from the shared
-    // read and read the source on its own.
+    // The other targets are done well within the stall: nobody waits for the stalled one.
     let deadline = Instant::now() + stall / 2;
+    loop {
+        let (status, r) = svc.get(&format!("/requests/{id}")).await;
+        assert_eq!(status, 200, "{r}");
+        if r["targets"][0]["state"] == "succeeded" && r["targets"][1]["state"] == "succeeded" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the targets that do not stall are not done in {:?}: {r}\nthe service's log:\n{}",
+            stall / 2,
+            svc.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The stalled one completes too: dropped from the shared read, it reads the source on its
+    // own at once; when it had joined late and was reading on its own already (seen under CI
+    // load), nothing else waits for it and it goes on when the stall ends.
+    let deadline = Instant::now() + stall + Duration::from_secs(30);
     let done = loop {
         let (status, r) = svc.get(&format!("/requests/{id}")).await;
         assert_eq!(status, 200, "{r}");
@@ -502,11 +519,10 @@ async fn a_target_that_stalls_mid_blob_does_not_hold_up_the_others() {
         }
         assert!(
             Instant::now() < deadline,
-            "request {id} not done in {:?}: {r}\nthe service's log:\n{}",
-            stall / 2,
+            "request {id} not done after the stall: {r}\nthe service's log:\n{}",
             svc.log()
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(stalled.load(Ordering::SeqCst), "the upload was stalled");
     let mapped_up = up.host().replace(':', "_");
