@@ -59,6 +59,45 @@ async fn wait_request(
     }
 }
 
+/// A service with targets `ghcr` (`a`), `home` (`b`) and `lab` (`c` behind a front that answers
+/// the first PUT of blob `large` with `action`, setting `hit`); the front, the service and its
+/// directory (kept while the service runs).
+async fn three_targets_one_faulty(
+    up: &Registry,
+    a: &Registry,
+    b: &Registry,
+    c: &Registry,
+    large: &str,
+    hit: &Arc<AtomicBool>,
+    action: impl Fn() -> Action + Send + Sync + 'static,
+) -> (Front, Service, tempfile::TempDir) {
+    let (once, needle) = (hit.clone(), format!("digest={}", large.replace(':', "%3A")));
+    let front = Front::start(&c.host(), move |seen| {
+        if seen.method == "PUT" && seen.path.contains(&needle) && !once.swap(true, Ordering::SeqCst)
+        {
+            action()
+        } else {
+            Action::Pass
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let targets = format!(
+        "ghcr={}/mirror,home={}/mirror,lab={}/mirror",
+        a.host(),
+        b.host(),
+        front.host()
+    );
+    let svc = Service::start(
+        &dir.path().join("m.db"),
+        "unused",
+        &up.host(),
+        &[("MIRROR_TARGET", ""), ("MIRROR_TARGETS", &targets)],
+    )
+    .await;
+    (front, svc, dir)
+}
+
 fn digest_of(reference: &str) -> String {
     sha256(&skopeo::inspect_raw(reference, None))
 }
@@ -372,32 +411,9 @@ async fn a_target_failing_mid_blob_reads_the_source_on_its_own() {
     let large = blobs[2].clone();
     // The third target takes 1 MiB of that layer's first upload, then fails it.
     let failed = Arc::new(AtomicBool::new(false));
-    let (once, needle) = (
-        failed.clone(),
-        format!("digest={}", large.replace(':', "%3A")),
-    );
-    let front = Front::start(&c.host(), move |seen| {
-        if seen.method == "PUT" && seen.path.contains(&needle) && !once.swap(true, Ordering::SeqCst)
-        {
-            Action::FailAfter(1 << 20, 500)
-        } else {
-            Action::Pass
-        }
+    let (front, svc, _dir) = three_targets_one_faulty(&up, &a, &b, &c, &large, &failed, || {
+        Action::FailAfter(1 << 20, 500)
     })
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let targets = format!(
-        "ghcr={}/mirror,home={}/mirror,lab={}/mirror",
-        a.host(),
-        b.host(),
-        front.host()
-    );
-    let svc = Service::start(
-        &dir.path().join("m.db"),
-        "unused",
-        &up.host(),
-        &[("MIRROR_TARGET", ""), ("MIRROR_TARGETS", &targets)],
-    )
     .await;
     let from = up.log().lines().count();
     let done = mirror_all(&svc, &format!("{}/field/cut:v1", up.host()), 3).await;
@@ -458,33 +474,11 @@ async fn a_target_that_stalls_mid_blob_does_not_hold_up_the_others() {
     // the whole request takes when nobody waits for it.
     let stall = Duration::from_secs(60);
     let stalled = Arc::new(AtomicBool::new(false));
-    let (once, needle) = (
-        stalled.clone(),
-        format!("digest={}", large.replace(':', "%3A")),
-    );
-    let front = Front::start(&c.host(), move |seen| {
-        if seen.method == "PUT" && seen.path.contains(&needle) && !once.swap(true, Ordering::SeqCst)
-        {
+    let (_front, svc, _dir) =
+        three_targets_one_faulty(&up, &a, &b, &c, &large, &stalled, move || {
             Action::StallAfter(1 << 20, stall)
-        } else {
-            Action::Pass
-        }
-    })
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let targets = format!(
-        "ghcr={}/mirror,home={}/mirror,lab={}/mirror",
-        a.host(),
-        b.host(),
-        front.host()
-    );
-    let svc = Service::start(
-        &dir.path().join("m.db"),
-        "unused",
-        &up.host(),
-        &[("MIRROR_TARGET", ""), ("MIRROR_TARGETS", &targets)],
-    )
-    .await;
+        })
+        .await;
     let from = up.log().lines().count();
     let (status, body) = svc
         .mirror(&json!({ "image": format!("{}/field/slow:v1", up.host()) }))
