@@ -279,6 +279,15 @@ pub struct ServeArgs {
     #[arg(long, env = "MIRROR_SHUTDOWN_GRACE", default_value_t = 30)]
     pub shutdown_grace: u64,
 
+    /// MiB of `GET /images` and `GET /digests` answers kept in memory while the ledger does not
+    /// change (on PostgreSQL: on no replica, as its notifications say). 0: none kept.
+    #[arg(long, env = "MIRROR_READ_CACHE_MIB", default_value_t = 16, value_parser = clap::value_parser!(u64).range(0..=4096))]
+    pub read_cache_mib: u64,
+
+    /// Seconds a kept answer is served at most, even while the ledger does not change.
+    #[arg(long, env = "MIRROR_READ_CACHE_MAX_AGE", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub read_cache_max_age: u64,
+
     /// Seconds the listener keeps serving after SIGTERM, with `/readyz` answering 503, so a load
     /// balancer that follows `/readyz` stops sending traffic before the port closes (where no
     /// Kubernetes `preStop` pause does it). 0: the listener closes at once.

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
@@ -119,13 +119,18 @@ pub struct Watch {
     notifier: Option<Notifier>,
     /// Rounds asked for and running: one at a time, in the background, stopped at shutdown.
     rounds: Rounds,
-    /// False only when no drift is open: lookups (`GET /images`) then skip the drift query. Only
-    /// rounds open drift, so it is set before a round records any and cleared after one that
-    /// leaves none open.
-    maybe_open: Arc<AtomicBool>,
+    /// The drift version ([`store::LedgerVersions::drift`]) at which none was open, or
+    /// [`UNKNOWN`]: while drift stays at that version, lookups (`GET /images`) skip the drift
+    /// query. Set after a round that leaves none open; any change to drift since, by a round
+    /// here or on another replica, moves the version and lookups query again. A round here sets
+    /// it to [`UNKNOWN`] before it records any.
+    none_open_at: Arc<AtomicU64>,
     /// Names this replica in the rounds it runs.
     replica: Arc<str>,
 }
+
+/// No drift version is known at which none was open.
+const UNKNOWN: u64 = u64::MAX;
 
 /// What checking one mirrored tag found.
 #[derive(Default)]
@@ -158,20 +163,46 @@ impl Watch {
             wake,
             notifier,
             rounds: Rounds::default(),
-            maybe_open: Arc::new(AtomicBool::new(true)),
+            none_open_at: Arc::new(AtomicU64::new(UNKNOWN)),
             replica: replica.into(),
         }
     }
 
     /// Whether any drift may be open (false means none is).
     pub fn maybe_open(&self) -> bool {
-        self.maybe_open.load(Ordering::SeqCst)
+        self.store.versions().drift() != Some(self.none_open_at.load(Ordering::SeqCst))
+    }
+
+    /// Keeps "none open" current when drift changes elsewhere (a round on another replica, a job
+    /// settling it): once a second, when the drift version moved since the last look and drift
+    /// may be open, reads again whether any is. Ends at `stop`.
+    async fn follow(self, stop: CancellationToken) {
+        let mut seen = self.store.versions().drift();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.cancelled() => return,
+            }
+            let now = self.store.versions().drift();
+            if now.is_some() && now != seen && self.maybe_open() {
+                seen = now;
+                if let Err(e) = self.refresh_open().await {
+                    tracing::debug!("reading whether drift is open failed: {e}");
+                }
+            }
+        }
     }
 
     /// Reads from the database whether any drift is open (at start, and after each round).
     pub async fn refresh_open(&self) -> Result<(), store::Error> {
+        // The version first: a change while the query runs moves it past what is stored here.
+        let version = self.store.versions().drift();
         let open = !self.store.open_drift_counts().await?.is_empty();
-        self.maybe_open.store(open, Ordering::SeqCst);
+        let at = match (open, version) {
+            (false, Some(v)) => v,
+            _ => UNKNOWN,
+        };
+        self.none_open_at.store(at, Ordering::SeqCst);
         Ok(())
     }
 
@@ -250,6 +281,7 @@ impl Watch {
     pub fn spawn(&self, stop: CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
         let every = self.config.interval;
         let watch = self.clone();
+        tokio::spawn(self.clone().follow(stop.clone()));
         Some(tokio::spawn(async move {
             let Some(every) = every else {
                 stop.cancelled().await;
@@ -603,7 +635,7 @@ impl Watch {
         job: Option<NewJob>,
         round: &mut Round,
     ) -> Result<i64, store::Error> {
-        self.maybe_open.store(true, Ordering::SeqCst);
+        self.none_open_at.store(UNKNOWN, Ordering::SeqCst);
         let build = |row: &Drift| NewNotice {
             event: NoticeEvent::Drift,
             body: notice(row).to_string(),

@@ -78,6 +78,10 @@ pub struct Metrics {
     pub sync_jobs: Counter,
     /// Worker tasks that panicked and were started again.
     pub worker_restarts: Counter,
+    /// Ledger lookups (`/images`, `/digests`) answered from the read cache, and ones that read
+    /// the database.
+    pub read_cache_hits: Counter,
+    pub read_cache_misses: Counter,
     /// Drift watch: problems newly found, by kind.
     pub drift_found: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -102,6 +106,8 @@ impl Default for Metrics {
             sync_errors: Counter::default(),
             sync_jobs: Counter::default(),
             worker_restarts: Counter::default(),
+            read_cache_hits: Counter::default(),
+            read_cache_misses: Counter::default(),
             drift_found: Mutex::default(),
         }
     }
@@ -158,7 +164,7 @@ impl Metrics {
         for (name, help, samples) in gauges {
             register_gauges(&mut reg, name, help, samples);
         }
-        let counters: [(&str, &str, &Counter); 13] = [
+        let counters: [(&str, &str, &Counter); 15] = [
             (
                 "mirror_worker_restarts",
                 "Worker tasks that panicked and were started again",
@@ -219,6 +225,16 @@ impl Metrics {
                 "mirror_drift_jobs",
                 "Jobs queued by drift watch to follow a moved tag or repair a mirror",
                 &self.drift_jobs,
+            ),
+            (
+                "mirror_read_cache_hits",
+                "Ledger lookups (/images, /digests) answered from the read cache",
+                &self.read_cache_hits,
+            ),
+            (
+                "mirror_read_cache_misses",
+                "Ledger lookups (/images, /digests) that read the database",
+                &self.read_cache_misses,
             ),
         ];
         for (name, help, c) in counters {

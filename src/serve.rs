@@ -230,6 +230,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         client: client.clone(),
         sync: sync.clone(),
         stopping: stop.clone(),
+        reads: Arc::new(crate::http::cache::ReadCache::new(
+            usize::try_from(args.read_cache_mib).unwrap_or(usize::MAX) << 20,
+            Duration::from_secs(args.read_cache_max_age),
+        )),
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -120,6 +120,28 @@ impl registry::locations::BlobLocations for StoreLocations {
                     .await
                 {
                     Ok(None) => {
+                        // A transfer that ended between the look-up above and this claim recorded
+                        // the blob before releasing its claim: look once more, or it goes up twice.
+                        match self
+                            .store
+                            .blob_repos(registry, digest, MOUNT_CANDIDATES)
+                            .await
+                        {
+                            Ok(repos) if !repos.is_empty() => {
+                                if let Err(e) = self
+                                    .store
+                                    .release_blob_claim(registry, digest, &token)
+                                    .await
+                                {
+                                    tracing::warn!(
+                                        "releasing the claim on {digest} at {registry} failed (it expires in {} s): {e}",
+                                        BLOB_CLAIM.as_secs()
+                                    );
+                                }
+                                return repos;
+                            }
+                            _ => {}
+                        }
                         let (store, r, d, t) = (
                             self.store.clone(),
                             registry.to_string(),

@@ -2,9 +2,11 @@
 
 use std::collections::BTreeMap;
 
-use axum::Json;
+use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::{ApiError, AppState, rfc3339};
@@ -117,9 +119,50 @@ pub async fn show(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     state.authenticate_read(&headers)?;
-    let reference = ImageRef::parse(&name)
+    let key = format!("images/{name}");
+    let version = state.store.versions().ledger();
+    if let Some(kept) = kept(&state, &headers, &key, version) {
+        return Ok(kept);
+    }
+    let body = lookup(&state, &name).await?;
+    Ok(answer(&state, &key, version, &body))
+}
+
+/// The answer kept for a lookup, unless the client asks for a fresh one (`Cache-Control:
+/// no-cache`, as after a copy it was told of).
+fn kept(
+    state: &AppState,
+    headers: &HeaderMap,
+    key: &str,
+    version: Option<u64>,
+) -> Option<Response> {
+    let fresh = headers
+        .get_all(CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|d| d.trim().eq_ignore_ascii_case("no-cache"));
+    if fresh {
+        return None;
+    }
+    let body = state.reads.get(key, version)?;
+    crate::metrics::METRICS.read_cache_hits.add(1);
+    Some(([(CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// The answer built for a lookup from the ledger at `version`, kept for the next ones.
+fn answer(state: &AppState, key: &str, version: Option<u64>, body: &Value) -> Response {
+    crate::metrics::METRICS.read_cache_misses.add(1);
+    let bytes = Bytes::from(serde_json::to_vec(body).expect("JSON values serialize"));
+    state.reads.put(key, version, bytes.clone());
+    ([(CONTENT_TYPE, "application/json")], bytes).into_response()
+}
+
+/// What `GET /images/{name}` answers, from the ledger.
+async fn lookup(state: &AppState, name: &str) -> Result<Value, ApiError> {
+    let reference = ImageRef::parse(name)
         .map_err(|e| ApiError::BadRequest(format!("{name:?} is not an image name: {e}")))?;
     if reference.digest().is_some() {
         return Err(ApiError::BadRequest(
@@ -150,7 +193,7 @@ pub async fn show(
             }
             body["mirrors"] = mirrors.into_values().collect();
             body["history"] = records.iter().map(|r| entry(r, &[])).collect();
-            Ok(Json(body))
+            Ok(body)
         }
         None => {
             let records = state.store.by_repo(&repo).await?;
@@ -172,13 +215,13 @@ pub async fn show(
                     None => digests.push(entry(r, &drift)),
                 }
             }
-            Ok(Json(json!({
+            Ok(json!({
                 "name": repo,
                 "source": records[0].source_repo,
                 "mirror": records[0].mirror_repo,
                 "tags": tags.into_values().collect::<Vec<_>>(),
                 "digests": digests,
-            })))
+            }))
         }
     }
 }
@@ -192,17 +235,22 @@ pub async fn digest(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(digest): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     state.authenticate_read(&headers)?;
     let d = Digest::parse(&digest)
         .map_err(|e| ApiError::BadRequest(format!("{digest:?} is not a digest: {e}")))?;
+    let key = format!("digests/{d}");
+    let version = state.store.versions().ledger();
+    if let Some(kept) = kept(&state, &headers, &key, version) {
+        return Ok(kept);
+    }
     let records = state.store.by_digest(&d.to_string()).await?;
     if records.is_empty() {
         return Err(ApiError::NotFound(format!(
             "{d} is not in the ledger: it was never mirrored here"
         )));
     }
-    Ok(Json(json!({
+    let body = json!({
         "digest": d.to_string(),
         "first_verified_at": rfc3339(records[0].verified_at),
         "records": records.iter().map(|r| {
@@ -216,5 +264,6 @@ pub async fn digest(
             });
             e
         }).collect::<Vec<_>>(),
-    })))
+    });
+    Ok(answer(&state, &key, version, &body))
 }

@@ -1,5 +1,6 @@
 //! The HTTP API: router, shared state, the one JSON error envelope, and bearer-token checks.
 
+pub mod cache;
 mod drift;
 mod error;
 mod health;
@@ -115,6 +116,8 @@ pub struct AppState {
     /// Cancelled when shutdown begins: `/readyz` answers 503 from then on, so a load balancer
     /// stops sending traffic while the requests in hand finish.
     pub stopping: tokio_util::sync::CancellationToken,
+    /// Answers of `/images` and `/digests`, kept while the ledger does not change.
+    pub reads: Arc<cache::ReadCache>,
 }
 
 impl AppState {

@@ -10,11 +10,13 @@ pub mod import;
 pub mod postgres;
 pub mod sqlite;
 mod types;
+mod versions;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use types::*;
+pub use versions::LedgerVersions;
 
 use crate::reference::ImageRef;
 
@@ -136,6 +138,15 @@ impl Store {
         }
     }
 
+    /// The ledger's change counters: answers built from the ledger stay current while
+    /// [`LedgerVersions::ledger`] answers the version they were built at.
+    pub fn versions(&self) -> &LedgerVersions {
+        match self {
+            Store::Sqlite(s) => &s.versions,
+            Store::Postgres(s) => &s.versions,
+        }
+    }
+
     /// Whether the database has every migration applied and takes writes (for `/readyz`),
     /// answering within about a second: a busy writer (SQLite) or a pool in full use
     /// (PostgreSQL) is [`WriterState::Busy`], load rather than a fault.
@@ -239,7 +250,13 @@ impl Store {
         referrers: Option<&JobReferrers>,
         notice: Option<&NewNotice>,
     ) -> Result<bool, Error> {
-        each!(self.succeed_with_record(lease, record, p, referrers, notice))
+        let written = each!(self.succeed_with_record(lease, record, p, referrers, notice));
+        if let Ok(true) = written {
+            // The drift it settles was open, so whether any is open was not known: only the
+            // record counts.
+            self.versions().record_changed();
+        }
+        written
     }
 
     /// Back to the queue until `after` has passed, with the error that made it wait.
@@ -348,7 +365,9 @@ impl Store {
         job: Option<NewJob>,
         notice: Option<&(dyn Fn(&Drift) -> NewNotice + Sync)>,
     ) -> Result<DriftRecorded, Error> {
-        each!(self.record_drift_and_enqueue(d, job, notice))
+        let written = each!(self.record_drift_and_enqueue(d, job, notice));
+        self.versions().drift_changed();
+        written
     }
 
     /// Resolves the open drift of one mirrored tag (or digest-only mirror) that the latest check
@@ -360,7 +379,14 @@ impl Store {
         recorded_digest: &str,
         seen: &[i64],
     ) -> Result<u64, Error> {
-        each!(self.resolve_unseen_drift(mirror_repo, mirror_tag, recorded_digest, seen))
+        let resolved =
+            each!(self.resolve_unseen_drift(mirror_repo, mirror_tag, recorded_digest, seen));
+        if let Ok(n) = resolved
+            && n > 0
+        {
+            self.versions().drift_changed();
+        }
+        resolved
     }
 
     /// Open drift of a repository (source or mirror name), newest first.

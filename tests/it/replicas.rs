@@ -758,3 +758,146 @@ async fn a_lease_expiring_during_the_rescue_does_not_buy_a_spent_job_another_att
     }
     db.close().await;
 }
+
+/// Two replicas on one database that keep lookups for up to 10 minutes; drift rounds only when
+/// asked; `src`'s `team/app` is allowed.
+async fn two_replicas_keeping_lookups(src: &Registry, dst: &Registry) -> Replicas {
+    let url = postgres::shared().database().await;
+    Replicas::start(
+        2,
+        &url,
+        &format!("{}/mirror", dst.host()),
+        &src.host(),
+        &[
+            ("MIRROR_DRIFT_INTERVAL", "0"),
+            ("MIRROR_READ_CACHE_MAX_AGE", "600"),
+        ],
+    )
+    .await
+}
+
+/// Mirrors `src`'s `team/app:v1` through replica 0 and waits for the job to succeed; returns
+/// the replica that ran it.
+async fn mirror_v1(r: &Replicas, src: &Registry) -> usize {
+    let body = json!({ "image": format!("{}/team/app:v1", src.host()) });
+    let (status, job) = r.replica(0).mirror(&body).await;
+    assert_eq!(status, 202, "{job}");
+    let job = r
+        .replica(0)
+        .wait_job(job["id"].as_i64().unwrap(), Duration::from_secs(30))
+        .await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    r.running_job(job["id"].as_i64().unwrap())
+        .expect("a replica's log says it started the job")
+}
+
+/// Polls `GET path` on `svc` until `done` holds for its answer (bounded by `limit`); returns the
+/// answer and how long it took.
+async fn lookup_until(
+    svc: &crate::support::service::Service,
+    path: &str,
+    limit: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> (Value, Duration) {
+    let started = Instant::now();
+    loop {
+        let (status, body) = svc.get(path).await;
+        assert_eq!(status, 200, "GET {path}: {body}");
+        if done(&body) {
+            return (body, started.elapsed());
+        }
+        assert!(
+            started.elapsed() < limit,
+            "GET {path} still answers, after {limit:?}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lookup_kept_by_one_replica_follows_a_copy_landed_on_another() {
+    let src = Registry::anonymous().await;
+    let dst = Registry::anonymous().await;
+    let p = Pusher::new(&src);
+    let first = push(&p, "team/app", r#"{"os":"linux"}"#, &[vec![1; 1000]]).await;
+    let r = two_replicas_keeping_lookups(&src, &dst).await;
+    mirror_v1(&r, &src).await;
+    let path = format!("/images/{}/team/app:v1", src.host());
+    let mut kept = Vec::new();
+    for i in 0..r.len() {
+        let svc = r.replica(i);
+        let hits = crate::worker::metric(svc, "mirror_read_cache_hits_total").await;
+        let (_, answer) = svc.get(&path).await;
+        assert_eq!(answer["digest"], json!(first), "{answer}");
+        let (_, again) = svc.get(&path).await;
+        assert_eq!(again, answer);
+        assert_eq!(
+            crate::worker::metric(svc, "mirror_read_cache_hits_total").await,
+            hits + 1.0,
+            "the second lookup is answered from what the first kept"
+        );
+        kept.push(answer);
+    }
+    let misses = crate::worker::metric(r.replica(0), "mirror_read_cache_misses_total").await;
+    let (_, fresh) = r.replica(0).get_fresh(&path).await;
+    assert_eq!(fresh, kept[0]);
+    assert_eq!(
+        crate::worker::metric(r.replica(0), "mirror_read_cache_misses_total").await,
+        misses + 1.0,
+        "Cache-Control: no-cache reads the database"
+    );
+
+    // The tag moves upstream and is mirrored again: the replica that did not run the job hears of
+    // the new record and answers it, though what it kept could be served for 10 minutes more.
+    let moved = push(&p, "team/app", r#"{"os":"linux","v":2}"#, &[vec![2; 1000]]).await;
+    assert_ne!(moved, first);
+    let ran = mirror_v1(&r, &src).await;
+    let other = 1 - ran;
+    let (answer, after) = lookup_until(r.replica(other), &path, Duration::from_secs(10), |b| {
+        b["digest"] == json!(moved)
+    })
+    .await;
+    assert_eq!(
+        answer["history"].as_array().map(Vec::len),
+        Some(2),
+        "{answer}"
+    );
+    eprintln!(
+        "figure: replica {other} answered the record replica {ran} wrote {after:?} after its job ended"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drift_found_on_one_replica_shows_in_the_others_lookups() {
+    let src = Registry::anonymous().await;
+    let dst = Registry::anonymous().await;
+    let p = Pusher::new(&src);
+    let first = push(&p, "team/app", r#"{"os":"linux"}"#, &[vec![1; 1000]]).await;
+    let r = two_replicas_keeping_lookups(&src, &dst).await;
+    let (status, job) = r
+        .replica(0)
+        .mirror(&json!({ "image": format!("{}/team/app:v1", src.host()), "policy": "pin" }))
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let job = r
+        .replica(0)
+        .wait_job(job["id"].as_i64().unwrap(), Duration::from_secs(30))
+        .await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let path = format!("/images/{}/team/app:v1", src.host());
+    let (_, answer) = r.replica(1).get(&path).await;
+    assert_eq!(answer["drift"], json!([]), "{answer}");
+
+    // The tag moves upstream; a round on replica 0 finds it (pinned: the mirror keeps its digest).
+    let moved = push(&p, "team/app", r#"{"os":"linux","v":2}"#, &[vec![2; 1000]]).await;
+    let round = r.replica(0).drift_round().await;
+    assert_eq!(round["upstream_moved"], 1, "{round}");
+    let (answer, after) = lookup_until(r.replica(1), &path, Duration::from_secs(10), |b| {
+        b["drift"].as_array().is_some_and(|d| !d.is_empty())
+    })
+    .await;
+    assert_eq!(answer["drift"][0]["kind"], "upstream_moved", "{answer}");
+    assert_eq!(answer["drift"][0]["observed_digest"], json!(moved));
+    assert_eq!(answer["digest"], json!(first), "pinned");
+    eprintln!("figure: replica 1 showed the drift replica 0 found {after:?} after its round");
+}

@@ -154,6 +154,80 @@ async fn post_mirror_to_trusted_digest_lookup() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn kept_lookups_answer_the_next_copy_of_the_tag() {
+    let (up, down) = (Registry::anonymous().await, Registry::anonymous().await);
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start(
+        &dir.path().join("m.db"),
+        &format!("{}/mirror", down.host()),
+        &up.host(),
+        &[("MIRROR_READ_CACHE_MAX_AGE", "600")],
+    )
+    .await;
+    let p = Pusher::new(&up);
+    let copy = |seed: u64| {
+        let (p, svc, up) = (&p, &svc, &up);
+        async move {
+            let img = p
+                .image("team/app", seed, &[1_000], false, Style::Compact)
+                .await;
+            p.manifest("team/app", "v1", &img.media_type, &img.bytes)
+                .await;
+            let (status, job) = svc
+                .mirror(&json!({ "image": format!("{}/team/app:v1", up.host()) }))
+                .await;
+            assert_eq!(status, 202, "{job}");
+            let job = svc
+                .wait_job(job["id"].as_i64().unwrap(), Duration::from_secs(30))
+                .await;
+            assert_eq!(job["state"], "succeeded", "{job}");
+            img.digest
+        }
+    };
+    let first = copy(1).await;
+    let lookups = [
+        format!("/images/{}/team/app:v1", up.host()),
+        format!("/images/{}/team/app", up.host()),
+        format!("/digests/{first}"),
+    ];
+    let hits = crate::worker::metric(&svc, "mirror_read_cache_hits_total").await;
+    for path in &lookups {
+        let (status, answer) = svc.get(path).await;
+        assert_eq!(status, 200, "{path}: {answer}");
+        assert_eq!(svc.get(path).await.1, answer, "{path}");
+    }
+    assert_eq!(
+        crate::worker::metric(&svc, "mirror_read_cache_hits_total").await,
+        hits + 3.0,
+        "each second lookup is answered from what the first kept"
+    );
+
+    // The tag moves and is copied again: every kept answer naming it is gone with the record.
+    let second = copy(2).await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let (_, tag) = svc.get(&lookups[0]).await;
+        let (_, repo) = svc.get(&lookups[1]).await;
+        let (_, digest) = svc.get(&lookups[2]).await;
+        let now = (
+            &tag["digest"],
+            &repo["tags"][0]["digest"],
+            digest["records"].as_array().map(Vec::len),
+        );
+        if now == (&json!(second), &json!(second), Some(1)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "2 s after the copy, the lookups still answer {now:?} (the first digest was {first})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, answer) = svc.get(&format!("/digests/{second}")).await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn killed_mid_copy_the_job_completes_after_restart_with_one_record() {
     let (up, down) = (Registry::anonymous().await, Registry::anonymous().await);
     let dir = tempfile::tempdir().unwrap();

@@ -28,6 +28,10 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/post
 /// The channel enqueues notify (payload: how many jobs were created).
 const CHANNEL: &str = "mirror_mirror_jobs";
 
+/// The channel every commit that changes the ledger notifies (payload: the table, `mirror_record`
+/// or `drift`), by statement triggers (migrations/postgres/0009).
+const LEDGER: &str = "mirror_mirror_ledger";
+
 /// PostgreSQL through one pool.
 #[derive(Clone, Debug)]
 pub struct PgStore {
@@ -40,6 +44,9 @@ pub struct PgStore {
     _listening: Arc<DropGuard>,
     /// Whether jobs failed by the rescue announce their end (notices are configured).
     pub(in crate::store) announce: bool,
+    /// Moved by this store's writes and by the ledger's notifications from everywhere; not
+    /// current while the LISTEN connection is down.
+    pub(in crate::store) versions: Arc<super::LedgerVersions>,
 }
 
 /// A duration in ms, as the database's bigint times are.
@@ -97,8 +104,15 @@ impl PgStore {
         })?;
         let wake = Arc::new(Notify::new());
         let stop = CancellationToken::new();
+        let versions = Arc::new(super::LedgerVersions::new(false));
         let (listening, subscribed) = tokio::sync::oneshot::channel();
-        tokio::spawn(listen(pool.clone(), wake.clone(), stop.clone(), listening));
+        tokio::spawn(listen(
+            pool.clone(),
+            wake.clone(),
+            versions.clone(),
+            stop.clone(),
+            listening,
+        ));
         // Jobs queued elsewhere from now on wake this replica's workers (else they poll).
         if tokio::time::timeout(Duration::from_secs(10), subscribed)
             .await
@@ -112,6 +126,7 @@ impl PgStore {
             stop: stop.clone(),
             _listening: Arc::new(stop.drop_guard()),
             announce: false,
+            versions,
         })
     }
 
@@ -181,12 +196,14 @@ impl PgStore {
     }
 }
 
-/// Forwards NOTIFYs on [`CHANNEL`] to `wake`. A lost connection is re-established; as
-/// notifications sent meanwhile are lost, the workers are woken then to look for themselves (and
-/// they poll anyway).
+/// Forwards NOTIFYs on [`CHANNEL`] to `wake`, and on [`LEDGER`] to `versions`. A lost
+/// connection is re-established; as notifications sent meanwhile are lost, the workers are woken
+/// then to look for themselves (and they poll anyway), and `versions` is not current from the
+/// loss until the new connection listens.
 async fn listen(
     pool: PgPool,
     wake: Arc<Notify>,
+    versions: Arc<super::LedgerVersions>,
     stop: CancellationToken,
     listening: tokio::sync::oneshot::Sender<()>,
 ) {
@@ -205,7 +222,7 @@ async fn listen(
                 continue;
             }
         };
-        if let Err(e) = listener.listen(CHANNEL).await {
+        if let Err(e) = listener.listen_all([CHANNEL, LEDGER]).await {
             tracing::warn!("LISTEN {CHANNEL} failed: {e}; workers poll meanwhile");
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
@@ -215,6 +232,7 @@ async fn listen(
             continue;
         }
         backoff = Duration::from_millis(100);
+        versions.hearing();
         if let Some(tx) = listening.take() {
             let _ = tx.send(());
         }
@@ -222,12 +240,21 @@ async fn listen(
             tokio::select! {
                 _ = stop.cancelled() => return,
                 n = listener.try_recv() => match n {
+                    Ok(Some(n)) if n.channel() == LEDGER => match n.payload() {
+                        "drift" => versions.drift_changed(),
+                        _ => versions.record_changed(),
+                    },
                     Ok(Some(_)) => wake.notify_one(),
-                    // The connection dropped; try_recv reconnects (and re-listens) next time.
-                    Ok(None) => wake.notify_one(),
+                    // The connection dropped: listen again on a new one.
+                    Ok(None) => {
+                        versions.deaf();
+                        wake.notify_one();
+                        break;
+                    }
                     // Closing the store closes the pool under it: not a fault.
                     Err(_) if stop.is_cancelled() => return,
                     Err(e) => {
+                        versions.deaf();
                         tracing::warn!("LISTEN {CHANNEL}: {e}; reconnecting");
                         wake.notify_one();
                         break;

@@ -34,6 +34,8 @@ pub struct SqliteStore {
     blobs: Arc<std::sync::Mutex<BlobMap>>,
     /// Whether jobs failed by the rescue announce their end (notices are configured).
     pub(super) announce: bool,
+    /// Moved by this store's ledger writes: one process owns the file, so it hears every change.
+    pub(super) versions: Arc<super::LedgerVersions>,
 }
 
 /// slot, replica, started_at, finished_at, result (JSON text).
@@ -258,6 +260,7 @@ impl SqliteStore {
             wake: Arc::new(Notify::new()),
             blobs: Arc::default(),
             announce: false,
+            versions: Arc::new(super::LedgerVersions::new(true)),
         }
     }
 

@@ -166,6 +166,13 @@ impl Service {
         Self::json(self.http.get(format!("{}{path}", self.url))).await
     }
 
+    /// `GET path` with `Cache-Control: no-cache` (an answer read from the database, not one
+    /// kept); returns (status, body).
+    pub async fn get_fresh(&self, path: &str) -> (u16, Value) {
+        let url = format!("{}{path}", self.url);
+        Self::json(self.http.get(url).header("cache-control", "no-cache")).await
+    }
+
     /// `GET path` as text; returns (status, body).
     pub async fn get_text(&self, path: &str) -> (u16, String) {
         let r = self
