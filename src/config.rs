@@ -146,7 +146,8 @@ pub struct CopyArgs {
     pub target: String,
 
     /// Blob byte streams (GET → PUT) at once; HEADs, upload POSTs and manifests run up to 4 × this.
-    #[arg(long, short = 'j', env = "MIRROR_COPY_JOBS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    /// 16: over a long round trip each stream waits on it, so 8 left a 30-blob copy in 4 waves.
+    #[arg(long, short = 'j', env = "MIRROR_COPY_JOBS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub jobs: u32,
 
     /// Print the whole result as JSON on stdout instead of the pull line.
@@ -303,7 +304,7 @@ pub struct ServeArgs {
     pub referrers: bool,
 
     /// Blob byte streams at once within one copy; HEADs, upload POSTs and manifests up to 4 × this.
-    #[arg(long, env = "MIRROR_COPY_JOBS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, env = "MIRROR_COPY_JOBS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub jobs: u32,
 
     /// Seconds between drift-watch rounds, which re-check every mirrored tag upstream (HEAD) and on

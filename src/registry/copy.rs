@@ -72,7 +72,7 @@ pub struct CopyOptions {
 impl Default for CopyOptions {
     fn default() -> Self {
         CopyOptions {
-            jobs: 8,
+            jobs: 16,
             referrers: true,
             repair: false,
             referrers_when_up_to_date: false,
