@@ -50,16 +50,17 @@ impl StoreLocations {
             .remove(&(registry.to_string(), digest.to_string()));
         if let Some((token, renewing)) = held {
             renewing.abort();
-            if let Err(e) = self
-                .store
-                .release_blob_claim(registry, digest, &token)
-                .await
-            {
-                tracing::warn!(
-                    "releasing the claim on {digest} at {registry} failed (it expires in {} s): {e}",
-                    BLOB_CLAIM.as_secs()
-                );
-            }
+            self.drop_claim(registry, digest, &token).await;
+        }
+    }
+
+    /// Gives up the claim `token` on `digest` at `registry` (logged if it fails: it expires).
+    async fn drop_claim(&self, registry: &str, digest: &str, token: &str) {
+        if let Err(e) = self.store.release_blob_claim(registry, digest, token).await {
+            tracing::warn!(
+                "releasing the claim on {digest} at {registry} failed (it expires in {} s): {e}",
+                BLOB_CLAIM.as_secs()
+            );
         }
     }
 }
@@ -122,25 +123,14 @@ impl registry::locations::BlobLocations for StoreLocations {
                     Ok(None) => {
                         // A transfer that ended between the look-up above and this claim recorded
                         // the blob before releasing its claim: look once more, or it goes up twice.
-                        match self
+                        if let Ok(repos) = self
                             .store
                             .blob_repos(registry, digest, MOUNT_CANDIDATES)
                             .await
+                            && !repos.is_empty()
                         {
-                            Ok(repos) if !repos.is_empty() => {
-                                if let Err(e) = self
-                                    .store
-                                    .release_blob_claim(registry, digest, &token)
-                                    .await
-                                {
-                                    tracing::warn!(
-                                        "releasing the claim on {digest} at {registry} failed (it expires in {} s): {e}",
-                                        BLOB_CLAIM.as_secs()
-                                    );
-                                }
-                                return repos;
-                            }
-                            _ => {}
+                            self.drop_claim(registry, digest, &token).await;
+                            return repos;
                         }
                         let (store, r, d, t) = (
                             self.store.clone(),

@@ -10,6 +10,7 @@ use axum::http::{HeaderMap, StatusCode};
 use bytes::Bytes;
 use serde_json::{Value, json};
 
+use crate::support::free_port;
 use crate::support::image::Style;
 use crate::support::service::Service;
 use crate::support::{Pusher, Registry};
@@ -72,14 +73,6 @@ impl Receiver {
     fn got(&self) -> Vec<Got> {
         self.got.lock().unwrap().clone()
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Polls `GET path` until `cond` holds on its body (bounded); returns the body.

@@ -901,3 +901,58 @@ async fn drift_found_on_one_replica_shows_in_the_others_lookups() {
     assert_eq!(answer["digest"], json!(first), "pinned");
     eprintln!("figure: replica 1 showed the drift replica 0 found {after:?} after its round");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kept_lookup_follows_a_change_made_with_sql_and_survives_a_lost_listen_connection() {
+    let src = Registry::anonymous().await;
+    let dst = Registry::anonymous().await;
+    let p = Pusher::new(&src);
+    push(&p, "team/app", r#"{"os":"linux"}"#, &[vec![1; 1000]]).await;
+    let r = two_replicas_keeping_lookups(&src, &dst).await;
+    mirror_v1(&r, &src).await;
+    let path = format!("/images/{}/team/app:v1", src.host());
+    let svc = r.replica(1);
+    let (_, kept) = svc.get(&path).await;
+    assert_eq!(svc.get(&path).await.1, kept, "kept");
+    let db = pg(r.database()).await;
+    let set_size = |n: i64| {
+        let db = db.clone();
+        async move {
+            sqlx::query("update mirror_record set size_bytes = $1")
+                .bind(n)
+                .execute(&db)
+                .await
+                .unwrap();
+        }
+    };
+
+    // A change no replica made (psql, a script): its row trigger's notification reaches both.
+    set_size(12_345).await;
+    let (_, after) = lookup_until(svc, &path, Duration::from_secs(10), |b| {
+        b["size_bytes"] == 12_345
+    })
+    .await;
+    eprintln!("figure: a change made with SQL was answered {after:?} later");
+
+    // Every replica's LISTEN connection is cut, and the ledger changes at once: whether that
+    // change's notification is lost in the gap or not, no replica keeps answering the old record.
+    let cut: Vec<i32> = sqlx::query_scalar(
+        "select pg_terminate_backend(pid)::int from pg_stat_activity
+         where datname = current_database() and query ilike 'listen%'",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert_eq!(cut.len(), 2, "one LISTEN connection per replica: {cut:?}");
+    set_size(67_890).await;
+    for i in 0..r.len() {
+        let (_, after) = lookup_until(r.replica(i), &path, Duration::from_secs(10), |b| {
+            b["size_bytes"] == 67_890
+        })
+        .await;
+        eprintln!(
+            "figure: replica {i} answered the change made while LISTEN was cut {after:?} later"
+        );
+    }
+    db.close().await;
+}

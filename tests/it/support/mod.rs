@@ -38,6 +38,34 @@ pub async fn serve(app: axum::Router, ip: &str) -> String {
 }
 
 /// `sha256:<hex>` of `bytes`.
+/// A free loopback port for a server a test starts in another process (a registry, nginx,
+/// PostgreSQL, `serve`). Ports are taken below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), from which outgoing connections take their source ports:
+/// a port the kernel handed out with a bind to `:0` and that was let go again could be taken by
+/// one of the suite's many connections before the server bound it ("Address already in use").
+/// Each port is handed out once per test process, and only if it binds now.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768)
+        .clamp(4096, 65535);
+    // [low / 2, low): 16384 ports with the usual range; where a run starts in it depends on
+    // the process, so two test processes at once rarely meet.
+    let span = low - low / 2;
+    let offset = std::process::id() * 997 % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (low / 2 + (offset + n) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port below {low}");
+}
+
 pub fn sha256(bytes: &[u8]) -> String {
     use sha2::Digest as _;
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))

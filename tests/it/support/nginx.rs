@@ -78,11 +78,7 @@ impl Nginx {
     fn run(upstreams: &str, upstream: &str, rules: &str) -> Nginx {
         super::require_tool("nginx");
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = super::free_port();
         let d = dir.path().display();
         let conf = format!(
             r#"daemon off;

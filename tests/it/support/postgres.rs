@@ -13,6 +13,7 @@
 //! the shared one — the pipe closes, the shell stops the server (fast shutdown) and removes the data
 //! directory. No server outlives its tests.
 
+use super::free_port;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -52,14 +53,6 @@ fn bin_dir() -> PathBuf {
             "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/postgres); run scripts/test.sh, which installs the postgresql package"
         )
     })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[track_caller]

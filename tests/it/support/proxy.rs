@@ -18,11 +18,7 @@ impl Proxy {
         let dir = tempfile::tempdir().unwrap();
         let mut last = String::new();
         for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            let port = super::free_port();
             let log = dir.path().join("tinyproxy.log");
             let _ = std::fs::remove_file(&log);
             let config = dir.path().join("tinyproxy.conf");

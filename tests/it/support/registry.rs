@@ -5,6 +5,7 @@ use std::io::Read as _;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::free_port;
 use super::token::TokenIssuer;
 
 /// How a registry authenticates.
@@ -31,14 +32,6 @@ pub struct Registry {
     /// Serving HTTPS with this PKI's server certificate (and requiring its client certificate
     /// when `mtls`).
     pub tls: Option<(super::tls::Pki, bool)>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Registry {

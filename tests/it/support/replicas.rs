@@ -108,6 +108,11 @@ impl Replicas {
         self.services.len()
     }
 
+    /// The database URL the replicas share.
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
     /// The front's URL: what clients use.
     pub fn url(&self) -> String {
         format!("http://{}", self.front.host())

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub use super::free_port;
 use serde_json::Value;
 
 /// The API token every test service accepts (named `ci`).
@@ -50,15 +51,6 @@ pub struct Launch<'a> {
     pub allowed: &'a str,
     /// Extra environment, set last (so it wins).
     pub env: &'a [(&'a str, &'a str)],
-}
-
-/// A free loopback port.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A running service.
