@@ -3,7 +3,7 @@
 //!
 //! Writes through this store move them once they are committed. On PostgreSQL, every commit that
 //! touches the ledger's tables, from any replica or any other client, also sends a notification
-//! (statement triggers, migrations/postgres/0009), and the LISTEN task moves them when it arrives.
+//! (row triggers, migrations/postgres/0009), and the LISTEN task moves them when it arrives.
 //! While that connection is down, changes elsewhere could go unheard: the counters then answer
 //! `None`, and nothing may be kept.
 

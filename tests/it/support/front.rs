@@ -91,7 +91,15 @@ impl Front {
         };
         let (blob_bytes, log) = (shared.blob_bytes.clone(), shared.log.clone());
         let app = axum::Router::new().fallback(handle).with_state(shared);
-        let host = super::serve(app, "127.0.0.1").await;
+        // A fixed, small receive buffer: a stalled upload then holds the sender back within
+        // about a MiB, as a remote registry that stops reading does, instead of the loopback
+        // buffer growing (to 32 MiB here) and taking a whole layer while "stalled".
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(128 * 1024).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1024).unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         Front {
             host,
             blob_bytes,

@@ -37,7 +37,6 @@ pub async fn serve(app: axum::Router, ip: &str) -> String {
     addr
 }
 
-/// `sha256:<hex>` of `bytes`.
 /// A free loopback port for a server a test starts in another process (a registry, nginx,
 /// PostgreSQL, `serve`). Ports are taken below the kernel's ephemeral range
 /// (`net.ipv4.ip_local_port_range`), from which outgoing connections take their source ports:
@@ -66,6 +65,7 @@ pub fn free_port() -> u16 {
     panic!("no free loopback port below {low}");
 }
 
+/// `sha256:<hex>` of `bytes`.
 pub fn sha256(bytes: &[u8]) -> String {
     use sha2::Digest as _;
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
