@@ -302,6 +302,9 @@ impl Workers {
         // Counted while this loop runs, and uncounted however it ends (a panic included), so
         // `/readyz` sees a dead worker.
         let _alive = Alive::new(&self.alive);
+        // The last job's tail: once its image stands on the target, its read-back, referrers and
+        // ledger write go on beside the next job's copy (one tail at a time, under its own lease).
+        let mut tail: Option<tokio::task::JoinHandle<()>> = None;
         while !stop.is_cancelled() {
             // The lease runs from before the claim was sent: the worker's idea of its expiry is
             // never later than the database's.
@@ -311,9 +314,29 @@ impl Workers {
                     let lease = leases.remove(0);
                     if leases.is_empty() {
                         let span = tracing::info_span!("job", job.id = lease.job.id, image.src = %lease.job.source);
-                        self.run_job(lease, claimed_at, &abort, None)
-                            .instrument(span)
-                            .await;
+                        let progress = Arc::new(Progress::default());
+                        let mut job = tokio::spawn({
+                            let (w, abort, progress) =
+                                (self.clone(), abort.clone(), progress.clone());
+                            async move {
+                                w.run_job(lease, claimed_at, &abort, None, progress)
+                                    .instrument(span)
+                                    .await
+                            }
+                        });
+                        let written = tokio::select! {
+                            ended = &mut job => {
+                                rethrow(ended);
+                                false
+                            }
+                            _ = progress.written.notified() => true,
+                        };
+                        if let Some(last) = tail.take() {
+                            rethrow(last.await);
+                        }
+                        if written {
+                            tail = Some(job);
+                        }
                     } else {
                         // Boxed: the group's futures stay off the worker loop's own state (and stack).
                         Box::pin(self.run_together(lease, leases, claimed_at, &abort)).await;
@@ -339,6 +362,9 @@ impl Workers {
                     }
                 }
             }
+        }
+        if let Some(last) = tail {
+            rethrow(last.await);
         }
         tracing::debug!(worker = n, "worker stopped");
     }
@@ -369,7 +395,8 @@ impl Workers {
             .enumerate()
             .map(|(i, lease)| {
                 let span = tracing::info_span!("job", job.id = lease.job.id, image.src = %lease.job.source);
-                self.run_job(lease, claimed_at, abort, Some(fanout.member(i)))
+                let progress = Arc::new(Progress::default());
+                self.run_job(lease, claimed_at, abort, Some(fanout.member(i)), progress)
                     .instrument(span)
             });
         futures_util::future::join_all(runs).await;
@@ -426,6 +453,7 @@ impl Workers {
         claimed_at: Instant,
         abort: &CancellationToken,
         fanout: Option<Member>,
+        progress: Arc<Progress>,
     ) {
         let job = &lease.job;
         tracing::info!(
@@ -435,7 +463,6 @@ impl Workers {
             job.source,
             job.target_repo
         );
-        let progress = Arc::new(Progress::default());
         let started = std::time::Instant::now();
         let lost = CancellationToken::new();
         let heartbeat = tokio::spawn(keep_lease(
@@ -788,6 +815,16 @@ impl Drop for Alive {
 /// Runs the task `start` makes, in a task of its own, until it returns or `stop` is cancelled;
 /// when it panics, logs the panic, counts it in `mirror_worker_restarts_total` and starts it
 /// again after `pause`. Returns how many times it was restarted.
+/// A job's task ended: a panic in it goes on unwinding through its worker (which the supervisor
+/// then starts again), as if the job had run on the worker's own task.
+fn rethrow(ended: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = ended
+        && e.is_panic()
+    {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
 async fn supervise<F, Fut>(n: usize, stop: CancellationToken, pause: Duration, start: F) -> usize
 where
     F: Fn() -> Fut,

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use futures_util::future::try_join_all;
 use serde::Serialize;
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::{Notify, OnceCell, Semaphore};
 
 use super::client::{Client, MountOutcome, Repo, UploadSession};
 use super::error::{Error, Result};
@@ -94,6 +94,9 @@ pub struct Progress {
     pub blobs_done: AtomicU64,
     /// Bytes streamed so far (grows during an upload).
     pub bytes_streamed: Arc<AtomicU64>,
+    /// Notified once the image stands on the target (written, or found up to date), before it is
+    /// read back and its referrers are copied: the service's worker then takes its next job.
+    pub written: Notify,
 }
 
 /// One manifest of the copied image.
@@ -881,6 +884,7 @@ async fn run(
             .manifests_skipped
             .fetch_add(1, Ordering::Relaxed);
         tracing::info!(target = %target_name, digest = %digest, "already up to date");
+        engine.progress.written.notify_one();
         if options.referrers && options.referrers_when_up_to_date {
             referrers_found = Some(find_referrers_once(client, &engine).await);
         }
@@ -1702,8 +1706,10 @@ impl Engine<'_> {
         })
     }
 
-    /// Reads every written manifest back by digest, and the tag, from the target.
+    /// Reads every written manifest back by digest, and the tag, from the target (telling
+    /// [`Progress::written`] first).
     async fn verify(&self, top: &Manifest, tag: Option<&str>) -> Result<()> {
+        self.progress.written.notify_one();
         let pushed = self.pushed.lock().expect("pushed poisoned").clone();
         let read_back = try_join_all(pushed.iter().map(|d| async move {
             let _permit = self.requests.acquire().await.expect("semaphore closed");

@@ -298,3 +298,82 @@ async fn a_source_that_counts_no_pulls_is_resolved_with_the_get_the_copy_needs()
     assert_eq!(asked("GET", "/v2/second/manifests/v1 "), 1, "{log}");
     assert_eq!(asked("GET", "/v2/second/manifests/sha256:"), 0, "{log}");
 }
+
+/// Once a job's image stands on the target, its worker takes the next job while the read-back
+/// goes on, and one such tail at a time: with one worker and every read-back held, the second job
+/// runs beside the first one's read-back and the third waits until the first is done.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_takes_its_next_job_while_the_last_one_is_read_back() {
+    use crate::support::front::{Action, Front};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let (up, down) = (Registry::anonymous().await, Registry::anonymous().await);
+    let p = Pusher::new(&up);
+    let mut images = Vec::new();
+    for (i, name) in ["tail/a", "tail/b", "tail/c"].into_iter().enumerate() {
+        let img = p
+            .image(name, 900 + i as u64, &[4_000], false, Style::Compact)
+            .await;
+        p.manifest(name, "v1", &img.media_type, &img.bytes).await;
+        images.push(img);
+    }
+    // The read-backs (the target's manifests GET by digest) are held until released.
+    let (release, released) = tokio::sync::watch::channel(false);
+    let held = Arc::new(AtomicUsize::new(0));
+    let front = Front::start(&down.host(), {
+        let held = held.clone();
+        move |seen| {
+            if seen.method == "GET" && seen.path.contains("/manifests/sha256:") {
+                held.fetch_add(1, Ordering::SeqCst);
+                Action::HoldUntil(released.clone())
+            } else {
+                Action::Pass
+            }
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start(
+        &dir.path().join("m.db"),
+        &format!("{}/mirror", front.host()),
+        &up.host(),
+        &[("MIRROR_WORKERS", "1"), ("MIRROR_REFERRERS", "false")],
+    )
+    .await;
+    let mut ids = Vec::new();
+    for name in ["tail/a", "tail/b", "tail/c"] {
+        let (status, job) = svc
+            .mirror(&json!({ "image": format!("{}/{name}:v1", up.host()) }))
+            .await;
+        assert_eq!(status, 202, "{job}");
+        ids.push(job["id"].as_i64().unwrap());
+    }
+    wait_for(
+        "the second job's read-back beside the first one's",
+        Duration::from_secs(30),
+        || held.load(Ordering::SeqCst) >= 2,
+    )
+    .await;
+    let a = svc.get(&format!("/jobs/{}", ids[0])).await.1;
+    let b = svc.get(&format!("/jobs/{}", ids[1])).await.1;
+    assert_eq!(
+        (&a["state"], &b["state"]),
+        (&json!("running"), &json!("running")),
+        "both copies wait on their read-backs: {a} {b}"
+    );
+    // One tail at a time: the third job is not taken while the first is still being read back.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let c = svc.get(&format!("/jobs/{}", ids[2])).await.1;
+    assert_eq!(c["state"], "queued", "{c}");
+    assert_eq!(
+        held.load(Ordering::SeqCst),
+        2,
+        "only two read-backs started"
+    );
+    release.send(true).unwrap();
+    for (id, img) in ids.iter().zip(&images) {
+        let job = svc.wait_job(*id, Duration::from_secs(60)).await;
+        assert_eq!(job["state"], "succeeded", "{job}");
+        assert_eq!(job["source_digest"], json!(img.digest), "{job}");
+    }
+}

@@ -34,6 +34,9 @@ pub enum Action {
     /// Pass it on, but stop taking the request's body for this long after this many bytes: a
     /// target that stalls in the middle of a blob.
     StallAfter(u64, std::time::Duration),
+    /// Hold the request until the value is `true`, then pass it on: an answer that is slow to
+    /// come, for as long as the test wants.
+    HoldUntil(tokio::sync::watch::Receiver<bool>),
 }
 
 /// A request as the rule sees it.
@@ -194,6 +197,10 @@ async fn respond(
 ) -> Response {
     if let Action::Answer(status, code) = action {
         return oci_error(status, code);
+    }
+    if let Action::HoldUntil(mut released) = action {
+        let _ = released.wait_for(|r| *r).await;
+        return Box::pin(respond(s, method, path, headers, body, Action::Pass)).await;
     }
     if let Action::FailAfter(limit, status) = action {
         let mut data = body.into_data_stream();
