@@ -12,7 +12,7 @@ use futures_util::future::try_join_all;
 use serde::Serialize;
 use tokio::sync::{Notify, OnceCell, Semaphore};
 
-use super::client::{Client, MountOutcome, Repo, UploadSession};
+use super::client::{BlobSource, Client, MountOutcome, Repo, UploadSession};
 use super::error::{Error, Result};
 use super::fanout::Member;
 use super::gate::Gate;
@@ -1409,7 +1409,7 @@ impl Engine<'_> {
             // Already moved into this registry: a mount (or finding it there) needs no turn of its
             // own, so copies sharing the blob mount it at once instead of one after another.
             drop(known);
-            let outcome = self.transfer_locked(d, Some(&repo)).await?;
+            let outcome = self.transfer_locked(d, Some(&repo), false).await?;
             if let Some(shared) = self.client.blob_locations() {
                 let digest = d.digest.to_string();
                 shared
@@ -1419,16 +1419,18 @@ impl Engine<'_> {
             return Ok(outcome);
         }
         // Unknown here: maybe another replica put it in another repository of the target (or is
-        // putting it there now: then this waits for it).
+        // putting it there now: then this waits for it). Put nowhere there, it most likely has to
+        // move.
+        let mut nowhere = false;
         if let Some(shared) = self.client.blob_locations() {
             let digest = d.digest.to_string();
-            *known = shared
+            let repos = shared
                 .locate(&self.dst.registry, &digest, &self.dst.name)
-                .await
-                .into_iter()
-                .find(|r| *r != self.dst.name);
+                .await;
+            nowhere = repos.is_empty();
+            *known = repos.into_iter().find(|r| *r != self.dst.name);
         }
-        let outcome = match self.transfer_locked(d, known.as_deref()).await {
+        let outcome = match self.transfer_locked(d, known.as_deref(), nowhere).await {
             Ok(o) => o,
             Err(e) => {
                 if let Some(shared) = self.client.blob_locations() {
@@ -1449,17 +1451,20 @@ impl Engine<'_> {
         Ok(outcome)
     }
 
+    /// `nowhere`: the shared record of blob locations says no copy put `d` anywhere on the target.
     async fn transfer_locked(
         &self,
         d: &Descriptor,
         known_repo: Option<&str>,
+        nowhere: bool,
     ) -> Result<BlobOutcome> {
         let mounts = self.mount_candidates(known_repo);
-        if mounts.iter().all(Option::is_none)
-            && d.size <= SMALL_BLOB
-            && self.client.fits_one_request(&self.dst, d.size)
-        {
+        let no_mount = mounts.iter().all(Option::is_none);
+        if no_mount && d.size <= SMALL_BLOB && self.client.fits_one_request(&self.dst, d.size) {
             return self.transfer_small(d).await;
+        }
+        if no_mount && nowhere && self.fanout.is_none() {
+            return self.transfer_fetching(d).await;
         }
         // Whether the target has the blob, and a mount or an upload session for when it has not,
         // asked at once: one round trip instead of two before the bytes move.
@@ -1559,6 +1564,39 @@ impl Engine<'_> {
         }
     }
 
+    /// A blob over [`SMALL_BLOB`] that no copy put anywhere on the target (the shared record of
+    /// blob locations says so) and that nothing can be mounted from: it most likely has to move,
+    /// so its source `GET` leaves with the target's `HEAD` and the upload `POST` instead of after
+    /// their answers, and the `PUT` starts as they come (two round trips before the blob is in
+    /// instead of three). It holds a byte stream from the start. Should the `HEAD` find the blob
+    /// after all, the read is dropped: at most what arrived by then is spent.
+    async fn transfer_fetching(&self, d: &Descriptor) -> Result<BlobOutcome> {
+        let _stream = self.sem.acquire(d.size).await;
+        let (present, opened, source) = {
+            let _permit = self.requests.acquire().await.expect("semaphore closed");
+            futures_util::future::join3(
+                self.client.blob_size(&self.dst, &d.digest),
+                self.client.start_upload(&self.dst),
+                BlobSource::open(
+                    self.client,
+                    &self.src,
+                    &d.digest,
+                    d.size,
+                    Some(self.progress.bytes_streamed.clone()),
+                ),
+            )
+            .await
+        };
+        if present?.is_some() {
+            if let Ok(s) = opened {
+                self.give_back(s);
+            }
+            return Ok(BlobOutcome::Skipped);
+        }
+        // A read that failed to open is opened again by the stream (which retries).
+        self.stream_own(d, Some(opened?), source.ok()).await
+    }
+
     /// Small blob `d` of the source, read whole (once for every copy of the fan-out).
     async fn small_blob(&self, d: &Descriptor) -> Result<bytes::Bytes> {
         let fetch = self.client.get_small_blob(&self.src, &d.digest, d.size);
@@ -1583,7 +1621,18 @@ impl Engine<'_> {
             Ok(()) => return Ok(BlobOutcome::Uploaded),
             Err(session) => session,
         };
-        let session = Mutex::new(session);
+        self.stream_own(d, session, None).await
+    }
+
+    /// Streams `d` from the source, read by this copy on its own, into `session` (or a new one),
+    /// retrying with a new session; `opened` is the source read already open, for the first try.
+    async fn stream_own(
+        &self,
+        d: &Descriptor,
+        session: Option<UploadSession>,
+        opened: Option<BlobSource>,
+    ) -> Result<BlobOutcome> {
+        let (session, opened) = (Mutex::new(session), Mutex::new(opened));
         self.client
             .retry_policy()
             .run(&format!("copy blob {}", d.digest.short()), |_| async {
@@ -1592,6 +1641,7 @@ impl Engine<'_> {
                     Some(s) => s,
                     None => self.client.start_upload(&self.dst).await?,
                 };
+                let opened = opened.lock().expect("opened poisoned").take();
                 self.client
                     .stream_blob(
                         &self.src,
@@ -1600,6 +1650,7 @@ impl Engine<'_> {
                         &d.digest,
                         d.size,
                         Some(self.progress.bytes_streamed.clone()),
+                        opened,
                     )
                     .await
             })

@@ -377,3 +377,94 @@ async fn a_worker_takes_its_next_job_while_the_last_one_is_read_back() {
         assert_eq!(job["source_digest"], json!(img.digest), "{job}");
     }
 }
+
+/// A blob over 1 MiB that no copy put anywhere on the target is read from the source beside the
+/// target's `HEAD` and upload `POST`, not after their answers; one the ledger knows is in the
+/// repository is not read at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blob_put_nowhere_on_the_target_is_read_while_its_upload_opens() {
+    use crate::support::front::{Action, Front};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let (up, down) = (Registry::anonymous().await, Registry::anonymous().await);
+    let p = Pusher::new(&up);
+    let big = crate::support::image::bytes(31, 3 << 20);
+    let config = |seed: u64| format!(r#"{{"architecture":"amd64","os":"linux","seed":{seed}}}"#);
+    let v1 = p
+        .image_with(
+            "early/app",
+            config(1).as_bytes(),
+            std::slice::from_ref(&big),
+            false,
+            Style::Compact,
+        )
+        .await;
+    p.manifest("early/app", "v1", &v1.media_type, &v1.bytes)
+        .await;
+    let v2 = p
+        .image_with(
+            "early/app",
+            config(2).as_bytes(),
+            &[big.clone(), vec![7; 1000]],
+            false,
+            Style::Compact,
+        )
+        .await;
+    p.manifest("early/app", "v2", &v2.media_type, &v2.bytes)
+        .await;
+    // Upload POSTs are held while `hold` is set.
+    let (release, released) = tokio::sync::watch::channel(false);
+    let hold = Arc::new(AtomicBool::new(true));
+    let front = Front::start(&down.host(), {
+        let hold = hold.clone();
+        move |seen| {
+            if seen.method == "POST"
+                && seen.path.contains("/blobs/uploads/")
+                && hold.load(Ordering::SeqCst)
+            {
+                Action::HoldUntil(released.clone())
+            } else {
+                Action::Pass
+            }
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start(
+        &dir.path().join("m.db"),
+        &format!("{}/mirror", front.host()),
+        &up.host(),
+        &[("MIRROR_WORKERS", "1"), ("MIRROR_REFERRERS", "false")],
+    )
+    .await;
+    let big_get = format!(
+        "\"GET /v2/early/app/blobs/{} ",
+        crate::support::sha256(&big)
+    );
+    let (_, job) = svc
+        .mirror(&json!({ "image": format!("{}/early/app:v1", up.host()) }))
+        .await;
+    wait_for(
+        "the big layer's source GET while its upload POST is held",
+        Duration::from_secs(30),
+        || up.log().contains(&big_get),
+    )
+    .await;
+    hold.store(false, Ordering::SeqCst);
+    release.send(true).unwrap();
+    let job = svc
+        .wait_job(job["id"].as_i64().unwrap(), Duration::from_secs(60))
+        .await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    // v2 shares the layer, which the ledger knows is in the repository: the target's HEAD says
+    // so, and the source is not read for it again.
+    let (_, job) = svc
+        .mirror(&json!({ "image": format!("{}/early/app:v2", up.host()) }))
+        .await;
+    let job = svc
+        .wait_job(job["id"].as_i64().unwrap(), Duration::from_secs(60))
+        .await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["source_digest"], json!(v2.digest), "{job}");
+    assert_eq!(up.log().matches(&big_get).count(), 1, "{}", up.log());
+}

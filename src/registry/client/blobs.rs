@@ -127,7 +127,10 @@ impl Client {
     /// (`Range`), a failed chunk from where the session stands. What cannot continue fails this
     /// attempt; the caller retries.
     ///
+    /// `opened`, when given, is the blob's source read already open (its first attempt reads it).
+    ///
     /// [`UploadLimits`]: super::UploadLimits
+    #[allow(clippy::too_many_arguments)]
     pub async fn stream_blob(
         &self,
         src: &Repo,
@@ -136,13 +139,20 @@ impl Client {
         digest: &Digest,
         size: u64,
         progress: Option<ByteCounter>,
+        mut opened: Option<Source>,
     ) -> Result<u64> {
         let mut session = session;
+        let open = |opened: Option<Source>| async {
+            match opened {
+                Some(s) => Ok(s),
+                None => Source::open(self, src, digest, size, progress.clone()).await,
+            }
+        };
         loop {
             let limits = self.upload_limits(dst);
             let chunked = limits.chunks(size);
             let result = if chunked {
-                match Source::open(self, src, digest, size, progress.clone()).await {
+                match open(opened.take()).await {
                     Ok(source) => {
                         let mut source = BlobBytes::Read(Box::new(source));
                         self.upload_chunked(dst, &session, &mut source, size, limits.chunk())
@@ -153,20 +163,18 @@ impl Client {
             } else {
                 // The upload's place in the target's budget, taken before the source is open.
                 match self.inner.budgets.acquire(&dst.registry, false).await {
-                    Ok(ticket) => {
-                        match Source::open(self, src, digest, size, progress.clone()).await {
-                            Ok(source) => {
-                                self.put_streamed(
-                                    dst,
-                                    &session,
-                                    BlobBytes::Read(Box::new(source)),
-                                    ticket,
-                                )
-                                .await
-                            }
-                            Err(e) => Err(e),
+                    Ok(ticket) => match open(opened.take()).await {
+                        Ok(source) => {
+                            self.put_streamed(
+                                dst,
+                                &session,
+                                BlobBytes::Read(Box::new(source)),
+                                ticket,
+                            )
+                            .await
                         }
-                    }
+                        Err(e) => Err(e),
+                    },
                     Err(e) => Err(e),
                 }
             };
