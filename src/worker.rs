@@ -302,8 +302,9 @@ impl Workers {
         // Counted while this loop runs, and uncounted however it ends (a panic included), so
         // `/readyz` sees a dead worker.
         let _alive = Alive::new(&self.alive);
-        // The last job's tail: once its image stands on the target, its read-back, referrers and
-        // ledger write go on beside the next job's copy (one tail at a time, under its own lease).
+        // The last job's tail: once only its last write is left (the top manifest), that write's
+        // answer, the read-back, referrers and ledger write go on beside the next job's copy (one
+        // tail at a time, under its own lease).
         let mut tail: Option<tokio::task::JoinHandle<()>> = None;
         while !stop.is_cancelled() {
             // The lease runs from before the claim was sent: the worker's idea of its expiry is
@@ -324,17 +325,17 @@ impl Workers {
                                     .await
                             }
                         });
-                        let written = tokio::select! {
+                        let finishing = tokio::select! {
                             ended = &mut job => {
                                 rethrow(ended);
                                 false
                             }
-                            _ = progress.written.notified() => true,
+                            _ = progress.finishing.notified() => true,
                         };
                         if let Some(last) = tail.take() {
                             rethrow(last.await);
                         }
-                        if written {
+                        if finishing {
                             tail = Some(job);
                         }
                     } else {

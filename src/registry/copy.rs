@@ -94,9 +94,10 @@ pub struct Progress {
     pub blobs_done: AtomicU64,
     /// Bytes streamed so far (grows during an upload).
     pub bytes_streamed: Arc<AtomicU64>,
-    /// Notified once the image stands on the target (written, or found up to date), before it is
-    /// read back and its referrers are copied: the service's worker then takes its next job.
-    pub written: Notify,
+    /// Notified once only the copy's last write is left (the top manifest, sent next), or the
+    /// image was found up to date: what remains is that write's answer, the read-back and the
+    /// referrers. The service's worker then takes its next job.
+    pub finishing: Notify,
 }
 
 /// One manifest of the copied image.
@@ -884,7 +885,7 @@ async fn run(
             .manifests_skipped
             .fetch_add(1, Ordering::Relaxed);
         tracing::info!(target = %target_name, digest = %digest, "already up to date");
-        engine.progress.written.notify_one();
+        engine.progress.finishing.notify_one();
         if options.referrers && options.referrers_when_up_to_date {
             referrers_found = Some(find_referrers_once(client, &engine).await);
         }
@@ -912,11 +913,13 @@ async fn run(
             let write = async {
                 match single {
                     true => {
-                        try_join_all(plan.children.iter().map(|c| engine.write(c, None))).await?;
+                        try_join_all(plan.children.iter().map(|c| engine.write(c, None, false)))
+                            .await?;
                     }
-                    false => engine.write(&plan, None).await?,
+                    false => engine.write(&plan, None, tag.is_none()).await?,
                 }
                 if let Some(t) = &tag {
+                    engine.progress.finishing.notify_one();
                     engine.put(&top, t).await?;
                     tracing::info!(target = %target_name, digest = %top.digest, "tagged");
                 }
@@ -949,9 +952,10 @@ async fn run(
                 // The top manifest goes up by its tag, last: the registry checks everything it
                 // names is there, and the tag appears with it (a PUT by digest first would be one
                 // more round trip for the same bytes).
-                Some(plan) => engine.write(plan, tag.as_deref()).await?,
+                Some(plan) => engine.write(plan, tag.as_deref(), true).await?,
                 None => {
                     if let Some(t) = &tag {
+                        engine.progress.finishing.notify_one();
                         engine.put(&top, t).await?;
                     }
                 }
@@ -1244,14 +1248,23 @@ impl Engine<'_> {
 
     /// Phase 2: children first, then the blobs of an image, then the manifest itself by digest
     /// (or by `tag`, for the top one).
-    fn write<'s>(&'s self, plan: &'s Plan, tag: Option<&'s str>) -> BoxFuture<'s, Result<()>> {
+    /// `top`: this is the copy's last write ([`Progress::finishing`] is told before it is sent).
+    fn write<'s>(
+        &'s self,
+        plan: &'s Plan,
+        tag: Option<&'s str>,
+        top: bool,
+    ) -> BoxFuture<'s, Result<()>> {
         Box::pin(async move {
-            try_join_all(plan.children.iter().map(|c| self.write(c, None))).await?;
+            try_join_all(plan.children.iter().map(|c| self.write(c, None, false))).await?;
             if plan.manifest.kind == Kind::Image {
                 self.copy_blobs(&plan.manifest).await?;
             }
             let m = &plan.manifest;
             let _permit = self.requests.acquire().await.expect("semaphore closed");
+            if top {
+                self.progress.finishing.notify_one();
+            }
             let digest = m.digest.to_string();
             self.put(m, tag.unwrap_or(&digest)).await?;
             self.pushed
@@ -1758,9 +1771,9 @@ impl Engine<'_> {
     }
 
     /// Reads every written manifest back by digest, and the tag, from the target (telling
-    /// [`Progress::written`] first).
+    /// [`Progress::finishing`] first, if no write did).
     async fn verify(&self, top: &Manifest, tag: Option<&str>) -> Result<()> {
-        self.progress.written.notify_one();
+        self.progress.finishing.notify_one();
         let pushed = self.pushed.lock().expect("pushed poisoned").clone();
         let read_back = try_join_all(pushed.iter().map(|d| async move {
             let _permit = self.requests.acquire().await.expect("semaphore closed");

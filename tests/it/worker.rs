@@ -299,11 +299,12 @@ async fn a_source_that_counts_no_pulls_is_resolved_with_the_get_the_copy_needs()
     assert_eq!(asked("GET", "/v2/second/manifests/sha256:"), 0, "{log}");
 }
 
-/// Once a job's image stands on the target, its worker takes the next job while the read-back
-/// goes on, and one such tail at a time: with one worker and every read-back held, the second job
-/// runs beside the first one's read-back and the third waits until the first is done.
+/// Once only a job's last write is left (its top manifest), its worker takes the next job while
+/// that write is answered and the image read back, one such tail at a time: with one worker and
+/// every tag's manifest `PUT` held, the second job runs up to its own `PUT` beside the first one's,
+/// and the third waits until the first is done.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_worker_takes_its_next_job_while_the_last_one_is_read_back() {
+async fn a_worker_takes_its_next_job_while_the_last_ones_final_write_is_answered() {
     use crate::support::front::{Action, Front};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -317,13 +318,13 @@ async fn a_worker_takes_its_next_job_while_the_last_one_is_read_back() {
         p.manifest(name, "v1", &img.media_type, &img.bytes).await;
         images.push(img);
     }
-    // The read-backs (the target's manifests GET by digest) are held until released.
+    // Each job's last write, its manifest PUT by tag, is held until released.
     let (release, released) = tokio::sync::watch::channel(false);
     let held = Arc::new(AtomicUsize::new(0));
     let front = Front::start(&down.host(), {
         let held = held.clone();
         move |seen| {
-            if seen.method == "GET" && seen.path.contains("/manifests/sha256:") {
+            if seen.method == "PUT" && seen.path.ends_with("/manifests/v1") {
                 held.fetch_add(1, Ordering::SeqCst);
                 Action::HoldUntil(released.clone())
             } else {
@@ -349,7 +350,7 @@ async fn a_worker_takes_its_next_job_while_the_last_one_is_read_back() {
         ids.push(job["id"].as_i64().unwrap());
     }
     wait_for(
-        "the second job's read-back beside the first one's",
+        "the second job's manifest PUT beside the first one's",
         Duration::from_secs(30),
         || held.load(Ordering::SeqCst) >= 2,
     )
@@ -359,9 +360,9 @@ async fn a_worker_takes_its_next_job_while_the_last_one_is_read_back() {
     assert_eq!(
         (&a["state"], &b["state"]),
         (&json!("running"), &json!("running")),
-        "both copies wait on their read-backs: {a} {b}"
+        "both copies wait on their last write: {a} {b}"
     );
-    // One tail at a time: the third job is not taken while the first is still being read back.
+    // One tail at a time: the third job is not taken while the first one's write is unanswered.
     tokio::time::sleep(Duration::from_millis(700)).await;
     let c = svc.get(&format!("/jobs/{}", ids[2])).await.1;
     assert_eq!(c["state"], "queued", "{c}");
