@@ -577,10 +577,14 @@ class Service:
         return json.loads(body)["jobs"]
 
     def wait_all(self, n, timeout):
-        """Until no job is queued or running; returns (succeeded, failed jobs)."""
+        """Until no job is queued or running; returns (succeeded, failed jobs). `self.peak_running`:
+        the most jobs seen running at once (polled every 50 ms)."""
         deadline = time.monotonic() + timeout
+        self.peak_running = 0
         while time.monotonic() < deadline:
-            if not self.jobs("queued", 1) and not self.jobs("running", 1):
+            running = self.jobs("running", 100)
+            self.peak_running = max(self.peak_running, len(running))
+            if not running and not self.jobs("queued", 1):
                 break
             time.sleep(0.05)
         ok, bad = self.jobs("succeeded"), self.jobs("failed")

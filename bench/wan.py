@@ -35,7 +35,6 @@ import bench as B  # noqa: E402  the registries, images, copiers and service of 
 TOOLS = ("mirror-mirror", "skopeo")
 CHAIN_INDEX = 9
 CHAIN_IMAGE = 7
-CHAIN_EXTRA_IMAGE = 4
 
 
 class Front:
@@ -161,7 +160,7 @@ def case_service(args, cop, work, src, images, base, rtt):
             ok, bad = svc.wait_all(len(images), timeout=600)
             wall = time.monotonic() - t0
             r = {"wall": wall, "succeeded": len(ok), "failed": len(bad),
-                 "errors": sorted({j["last_error"] for j in bad})[:3]}
+                 "errors": sorted({j["last_error"] for j in bad})[:3], "peak_running": svc.peak_running}
             sr, dr = src.requests_since(s0), dst.requests_since(0)
             r.update(B.base_crossings(sr, dr, base))
             r["src_reqs"], r["dst_reqs"] = len(sr), len(dr)
@@ -300,30 +299,18 @@ def report(args, res, started):
         ups = max((r.get("uploads", 0) for r in d["service"]), default=None)
         mounts = max((r.get("mounts", 0) for r in d["service"]), default=None)
         sconn = max((r.get("src_conns", 0) + r.get("dst_conns", 0) for r in d["service"]), default=None)
+        peak = max((r.get("peak_running", 0) for r in d["service"]), default=None)
         ok = ups == 1 and sv is not None and floor is not None and sv <= floor
         L.append(f"| d) {args.images} images, shared base (service) | {rtt} | {fmt(sv)} | {fmt(sk)} (loop) | {fmt(floor)} | "
                  f"{fmt(sv / floor if sv and floor else None)}× | {fmt(sv / sk if sv and sk else None)}× | "
                  f"{max(r.get('src_reqs', 0) for r in d['service'])}+{max(r.get('dst_reqs', 0) for r in d['service'])} / "
                  f"{max((r.get('src_reqs', 0) for r in d['skopeo-loop']), default='—')}+"
                  f"{max((r.get('dst_reqs', 0) for r in d['skopeo-loop']), default='—')} | "
-                 f"base: {ups} upload(s), {mounts} mounts | {sconn} | base uploaded once; ≤ 1.5 × one image's floor + "
+                 f"base: {ups} upload(s), {mounts} mounts; at most {peak} jobs running | {sconn} | base uploaded once; ≤ 1.5 × one image's floor + "
                  f"{args.images} × 3 RTT / {args.workers} | {'**PASS**' if ok else '**FAIL**'} |")
-        if one is not None:
-            # What any copier needs for these images with `workers` of them written at once: the
-            # first wave one image's chain, and each later wave 4 dependent requests (each image
-            # brings a config and a layer of its own: GET its manifest, GET a blob, PUT it, PUT
-            # the manifest; a read-back may overlap the next image).
-            waves = -(-args.images // args.workers)
-            cp = CHAIN_IMAGE * rtt / 1000 + one + (waves - 1) * CHAIN_EXTRA_IMAGE * rtt / 1000
-            L.append(f"| d) against its critical path | {rtt} | {fmt(sv)} | | {fmt(cp)} | "
-                     f"{fmt(sv / cp if sv else None)}× | | | {CHAIN_IMAGE} + {waves - 1} × {CHAIN_EXTRA_IMAGE} | | "
-                     f"(shown, no target) | |")
     L += ["", "floor = round trips on the critical path × RTT + the bytes' time (best median at RTT 0 through the "
           "fronts); round trips of a copy = (median at RTT − median at RTT 0) / RTT. Requests and connections: "
-          "the most of any round. d)'s floor: 1.5 × (7 RTT + one image's time at RTT 0) + images × 3 RTT / workers. "
-          "d)'s critical path: 7 RTT + one image's time at RTT 0 for the first wave of `workers` images, then 4 RTT "
-          "a wave (an image with a config and a layer of its own needs its manifest GET, a blob GET, that blob's PUT "
-          "and the manifest PUT, one after another).", ""]
+          "the most of any round. d)'s floor: 1.5 × (7 RTT + one image's time at RTT 0) + images × 3 RTT / workers.", ""]
     tl = res.get("timeline")
     if tl:
         L += [f"## Request timeline: one mirror-mirror copy of b) at {args.timeline_rtt} ms RTT "
