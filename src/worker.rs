@@ -466,19 +466,19 @@ impl Workers {
         );
         let started = std::time::Instant::now();
         let lost = CancellationToken::new();
-        let heartbeat = tokio::spawn(keep_lease(
+        let heartbeat = AbortOnDrop(tokio::spawn(keep_lease(
             self.store.clone(),
             lease.clone(),
             progress.clone(),
             lost.clone(),
             claimed_at,
             self.config.lease,
-        ));
+        )));
         let outcome = tokio::select! {
             r = self.copy(&lease, progress.clone(), fanout) => Some(r),
             _ = lost.cancelled() => None,
             _ = abort.cancelled() => {
-                heartbeat.abort();
+                drop(heartbeat);
                 match self.store.release(&lease).await {
                     Ok(_) => tracing::info!("job {}: shutting down; returned to the queue", job.id),
                     Err(e) => tracing::error!("job {}: could not release its lease at shutdown (it expires on its own): {e}", job.id),
@@ -486,7 +486,7 @@ impl Workers {
                 return;
             }
         };
-        heartbeat.abort();
+        drop(heartbeat);
         let Some(outcome) = outcome else { return };
         let m = &crate::metrics::METRICS;
         // What the metrics count once the result is written (and only then: a worker that lost
@@ -816,6 +816,16 @@ impl Drop for Alive {
 /// Runs the task `start` makes, in a task of its own, until it returns or `stop` is cancelled;
 /// when it panics, logs the panic, counts it in `mirror_worker_restarts_total` and starts it
 /// again after `pause`. Returns how many times it was restarted.
+/// A task that is aborted when this is dropped: a job's heartbeat ends with the job however the
+/// job ends, a panic included, so its lease runs out and it goes back to the queue.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A job's task ended: a panic in it goes on unwinding through its worker (which the supervisor
 /// then starts again), as if the job had run on the worker's own task.
 fn rethrow(ended: Result<(), tokio::task::JoinError>) {
@@ -939,6 +949,31 @@ impl From<registry::Error> for JobError {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
+
+    #[tokio::test]
+    async fn a_job_that_panics_stops_renewing_its_lease() {
+        let renewals = Arc::new(AtomicUsize::new(0));
+        let r = renewals.clone();
+        let job = tokio::spawn(async move {
+            let _heartbeat = AbortOnDrop(tokio::spawn(async move {
+                loop {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }));
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            panic!("a job panics");
+        });
+        assert!(job.await.unwrap_err().is_panic());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let after = renewals.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            renewals.load(Ordering::SeqCst),
+            after,
+            "renewed after the panic"
+        );
+    }
 
     #[tokio::test]
     async fn a_panicked_worker_is_uncounted_and_started_again() {

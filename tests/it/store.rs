@@ -1039,7 +1039,14 @@ async fn postgres_wake_ups_survive_a_cut_listen_connection() {
             "B is never woken again after the cut"
         );
     }
-    // And it stays subscribed: the next enqueue wakes it at once.
+    // The wake that ended the loop may be the one a dropped connection sends (before it
+    // listens again): wait until B hears again, then it stays subscribed and the next enqueue
+    // wakes it at once.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while b.versions().ledger().is_none() {
+        assert!(Instant::now() < deadline, "B never listens again");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let woken = wake.notified();
     tokio::pin!(woken);
     woken.as_mut().enable();
