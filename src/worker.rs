@@ -813,9 +813,6 @@ impl Drop for Alive {
     }
 }
 
-/// Runs the task `start` makes, in a task of its own, until it returns or `stop` is cancelled;
-/// when it panics, logs the panic, counts it in `mirror_worker_restarts_total` and starts it
-/// again after `pause`. Returns how many times it was restarted.
 /// A task that is aborted when this is dropped: a job's heartbeat ends with the job however the
 /// job ends, a panic included, so its lease runs out and it goes back to the queue.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -836,6 +833,9 @@ fn rethrow(ended: Result<(), tokio::task::JoinError>) {
     }
 }
 
+/// Runs the task `start` makes, in a task of its own, until it returns or `stop` is cancelled;
+/// when it panics, logs the panic, counts it in `mirror_worker_restarts_total` and starts it
+/// again after `pause`. Returns how many times it was restarted.
 async fn supervise<F, Fut>(n: usize, stop: CancellationToken, pause: Duration, start: F) -> usize
 where
     F: Fn() -> Fut,
