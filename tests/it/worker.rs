@@ -299,6 +299,21 @@ async fn a_source_that_counts_no_pulls_is_resolved_with_the_get_the_copy_needs()
     assert_eq!(asked("GET", "/v2/second/manifests/sha256:"), 0, "{log}");
 }
 
+/// A service with one worker and no referrer copies, mirroring from `up` to `front`.
+async fn one_worker_behind(
+    dir: &tempfile::TempDir,
+    front: &crate::support::front::Front,
+    up: &Registry,
+) -> Service {
+    Service::start(
+        &dir.path().join("m.db"),
+        &format!("{}/mirror", front.host()),
+        &up.host(),
+        &[("MIRROR_WORKERS", "1"), ("MIRROR_REFERRERS", "false")],
+    )
+    .await
+}
+
 /// Once only a job's last write is left (its top manifest), its worker takes the next job while
 /// that write is answered and the image read back, one such tail at a time: with one worker and
 /// every tag's manifest `PUT` held, the second job runs up to its own `PUT` beside the first one's,
@@ -334,13 +349,7 @@ async fn a_worker_takes_its_next_job_while_the_last_ones_final_write_is_answered
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let svc = Service::start(
-        &dir.path().join("m.db"),
-        &format!("{}/mirror", front.host()),
-        &up.host(),
-        &[("MIRROR_WORKERS", "1"), ("MIRROR_REFERRERS", "false")],
-    )
-    .await;
+    let svc = one_worker_behind(&dir, &front, &up).await;
     let mut ids = Vec::new();
     for name in ["tail/a", "tail/b", "tail/c"] {
         let (status, job) = svc
@@ -385,7 +394,6 @@ async fn a_worker_takes_its_next_job_while_the_last_ones_final_write_is_answered
 #[tokio::test(flavor = "multi_thread")]
 async fn a_blob_put_nowhere_on_the_target_is_read_while_its_upload_opens() {
     use crate::support::front::{Action, Front};
-    use std::sync::atomic::{AtomicBool, Ordering};
 
     let (up, down) = (Registry::anonymous().await, Registry::anonymous().await);
     let p = Pusher::new(&up);
@@ -413,31 +421,18 @@ async fn a_blob_put_nowhere_on_the_target_is_read_while_its_upload_opens() {
         .await;
     p.manifest("early/app", "v2", &v2.media_type, &v2.bytes)
         .await;
-    // Upload POSTs are held while `hold` is set.
+    // Upload POSTs are held until released (and pass at once after).
     let (release, released) = tokio::sync::watch::channel(false);
-    let hold = Arc::new(AtomicBool::new(true));
-    let front = Front::start(&down.host(), {
-        let hold = hold.clone();
-        move |seen| {
-            if seen.method == "POST"
-                && seen.path.contains("/blobs/uploads/")
-                && hold.load(Ordering::SeqCst)
-            {
-                Action::HoldUntil(released.clone())
-            } else {
-                Action::Pass
-            }
+    let front = Front::start(&down.host(), move |seen| {
+        if seen.method == "POST" && seen.path.contains("/blobs/uploads/") {
+            Action::HoldUntil(released.clone())
+        } else {
+            Action::Pass
         }
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let svc = Service::start(
-        &dir.path().join("m.db"),
-        &format!("{}/mirror", front.host()),
-        &up.host(),
-        &[("MIRROR_WORKERS", "1"), ("MIRROR_REFERRERS", "false")],
-    )
-    .await;
+    let svc = one_worker_behind(&dir, &front, &up).await;
     let big_get = format!(
         "\"GET /v2/early/app/blobs/{} ",
         crate::support::sha256(&big)
@@ -451,7 +446,6 @@ async fn a_blob_put_nowhere_on_the_target_is_read_while_its_upload_opens() {
         || up.log().contains(&big_get),
     )
     .await;
-    hold.store(false, Ordering::SeqCst);
     release.send(true).unwrap();
     let job = svc
         .wait_job(job["id"].as_i64().unwrap(), Duration::from_secs(60))
